@@ -1,0 +1,75 @@
+"""Every jkd config key, declared once with its meaning. Other configs start from this one.
+
+    python -m jkd.main --config configs/base.py        # the smoke pipeline on a tiny random model
+
+Mesh axis names appear only here: in `mesh.axes` and in the logical-axis rules below.
+"""
+
+from ml_collections import ConfigDict, config_dict
+
+# Logical axis (named in model code) -> mesh axis or axes (None = replicated).
+LOGICAL_AXIS_RULES = (
+    # activations
+    ('act_batch', ('data', 'fsdp')),  # batch split over data parallelism and FSDP
+    ('act_len', None),  # sequence (no context parallelism)
+    ('act_embed', None),  # hidden size of activations at block boundaries
+    ('act_vocab', 'tensor'),  # vocab-parallel logits
+    # parameters
+    ('layers', None),  # the stacked-layer axis of scanned parameters
+    ('vocab', 'tensor'),  # embedding rows / LM head columns
+    ('embed', 'fsdp'),  # hidden size of weights: FSDP (the distributed optimizer)
+    ('heads', 'tensor'),  # query heads
+    ('kv_heads', 'tensor'),  # key/value groups
+    ('head_dim', None),
+    ('mlp', 'tensor'),  # ffn hidden size
+    ('norm', None),  # norm scales and biases
+)
+
+
+def get_config(arg=None):
+  del arg
+  c = ConfigDict()
+  c.mode = 'pipeline'  # stage to run: pipeline | convert
+  c.seed = 0  # PRNG seed for initialisation and data order
+  c.workdir = '/tmp/jkd/run'  # run directory: models, stores, checkpoints, reports land here
+
+  c.mesh = ConfigDict()
+  c.mesh.axes = ('data', 'fsdp', 'tensor')  # mesh axis names (fixed by the design)
+  c.mesh.shape = (1, -1, 1)  # devices per axis; one -1 takes the remaining devices
+  c.mesh.rules = LOGICAL_AXIS_RULES  # logical axis -> mesh axes
+
+  # Architecture of a randomly initialised model (the smoke pipeline). Field names and
+  # meanings follow NeMo's model_config.yaml; converted models carry their own config.
+  c.model = ConfigDict()
+  c.model.num_layers = 2  # transformer layers
+  c.model.hidden_size = 64  # D
+  c.model.ffn_hidden_size = 128  # F (per branch for gated activations)
+  c.model.num_attention_heads = 4  # N
+  c.model.num_query_groups = config_dict.placeholder(int)  # G for GQA; None = MHA
+  c.model.kv_channels = config_dict.placeholder(int)  # head dim; None = hidden / heads
+  c.model.vocab_size = 512  # tokenizer vocabulary V (logits width)
+  c.model.padded_vocab_size = config_dict.placeholder(int)  # stored rows P >= V; None = V
+  c.model.normalization = 'layernorm1p'  # layernorm | layernorm1p | rmsnorm
+  c.model.layernorm_epsilon = 1e-5  # norm epsilon
+  c.model.activation = 'fast-swiglu'  # gelu | squared-relu | swiglu | fast-swiglu | geglu | reglu
+  c.model.bias = False  # biases on linear layers
+  c.model.position_embedding_type = 'rope'  # rope | learned_absolute
+  c.model.rotary_percentage = 0.5  # fraction of each head's channels that RoPE rotates
+  c.model.rotary_base = 10000.0  # RoPE theta
+  c.model.max_position_embeddings = 512  # learned position table size / max length
+  c.model.share_embeddings_and_output_weights = False  # tied LM head
+  c.model.init_method_std = 0.02  # std of the normal initialiser
+  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params stay fp32)
+  c.model.remat_policy = 'none'  # none | full | dots | dots_no_batch
+
+  # mode=convert: import a foreign checkpoint into a jkd model directory.
+  c.convert = ConfigDict()
+  c.convert.source = ''  # path of the checkpoint to import (.gguf)
+  c.convert.output = ''  # model directory to write (params, model_config.json)
+
+  # mode=pipeline: the stages that exist so far, end to end, on config.model.
+  c.pipeline = ConfigDict()
+  c.pipeline.batch_size = 8  # sequences per forward batch (split over the batch axes)
+  c.pipeline.seq_len = 64  # tokens per sequence
+  c.pipeline.steps = 4  # timed forward batches
+  return c

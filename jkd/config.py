@@ -1,0 +1,62 @@
+"""The edge between ml_collections ConfigDicts and the library's frozen dataclasses.
+
+Library functions take dataclasses or explicit keyword arguments, never a ConfigDict.
+Validation happens here, before any compile or I/O, and names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jkd import model
+
+MODES = ('pipeline', 'convert')
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  axes: tuple[str, ...]
+  shape: tuple[int, ...]
+  rules: tuple[tuple[str, Any], ...]
+
+
+def mesh_config(config) -> MeshConfig:
+  axes, shape = tuple(config.mesh.axes), tuple(config.mesh.shape)
+  if len(axes) != len(shape):
+    raise ValueError(f'mesh.shape={shape} has {len(shape)} entries but mesh.axes={axes} '
+                     f'has {len(axes)}')
+  rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in config.mesh.rules)
+  for name, target in rules:
+    for axis in (target if isinstance(target, tuple) else (target,)):
+      if axis is not None and axis not in axes:
+        raise ValueError(f'mesh.rules: logical axis {name!r} maps to {axis!r}, '
+                         f'which is not in mesh.axes={axes}')
+  return MeshConfig(axes=axes, shape=shape, rules=rules)
+
+
+def model_config(config) -> model.ModelConfig:
+  """config.model (a ConfigDict) -> a validated ModelConfig."""
+  return model.ModelConfig.from_dict(config.model.to_dict())
+
+
+def validate(config) -> None:
+  """Checks the whole config up front; raises ValueError naming the key."""
+  if config.mode not in MODES:
+    raise ValueError(f'mode={config.mode!r}: unknown; expected one of {MODES}')
+  mesh = mesh_config(config)
+  import jax  # deferred: the backend starts only once the config is known to be sane
+  from jkd import sharding
+  sharding.mesh_shape(mesh.shape, jax.device_count())
+  if config.mode == 'pipeline':
+    model_config(config)
+    for key in ('batch_size', 'seq_len', 'steps'):
+      if config.pipeline[key] <= 0:
+        raise ValueError(f'pipeline.{key}={config.pipeline[key]}: must be positive')
+    if config.pipeline.seq_len > config.model.max_position_embeddings:
+      raise ValueError(f'pipeline.seq_len={config.pipeline.seq_len} exceeds '
+                       f'model.max_position_embeddings={config.model.max_position_embeddings}')
+  if config.mode == 'convert':
+    for key in ('source', 'output'):
+      if not config.convert[key]:
+        raise ValueError(f'convert.{key} is empty: set --config.convert.{key}=PATH')

@@ -1,0 +1,414 @@
+"""Megatron-GPT-compatible decoder in Flax linen.
+
+Covers what GPT-2B-001, Nemotron-3/4, Llama-style and classic NeMo GPT-3 checkpoints
+need (see ../shared/docs/nemo_checkpoint_format.md §6 for the forward pass it follows).
+
+Letter legend for tensor names:
+  B batch, T sequence length, D hidden size, N query heads, G key/value groups,
+  H head dim, F ffn hidden size, V tokenizer vocabulary, P padded vocabulary (>= V),
+  L layers.
+
+Parameters are a plain nested dict (fp32 master weights); layers are stacked on a leading
+L axis and run with `nn.scan`. Model code names logical axes only; `jkd.sharding` maps
+them to the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = dict[str, Any]
+
+# name -> (activation, gated). Gated ones read fc1 as [gate; up] and compute act(gate) * up.
+ACTIVATIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], bool]] = {
+    'gelu': (functools.partial(jax.nn.gelu, approximate=False), False),
+    'squared-relu': (lambda x: jnp.square(jax.nn.relu(x)), False),
+    'swiglu': (jax.nn.silu, True),
+    'fast-swiglu': (jax.nn.silu, True),
+    'geglu': (functools.partial(jax.nn.gelu, approximate=False), True),
+    'fast-geglu': (functools.partial(jax.nn.gelu, approximate=False), True),
+    'reglu': (jax.nn.relu, True),
+    'fast-reglu': (jax.nn.relu, True),
+}
+NORMALIZATIONS = ('layernorm', 'layernorm1p', 'rmsnorm')
+POSITION_EMBEDDINGS = ('rope', 'learned_absolute')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# What the backward pass keeps instead of recomputing ('none' = no rematerialisation).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_saveable,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a Megatron GPT. Field names follow NeMo's model_config.yaml."""
+
+  num_layers: int
+  hidden_size: int
+  ffn_hidden_size: int
+  num_attention_heads: int
+  vocab_size: int  # tokenizer vocabulary V: the logits callers see have this width
+  padded_vocab_size: int | None = None  # rows stored in the embedding / head (None = V)
+  num_query_groups: int | None = None  # None = multi-head attention
+  kv_channels: int | None = None  # head dim; None = hidden_size / num_attention_heads
+  normalization: str = 'layernorm'
+  layernorm_epsilon: float = 1e-5
+  activation: str = 'gelu'
+  bias: bool = True  # biases on every linear layer (norm biases follow the norm type)
+  position_embedding_type: str = 'learned_absolute'
+  rotary_percentage: float = 1.0
+  rotary_base: float = 10000.0
+  max_position_embeddings: int = 4096
+  share_embeddings_and_output_weights: bool = True
+  init_method_std: float = 0.02
+  dtype: str = 'float32'  # compute dtype; params are always fp32
+  remat_policy: str = 'none'
+
+  def __post_init__(self):
+    def fail(key, msg):
+      raise ValueError(f'model.{key}={getattr(self, key)!r}: {msg}')
+
+    for key in ('num_layers', 'hidden_size', 'ffn_hidden_size', 'num_attention_heads',
+                'vocab_size', 'max_position_embeddings'):
+      if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+        fail(key, 'must be a positive integer')
+    if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+      fail('num_attention_heads',
+           f'does not divide hidden_size={self.hidden_size} (set kv_channels to override)')
+    if self.num_attention_heads % self.num_groups:
+      fail('num_query_groups',
+           f'must divide num_attention_heads={self.num_attention_heads}')
+    if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+      fail('padded_vocab_size', f'is smaller than vocab_size={self.vocab_size}')
+    if self.normalization not in NORMALIZATIONS:
+      fail('normalization', f'unknown; expected one of {NORMALIZATIONS}')
+    if self.activation not in ACTIVATIONS:
+      fail('activation', f'unknown; expected one of {tuple(ACTIVATIONS)}')
+    if self.position_embedding_type not in POSITION_EMBEDDINGS:
+      fail('position_embedding_type', f'unknown; expected one of {POSITION_EMBEDDINGS}')
+    if not 0.0 < self.rotary_percentage <= 1.0:
+      fail('rotary_percentage', 'must be in (0, 1]')
+    if self.position_embedding_type == 'rope' and (self.rotary_dim == 0 or self.rotary_dim % 2):
+      fail('rotary_percentage', f'gives an odd or empty rotary dim {self.rotary_dim}')
+    if self.dtype not in DTYPES:
+      fail('dtype', f'unknown; expected one of {tuple(DTYPES)}')
+    if self.remat_policy not in REMAT_POLICIES:
+      fail('remat_policy', f'unknown; expected one of {tuple(REMAT_POLICIES)}')
+    if self.layernorm_epsilon <= 0:
+      fail('layernorm_epsilon', 'must be positive')
+
+  @property
+  def num_groups(self) -> int:
+    return self.num_query_groups or self.num_attention_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(self.head_dim * self.rotary_percentage)
+
+  @property
+  def padded_vocab(self) -> int:
+    return self.padded_vocab_size or self.vocab_size
+
+  @property
+  def gated(self) -> bool:
+    return ACTIVATIONS[self.activation][1]
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'ModelConfig':
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f'model config: unknown keys {unknown}')
+    return cls(**d)
+
+
+def _param(init, axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+class Dense(nn.Module):
+  """x @ kernel (+ bias) over the last `n_in` axes of x; fp32 params, compute in cfg.dtype."""
+  cfg: ModelConfig
+  features: tuple[int, ...]
+  axes: tuple[str | None, ...]  # logical axes of the kernel: n_in input axes, then outputs
+  n_in: int = 1
+  std: float | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    in_shape = x.shape[x.ndim - self.n_in:]
+    init = nn.initializers.normal(self.std or cfg.init_method_std)
+    kernel = self.param('kernel', _param(init, self.axes), in_shape + self.features, jnp.float32)
+    dt = cfg.compute_dtype
+    y = jax.lax.dot_general(x.astype(dt), kernel.astype(dt),
+                            ((tuple(range(x.ndim - self.n_in, x.ndim)),
+                              tuple(range(self.n_in))), ((), ())))
+    if cfg.bias:
+      bias = self.param('bias', _param(nn.initializers.zeros, self.axes[self.n_in:]),
+                        self.features, jnp.float32)
+      y = y + bias.astype(dt)
+    return y
+
+
+class Norm(nn.Module):
+  """LayerNorm, zero-centred-gamma LayerNorm (layernorm1p: scale 1 + w) or RMSNorm, in fp32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.cfg
+    d = x_BxTxD.shape[-1]
+    zero_centred = cfg.normalization == 'layernorm1p'
+    init = nn.initializers.zeros if zero_centred else nn.initializers.ones
+    scale_D = self.param('scale', _param(init, ('norm',)), (d,), jnp.float32)
+    x = x_BxTxD.astype(jnp.float32)
+    if cfg.normalization == 'rmsnorm':
+      y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + cfg.layernorm_epsilon)
+      return (y * scale_D).astype(x_BxTxD.dtype)
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + cfg.layernorm_epsilon)
+    # Norm biases exist for both layernorm variants even when cfg.bias is False (Megatron).
+    bias_D = self.param('bias', _param(nn.initializers.zeros, ('norm',)), (d,), jnp.float32)
+    return (y * (1.0 + scale_D if zero_centred else scale_D) + bias_D).astype(x_BxTxD.dtype)
+
+
+def apply_rope(x_BxTxNxH, positions_BxT, rotary_dim: int, base: float):
+  """Rotate-half RoPE on the first `rotary_dim` channels of each head (Megatron / HF Llama)."""
+  inv_freq = 1.0 / (base ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
+  angles_BxTxR2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  angles_BxTx1xR = jnp.concatenate([angles_BxTxR2, angles_BxTxR2], -1)[:, :, None, :]
+  x = x_BxTxNxH.astype(jnp.float32)
+  rot, passthrough = x[..., :rotary_dim], x[..., rotary_dim:]
+  half = rotary_dim // 2
+  rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], -1)
+  rot = rot * jnp.cos(angles_BxTx1xR) + rotated * jnp.sin(angles_BxTx1xR)
+  return jnp.concatenate([rot, passthrough], -1).astype(x_BxTxNxH.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+    cfg = self.cfg
+    n, g, h = cfg.num_attention_heads, cfg.num_groups, cfg.head_dim
+    q_BxTxNxH = Dense(cfg, (n, h), ('embed', 'heads', 'head_dim'), name='q')(x_BxTxD)
+    k_BxTxGxH = Dense(cfg, (g, h), ('embed', 'kv_heads', 'head_dim'), name='k')(x_BxTxD)
+    v_BxTxGxH = Dense(cfg, (g, h), ('embed', 'kv_heads', 'head_dim'), name='v')(x_BxTxD)
+    if cfg.position_embedding_type == 'rope':
+      q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, cfg.rotary_dim, cfg.rotary_base)
+      k_BxTxGxH = apply_rope(k_BxTxGxH, positions_BxT, cfg.rotary_dim, cfg.rotary_base)
+    # Scores and softmax run in fp32 inside dot_product_attention; query head n uses
+    # KV group n // (N/G), Megatron's grouping.
+    ctx_BxTxNxH = jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, mask=mask_Bx1xTxT, is_causal=True,
+        scale=1.0 / math.sqrt(h))
+    out_std = cfg.init_method_std / math.sqrt(2 * cfg.num_layers)
+    return Dense(cfg, (cfg.hidden_size,), ('heads', 'head_dim', 'embed'), n_in=2,
+                 std=out_std, name='o')(ctx_BxTxNxH)
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.cfg
+    act, gated = ACTIVATIONS[cfg.activation]
+    f = cfg.ffn_hidden_size
+    if gated:  # fc1 kernel [D, 2, F]: index 0 is the (activated) gate, 1 the linear up branch
+      u_BxTx2xF = Dense(cfg, (2, f), ('embed', None, 'mlp'), name='fc1')(x_BxTxD)
+      h_BxTxF = act(u_BxTx2xF[..., 0, :]) * u_BxTx2xF[..., 1, :]
+    else:
+      h_BxTxF = act(Dense(cfg, (f,), ('embed', 'mlp'), name='fc1')(x_BxTxD))
+    out_std = cfg.init_method_std / math.sqrt(2 * cfg.num_layers)
+    return Dense(cfg, (cfg.hidden_size,), ('mlp', 'embed'), std=out_std, name='fc2')(h_BxTxF)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer layer; returns (x, None) so it can be scanned."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+    h = Norm(self.cfg, name='attn_norm')(x_BxTxD)
+    x_BxTxD = x_BxTxD + Attention(self.cfg, name='attn')(h, positions_BxT, mask_Bx1xTxT)
+    h = Norm(self.cfg, name='mlp_norm')(x_BxTxD)
+    x_BxTxD = x_BxTxD + Mlp(self.cfg, name='mlp')(h)
+    return nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_len', 'act_embed')), None
+
+
+class Decoder(nn.Module):
+  """Embedding -> scanned blocks -> final norm. Returns the final hidden state [B, T, D]."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT, mask_Bx1xTxT):
+    cfg = self.cfg
+    embed = self.param('embed', _param(nn.initializers.normal(cfg.init_method_std),
+                                       ('vocab', 'embed')),
+                       (cfg.padded_vocab, cfg.hidden_size), jnp.float32)
+    x_BxTxD = jnp.take(embed, tokens_BxT, axis=0)
+    if cfg.position_embedding_type == 'learned_absolute':
+      pos_embed = self.param('pos_embed', _param(nn.initializers.normal(cfg.init_method_std),
+                                                 (None, 'embed')),
+                             (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32)
+      x_BxTxD = x_BxTxD + jnp.take(pos_embed, positions_BxT, axis=0)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD.astype(cfg.compute_dtype),
+                                         ('act_batch', 'act_len', 'act_embed'))
+    block = Block
+    if REMAT_POLICIES[cfg.remat_policy] is not None:
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                     in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                     metadata_params={nn.PARTITION_NAME: 'layers'})
+    x_BxTxD, _ = layers(cfg, name='layers')(x_BxTxD, positions_BxT, mask_Bx1xTxT)
+    x_BxTxD = Norm(cfg, name='final_norm')(x_BxTxD)
+    if not cfg.share_embeddings_and_output_weights:
+      self.param('lm_head', _param(nn.initializers.normal(cfg.init_method_std),
+                                   ('embed', 'vocab')),
+                 (cfg.hidden_size, cfg.padded_vocab), jnp.float32)
+    return x_BxTxD
+
+
+def _inputs(tokens_BxT, segment_ids_BxT, positions_BxT):
+  if positions_BxT is None:
+    positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+  mask_Bx1xTxT = None
+  if segment_ids_BxT is not None:  # packed sequences: attend only within one segment
+    mask_Bx1xTxT = (segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :])
+  return positions_BxT, mask_Bx1xTxT
+
+
+def init(cfg: ModelConfig, rng: jax.Array, boxed: bool = False) -> Params:
+  """Random fp32 parameters (boxed=True keeps flax's logical-axis metadata)."""
+  tokens_BxT = jnp.zeros((1, 1), jnp.int32)
+  variables = Decoder(cfg).init(rng, tokens_BxT, *_inputs(tokens_BxT, None, None))
+  return variables['params'] if boxed else nn.meta.unbox(variables['params'])
+
+
+def hidden(cfg: ModelConfig, params: Params, tokens_BxT, *, segment_ids_BxT=None,
+           positions_BxT=None):
+  """Final-norm hidden states [B, T, D] in the compute dtype."""
+  return Decoder(cfg).apply({'params': params}, tokens_BxT,
+                            *_inputs(tokens_BxT, segment_ids_BxT, positions_BxT))
+
+
+def output_weights(cfg: ModelConfig, params: Params):
+  """The LM head as a [D, P] matrix (the tied embedding transposed, or the untied head)."""
+  if cfg.share_embeddings_and_output_weights:
+    return params['embed'].T
+  return params['lm_head']
+
+
+def logits_from_hidden(cfg: ModelConfig, params: Params, hidden_BxTxD):
+  """fp32 logits over the tokenizer vocabulary [B, T, V]; padded columns are dropped."""
+  w_DxP = output_weights(cfg, params).astype(cfg.compute_dtype)
+  logits_BxTxP = jnp.einsum('btd,dp->btp', hidden_BxTxD.astype(cfg.compute_dtype), w_DxP,
+                            preferred_element_type=jnp.float32)
+  logits_BxTxP = nn.with_logical_constraint(logits_BxTxP, ('act_batch', 'act_len', 'act_vocab'))
+  return logits_BxTxP[..., :cfg.vocab_size]
+
+
+def forward(cfg: ModelConfig, params: Params, tokens_BxT, *, segment_ids_BxT=None,
+            positions_BxT=None):
+  """fp32 logits [B, T, V] for int tokens [B, T]; causal, packed when segment ids are given.
+
+  Not jitted here: wrap in `jax.jit` (cfg static) inside `jkd.sharding.activate(...)` to get
+  the activation sharding constraints.
+  """
+  h_BxTxD = hidden(cfg, params, tokens_BxT, segment_ids_BxT=segment_ids_BxT,
+                   positions_BxT=positions_BxT)
+  return logits_from_hidden(cfg, params, h_BxTxD)
+
+
+def check_params(cfg: ModelConfig, params: Params, source: str = 'params') -> None:
+  """Raises ValueError naming every path whose shape differs from what `cfg` builds."""
+  expected = jax.eval_shape(lambda: init(cfg, jax.random.key(0)))
+  want = {jax.tree_util.keystr(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+  got = {jax.tree_util.keystr(p): tuple(np.shape(x))
+         for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  problems = [f'missing {k} {v}' for k, v in want.items() if k not in got]
+  problems += [f'unexpected {k} {v}' for k, v in got.items() if k not in want]
+  problems += [f'{k}: shape {got[k]} != expected {v}' for k, v in want.items()
+               if k in got and got[k] != v]
+  if problems:
+    raise ValueError(f'{source}: parameters do not match the model config: '
+                     + '; '.join(problems[:8]) + (' ...' if len(problems) > 8 else ''))
+
+
+# --- Model directories: params (orbax) + model_config.json (+ tokenizer files) -------------
+
+CONFIG_FILE = 'model_config.json'
+PARAMS_DIR = 'params'
+
+
+def save(directory: str, cfg: ModelConfig, params: Params) -> None:
+  """Writes a model directory that `load` reads. Params are written as fp32."""
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  check_params(cfg, params, directory)
+  os.makedirs(directory, exist_ok=True)
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, PARAMS_DIR), params, force=True)
+  tmp = os.path.join(directory, CONFIG_FILE + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(directory, CONFIG_FILE))  # config last: marks the dir complete
+
+
+def load_config(directory: str) -> ModelConfig:
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: not a jkd model directory (no {CONFIG_FILE})')
+  with open(path) as f:
+    try:
+      d = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: invalid JSON: {e}') from None
+  try:
+    return ModelConfig.from_dict(d)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'{path}: {e}') from None
+
+
+def load(directory: str, shardings=None) -> tuple[ModelConfig, Params]:
+  """Reads a model directory -> (ModelConfig, params), placed with `shardings` if given."""
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  cfg = load_config(directory)
+  abstract = jax.eval_shape(lambda: init(cfg, jax.random.key(0)))
+  if shardings is not None:
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(directory, PARAMS_DIR), abstract)
+  return cfg, params

@@ -1,0 +1,29 @@
+"""Test setup: CPU with 8 simulated devices (set before jax is imported), offline HF."""
+
+import os
+
+_flag = '--xla_force_host_platform_device_count=8'
+if _flag not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
+os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+  if any(d.platform == 'gpu' for d in jax.devices()):
+    return
+  skip = pytest.mark.skip(reason='needs a GPU (gpu marker)')
+  for item in items:
+    if 'gpu' in item.keywords:
+      item.add_marker(skip)
+
+
+@pytest.fixture(scope='session')
+def devices8():
+  assert jax.device_count() == 8, 'tests expect 8 simulated CPU devices'
+  return jax.devices()

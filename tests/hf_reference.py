@@ -1,0 +1,214 @@
+"""Independent references: Hugging Face models with random weights, mapped into jkd params.
+
+One builder per NeMo architecture (nemo_checkpoint_format.md §5): it makes a small HF model,
+randomises every weight (norm scales and biases too, so a mis-mapped norm cannot hide), and
+returns the jkd ModelConfig, the jkd params built from the HF state dict, and the HF model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from jkd import model
+
+L, D, N, G, F, V, T = 2, 64, 4, 2, 96, 256, 16
+
+
+def _randomise(hf, seed: int):
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      if p.ndim == 1 and ('norm' in name or 'ln_' in name) and name.endswith('weight'):
+        p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+      else:
+        p.copy_(0.05 * torch.randn(p.shape, generator=g))
+  return hf.eval()
+
+
+def _np(t) -> np.ndarray:
+  return t.detach().float().numpy().copy()
+
+
+def _stack(sd, pattern: str, fn=lambda w: w):
+  return np.stack([fn(_np(sd[pattern.format(i)])) for i in range(L)])
+
+
+def _attn_qkvo(sd, prefix: str, n: int, g: int, h: int, bias: bool):
+  """q/k/v/o kernels from torch [out, in] Linear weights."""
+  attn = {
+      'q': {'kernel': _stack(sd, prefix + 'q_proj.weight', lambda w: w.T.reshape(D, n, h))},
+      'k': {'kernel': _stack(sd, prefix + 'k_proj.weight', lambda w: w.T.reshape(D, g, h))},
+      'v': {'kernel': _stack(sd, prefix + 'v_proj.weight', lambda w: w.T.reshape(D, g, h))},
+      'o': {'kernel': _stack(sd, prefix + 'o_proj.weight', lambda w: w.T.reshape(n, h, D))},
+  }
+  if bias:
+    for k, shape in (('q', (n, h)), ('k', (g, h)), ('v', (g, h)), ('o', (D,))):
+      attn[k]['bias'] = _stack(sd, prefix + f'{k}_proj.bias', lambda w: w.reshape(shape))
+  return attn
+
+
+def llama(padded_vocab: int = V + 8, tied: bool = False, seed: int = 0):
+  """rmsnorm + swiglu + GQA + full RoPE; the jkd embedding carries extra padded rows."""
+  from transformers import LlamaConfig, LlamaForCausalLM
+  hf_cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
+                       num_attention_heads=N, num_key_value_heads=G, rms_norm_eps=1e-5,
+                       max_position_embeddings=64, tie_word_embeddings=tied,
+                       rope_parameters={'rope_type': 'default', 'rope_theta': 5000.0})
+  hf = _randomise(LlamaForCausalLM(hf_cfg), seed)
+  sd = hf.state_dict()
+  cfg = model.ModelConfig(
+      num_layers=L, hidden_size=D, ffn_hidden_size=F, num_attention_heads=N,
+      num_query_groups=G, vocab_size=V, padded_vocab_size=padded_vocab,
+      normalization='rmsnorm', layernorm_epsilon=1e-5, activation='swiglu', bias=False,
+      position_embedding_type='rope', rotary_base=5000.0, max_position_embeddings=64,
+      share_embeddings_and_output_weights=tied)
+  pre = 'model.layers.{}.'
+  embed = _np(sd['model.embed_tokens.weight'])
+  # Padded rows are garbage on purpose: they must never reach the returned logits.
+  pad = np.random.default_rng(seed).normal(0, 5.0, (padded_vocab - V, D)).astype(np.float32)
+  params = {
+      'embed': np.concatenate([embed, pad]),
+      'layers': {
+          'attn_norm': {'scale': _stack(sd, pre + 'input_layernorm.weight')},
+          'attn': _attn_qkvo(sd, pre + 'self_attn.', N, G, D // N, bias=False),
+          'mlp_norm': {'scale': _stack(sd, pre + 'post_attention_layernorm.weight')},
+          'mlp': {
+              'fc1': {'kernel': np.stack([_stack(sd, pre + 'mlp.gate_proj.weight', np.transpose),
+                                          _stack(sd, pre + 'mlp.up_proj.weight', np.transpose)],
+                                         axis=2)},
+              'fc2': {'kernel': _stack(sd, pre + 'mlp.down_proj.weight', np.transpose)},
+          },
+      },
+      'final_norm': {'scale': _np(sd['model.norm.weight'])},
+  }
+  if not tied:
+    head_pad = np.random.default_rng(seed + 1).normal(0, 5.0, (padded_vocab - V, D))
+    params['lm_head'] = np.concatenate([_np(sd['lm_head.weight']),
+                                        head_pad.astype(np.float32)]).T
+  return cfg, params, hf
+
+
+def _layernorm(sd, name: str, minus_one: bool = False):
+  return {'scale': _stack(sd, name + '.weight', (lambda w: w - 1.0) if minus_one else (lambda w: w)),
+          'bias': _stack(sd, name + '.bias')}
+
+
+def nemotron(seed: int = 0):
+  """layernorm1p + squared-relu + 50% RoPE, untied, no bias (Nemotron-3/4)."""
+  from transformers import NemotronConfig, NemotronForCausalLM
+  hf_cfg = NemotronConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
+                          num_attention_heads=N, num_key_value_heads=N, head_dim=D // N,
+                          hidden_act='relu2', norm_eps=1e-5, max_position_embeddings=64,
+                          tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                          rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0,
+                                           'partial_rotary_factor': 0.5})
+  hf = _randomise(NemotronForCausalLM(hf_cfg), seed)
+  sd = hf.state_dict()
+  cfg = model.ModelConfig(
+      num_layers=L, hidden_size=D, ffn_hidden_size=F, num_attention_heads=N, vocab_size=V,
+      normalization='layernorm1p', activation='squared-relu', bias=False,
+      position_embedding_type='rope', rotary_percentage=0.5, max_position_embeddings=64,
+      share_embeddings_and_output_weights=False)
+  pre = 'model.layers.{}.'
+  # NemotronLayerNorm1P computes weight + 1 itself: the zero-centred weight is copied as-is.
+  params = {
+      'embed': _np(sd['model.embed_tokens.weight']),
+      'layers': {
+          'attn_norm': _layernorm(sd, pre + 'input_layernorm'),
+          'attn': _attn_qkvo(sd, pre + 'self_attn.', N, N, D // N, bias=False),
+          'mlp_norm': _layernorm(sd, pre + 'post_attention_layernorm'),
+          'mlp': {'fc1': {'kernel': _stack(sd, pre + 'mlp.up_proj.weight', np.transpose)},
+                  'fc2': {'kernel': _stack(sd, pre + 'mlp.down_proj.weight', np.transpose)}},
+      },
+      'final_norm': {'scale': _np(sd['model.norm.weight']), 'bias': _np(sd['model.norm.bias'])},
+      'lm_head': _np(sd['lm_head.weight']).T,
+  }
+  return cfg, params, hf
+
+
+def gpt2b(seed: int = 0):
+  """GPT-2B-001: layernorm1p + SwiGLU + 50% RoPE, untied, no bias, as HF StableLm (+1 folded)."""
+  from transformers import StableLmConfig, StableLmForCausalLM
+  hf_cfg = StableLmConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
+                          num_attention_heads=N, num_key_value_heads=N, hidden_act='silu',
+                          layer_norm_eps=1e-5, max_position_embeddings=64,
+                          tie_word_embeddings=False, use_qkv_bias=False, qk_layernorm=False,
+                          use_parallel_residual=False,
+                          rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0,
+                                           'partial_rotary_factor': 0.5})
+  hf = _randomise(StableLmForCausalLM(hf_cfg), seed)
+  sd = hf.state_dict()
+  cfg = model.ModelConfig(
+      num_layers=L, hidden_size=D, ffn_hidden_size=F, num_attention_heads=N, vocab_size=V,
+      normalization='layernorm1p', activation='fast-swiglu', bias=False,
+      position_embedding_type='rope', rotary_percentage=0.5, max_position_embeddings=64,
+      share_embeddings_and_output_weights=False)
+  pre = 'model.layers.{}.'
+  # StableLm's plain LayerNorm holds 1 + w; jkd's layernorm1p holds the zero-centred w.
+  params = {
+      'embed': _np(sd['model.embed_tokens.weight']),
+      'layers': {
+          'attn_norm': _layernorm(sd, pre + 'input_layernorm', minus_one=True),
+          'attn': _attn_qkvo(sd, pre + 'self_attn.', N, N, D // N, bias=False),
+          'mlp_norm': _layernorm(sd, pre + 'post_attention_layernorm', minus_one=True),
+          'mlp': {
+              'fc1': {'kernel': np.stack([_stack(sd, pre + 'mlp.gate_proj.weight', np.transpose),
+                                          _stack(sd, pre + 'mlp.up_proj.weight', np.transpose)],
+                                         axis=2)},
+              'fc2': {'kernel': _stack(sd, pre + 'mlp.down_proj.weight', np.transpose)},
+          },
+      },
+      'final_norm': {'scale': _np(sd['model.norm.weight']) - 1.0,
+                     'bias': _np(sd['model.norm.bias'])},
+      'lm_head': _np(sd['lm_head.weight']).T,
+  }
+  return cfg, params, hf
+
+
+def gpt3(seed: int = 0):
+  """Classic NeMo GPT-3: layernorm + exact GELU + learned positions + biases + tied (HF GPT-2)."""
+  from transformers import GPT2Config, GPT2LMHeadModel
+  hf_cfg = GPT2Config(vocab_size=V, n_embd=D, n_layer=L, n_head=N, n_inner=F, n_positions=64,
+                      activation_function='gelu', layer_norm_epsilon=1e-5,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+  hf = _randomise(GPT2LMHeadModel(hf_cfg), seed)
+  sd = hf.state_dict()
+  cfg = model.ModelConfig(
+      num_layers=L, hidden_size=D, ffn_hidden_size=F, num_attention_heads=N, vocab_size=V,
+      normalization='layernorm', activation='gelu', bias=True,
+      position_embedding_type='learned_absolute', max_position_embeddings=64,
+      share_embeddings_and_output_weights=True)
+  h, pre = D // N, 'transformer.h.{}.'
+  # GPT-2's Conv1D weights are already [in, out]; c_attn packs [Q | K | V] on the out axis.
+  qkv_w = _stack(sd, pre + 'attn.c_attn.weight')  # [L, D, 3D]
+  qkv_b = _stack(sd, pre + 'attn.c_attn.bias')  # [L, 3D]
+  attn = {name: {'kernel': qkv_w[:, :, i * D:(i + 1) * D].reshape(L, D, N, h),
+                 'bias': qkv_b[:, i * D:(i + 1) * D].reshape(L, N, h)}
+          for i, name in enumerate(('q', 'k', 'v'))}
+  attn['o'] = {'kernel': _stack(sd, pre + 'attn.c_proj.weight').reshape(L, N, h, D),
+               'bias': _stack(sd, pre + 'attn.c_proj.bias')}
+  params = {
+      'embed': _np(sd['transformer.wte.weight']),
+      'pos_embed': _np(sd['transformer.wpe.weight']),
+      'layers': {
+          'attn_norm': _layernorm(sd, pre + 'ln_1'),
+          'attn': attn,
+          'mlp_norm': _layernorm(sd, pre + 'ln_2'),
+          'mlp': {'fc1': {'kernel': _stack(sd, pre + 'mlp.c_fc.weight'),
+                          'bias': _stack(sd, pre + 'mlp.c_fc.bias')},
+                  'fc2': {'kernel': _stack(sd, pre + 'mlp.c_proj.weight'),
+                          'bias': _stack(sd, pre + 'mlp.c_proj.bias')}},
+      },
+      'final_norm': {'scale': _np(sd['transformer.ln_f.weight']),
+                     'bias': _np(sd['transformer.ln_f.bias'])},
+  }
+  return cfg, params, hf
+
+
+ARCHITECTURES = {'llama': llama, 'nemotron': nemotron, 'gpt2b': gpt2b, 'gpt3': gpt3}
+
+
+def hf_logits(hf, tokens_BxT: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return hf(torch.as_tensor(np.asarray(tokens_BxT), dtype=torch.long)).logits.float().numpy()

@@ -1,0 +1,153 @@
+"""jkd.model against Hugging Face on the same weights, plus the model's own invariants."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jkd import model
+from tests import hf_reference as ref
+
+
+def _tokens(b=2, t=ref.T, seed=0):
+  return np.random.default_rng(seed).integers(0, ref.V, (b, t), dtype=np.int32)
+
+
+def _forward(cfg, params, tokens, **kw):
+  return np.asarray(jax.jit(lambda p, x: model.forward(cfg, p, x, **kw))(params, tokens))
+
+
+@pytest.mark.parametrize('arch', sorted(ref.ARCHITECTURES))
+def test_logits_match_hugging_face_fp32(arch):
+  """Protects the forward pass of every supported NeMo architecture (norms, RoPE, MLPs)."""
+  cfg, params, hf = ref.ARCHITECTURES[arch]()
+  model.check_params(cfg, params)
+  tokens = _tokens()
+  ours, theirs = _forward(cfg, params, tokens), ref.hf_logits(hf, tokens)
+  assert ours.shape == theirs.shape == (2, ref.T, ref.V) and ours.dtype == np.float32
+  diff = float(np.abs(ours - theirs).max())
+  print(f'{arch}: max |jkd - HF| = {diff:.2e} (max |logit| {np.abs(theirs).max():.2f})')
+  assert diff <= 1e-4
+
+
+def test_negative_control_wrong_norm_convention_is_detected():
+  """The parity test has teeth: GPT-2B-001 without the zero-centred +1 is far off."""
+  cfg, params, hf = ref.gpt2b()
+  wrong = dataclasses.replace(cfg, normalization='layernorm')
+  tokens = _tokens()
+  assert np.abs(_forward(wrong, params, tokens) - ref.hf_logits(hf, tokens)).max() > 1e-2
+
+
+def test_padded_vocab_never_reaches_logits():
+  """Padded rows (huge garbage values here) are kept in params but sliced from logits."""
+  cfg, params, _ = ref.llama(padded_vocab=ref.V + 8)
+  assert params['embed'].shape[0] == cfg.padded_vocab == ref.V + 8
+  logits = _forward(cfg, params, _tokens())
+  assert logits.shape[-1] == ref.V
+  tied_cfg, tied_params, hf = ref.llama(padded_vocab=ref.V + 8, tied=True)
+  tokens = _tokens()
+  assert np.abs(_forward(tied_cfg, tied_params, tokens) - ref.hf_logits(hf, tokens)).max() <= 1e-4
+
+
+def test_causality_through_gradients():
+  """d logits[t] / d embedding(token at s) is zero exactly when s > t."""
+  cfg, params, _ = ref.nemotron()
+  tokens = np.arange(ref.T, dtype=np.int32)[None] * 3  # distinct ids: one row per position
+  t = 7
+
+  def out_at_t(embed):
+    return model.forward(cfg, {**params, 'embed': embed}, tokens)[0, t].sum()
+
+  grad = np.asarray(jax.grad(out_at_t)(jnp.asarray(params['embed'])))
+  per_position = np.abs(grad[tokens[0]]).sum(-1)
+  assert np.all(per_position[t + 1:] == 0.0)
+  assert np.all(per_position[:t + 1] > 0.0)
+
+
+def test_packed_segments_equal_separate_sequences():
+  """Segment ids + restarted positions make a packed row equal two separate sequences."""
+  for arch in ('llama', 'gpt3'):
+    cfg, params, _ = ref.ARCHITECTURES[arch]()
+    a, b = _tokens(1, 10, seed=1), _tokens(1, 6, seed=2)
+    packed = np.concatenate([a, b], 1)
+    segments = np.array([[0] * 10 + [1] * 6], np.int32)
+    positions = np.array([list(range(10)) + list(range(6))], np.int32)
+    out = _forward(cfg, params, packed, segment_ids_BxT=segments, positions_BxT=positions)
+    np.testing.assert_allclose(out[:, :10], _forward(cfg, params, a), atol=1e-5)
+    np.testing.assert_allclose(out[:, 10:], _forward(cfg, params, b), atol=1e-5)
+
+
+def test_bf16_compute_returns_fp32_logits_close_to_fp32():
+  cfg, params, _ = ref.gpt2b()
+  tokens = _tokens()
+  full = _forward(cfg, params, tokens)
+  half = _forward(dataclasses.replace(cfg, dtype='bfloat16'), params, tokens)
+  assert half.dtype == np.float32
+  assert np.abs(half - full).max() < 0.05 * np.abs(full).max()
+  assert np.abs(half - full).max() > 0.0  # really computed in bf16
+
+
+@pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch'])
+def test_remat_policies_keep_values_and_gradients(policy):
+  cfg, params, _ = ref.llama()
+  tokens = _tokens()
+
+  def loss(p, c):
+    return model.forward(c, p, tokens).std()
+
+  g0 = jax.grad(loss)(params, cfg)
+  g1 = jax.grad(loss)(params, dataclasses.replace(cfg, remat_policy=policy))
+  for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_save_load_round_trip(tmp_path):
+  cfg, params, _ = ref.gpt3()
+  model.save(str(tmp_path / 'm'), cfg, params)
+  cfg2, params2 = model.load(str(tmp_path / 'm'))
+  assert cfg2 == cfg
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    np.testing.assert_array_equal(x, np.asarray(y))
+
+
+def test_load_rejects_a_directory_that_is_not_a_model(tmp_path):
+  with pytest.raises(FileNotFoundError, match='model_config.json'):
+    model.load(str(tmp_path))
+  (tmp_path / 'model_config.json').write_text('{"num_layers": 2')
+  with pytest.raises(ValueError, match='invalid JSON'):
+    model.load(str(tmp_path))
+
+
+def test_check_params_names_the_mismatching_path():
+  cfg, params, _ = ref.nemotron()
+  params = {**params, 'lm_head': params['lm_head'][:, :10]}
+  with pytest.raises(ValueError, match=r"\['lm_head'\]: shape"):
+    model.check_params(cfg, params)
+
+
+_GOOD = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+             vocab_size=100)
+
+
+@pytest.mark.parametrize('override, key', [
+    (dict(num_attention_heads=5), 'num_attention_heads'),
+    (dict(num_query_groups=3), 'num_query_groups'),
+    (dict(activation='swish'), 'activation'),
+    (dict(normalization='batchnorm'), 'normalization'),
+    (dict(position_embedding_type='alibi'), 'position_embedding_type'),
+    (dict(padded_vocab_size=50), 'padded_vocab_size'),
+    (dict(dtype='float16'), 'dtype'),
+    (dict(remat_policy='sometimes'), 'remat_policy'),
+    (dict(num_layers=0), 'num_layers'),
+    (dict(position_embedding_type='rope', rotary_percentage=0.0), 'rotary_percentage'),
+])
+def test_bad_config_values_raise_naming_the_key(override, key):
+  with pytest.raises(ValueError, match=rf'model\.{key}='):
+    model.ModelConfig(**{**_GOOD, **override})
+
+
+def test_unknown_config_key_is_rejected():
+  with pytest.raises(ValueError, match='unknown keys'):
+    model.ModelConfig.from_dict({**_GOOD, 'hiden_size': 3})

@@ -1,0 +1,174 @@
+"""GGUF (llama.cpp) Llama-architecture checkpoints -> jkd ModelConfig + Flax params.
+
+Reads with the `gguf` package and numpy only; quantized tensors (Q4_*, Q8_0, ...) are
+dequantized to fp32 one tensor at a time and written into preallocated stacked arrays, so
+peak memory is the fp32 model plus one tensor.
+
+llama.cpp stores attn_q / attn_k rows permuted for its interleaved RoPE
+(`reshape(n, 2, H/2, D).swapaxes(1, 2)` per head); the importer undoes that so the weights
+are in the rotate-half order jkd (and Megatron, and HF Llama) use.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from jkd import model
+
+# GGUF llama metadata key (after the 'llama.' prefix) -> ModelConfig field.
+_CONFIG_KEYS = {
+    'block_count': 'num_layers',
+    'embedding_length': 'hidden_size',
+    'feed_forward_length': 'ffn_hidden_size',
+    'attention.head_count': 'num_attention_heads',
+    'attention.head_count_kv': 'num_query_groups',
+    'attention.layer_norm_rms_epsilon': 'layernorm_epsilon',
+    'rope.freq_base': 'rotary_base',
+    'context_length': 'max_position_embeddings',
+}
+# Metadata that would change the forward pass in ways this importer does not implement.
+_UNSUPPORTED_KEYS = ('rope.scaling.type', 'rope.scaling.factor', 'expert_count',
+                     'attention.sliding_window', 'attn_logit_softcapping')
+
+
+def _unpermute(w_RxD: np.ndarray, n_heads: int) -> np.ndarray:
+  """Inverse of llama.cpp's Q/K row permutation (interleaved -> rotate-half order)."""
+  r = w_RxD.shape[0]
+  return w_RxD.reshape(n_heads, r // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(w_RxD.shape)
+
+
+# GGUF tensor name -> (jkd param path, transform(w, cfg) -> value for that layer's slot).
+# Torch-style [out, in] weights become [in, ...out] kernels. The gated fc1 kernel is
+# [L, D, 2, F]; gate and up go to slot 0 and 1 of its third axis (the GATE / UP paths).
+_GATE, _UP = (slice(None), 0), (slice(None), 1)
+_LAYER_TABLE: dict[str, tuple[tuple, Callable]] = {
+    'attn_norm.weight': (('layers', 'attn_norm', 'scale'), lambda w, c: w),
+    'ffn_norm.weight': (('layers', 'mlp_norm', 'scale'), lambda w, c: w),
+    'attn_q.weight': (('layers', 'attn', 'q', 'kernel'), lambda w, c: _unpermute(
+        w, c.num_attention_heads).T.reshape(c.hidden_size, c.num_attention_heads, c.head_dim)),
+    'attn_k.weight': (('layers', 'attn', 'k', 'kernel'), lambda w, c: _unpermute(
+        w, c.num_groups).T.reshape(c.hidden_size, c.num_groups, c.head_dim)),
+    'attn_v.weight': (('layers', 'attn', 'v', 'kernel'), lambda w, c: w.T.reshape(
+        c.hidden_size, c.num_groups, c.head_dim)),
+    'attn_output.weight': (('layers', 'attn', 'o', 'kernel'), lambda w, c: w.T.reshape(
+        c.num_attention_heads, c.head_dim, c.hidden_size)),
+    'ffn_gate.weight': (('layers', 'mlp', 'fc1', 'kernel', _GATE), lambda w, c: w.T),
+    'ffn_up.weight': (('layers', 'mlp', 'fc1', 'kernel', _UP), lambda w, c: w.T),
+    'ffn_down.weight': (('layers', 'mlp', 'fc2', 'kernel'), lambda w, c: w.T),
+}
+_GLOBAL_TABLE: dict[str, tuple[tuple, Callable]] = {
+    'token_embd.weight': (('embed',), lambda w, c: w),
+    'output_norm.weight': (('final_norm', 'scale'), lambda w, c: w),
+    'output.weight': (('lm_head',), lambda w, c: w.T),
+}
+_LAYER_NAME = re.compile(r'blk\.(\d+)\.(.+)')
+
+
+def _field(reader: gguf.GGUFReader, key: str):
+  f = reader.fields.get(key)
+  return None if f is None else f.contents()
+
+
+def read_config(reader: gguf.GGUFReader, path: str) -> model.ModelConfig:
+  arch = _field(reader, 'general.architecture')
+  if arch != 'llama':
+    raise ValueError(f'{path}: GGUF architecture {arch!r} is not supported (only llama)')
+  for key in _UNSUPPORTED_KEYS:
+    if _field(reader, f'llama.{key}') is not None:
+      raise ValueError(f'{path}: GGUF key llama.{key} is set; not supported by jkd')
+  kwargs = {}
+  for key, name in _CONFIG_KEYS.items():
+    value = _field(reader, f'llama.{key}')
+    if value is None and name != 'num_query_groups':
+      raise ValueError(f'{path}: GGUF metadata llama.{key} is missing')
+    if value is not None:
+      kwargs[name] = value
+  tokens = _field(reader, 'tokenizer.ggml.tokens')
+  vocab = _field(reader, 'llama.vocab_size') or (len(tokens) if tokens is not None else None)
+  embd = next((t for t in reader.tensors if t.name == 'token_embd.weight'), None)
+  if embd is None:
+    raise ValueError(f'{path}: tensor token_embd.weight is missing')
+  head_dim = kwargs['hidden_size'] // kwargs['num_attention_heads']
+  rope_dim = _field(reader, 'llama.rope.dimension_count') or head_dim
+  key_length = _field(reader, 'llama.attention.key_length')
+  if key_length is not None and key_length != head_dim:
+    kwargs['kv_channels'] = head_dim = key_length
+  return model.ModelConfig(
+      **{k: (float(v) if isinstance(v, float) else int(v)) for k, v in kwargs.items()},
+      vocab_size=int(vocab or embd.shape[1]),
+      padded_vocab_size=int(embd.shape[1]),
+      normalization='rmsnorm', activation='swiglu', bias=False,
+      position_embedding_type='rope', rotary_percentage=rope_dim / head_dim,
+      share_embeddings_and_output_weights=not any(t.name == 'output.weight'
+                                                  for t in reader.tensors))
+
+
+def _dequantize(t) -> np.ndarray:
+  """One GGUF tensor as fp32 in torch [out, in] order."""
+  w = gguf.quants.dequantize(t.data, t.tensor_type)
+  return np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+
+
+def _assign(tree: dict, path: tuple, layer: int | None, value: np.ndarray, where: str):
+  """tree[path][layer][sub_index] = value, where a trailing tuple in `path` is the sub-index."""
+  keys, sub = (path[:-1], path[-1]) if isinstance(path[-1], tuple) else (path, ())
+  node = tree
+  for key in keys:
+    if not isinstance(node, dict) or key not in node:
+      raise ValueError(f'{where}: maps to {keys}, which this model config does not have')
+    node = node[key]
+  slot = ((layer,) if layer is not None else ()) + sub
+  if value.shape != node[slot].shape:
+    raise ValueError(f'{where}: shape {value.shape} does not match expected {node[slot].shape}')
+  node[slot] = value
+
+
+def load_gguf(path: str) -> tuple[model.ModelConfig, model.Params]:
+  """Reads a Llama GGUF file -> (ModelConfig, fp32 numpy params)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no such file')
+  try:
+    reader = gguf.GGUFReader(path)
+  except (ValueError, OSError, IndexError, KeyError) as e:
+    raise ValueError(f'{path}: not a readable GGUF file ({e})') from None
+  cfg = read_config(reader, path)
+  import jax  # only for the abstract shapes; no arrays are made on a device
+  abstract = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+  params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract)
+  seen = set()
+  for t in reader.tensors:
+    where = f'{path}: tensor {t.name}'
+    m = _LAYER_NAME.fullmatch(t.name)
+    if m:
+      layer, suffix = int(m.group(1)), m.group(2)
+      if suffix not in _LAYER_TABLE:
+        raise ValueError(f'{where}: unknown layer tensor')
+      if layer >= cfg.num_layers:
+        raise ValueError(f'{where}: layer {layer} >= block_count {cfg.num_layers}')
+      dest, transform = _LAYER_TABLE[suffix]
+    elif t.name in _GLOBAL_TABLE:
+      layer, (dest, transform) = None, _GLOBAL_TABLE[t.name]
+    elif t.name == 'rope_freqs.weight':
+      raise ValueError(f'{where}: RoPE frequency factors are not supported')
+    else:
+      raise ValueError(f'{where}: unknown tensor')
+    _assign(params, dest, layer, transform(_dequantize(t), cfg), where)
+    seen.add(t.name)
+  expected = set(_GLOBAL_TABLE) - ({'output.weight'} if cfg.share_embeddings_and_output_weights
+                                   else set())
+  expected |= {f'blk.{i}.{s}' for i in range(cfg.num_layers) for s in _LAYER_TABLE}
+  missing = sorted(expected - seen)
+  if missing:
+    raise ValueError(f'{path}: missing tensors {missing[:5]}' + (' ...' if len(missing) > 5
+                                                                 else ''))
+  return cfg, params
+
+
+def chat_template(path: str) -> str | None:
+  """The Jinja chat template stored in the GGUF metadata, if any."""
+  return _field(gguf.GGUFReader(path), 'tokenizer.chat_template')
