@@ -17,6 +17,7 @@ from typing import Callable
 
 import gguf
 import numpy as np
+from tqdm import tqdm
 
 from jkd import model
 
@@ -141,7 +142,8 @@ def load_gguf(path: str) -> tuple[model.ModelConfig, model.Params]:
   abstract = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
   params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract)
   seen = set()
-  for t in reader.tensors:
+  for t in tqdm(reader.tensors, desc=f'import {os.path.basename(path)}', unit='tensor',
+                disable=len(reader.tensors) < 64):
     where = f'{path}: tensor {t.name}'
     m = _LAYER_NAME.fullmatch(t.name)
     if m:

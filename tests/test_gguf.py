@@ -1,0 +1,156 @@
+"""GGUF importer: a synthetic llama.cpp-layout file vs HF, and the real SmolLM2-135M-Instruct."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jkd import assets, model
+from tests import hf_reference as ref
+from third_party.convert import from_gguf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _llama_cpp_permute(w, n_heads):
+  """What llama.cpp's converter does to HF q/k rows (rotate-half -> interleaved pairs)."""
+  return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+      w.shape)
+
+
+def write_llama_gguf(path, hf):
+  """Writes an HF LlamaForCausalLM as llama.cpp does (F32 tensors, permuted q/k)."""
+  import gguf
+  c = hf.config
+  sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+  w = gguf.GGUFWriter(str(path), 'llama')
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_rope_freq_base(c.rope_parameters['rope_theta'])
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  w.add_vocab_size(c.vocab_size)
+  w.add_tensor('token_embd.weight', sd['model.embed_tokens.weight'])
+  w.add_tensor('output_norm.weight', sd['model.norm.weight'])
+  if not c.tie_word_embeddings:
+    w.add_tensor('output.weight', sd['lm_head.weight'])
+  names = {'input_layernorm.weight': 'attn_norm.weight', 'self_attn.q_proj.weight': 'attn_q.weight',
+           'self_attn.k_proj.weight': 'attn_k.weight', 'self_attn.v_proj.weight': 'attn_v.weight',
+           'self_attn.o_proj.weight': 'attn_output.weight', 'mlp.gate_proj.weight': 'ffn_gate.weight',
+           'mlp.up_proj.weight': 'ffn_up.weight', 'mlp.down_proj.weight': 'ffn_down.weight',
+           'post_attention_layernorm.weight': 'ffn_norm.weight'}
+  for i in range(c.num_hidden_layers):
+    for hf_name, g_name in names.items():
+      t = sd[f'model.layers.{i}.{hf_name}']
+      if g_name == 'attn_q.weight':
+        t = _llama_cpp_permute(t, c.num_attention_heads)
+      if g_name == 'attn_k.weight':
+        t = _llama_cpp_permute(t, c.num_key_value_heads)
+      w.add_tensor(f'blk.{i}.{g_name}', np.ascontiguousarray(t))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+@pytest.fixture(scope='module')
+def tiny_gguf(tmp_path_factory):
+  _, _, hf = ref.llama(padded_vocab=ref.V)
+  path = tmp_path_factory.mktemp('gguf') / 'tiny-llama.gguf'
+  write_llama_gguf(path, hf)
+  return path, hf
+
+
+def _logits(cfg, params, tokens):
+  return np.asarray(jax.jit(lambda p, t: model.forward(cfg, p, t))(params, tokens))
+
+
+def test_synthetic_gguf_matches_hf(tiny_gguf):
+  """Un-permuting llama.cpp's q/k rows is what makes RoPE right (GQA: 4 heads, 2 groups)."""
+  path, hf = tiny_gguf
+  cfg, params = from_gguf.load_gguf(str(path))
+  assert (cfg.num_query_groups, cfg.share_embeddings_and_output_weights) == (ref.G, False)
+  tokens = np.random.default_rng(0).integers(0, ref.V, (2, ref.T), dtype=np.int32)
+  assert np.abs(_logits(cfg, params, tokens) - ref.hf_logits(hf, tokens)).max() <= 1e-4
+
+
+def test_convert_cli_writes_a_loadable_model_dir(tiny_gguf, tmp_path):
+  path, hf = tiny_gguf
+  out = tmp_path / 'model'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'jkd.main', '--config', 'configs/convert.py',
+       f'--config.convert.source={path}', f'--config.convert.output={out}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  cfg, params = model.load(str(out))
+  tokens = np.random.default_rng(1).integers(0, ref.V, (1, ref.T), dtype=np.int32)
+  assert np.abs(_logits(cfg, params, tokens) - ref.hf_logits(hf, tokens)).max() <= 1e-4
+
+
+def test_truncated_gguf_is_a_clear_error(tiny_gguf, tmp_path):
+  path, _ = tiny_gguf
+  bad = tmp_path / 'truncated.gguf'
+  bad.write_bytes(path.read_bytes()[:1000])
+  with pytest.raises(ValueError, match='truncated.gguf'):
+    from_gguf.load_gguf(str(bad))
+
+
+@pytest.fixture(scope='module')
+def smollm2():
+  """The real teacher of the demo: SmolLM2-135M-Instruct, via jkd and via transformers."""
+  import torch
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  path = assets.smollm2_gguf()
+  folder, name = os.path.split(path)
+  tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+  hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+  cfg, params = from_gguf.load_gguf(path)
+  return tokenizer, hf, cfg, params
+
+
+def _chat_prompt(tokenizer):
+  messages = [{'role': 'user', 'content': 'Write a short poem about the sea.'}]
+  ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='np')
+  return np.asarray(ids['input_ids'] if hasattr(ids, 'keys') else ids, np.int32)
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smollm2):
+  tokenizer, hf, cfg, params = smollm2
+  assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_groups,
+          cfg.vocab_size) == (30, 576, 9, 3, 49152)
+  tokens = _chat_prompt(tokenizer)
+  ours, theirs = _logits(cfg, params, tokens), ref.hf_logits(hf, tokens)
+  diff = float(np.abs(ours - theirs).max())
+  print(f'SmolLM2-135M-Instruct: {tokens.shape[1]} prompt tokens, max |jkd - HF| = {diff:.2e} '
+        f'(max |logit| {np.abs(theirs).max():.1f})')
+  assert diff <= 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_match_transformers(smollm2):
+  import torch
+  tokenizer, hf, cfg, params = smollm2
+  prompt = _chat_prompt(tokenizer)
+  n_prompt, n_new = prompt.shape[1], 16
+  # HF reference: plain argmax decoding (generate() would add its own logits processors).
+  ids = torch.as_tensor(prompt, dtype=torch.long)
+  with torch.no_grad():
+    for _ in range(n_new):
+      ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+  theirs = ids[0, n_prompt:].numpy()
+  # One compiled shape: a fixed-length buffer; causality makes the padding irrelevant.
+  buf = np.zeros((1, n_prompt + n_new), np.int32)
+  buf[0, :n_prompt] = prompt[0]
+  step = jax.jit(lambda p, t: model.forward(cfg, p, t))
+  for i in range(n_new):
+    buf[0, n_prompt + i] = int(np.argmax(np.asarray(step(params, buf))[0, n_prompt + i - 1]))
+  ours = buf[0, n_prompt:]
+  print(f'greedy: jkd {tokenizer.decode(ours)!r} | HF {tokenizer.decode(theirs)!r}')
+  np.testing.assert_array_equal(ours, theirs)

@@ -1,0 +1,50 @@
+"""The CLI: the smoke pipeline end to end, and one-line errors with a non-zero exit."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=300):
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  return subprocess.run([sys.executable, '-m', 'jkd.main', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_smoke_pipeline_runs_end_to_end(tmp_path):
+  proc = _run('--config', 'configs/smoke.py', f'--config.workdir={tmp_path}',
+              '--config.mesh.shape=(2,2,2)')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'mode=pipeline process 0/1, 8 cpu devices' in proc.stdout
+  assert 'mean next-token CE' in proc.stdout
+  assert (tmp_path / 'model' / 'model_config.json').is_file()
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.model.activation=swish', "model.activation='swish': unknown"),
+    ('--config.model.num_attention_heads=5', 'model.num_attention_heads=5: does not divide'),
+    ('--config.mesh.shape=(3,1,1)', 'mesh.shape=(3, 1, 1): needs 3 devices, but 8'),
+    ('--config.mode=train', "mode='train': unknown"),
+    ('--config.pipeline.seq_len=4096', 'pipeline.seq_len=4096 exceeds'),
+])
+def test_bad_config_is_one_line_error_and_exit_2(override, message):
+  proc = _run('--config', 'configs/smoke.py', override)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('jkd: error:') and message in last, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+
+
+def test_typo_in_override_key_fails_loudly():
+  proc = _run('--config', 'configs/smoke.py', '--config.modle.hidden_size=3')
+  assert proc.returncode != 0 and 'modle' in proc.stderr
+
+
+def test_convert_of_missing_source_names_the_file(tmp_path):
+  proc = _run('--config', 'configs/convert.py', f'--config.convert.source={tmp_path}/x.gguf',
+              f'--config.convert.output={tmp_path}/out')
+  assert proc.returncode == 2 and f'{tmp_path}/x.gguf: no such file' in proc.stderr
