@@ -48,6 +48,39 @@ def _attn_qkvo(sd, prefix: str, n: int, g: int, h: int, bias: bool):
   return attn
 
 
+def _norm(sd, name: str, kind: str):
+  """HF norm -> jkd norm params. kind: 'rms' (scale), 'ln' (scale, bias), 'ln_plus1' (StableLm's
+  plain LayerNorm holding 1 + w, mapped to jkd's zero-centred layernorm1p weight w)."""
+  get = (lambda k: _np(sd[name + k])) if '{}' not in name else (lambda k: _stack(sd, name + k))
+  if kind == 'rms':
+    return {'scale': get('.weight')}
+  return {'scale': get('.weight') - (1.0 if kind == 'ln_plus1' else 0.0), 'bias': get('.bias')}
+
+
+def _hf_decoder_params(sd, *, groups: int, gated: bool, norm: str, tied: bool):
+  """jkd params from an HF Llama / Nemotron / StableLm state dict (same module names)."""
+  pre = 'model.layers.{}.'
+  if gated:  # jkd fc1 kernel [L, D, 2, F]: gate at 0, up at 1
+    fc1 = np.stack([_stack(sd, pre + 'mlp.gate_proj.weight', np.transpose),
+                    _stack(sd, pre + 'mlp.up_proj.weight', np.transpose)], axis=2)
+  else:
+    fc1 = _stack(sd, pre + 'mlp.up_proj.weight', np.transpose)
+  params = {
+      'embed': _np(sd['model.embed_tokens.weight']),
+      'layers': {
+          'attn_norm': _norm(sd, pre + 'input_layernorm', norm),
+          'attn': _attn_qkvo(sd, pre + 'self_attn.', N, groups, D // N, bias=False),
+          'mlp_norm': _norm(sd, pre + 'post_attention_layernorm', norm),
+          'mlp': {'fc1': {'kernel': fc1},
+                  'fc2': {'kernel': _stack(sd, pre + 'mlp.down_proj.weight', np.transpose)}},
+      },
+      'final_norm': _norm(sd, 'model.norm', norm),
+  }
+  if not tied:
+    params['lm_head'] = _np(sd['lm_head.weight']).T
+  return params
+
+
 def llama(padded_vocab: int = V + 8, tied: bool = False, seed: int = 0):
   """rmsnorm + swiglu + GQA + full RoPE; the jkd embedding carries extra padded rows."""
   from transformers import LlamaConfig, LlamaForCausalLM
@@ -63,35 +96,14 @@ def llama(padded_vocab: int = V + 8, tied: bool = False, seed: int = 0):
       normalization='rmsnorm', layernorm_epsilon=1e-5, activation='swiglu', bias=False,
       position_embedding_type='rope', rotary_base=5000.0, max_position_embeddings=64,
       share_embeddings_and_output_weights=tied)
-  pre = 'model.layers.{}.'
-  embed = _np(sd['model.embed_tokens.weight'])
+  params = _hf_decoder_params(sd, groups=G, gated=True, norm='rms', tied=tied)
   # Padded rows are garbage on purpose: they must never reach the returned logits.
-  pad = np.random.default_rng(seed).normal(0, 5.0, (padded_vocab - V, D)).astype(np.float32)
-  params = {
-      'embed': np.concatenate([embed, pad]),
-      'layers': {
-          'attn_norm': {'scale': _stack(sd, pre + 'input_layernorm.weight')},
-          'attn': _attn_qkvo(sd, pre + 'self_attn.', N, G, D // N, bias=False),
-          'mlp_norm': {'scale': _stack(sd, pre + 'post_attention_layernorm.weight')},
-          'mlp': {
-              'fc1': {'kernel': np.stack([_stack(sd, pre + 'mlp.gate_proj.weight', np.transpose),
-                                          _stack(sd, pre + 'mlp.up_proj.weight', np.transpose)],
-                                         axis=2)},
-              'fc2': {'kernel': _stack(sd, pre + 'mlp.down_proj.weight', np.transpose)},
-          },
-      },
-      'final_norm': {'scale': _np(sd['model.norm.weight'])},
-  }
+  rng = np.random.default_rng(seed)
+  pad = lambda: rng.normal(0, 5.0, (padded_vocab - V, D)).astype(np.float32)
+  params['embed'] = np.concatenate([params['embed'], pad()])
   if not tied:
-    head_pad = np.random.default_rng(seed + 1).normal(0, 5.0, (padded_vocab - V, D))
-    params['lm_head'] = np.concatenate([_np(sd['lm_head.weight']),
-                                        head_pad.astype(np.float32)]).T
+    params['lm_head'] = np.concatenate([params['lm_head'].T, pad()]).T
   return cfg, params, hf
-
-
-def _layernorm(sd, name: str, minus_one: bool = False):
-  return {'scale': _stack(sd, name + '.weight', (lambda w: w - 1.0) if minus_one else (lambda w: w)),
-          'bias': _stack(sd, name + '.bias')}
 
 
 def nemotron(seed: int = 0):
@@ -110,20 +122,8 @@ def nemotron(seed: int = 0):
       normalization='layernorm1p', activation='squared-relu', bias=False,
       position_embedding_type='rope', rotary_percentage=0.5, max_position_embeddings=64,
       share_embeddings_and_output_weights=False)
-  pre = 'model.layers.{}.'
   # NemotronLayerNorm1P computes weight + 1 itself: the zero-centred weight is copied as-is.
-  params = {
-      'embed': _np(sd['model.embed_tokens.weight']),
-      'layers': {
-          'attn_norm': _layernorm(sd, pre + 'input_layernorm'),
-          'attn': _attn_qkvo(sd, pre + 'self_attn.', N, N, D // N, bias=False),
-          'mlp_norm': _layernorm(sd, pre + 'post_attention_layernorm'),
-          'mlp': {'fc1': {'kernel': _stack(sd, pre + 'mlp.up_proj.weight', np.transpose)},
-                  'fc2': {'kernel': _stack(sd, pre + 'mlp.down_proj.weight', np.transpose)}},
-      },
-      'final_norm': {'scale': _np(sd['model.norm.weight']), 'bias': _np(sd['model.norm.bias'])},
-      'lm_head': _np(sd['lm_head.weight']).T,
-  }
+  params = _hf_decoder_params(sd, groups=N, gated=False, norm='ln', tied=False)
   return cfg, params, hf
 
 
@@ -144,25 +144,7 @@ def gpt2b(seed: int = 0):
       normalization='layernorm1p', activation='fast-swiglu', bias=False,
       position_embedding_type='rope', rotary_percentage=0.5, max_position_embeddings=64,
       share_embeddings_and_output_weights=False)
-  pre = 'model.layers.{}.'
-  # StableLm's plain LayerNorm holds 1 + w; jkd's layernorm1p holds the zero-centred w.
-  params = {
-      'embed': _np(sd['model.embed_tokens.weight']),
-      'layers': {
-          'attn_norm': _layernorm(sd, pre + 'input_layernorm', minus_one=True),
-          'attn': _attn_qkvo(sd, pre + 'self_attn.', N, N, D // N, bias=False),
-          'mlp_norm': _layernorm(sd, pre + 'post_attention_layernorm', minus_one=True),
-          'mlp': {
-              'fc1': {'kernel': np.stack([_stack(sd, pre + 'mlp.gate_proj.weight', np.transpose),
-                                          _stack(sd, pre + 'mlp.up_proj.weight', np.transpose)],
-                                         axis=2)},
-              'fc2': {'kernel': _stack(sd, pre + 'mlp.down_proj.weight', np.transpose)},
-          },
-      },
-      'final_norm': {'scale': _np(sd['model.norm.weight']) - 1.0,
-                     'bias': _np(sd['model.norm.bias'])},
-      'lm_head': _np(sd['lm_head.weight']).T,
-  }
+  params = _hf_decoder_params(sd, groups=N, gated=True, norm='ln_plus1', tied=False)
   return cfg, params, hf
 
 
@@ -192,16 +174,15 @@ def gpt3(seed: int = 0):
       'embed': _np(sd['transformer.wte.weight']),
       'pos_embed': _np(sd['transformer.wpe.weight']),
       'layers': {
-          'attn_norm': _layernorm(sd, pre + 'ln_1'),
+          'attn_norm': _norm(sd, pre + 'ln_1', 'ln'),
           'attn': attn,
-          'mlp_norm': _layernorm(sd, pre + 'ln_2'),
+          'mlp_norm': _norm(sd, pre + 'ln_2', 'ln'),
           'mlp': {'fc1': {'kernel': _stack(sd, pre + 'mlp.c_fc.weight'),
                           'bias': _stack(sd, pre + 'mlp.c_fc.bias')},
                   'fc2': {'kernel': _stack(sd, pre + 'mlp.c_proj.weight'),
                           'bias': _stack(sd, pre + 'mlp.c_proj.bias')}},
       },
-      'final_norm': {'scale': _np(sd['transformer.ln_f.weight']),
-                     'bias': _np(sd['transformer.ln_f.bias'])},
+      'final_norm': _norm(sd, 'transformer.ln_f', 'ln'),
   }
   return cfg, params, hf
 
