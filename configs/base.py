@@ -64,7 +64,7 @@ def get_config(arg=None):
 
   # mode=convert: import a foreign checkpoint into a jkd model directory.
   c.convert = ConfigDict()
-  c.convert.source = ''  # path of the checkpoint to import (.gguf)
+  c.convert.source = ''  # checkpoint to import: .gguf, .nemo tar, or extracted .nemo directory
   c.convert.output = ''  # model directory to write (params, model_config.json)
 
   # mode=pipeline: the stages that exist so far, end to end, on config.model.

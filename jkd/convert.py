@@ -21,7 +21,11 @@ def import_checkpoint(source: str) -> tuple[model.ModelConfig, model.Params]:
   if source.endswith('.gguf'):
     from third_party.convert import from_gguf
     return from_gguf.load_gguf(source)
-  raise ValueError(f'{source}: unsupported checkpoint format (supported: .gguf)')
+  if source.endswith('.nemo') or os.path.isfile(os.path.join(source, 'model_config.yaml')):
+    from third_party.convert import from_nemo
+    return from_nemo.load_nemo(source)
+  raise ValueError(f'{source}: unsupported checkpoint format (supported: .gguf, .nemo tar or '
+                   'extracted .nemo directory)')
 
 
 def run(config) -> str:

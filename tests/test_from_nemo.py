@@ -1,0 +1,191 @@
+"""The .nemo importer: every layout x architecture against HF, negative controls, bad input."""
+
+import io
+import os
+import tarfile
+
+import jax
+import numpy as np
+import pytest
+
+from jkd import model
+from tests import hf_reference as ref
+from tests import nemo_fixtures as fx
+from third_party.convert import from_nemo
+
+LAYOUTS = {
+    'L1': lambda p, a, hf: fx.write_legacy(p, a, hf),
+    'L2-tp2': lambda p, a, hf: fx.write_legacy(p, a, hf, tp=2),
+    'L2-tp2-pp2': lambda p, a, hf: fx.write_legacy(p, a, hf, tp=2, pp=2),
+    'Dz-stacked': lambda p, a, hf: fx.write_zarr(p, a, hf),
+    'Dz-per-layer': lambda p, a, hf: fx.write_zarr(p, a, hf, per_layer_keys=True),
+}
+TOKENS = np.random.default_rng(0).integers(0, ref.V, (2, ref.T), dtype=np.int32)
+
+
+def _hf(arch):
+  kwargs = {'padded_vocab': ref.V} if arch == 'llama' else {}
+  return ref.ARCHITECTURES[arch](**kwargs)[2]
+
+
+def _diff(path, hf):
+  cfg, params = from_nemo.load_nemo(str(path))
+  ours = np.asarray(jax.jit(lambda p, t: model.forward(cfg, p, t))(params, TOKENS))
+  return float(np.abs(ours - ref.hf_logits(hf, TOKENS)).max())
+
+
+@pytest.mark.parametrize('layout', sorted(LAYOUTS))
+@pytest.mark.parametrize('arch', sorted(ref.ARCHITECTURES))
+def test_every_layout_matches_hf(tmp_path, arch, layout):
+  hf = _hf(arch)
+  path = tmp_path / ('ckpt' if layout.startswith('Dz') else 'model.nemo')
+  LAYOUTS[layout](path, arch, hf)
+  diff = _diff(path, hf)
+  print(f'{arch} {layout}: max |jkd - HF| = {diff:.2e}')
+  assert diff <= 1e-4
+
+
+def test_naive_glu_concat_would_be_caught(tmp_path):
+  """Negative control: TP2 shards of fc1 concatenated naively ([g0;u0;g1;u1]) are far off."""
+  hf = _hf('gpt2b')
+  fx.write_legacy(tmp_path / 'naive.nemo', 'gpt2b', hf, tp=2, naive_glu=True)
+  assert _diff(tmp_path / 'naive.nemo', hf) > 1e-2
+
+
+def test_misread_qkv_would_be_caught(tmp_path, monkeypatch):
+  """Negative control: reading fused QKV as [Q; K; V] instead of group-major is far off."""
+  hf = _hf('llama')
+  fx.write_legacy(tmp_path / 'm.nemo', 'llama', hf)
+
+  def blocked(c, w, which):
+    sizes = [c.num_attention_heads * c.head_dim, c.num_groups * c.head_dim]
+    q, k, v = np.split(w, [sizes[0], sizes[0] + sizes[1]])
+    part = {'q': q, 'k': k, 'v': v}[which]
+    heads = c.num_attention_heads if which == 'q' else c.num_groups
+    return part.reshape(heads, c.head_dim, -1).transpose(2, 0, 1)
+
+  monkeypatch.setattr(from_nemo, '_qkv', blocked)
+  assert _diff(tmp_path / 'm.nemo', hf) > 1e-2
+
+
+def test_gzip_tar_and_extracted_directory_are_read(tmp_path):
+  hf = _hf('nemotron')
+  fx.write_legacy(tmp_path / 'm.nemo', 'nemotron', hf)
+  with tarfile.open(tmp_path / 'm.nemo') as src, tarfile.open(tmp_path / 'gz.nemo', 'w:gz') as dst:
+    for m in src.getmembers():
+      dst.addfile(m, src.extractfile(m))
+  assert _diff(tmp_path / 'gz.nemo', hf) <= 1e-4
+  os.makedirs(tmp_path / 'dir')
+  with tarfile.open(tmp_path / 'm.nemo') as src:
+    src.extractall(tmp_path / 'dir', filter='data')
+  assert _diff(tmp_path / 'dir', hf) <= 1e-4
+
+
+def _tar_with(path, members):
+  with tarfile.open(path, 'w:') as tar:
+    for info, data in members:
+      tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+def _info(name, data=b'', **kw):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  for k, v in kw.items():
+    setattr(info, k, v)
+  return info
+
+
+@pytest.mark.parametrize('member', ['../evil.txt', '/etc/evil', './a/../../evil'])
+def test_path_traversal_tar_is_refused(tmp_path, member):
+  _tar_with(tmp_path / 'bad.nemo', [(_info(member, b'x'), b'x')])
+  with pytest.raises(ValueError, match='unsafe member path'):
+    from_nemo.load_nemo(str(tmp_path / 'bad.nemo'))
+  assert not (tmp_path.parent / 'evil.txt').exists()
+
+
+def test_link_leaving_the_archive_is_refused(tmp_path):
+  link = _info('./model_config.yaml', type=tarfile.SYMTYPE, linkname='../../etc/passwd')
+  _tar_with(tmp_path / 'bad.nemo', [(link, None)])
+  with pytest.raises(ValueError, match='links outside the archive'):
+    from_nemo.load_nemo(str(tmp_path / 'bad.nemo'))
+
+
+def test_malicious_pickle_is_refused_without_running_it(tmp_path):
+  import torch
+  marker = tmp_path / 'pwned'
+
+  class Evil:
+    def __reduce__(self):
+      return (os.system, (f'touch {marker}',))
+
+  buf = io.BytesIO()
+  torch.save({'model.language_model.embedding.word_embeddings.weight': Evil()}, buf)
+  cfg = b'num_layers: 1\nhidden_size: 8\nffn_hidden_size: 8\nnum_attention_heads: 2\n'
+  _tar_with(tmp_path / 'evil.nemo', [(_info('./model_config.yaml', cfg), cfg),
+                                     (_info('./model_weights.ckpt', buf.getvalue()),
+                                      buf.getvalue())])
+  with pytest.raises(ValueError, match=r'evil\.nemo: model_weights\.ckpt: refusing to unpickle '
+                                       r'posix\.system'):
+    from_nemo.load_nemo(str(tmp_path / 'evil.nemo'))
+  assert not marker.exists()
+
+
+def test_truncated_tar_is_a_clear_error(tmp_path):
+  fx.write_legacy(tmp_path / 'm.nemo', 'gpt3', _hf('gpt3'))
+  data = (tmp_path / 'm.nemo').read_bytes()
+  (tmp_path / 'cut.nemo').write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=r'cut\.nemo'):
+    from_nemo.load_nemo(str(tmp_path / 'cut.nemo'))
+
+
+def test_missing_config_is_a_clear_error(tmp_path):
+  _tar_with(tmp_path / 'm.nemo', [(_info('./model_weights.ckpt', b'x'), b'x')])
+  with pytest.raises(ValueError, match=r'm\.nemo: model_config\.yaml is missing'):
+    from_nemo.load_nemo(str(tmp_path / 'm.nemo'))
+
+
+def _edit_config(tmp_path, arch, **changes):
+  import yaml
+  fx.write_zarr(tmp_path / 'd', arch, _hf(arch))
+  path = tmp_path / 'd' / 'model_config.yaml'
+  path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **changes}))
+  return str(tmp_path / 'd')
+
+
+def test_unknown_activation_names_the_key(tmp_path):
+  with pytest.raises(ValueError, match=r"unsupported setting activation='swish'"):
+    from_nemo.load_nemo(_edit_config(tmp_path, 'llama', activation='swish'))
+
+
+def test_unsupported_setting_names_the_key(tmp_path):
+  with pytest.raises(ValueError, match=r'unsupported setting rotary_interleaved=True'):
+    from_nemo.load_nemo(_edit_config(tmp_path, 'llama', rotary_interleaved=True))
+
+
+def test_mismatched_tensor_shape_names_the_tensor(tmp_path):
+  with pytest.raises(ValueError, match=r'fc1\.weight \(layer 0\): shape \(96, 64\) does not fit'):
+    from_nemo.load_nemo(_edit_config(tmp_path, 'nemotron', ffn_hidden_size=48))
+
+
+def test_missing_tensor_is_a_clear_error(tmp_path):
+  import shutil
+  fx.write_zarr(tmp_path / 'd', 'gpt3', _hf('gpt3'))
+  shutil.rmtree(tmp_path / 'd' / 'model_weights' / 'model.decoder.layers.mlp.linear_fc2.weight')
+  with pytest.raises(ValueError, match='missing'):
+    from_nemo.load_nemo(str(tmp_path / 'd'))
+
+
+def test_convert_cli_imports_a_nemo(tmp_path):
+  import subprocess
+  import sys
+  hf = _hf('gpt2b')
+  fx.write_legacy(tmp_path / 'student.nemo', 'gpt2b', hf, tp=2)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'jkd.main', '--config', 'configs/convert.py',
+       f'--config.convert.source={tmp_path}/student.nemo', f'--config.convert.output={tmp_path}/m'],
+      cwd=repo, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  cfg, params = model.load(str(tmp_path / 'm'))
+  ours = np.asarray(jax.jit(lambda p, t: model.forward(cfg, p, t))(params, TOKENS))
+  assert np.abs(ours - ref.hf_logits(hf, TOKENS)).max() <= 1e-4

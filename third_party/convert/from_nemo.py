@@ -1,0 +1,371 @@
+"""NeMo `.nemo` GPT checkpoints -> jkd ModelConfig + params.
+
+Layouts (../shared/docs/nemo_checkpoint_format.md §1–§3):
+  L1  legacy single file `model_weights.ckpt` (keys `model.language_model.*`, e.g. GPT-2B-001)
+  L2  legacy per-rank files `mp_rank_XX/` or `tp_rank_XX_pp_rank_YYY/`, merged here
+  Dz  Megatron-Core distributed checkpoint `model_weights/` with the zarr backend
+
+Every source key is first normalised to a canonical name (a small table per layout), then
+one table of per-tensor transforms turns canonical torch [out, in] tensors into jkd kernels.
+Tensors are read and written one at a time into preallocated fp32 arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Callable, Iterator
+
+import numpy as np
+import yaml
+
+from jkd import model
+from third_party.convert import nemo_archive, torch_pickle
+
+# --- model_config.yaml -> ModelConfig -------------------------------------------------------
+
+# Settings that change the forward pass in ways jkd does not implement: key -> allowed values.
+_MUST_BE = {
+    'megatron_legacy': (False, None), 'apply_embedding_scaling': (False, None),
+    'headscale': (False, None), 'openai_gelu': (False, None), 'qk_layernorm': (False, None),
+    'rotary_interleaved': (False, None), 'seq_len_interpolation_factor': (None, 1, 1.0),
+    'scale_positional_embedding': (False, None), 'normalize_attention_scores': (True, None),
+    'transformer_block_type': ('pre_ln', None), 'num_moe_experts': (None, 0, 1),
+    'qkv_bias': (False, None), 'fp8': (False, None),
+}
+_NORMALIZATIONS = {'layernorm': 'layernorm', 'layernorm1p': 'layernorm1p', 'rmsnorm': 'rmsnorm',
+                   'low_precision_layernorm': 'layernorm'}
+
+
+def model_config(raw: dict, *, vocab_size: int | None, padded_vocab: int,
+                 where: str) -> model.ModelConfig:
+  """Maps NeMo's model section (code defaults of megatron_gpt_model.py) to a ModelConfig."""
+  for key, allowed in _MUST_BE.items():
+    if raw.get(key) not in allowed:
+      raise ValueError(f'{where}: unsupported setting {key}={raw.get(key)!r}')
+  for key in ('num_layers', 'hidden_size', 'ffn_hidden_size', 'num_attention_heads'):
+    if not isinstance(raw.get(key), int):
+      raise ValueError(f'{where}: {key} is missing or not an integer ({raw.get(key)!r})')
+  norm = raw.get('normalization', 'layernorm')
+  if norm not in _NORMALIZATIONS:
+    raise ValueError(f'{where}: unsupported setting normalization={norm!r}')
+  norm = _NORMALIZATIONS[norm]
+  if raw.get('layernorm_zero_centered_gamma') and norm == 'layernorm':
+    norm = 'layernorm1p'
+  activation = raw.get('activation', 'gelu')
+  if activation not in model.ACTIVATIONS:
+    raise ValueError(f'{where}: unsupported setting activation={activation!r}')
+  pos = raw.get('position_embedding_type', 'learned_absolute')
+  if pos not in model.POSITION_EMBEDDINGS:
+    raise ValueError(f'{where}: unsupported setting position_embedding_type={pos!r}')
+  try:
+    return model.ModelConfig(
+        num_layers=raw['num_layers'], hidden_size=raw['hidden_size'],
+        ffn_hidden_size=raw['ffn_hidden_size'], num_attention_heads=raw['num_attention_heads'],
+        num_query_groups=raw.get('num_query_groups'), kv_channels=raw.get('kv_channels'),
+        vocab_size=vocab_size or padded_vocab, padded_vocab_size=padded_vocab,
+        normalization=norm, layernorm_epsilon=float(raw.get('layernorm_epsilon', 1e-5)),
+        activation=activation, bias=bool(raw.get('bias', True)), position_embedding_type=pos,
+        rotary_percentage=float(raw.get('rotary_percentage', 1.0)),
+        rotary_base=float(raw.get('rotary_base', 10000)),
+        max_position_embeddings=int(raw.get('max_position_embeddings')
+                                    or raw.get('encoder_seq_length', 512)),
+        share_embeddings_and_output_weights=bool(
+            raw.get('share_embeddings_and_output_weights', True)))
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from None
+
+
+def read_raw_config(archive: nemo_archive.NemoArchive) -> dict:
+  where = f'{archive.path}: model_config.yaml'
+  if not archive.exists('model_config.yaml'):
+    raise ValueError(f'{archive.path}: model_config.yaml is missing')
+  try:
+    raw = yaml.safe_load(archive.read_text('model_config.yaml'))
+  except yaml.YAMLError as e:
+    raise ValueError(f'{where}: invalid YAML ({str(e).splitlines()[0]})') from None
+  if isinstance(raw, dict) and isinstance(raw.get('model'), dict):
+    raw = raw['model']
+  if not isinstance(raw, dict):
+    raise ValueError(f'{where}: expected a mapping')
+  return raw
+
+
+# --- source keys -> canonical names ---------------------------------------------------------
+# Canonical names: per layer 'qkv.*', 'proj.*', 'input_norm.*', 'mlp_norm.*', 'fc1.*',
+# 'fc1_2.*' (legacy non-fast GLU up branch), 'fc2.*'; global 'embedding', 'position_embedding',
+# 'final_norm.*', 'output.weight'.
+
+def _wb(src: str, dst: str) -> dict[str, str]:
+  return {f'{src}.weight': f'{dst}.weight', f'{src}.bias': f'{dst}.bias'}
+
+
+_LEGACY_LAYER = {**_wb('input_layernorm', 'input_norm'),
+                 **_wb('self_attention.query_key_value', 'qkv'),
+                 **_wb('self_attention.dense', 'proj'),
+                 **_wb('post_attention_layernorm', 'mlp_norm'),
+                 **_wb('mlp.dense_h_to_4h', 'fc1'), **_wb('mlp.dense_h_to_4h_2', 'fc1_2'),
+                 **_wb('mlp.dense_4h_to_h', 'fc2')}
+_LEGACY_GLOBAL = {'language_model.embedding.word_embeddings.weight': 'embedding',
+                  'language_model.embedding.position_embeddings.weight': 'position_embedding',
+                  **_wb('language_model.encoder.final_layernorm', 'final_norm'),
+                  'language_model.output_layer.weight': 'output.weight'}
+_MCORE_LAYER = {'self_attention.linear_qkv.layer_norm_weight': 'input_norm.weight',
+                'self_attention.linear_qkv.layer_norm_bias': 'input_norm.bias',
+                **_wb('input_layernorm', 'input_norm'),
+                **_wb('self_attention.linear_qkv', 'qkv'),
+                **_wb('self_attention.linear_proj', 'proj'),
+                'mlp.linear_fc1.layer_norm_weight': 'mlp_norm.weight',
+                'mlp.linear_fc1.layer_norm_bias': 'mlp_norm.bias',
+                **_wb('pre_mlp_layernorm', 'mlp_norm'),
+                **_wb('mlp.linear_fc1', 'fc1'), **_wb('mlp.linear_fc2', 'fc2')}
+_MCORE_GLOBAL = {'embedding.word_embeddings.weight': 'embedding',
+                 'embedding.position_embeddings.weight': 'position_embedding',
+                 **_wb('decoder.final_layernorm', 'final_norm'),
+                 'output_layer.weight': 'output.weight'}
+_LEGACY_LAYER_KEY = re.compile(r'language_model\.encoder\.layers\.(\d+)\.(.+)')
+_MCORE_LAYER_KEY = re.compile(r'decoder\.layers\.(\d+)\.(.+)')
+
+
+def _ignored(key: str) -> bool:
+  return key.endswith('_extra_state') or key.endswith('inv_freq') or key == 'word_embeddings.weight'
+
+
+def canonical(key: str, where: str) -> tuple[int | None, str] | None:
+  """Source key -> (layer or None, canonical name); None for keys that carry no weights."""
+  key = key.removeprefix('model.').removeprefix('module.')
+  if _ignored(key):
+    return None
+  for pattern, table in ((_LEGACY_LAYER_KEY, _LEGACY_LAYER), (_MCORE_LAYER_KEY, _MCORE_LAYER)):
+    m = pattern.fullmatch(key)
+    if m and m.group(2) in table:
+      return int(m.group(1)), table[m.group(2)]
+  for table in (_LEGACY_GLOBAL, _MCORE_GLOBAL):
+    if key in table:
+      return None, table[key]
+  raise ValueError(f'{where}: unknown tensor {key!r}')
+
+
+# --- tensor-parallel merge rules (§3.3) -----------------------------------------------------
+_TP_CONCAT_AXIS = {'embedding': 0, 'output.weight': 0, 'qkv.weight': 0, 'qkv.bias': 0,
+                   'fc1.weight': 0, 'fc1.bias': 0, 'fc1_2.weight': 0, 'fc1_2.bias': 0,
+                   'proj.weight': 1, 'fc2.weight': 1}
+
+
+def merge_tp(name: str, shards: list[np.ndarray], gated: bool) -> np.ndarray:
+  """Merges per-rank shards of one canonical tensor; GLU fc1 shards are [gate_r; up_r]."""
+  if len(shards) == 1:
+    return shards[0]
+  axis = _TP_CONCAT_AXIS.get(name)
+  if axis is None:  # replicated: norms, row-parallel biases, position embeddings
+    return shards[0]
+  if gated and name in ('fc1.weight', 'fc1.bias'):
+    halves = [np.split(s, 2, axis=0) for s in shards]
+    return np.concatenate([h[0] for h in halves] + [h[1] for h in halves], axis=0)
+  return np.concatenate(shards, axis=axis)
+
+
+# --- canonical torch tensors -> jkd params --------------------------------------------------
+
+def _qkv(c: model.ModelConfig, w: np.ndarray, which: str) -> np.ndarray:
+  """Group-major fused QKV rows [G, N/G + 2, H, ...] -> one of q [.., N, H] / k / v [.., G, H]."""
+  hpg = c.num_attention_heads // c.num_groups
+  w = w.reshape(c.num_groups, hpg + 2, c.head_dim, *w.shape[1:])
+  part = {'q': w[:, :hpg], 'k': w[:, hpg], 'v': w[:, hpg + 1]}[which]
+  heads = c.num_attention_heads if which == 'q' else c.num_groups
+  part = part.reshape(heads, c.head_dim, *w.shape[3:])
+  return np.moveaxis(part, -1, 0) if part.ndim == 3 else part  # weight -> [D, heads, H]
+
+
+def _fc1(c: model.ModelConfig, w: np.ndarray) -> np.ndarray:
+  if not c.gated:
+    return w.T if w.ndim == 2 else w
+  f = c.ffn_hidden_size
+  return w.reshape(2, f, -1).transpose(2, 0, 1) if w.ndim == 2 else w.reshape(2, f)
+
+
+# canonical name -> [(jkd path, transform)]; a trailing tuple in a path is a sub-index.
+_TRANSFORMS: dict[str, list[tuple[tuple, Callable]]] = {
+    'qkv.weight': [(('attn', w, 'kernel'), lambda c, t, w=w: _qkv(c, t, w)) for w in 'qkv'],
+    'qkv.bias': [(('attn', w, 'bias'), lambda c, t, w=w: _qkv(c, t, w)) for w in 'qkv'],
+    'proj.weight': [(('attn', 'o', 'kernel'), lambda c, t: t.T.reshape(
+        c.num_attention_heads, c.head_dim, c.hidden_size))],
+    'proj.bias': [(('attn', 'o', 'bias'), lambda c, t: t)],
+    'fc1.weight': [(('mlp', 'fc1', 'kernel'), _fc1)],
+    'fc1.bias': [(('mlp', 'fc1', 'bias'), _fc1)],
+    'fc2.weight': [(('mlp', 'fc2', 'kernel'), lambda c, t: t.T)],
+    'fc2.bias': [(('mlp', 'fc2', 'bias'), lambda c, t: t)],
+    # jkd's layernorm1p keeps NeMo's zero-centred weight as-is (1 + w happens in the model).
+    'input_norm.weight': [(('attn_norm', 'scale'), lambda c, t: t)],
+    'input_norm.bias': [(('attn_norm', 'bias'), lambda c, t: t)],
+    'mlp_norm.weight': [(('mlp_norm', 'scale'), lambda c, t: t)],
+    'mlp_norm.bias': [(('mlp_norm', 'bias'), lambda c, t: t)],
+    'embedding': [(('embed',), lambda c, t: t)],
+    'position_embedding': [(('pos_embed',), lambda c, t: t)],
+    'final_norm.weight': [(('final_norm', 'scale'), lambda c, t: t)],
+    'final_norm.bias': [(('final_norm', 'bias'), lambda c, t: t)],
+    'output.weight': [(('lm_head',), lambda c, t: t.T)],
+}
+
+
+class _ParamWriter:
+  """Preallocated fp32 params filled one canonical tensor at a time, with shape checks."""
+
+  def __init__(self, cfg: model.ModelConfig, where: str):
+    import jax
+    self.cfg, self.where, self.seen = cfg, where, set()
+    abstract = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    self.params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract)
+
+  def put(self, layer: int | None, name: str, tensor: np.ndarray) -> None:
+    where = f'{self.where}: {name}' + (f' (layer {layer})' if layer is not None else '')
+    tensor = np.asarray(tensor, np.float32)
+    if name.startswith('fc1_2.'):  # legacy non-fast GLU: the up branch, slot 1 of fc1
+      name, sub = name.replace('fc1_2', 'fc1'), (slice(None), 1)
+      tensor = tensor.T if tensor.ndim == 2 else tensor
+      targets = [(('mlp', 'fc1', 'kernel' if name.endswith('weight') else 'bias'), None)]
+    elif name.startswith('fc1.') and self.cfg.gated and tensor.shape[0] == self.cfg.ffn_hidden_size:
+      sub = (slice(None), 0) if tensor.ndim == 2 else (0,)  # non-fast GLU gate half
+      tensor = tensor.T if tensor.ndim == 2 else tensor
+      targets = [(('mlp', 'fc1', 'kernel' if name.endswith('weight') else 'bias'), None)]
+    else:
+      sub, targets = (), _TRANSFORMS[name]
+    if name.endswith('bias') and sub:
+      sub = (sub[-1],)
+    for path, transform in targets:
+      node = self.params if layer is None else self.params.get('layers', {})
+      for key in path[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+      if not isinstance(node, dict) or path[-1] not in node:
+        raise ValueError(f'{where}: the model config has no parameter for it '
+                         f'(bias={self.cfg.bias}, position={self.cfg.position_embedding_type}, '
+                         f'tied={self.cfg.share_embeddings_and_output_weights})')
+      value = tensor if transform is None else transform(self.cfg, tensor)
+      slot = ((layer,) if layer is not None else ()) + sub
+      if value.shape != node[path[-1]][slot].shape:
+        raise ValueError(f'{where}: shape {tuple(tensor.shape)} does not fit the model config '
+                         f'(expected {node[path[-1]][slot].shape} after conversion)')
+      node[path[-1]][slot] = value
+      self.seen.add((layer, path, sub))
+
+  def finish(self) -> model.Params:
+    import jax
+    expected = len(jax.tree.leaves(self.params))
+    filled = {(p, s) for (_, p, s) in self.seen}
+    if len({p for p, _ in filled}) < expected:
+      leaves = ['.'.join(map(str, path)) for path, _ in filled]
+      raise ValueError(f'{self.where}: tensors are missing; only found {sorted(set(leaves))}')
+    per_layer = {}
+    for layer, path, sub in self.seen:
+      if layer is not None:
+        per_layer.setdefault((path, sub), set()).add(layer)
+    for (path, sub), layers in per_layer.items():
+      if len(layers) != self.cfg.num_layers:
+        missing = sorted(set(range(self.cfg.num_layers)) - layers)
+        raise ValueError(f'{self.where}: {".".join(path)} is missing for layers {missing[:8]}')
+    return self.params
+
+
+# --- layouts --------------------------------------------------------------------------------
+_RANK_DIR = re.compile(r'(?:mp_rank_(\d+)|tp_rank_(\d+)_pp_rank_(\d+))/model_weights\.ckpt')
+
+
+def _load_pickle(archive, name):
+  with archive.open(name) as f:
+    data = f.read()  # the zip reader needs random access; tar members are read once
+  import io
+  return torch_pickle.load(io.BytesIO(data), f'{archive.path}: {name}')
+
+
+def _legacy_tensors(archive, gated: bool, num_layers: int) -> Iterator[tuple]:
+  """(layer, canonical name, fp32 tensor) from L1 or L2 files, TP-merged, PP-renumbered."""
+  ranks = {}
+  for name in archive.names():
+    m = _RANK_DIR.fullmatch(name)
+    if m:
+      tp = int(m.group(1) if m.group(1) is not None else m.group(2))
+      pp = int(m.group(3) or 0)
+      ranks[(tp, pp)] = name
+  if archive.exists('model_weights.ckpt'):
+    ranks = {(0, 0): 'model_weights.ckpt'}
+  if not ranks:
+    raise ValueError(f'{archive.path}: no weights found (model_weights.ckpt, mp_rank_XX/, '
+                     'tp_rank_XX_pp_rank_YYY/ or model_weights/)')
+  tp_size = 1 + max(t for t, _ in ranks)
+  pp_size = 1 + max(p for _, p in ranks)
+  if len(ranks) != tp_size * pp_size:
+    raise ValueError(f'{archive.path}: rank files are incomplete: found {sorted(ranks)}')
+  for pp in range(pp_size):
+    dicts = [_load_pickle(archive, ranks[(tp, pp)]) for tp in range(tp_size)]
+    for key in dicts[0]:
+      where = f'{archive.path}: {ranks[(0, pp)]}'
+      named = canonical(key, where)
+      if named is None:
+        continue
+      layer, cname = named
+      if layer is not None:
+        layer += pp * (num_layers // pp_size)
+      shards = []
+      for tp, d in enumerate(dicts):
+        if key not in d or not isinstance(d[key], torch_pickle.LazyTensor):
+          raise ValueError(f'{archive.path}: {ranks[(tp, pp)]}: tensor {key} is missing')
+        shards.append(d[key].load())
+      yield layer, cname, merge_tp(cname, shards, gated)
+
+
+def _zarr_tensors(archive, weights_dir: str) -> Iterator[tuple]:
+  """(layer, canonical name, tensor) from a zarr distributed checkpoint, one layer at a time."""
+  import tensorstore as ts
+  root = archive.local_dir(weights_dir)
+  for key in sorted(os.listdir(root)):
+    path = os.path.join(root, key)
+    if not os.path.isfile(os.path.join(path, '.zarray')):
+      continue  # _extra_state directories, common.pt, metadata.json
+    stripped = key.removeprefix('model.')
+    stacked = stripped.startswith('decoder.layers.') and not _MCORE_LAYER_KEY.fullmatch(stripped)
+    lookup = f'decoder.layers.0.{stripped[len("decoder.layers."):]}' if stacked else stripped
+    named = canonical(lookup, f'{archive.path}: {weights_dir}/{key}')
+    if named is None:
+      continue
+    try:
+      arr = ts.open({'driver': 'zarr', 'kvstore': {'driver': 'file', 'path': path}}).result()
+    except ValueError as e:
+      raise ValueError(f'{archive.path}: {weights_dir}/{key}: unreadable zarr array ({e})') from None
+    if stacked:
+      for layer in range(arr.shape[0]):
+        yield layer, named[1], arr[layer].read().result()
+    else:
+      yield named[0], named[1], arr.read().result()
+
+
+def load_nemo(path: str) -> tuple[model.ModelConfig, model.Params]:
+  """Reads a .nemo (tar or directory) in any supported layout -> (ModelConfig, fp32 params)."""
+  with nemo_archive.NemoArchive(path) as archive:
+    raw = read_raw_config(archive)
+    where = f'{path}: model_config.yaml'
+    if archive.exists('model_weights/metadata.json'):
+      meta = json.loads(archive.read_text('model_weights/metadata.json'))
+      backend = meta.get('sharded_backend')
+      if backend != 'zarr':
+        raise ValueError(f'{path}: model_weights/metadata.json: sharded_backend={backend!r} '
+                         'is not supported yet (zarr is)')
+      tensors = _zarr_tensors(archive, 'model_weights')
+    else:
+      gated = str(raw.get('activation', 'gelu')).endswith('glu')
+      tensors = _legacy_tensors(archive, gated, int(raw.get('num_layers') or 1))
+    first = next(tensors, None)
+    buffered = []
+    # The padded vocabulary is whatever the embedding holds; find it before allocating.
+    while first is not None and first[1] != 'embedding':
+      buffered.append(first)
+      first = next(tensors, None)
+    if first is None:
+      raise ValueError(f'{path}: the word embedding tensor is missing')
+    cfg = model_config(raw, vocab_size=None, padded_vocab=first[2].shape[0], where=where)
+    writer = _ParamWriter(cfg, path)
+    for layer, name, tensor in [*buffered, first]:
+      writer.put(layer, name, tensor)
+    for layer, name, tensor in tensors:
+      writer.put(layer, name, tensor)
+    return cfg, writer.finish()

@@ -1,0 +1,147 @@
+"""A `.nemo` checkpoint as a tar (uncompressed or gzip) or an extracted directory.
+
+Every member is checked before anything is read: no absolute paths, no `..`, no links
+leaving the archive, only regular files and directories. Uncompressed tars are read in
+place (members are seekable); gzip tars are extracted, after the same checks, into a
+temporary directory because random access into a gzip stream costs a full decompression.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import tarfile
+import tempfile
+from typing import IO
+
+
+def _normalise(name: str) -> str:
+  return posixpath.normpath(name[2:] if name.startswith('./') else name)
+
+
+def _unsafe(name: str) -> bool:
+  return name.startswith('/') or '..' in name.split('/') or os.path.isabs(name)
+
+
+class NemoArchive:
+  """Read-only view of a .nemo; member names are normalised (no leading './')."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._tar = None
+    self._tmp = None
+    if os.path.isdir(path):
+      self._root = os.path.realpath(path)
+      return
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path}: no such file or directory')
+    try:
+      tar = tarfile.open(path, 'r:')
+    except tarfile.ReadError:
+      try:
+        tar = tarfile.open(path, 'r:gz')
+      except (tarfile.ReadError, EOFError, OSError) as e:
+        raise ValueError(f'{path}: not a .nemo tar archive ({e})') from None
+    try:
+      members = tar.getmembers()
+    except (tarfile.TarError, EOFError, OSError) as e:
+      raise ValueError(f'{path}: truncated or corrupt tar ({e})') from None
+    self._members = {}
+    for m in members:
+      self._check_member(m)
+      if m.isfile():
+        self._members[_normalise(m.name)] = m
+    if _is_gzip(path):
+      self._tmp = tempfile.mkdtemp(prefix='jkd-nemo-')
+      tar.extractall(self._tmp, members=[m for m in members if m.isfile() or m.isdir()],
+                     filter='data')
+      tar.close()
+      self._root = os.path.realpath(self._tmp)
+    else:
+      self._tar = tar
+
+  def _check_member(self, m: tarfile.TarInfo) -> None:
+    name = m.name
+    if _unsafe(name):
+      raise ValueError(f'{self.path}: unsafe member path {name!r} (absolute or contains ..)')
+    if m.issym() or m.islnk():
+      target = posixpath.normpath(posixpath.join(posixpath.dirname(_normalise(name)),
+                                                 m.linkname)) if m.issym() else m.linkname
+      if _unsafe(m.linkname) or _unsafe(target):
+        raise ValueError(f'{self.path}: member {name!r} links outside the archive '
+                         f'({m.linkname!r})')
+    elif not (m.isfile() or m.isdir()):
+      raise ValueError(f'{self.path}: member {name!r} is not a regular file or directory')
+
+  def close(self):
+    if self._tar is not None:
+      self._tar.close()
+    if self._tmp is not None:
+      shutil.rmtree(self._tmp, ignore_errors=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def _dir_path(self, name: str) -> str:
+    p = os.path.realpath(os.path.join(self._root, name))
+    if p != self._root and not p.startswith(self._root + os.sep):
+      raise ValueError(f'{self.path}: {name!r} resolves outside the checkpoint directory')
+    return p
+
+  def names(self) -> list[str]:
+    if self._tar is not None:
+      return sorted(self._members)
+    out = []
+    for dirpath, _, files in os.walk(self._root):
+      for f in files:
+        out.append(os.path.relpath(os.path.join(dirpath, f), self._root).replace(os.sep, '/'))
+    return sorted(out)
+
+  def exists(self, name: str) -> bool:
+    if self._tar is not None:
+      return _normalise(name) in self._members
+    return os.path.isfile(self._dir_path(name))
+
+  def open(self, name: str) -> IO[bytes]:
+    """A seekable binary file object for member `name`."""
+    if self._tar is not None:
+      member = self._members.get(_normalise(name))
+      if member is None:
+        raise FileNotFoundError(f'{self.path}: member {name} is missing')
+      return self._tar.extractfile(member)
+    path = self._dir_path(name)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{self.path}: member {name} is missing')
+    return open(path, 'rb')
+
+  def read_text(self, name: str) -> str:
+    with self.open(name) as f:
+      try:
+        return f.read().decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise ValueError(f'{self.path}: member {name} is not valid UTF-8 ({e})') from None
+
+  def local_dir(self, prefix: str) -> str:
+    """A filesystem directory holding the members under `prefix` (extracted if needed)."""
+    if self._tar is None:
+      return self._dir_path(prefix)
+    if self._tmp is None:
+      self._tmp = tempfile.mkdtemp(prefix='jkd-nemo-')
+    dest = os.path.join(self._tmp, prefix)
+    if not os.path.isdir(dest):
+      for name, member in self._members.items():
+        if name.startswith(prefix.rstrip('/') + '/'):
+          out = os.path.join(self._tmp, name)
+          os.makedirs(os.path.dirname(out), exist_ok=True)
+          with self._tar.extractfile(member) as src, open(out, 'wb') as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    return dest
+
+
+def _is_gzip(path: str) -> bool:
+  with open(path, 'rb') as f:
+    return f.read(2) == b'\x1f\x8b'
