@@ -3,7 +3,8 @@
     python -m jkd.main --config configs/convert.py \
         --config.convert.source=SmolLM2-135M-Instruct.Q4_1.gguf --config.convert.output=/tmp/smollm2
 
-Writes params (orbax), model_config.json; `jkd.model.load(output)` reads it back.
+Sources: .gguf, .nemo tar, extracted .nemo directory (docs/checkpoints.md). Writes params
+(orbax), model_config.json; `jkd.model.load(output)` reads it back.
 """
 
 from configs import base
