@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jkd import model
+from third_party.convert.param_buffer import ParamBuffer
 
 # GGUF llama metadata key (after the 'llama.' prefix) -> ModelConfig field.
 _CONFIG_KEYS = {
@@ -115,20 +116,6 @@ def _dequantize(t) -> np.ndarray:
   return np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
 
 
-def _assign(tree: dict, path: tuple, layer: int | None, value: np.ndarray, where: str):
-  """tree[path][layer][sub_index] = value, where a trailing tuple in `path` is the sub-index."""
-  keys, sub = (path[:-1], path[-1]) if isinstance(path[-1], tuple) else (path, ())
-  node = tree
-  for key in keys:
-    if not isinstance(node, dict) or key not in node:
-      raise ValueError(f'{where}: maps to {keys}, which this model config does not have')
-    node = node[key]
-  slot = ((layer,) if layer is not None else ()) + sub
-  if value.shape != node[slot].shape:
-    raise ValueError(f'{where}: shape {value.shape} does not match expected {node[slot].shape}')
-  node[slot] = value
-
-
 def load_gguf(path: str) -> tuple[model.ModelConfig, model.Params]:
   """Reads a Llama GGUF file -> (ModelConfig, fp32 numpy params)."""
   if not os.path.isfile(path):
@@ -138,9 +125,7 @@ def load_gguf(path: str) -> tuple[model.ModelConfig, model.Params]:
   except (ValueError, OSError, IndexError, KeyError) as e:
     raise ValueError(f'{path}: not a readable GGUF file ({e})') from None
   cfg = read_config(reader, path)
-  import jax  # only for the abstract shapes; no arrays are made on a device
-  abstract = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
-  params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract)
+  buffer = ParamBuffer(cfg)
   seen = set()
   for t in tqdm(reader.tensors, desc=f'import {os.path.basename(path)}', unit='tensor',
                 disable=len(reader.tensors) < 64):
@@ -159,7 +144,8 @@ def load_gguf(path: str) -> tuple[model.ModelConfig, model.Params]:
       raise ValueError(f'{where}: RoPE frequency factors are not supported')
     else:
       raise ValueError(f'{where}: unknown tensor')
-    _assign(params, dest, layer, transform(_dequantize(t), cfg), where)
+    w = _dequantize(t)
+    buffer.put(dest, layer, transform(w, cfg), where, source_shape=w.shape)
     seen.add(t.name)
   expected = set(_GLOBAL_TABLE) - ({'output.weight'} if cfg.share_embeddings_and_output_weights
                                    else set())
@@ -168,7 +154,7 @@ def load_gguf(path: str) -> tuple[model.ModelConfig, model.Params]:
   if missing:
     raise ValueError(f'{path}: missing tensors {missing[:5]}' + (' ...' if len(missing) > 5
                                                                  else ''))
-  return cfg, params
+  return cfg, buffer.params
 
 
 def chat_template(path: str) -> str | None:

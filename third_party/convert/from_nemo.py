@@ -12,6 +12,8 @@ Tensors are read and written one at a time into preallocated fp32 arrays.
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import os
 import re
@@ -22,6 +24,7 @@ import yaml
 
 from jkd import model
 from third_party.convert import nemo_archive, torch_pickle
+from third_party.convert.param_buffer import ParamBuffer
 
 # --- model_config.yaml -> ModelConfig -------------------------------------------------------
 
@@ -209,62 +212,42 @@ _TRANSFORMS: dict[str, list[tuple[tuple, Callable]]] = {
 }
 
 
-class _ParamWriter:
-  """Preallocated fp32 params filled one canonical tensor at a time, with shape checks."""
+# Legacy non-fast GLU stores the gated fc1 in two tensors: dense_h_to_4h is the gate (slot 0),
+# dense_h_to_4h_2 (canonical 'fc1_2') the up branch (slot 1).
+_GLU_HALF = {
+    'weight': lambda slot: [(('mlp', 'fc1', 'kernel', (slice(None), slot)), lambda c, t: t.T)],
+    'bias': lambda slot: [(('mlp', 'fc1', 'bias', (slot,)), lambda c, t: t)],
+}
 
-  def __init__(self, cfg: model.ModelConfig, where: str):
-    import jax
-    self.cfg, self.where, self.seen = cfg, where, set()
-    abstract = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
-    self.params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), abstract)
 
-  def put(self, layer: int | None, name: str, tensor: np.ndarray) -> None:
-    where = f'{self.where}: {name}' + (f' (layer {layer})' if layer is not None else '')
-    tensor = np.asarray(tensor, np.float32)
-    if name.startswith('fc1_2.'):  # legacy non-fast GLU: the up branch, slot 1 of fc1
-      name, sub = name.replace('fc1_2', 'fc1'), (slice(None), 1)
-      tensor = tensor.T if tensor.ndim == 2 else tensor
-      targets = [(('mlp', 'fc1', 'kernel' if name.endswith('weight') else 'bias'), None)]
-    elif name.startswith('fc1.') and self.cfg.gated and tensor.shape[0] == self.cfg.ffn_hidden_size:
-      sub = (slice(None), 0) if tensor.ndim == 2 else (0,)  # non-fast GLU gate half
-      tensor = tensor.T if tensor.ndim == 2 else tensor
-      targets = [(('mlp', 'fc1', 'kernel' if name.endswith('weight') else 'bias'), None)]
-    else:
-      sub, targets = (), _TRANSFORMS[name]
-    if name.endswith('bias') and sub:
-      sub = (sub[-1],)
-    for path, transform in targets:
-      node = self.params if layer is None else self.params.get('layers', {})
-      for key in path[:-1]:
-        node = node.get(key) if isinstance(node, dict) else None
-      if not isinstance(node, dict) or path[-1] not in node:
-        raise ValueError(f'{where}: the model config has no parameter for it '
-                         f'(bias={self.cfg.bias}, position={self.cfg.position_embedding_type}, '
-                         f'tied={self.cfg.share_embeddings_and_output_weights})')
-      value = tensor if transform is None else transform(self.cfg, tensor)
-      slot = ((layer,) if layer is not None else ()) + sub
-      if value.shape != node[path[-1]][slot].shape:
-        raise ValueError(f'{where}: shape {tuple(tensor.shape)} does not fit the model config '
-                         f'(expected {node[path[-1]][slot].shape} after conversion)')
-      node[path[-1]][slot] = value
-      self.seen.add((layer, path, sub))
+def _targets(cfg: model.ModelConfig, layer: int | None, name: str, tensor: np.ndarray):
+  """[(jkd path, transform)] for one canonical tensor; per-layer paths live under 'layers'."""
+  module, leaf = name.split('.') if '.' in name else (name, '')
+  if module == 'fc1_2':
+    targets = _GLU_HALF[leaf](1)
+  elif module == 'fc1' and cfg.gated and tensor.shape[0] == cfg.ffn_hidden_size:
+    targets = _GLU_HALF[leaf](0)
+  else:
+    targets = _TRANSFORMS[name]
+  prefix = ('layers',) if layer is not None else ()
+  return [(prefix + path, transform) for path, transform in targets]
 
-  def finish(self) -> model.Params:
-    import jax
-    expected = len(jax.tree.leaves(self.params))
-    filled = {(p, s) for (_, p, s) in self.seen}
-    if len({p for p, _ in filled}) < expected:
-      leaves = ['.'.join(map(str, path)) for path, _ in filled]
-      raise ValueError(f'{self.where}: tensors are missing; only found {sorted(set(leaves))}')
-    per_layer = {}
-    for layer, path, sub in self.seen:
-      if layer is not None:
-        per_layer.setdefault((path, sub), set()).add(layer)
-    for (path, sub), layers in per_layer.items():
-      if len(layers) != self.cfg.num_layers:
-        missing = sorted(set(range(self.cfg.num_layers)) - layers)
-        raise ValueError(f'{self.where}: {".".join(path)} is missing for layers {missing[:8]}')
-    return self.params
+
+def _check_complete(buffer: ParamBuffer, where: str) -> None:
+  """Every parameter leaf was written, for every layer."""
+  import jax
+  written = {keys for keys, _, _ in buffer.filled}
+  if len(written) < len(jax.tree.leaves(buffer.params)):
+    found = sorted('.'.join(map(str, keys)) for keys in written)
+    raise ValueError(f'{where}: tensors are missing; only found {found}')
+  per_layer = {}
+  for keys, layer, sub in buffer.filled:
+    if layer is not None:
+      per_layer.setdefault((keys, sub), set()).add(layer)
+  for (keys, _), layers in per_layer.items():
+    if len(layers) != buffer.cfg.num_layers:
+      missing = sorted(set(range(buffer.cfg.num_layers)) - layers)
+      raise ValueError(f'{where}: {".".join(keys)} is missing for layers {missing[:8]}')
 
 
 # --- layouts --------------------------------------------------------------------------------
@@ -274,7 +257,6 @@ _RANK_DIR = re.compile(r'(?:mp_rank_(\d+)|tp_rank_(\d+)_pp_rank_(\d+))/model_wei
 def _load_pickle(archive, name):
   with archive.open(name) as f:
     data = f.read()  # the zip reader needs random access; tar members are read once
-  import io
   return torch_pickle.load(io.BytesIO(data), f'{archive.path}: {name}')
 
 
@@ -363,9 +345,11 @@ def load_nemo(path: str) -> tuple[model.ModelConfig, model.Params]:
     if first is None:
       raise ValueError(f'{path}: the word embedding tensor is missing')
     cfg = model_config(raw, vocab_size=None, padded_vocab=first[2].shape[0], where=where)
-    writer = _ParamWriter(cfg, path)
-    for layer, name, tensor in [*buffered, first]:
-      writer.put(layer, name, tensor)
-    for layer, name, tensor in tensors:
-      writer.put(layer, name, tensor)
-    return cfg, writer.finish()
+    buffer = ParamBuffer(cfg)
+    for layer, name, tensor in itertools.chain(buffered, [first], tensors):
+      where = f'{path}: {name}' + (f' (layer {layer})' if layer is not None else '')
+      tensor = np.asarray(tensor, np.float32)
+      for jkd_path, transform in _targets(cfg, layer, name, tensor):
+        buffer.put(jkd_path, layer, transform(cfg, tensor), where, source_shape=tensor.shape)
+    _check_complete(buffer, path)
+    return cfg, buffer.params
