@@ -14,16 +14,21 @@ import time
 from jkd import model
 
 
-def import_checkpoint(source: str) -> tuple[model.ModelConfig, model.Params]:
-  """Reads any supported checkpoint -> (ModelConfig, fp32 numpy params)."""
+def convert(source: str, output: str) -> model.ModelConfig:
+  """Imports any supported checkpoint into the model directory `output`, streaming."""
   if not os.path.exists(source):
     raise FileNotFoundError(f'{source}: no such file or directory')
   if source.endswith('.gguf'):
     from third_party.convert import from_gguf
-    return from_gguf.load_gguf(source)
+    cfg, parts = from_gguf.open_gguf(source)
+    model.save_parts(output, cfg, parts)
+    return cfg
   if source.endswith('.nemo') or os.path.isfile(os.path.join(source, 'model_config.yaml')):
-    from third_party.convert import from_nemo
-    return from_nemo.load_nemo(source)
+    from third_party.convert import from_nemo, nemo_archive
+    with nemo_archive.NemoArchive(source) as archive:
+      cfg, parts = from_nemo.open_nemo(archive)
+      model.save_parts(output, cfg, parts)
+    return cfg
   raise ValueError(f'{source}: unsupported checkpoint format (supported: .gguf, .nemo tar or '
                    'extracted .nemo directory)')
 
@@ -31,9 +36,7 @@ def import_checkpoint(source: str) -> tuple[model.ModelConfig, model.Params]:
 def run(config) -> str:
   source, output = config.convert.source, config.convert.output
   t0 = time.perf_counter()
-  cfg, params = import_checkpoint(source)
-  print(f'[convert] read {source} in {time.perf_counter() - t0:.1f}s: {cfg.num_layers} layers, '
-        f'hidden {cfg.hidden_size}, vocab {cfg.vocab_size}')
-  model.save(output, cfg, params)
-  print(f'[convert] wrote {output}')
+  cfg = convert(source, output)
+  print(f'[convert] {source} -> {output} in {time.perf_counter() - t0:.1f}s: '
+        f'{cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}')
   return output

@@ -20,7 +20,8 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable
+import shutil
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -353,7 +354,7 @@ def check_params(cfg: ModelConfig, params: Params, source: str = 'params') -> No
   expected = jax.eval_shape(lambda: init(cfg, jax.random.key(0)))
   want = {jax.tree_util.keystr(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_leaves_with_path(expected)}
-  got = {jax.tree_util.keystr(p): tuple(np.shape(x))
+  got = {jax.tree_util.keystr(p): tuple(x.shape)
          for p, x in jax.tree_util.tree_leaves_with_path(params)}
   problems = [f'missing {k} {v}' for k, v in want.items() if k not in got]
   problems += [f'unexpected {k} {v}' for k, v in got.items() if k not in want]
@@ -371,18 +372,44 @@ PARAMS_DIR = 'params'
 
 
 def save(directory: str, cfg: ModelConfig, params: Params) -> None:
-  """Writes a model directory that `load` reads. Params are written as fp32."""
-  import orbax.checkpoint as ocp
+  """Writes a model directory that `load` reads; params keep their dtype."""
+  save_parts(directory, cfg, [params])
+
+
+def save_parts(directory: str, cfg: ModelConfig, parts: Iterable[Params]) -> None:
+  """Writes a model directory from partial params trees with disjoint leaves, one at a time.
+
+  Each part is written (orbax partial save) before the next is asked for, so a converter
+  can stream a model that does not fit in memory. `model_config.json` is written last: a
+  directory without it is an incomplete write.
+  """
+  from orbax.checkpoint import v1 as ocp
   directory = os.path.abspath(directory)
-  check_params(cfg, params, directory)
+  config_path = os.path.join(directory, CONFIG_FILE)
+  params_dir = os.path.join(directory, PARAMS_DIR)
+  if os.path.exists(config_path):
+    os.remove(config_path)  # the directory is incomplete until the new config lands
+  if os.path.exists(params_dir):
+    shutil.rmtree(params_dir)
   os.makedirs(directory, exist_ok=True)
-  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, PARAMS_DIR), params, force=True)
-  tmp = os.path.join(directory, CONFIG_FILE + '.tmp')
+  written: dict = {}  # shapes only, to check the whole tree before finalizing
+  for part in parts:
+    ocp.partial.save(params_dir, part)
+    _merge(written, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), part))
+  check_params(cfg, written, directory)
+  ocp.partial.finalize(params_dir)
+  tmp = config_path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(directory, CONFIG_FILE))  # config last: marks the dir complete
+  os.replace(tmp, config_path)
+
+
+def _merge(into: dict, part: dict) -> None:
+  for key, value in part.items():
+    if isinstance(value, dict):
+      _merge(into.setdefault(key, {}), value)
+    else:
+      into[key] = value
 
 
 def load_config(directory: str) -> ModelConfig:
@@ -400,15 +427,15 @@ def load_config(directory: str) -> ModelConfig:
     raise ValueError(f'{path}: {e}') from None
 
 
-def load(directory: str, shardings=None) -> tuple[ModelConfig, Params]:
-  """Reads a model directory -> (ModelConfig, params), placed with `shardings` if given."""
-  import orbax.checkpoint as ocp
+def load(directory: str, shardings=None, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
+  """Reads a model directory -> (ModelConfig, params in `dtype`), placed with `shardings`."""
+  from orbax.checkpoint import v1 as ocp
   directory = os.path.abspath(directory)
   cfg = load_config(directory)
   abstract = jax.eval_shape(lambda: init(cfg, jax.random.key(0)))
-  if shardings is not None:
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(directory, PARAMS_DIR), abstract)
-  return cfg, params
+  if shardings is None:
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+                             abstract)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s),
+                          abstract, shardings)
+  return cfg, ocp.load(os.path.join(directory, PARAMS_DIR), abstract)

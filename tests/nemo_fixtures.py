@@ -218,3 +218,93 @@ def write_zarr(out_dir, arch: str, hf, per_layer_keys: bool = False):
   os.makedirs(os.path.join(out_dir, 'model_weights',
                            'model.decoder.layers.self_attention.linear_qkv._extra_state'),
               exist_ok=True)
+
+
+def _blocks(shape: tuple, axis: int | None, n: int) -> list[tuple[slice, ...]]:
+  """Regions of `shape` cut into n equal blocks along `axis` (one region when axis is None)."""
+  if axis is None or n == 1:
+    return [tuple(slice(0, s) for s in shape)]
+  step = shape[axis] // n
+  return [tuple(slice(i * step, (i + 1) * step) if d == axis else slice(0, s)
+                for d, s in enumerate(shape)) for i in range(n)]
+
+
+def write_torch_dist(out_dir, arch: str, hf, per_layer_keys: bool = False, tp: int = 1):
+  """An extracted Megatron-Core .nemo directory with a torch_dist `model_weights/`.
+
+  Written with torch.distributed.checkpoint itself. Chunks are cut as a TP=`tp` Megatron-Core
+  save cuts them: per layer, column-parallel tensors in tp row blocks (GLU fc1 in 2·tp: rank r
+  holds gate block r and up block r), row-parallel in tp column blocks, the embedding in tp
+  vocabulary blocks.
+  """
+  from torch.distributed import checkpoint as dcp
+  from torch.distributed.checkpoint import metadata as md
+  from torch.distributed.checkpoint import planner as pl
+
+  cfg, state = canonical_state(arch, hf)
+  cfg.update(mcore_gpt=True, dist_ckpt_format='torch_dist')
+  gated = cfg['activation'].endswith('glu')
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'model_config.yaml'), 'w') as f:
+    yaml.safe_dump(cfg, f)
+
+  class Chunked:  # a global tensor stored as the given blocks
+    def __init__(self, array, regions):
+      self.array, self.regions = array, regions
+
+    def __create_write_items__(self, fqn, obj):
+      return [pl.WriteItem(
+          index=md.MetadataIndex(fqn, torch.Size([r.start for r in region])),
+          type=pl.WriteItemType.SHARD,
+          tensor_data=pl.TensorWriteData(
+              chunk=md.ChunkStorageMetadata(offsets=torch.Size([r.start for r in region]),
+                                            sizes=torch.Size([r.stop - r.start for r in region])),
+              properties=md.TensorProperties(dtype=torch.float32),
+              size=torch.Size(self.array.shape))) for region in self.regions]
+
+  class Planner(dcp.DefaultSavePlanner):
+    def resolve_data(self, item):
+      obj = self.state_dict[item.index.fqn]
+      if not isinstance(obj, Chunked):
+        return super().resolve_data(item)
+      for region in obj.regions:
+        if tuple(r.start for r in region) == tuple(item.index.offset):
+          return torch.from_numpy(np.ascontiguousarray(obj.array[region]))
+      raise KeyError(item.index)
+
+  def tp_axis(name):
+    if name in ('embedding', 'output.weight', 'qkv.weight', 'qkv.bias', 'fc1.weight',
+                'fc1.bias'):
+      return 0, (2 * tp if gated and name.startswith('fc1') else tp)
+    if name in ('proj.weight', 'fc2.weight'):
+      return 1, tp
+    return None, 1
+
+  sd = {}
+  layer_names = sorted({n for (l, n) in state if l is not None})
+  for (layer, name), a in state.items():
+    axis, n = tp_axis(name)
+    if layer is None:
+      sd[_MCORE[name]] = Chunked(a, _blocks(a.shape, axis, n))
+    elif per_layer_keys:
+      sd[f'model.decoder.layers.{layer}.{_MCORE_LAYER[name]}'] = Chunked(
+          a, _blocks(a.shape, axis, n))
+  if not per_layer_keys:
+    for name in layer_names:
+      a = np.stack([state[(i, name)] for i in range(ref.L)])
+      axis, n = tp_axis(name)
+      regions = [(slice(i, i + 1),) + region
+                 for i in range(ref.L) for region in _blocks(a.shape[1:], axis, n)]
+      sd[f'model.decoder.layers.{_MCORE_LAYER[name]}'] = Chunked(a, regions)
+      sd[f'model.decoder.layers.{_MCORE_LAYER[name]}._extra_state/shard_0_{ref.L}'] = io.BytesIO(
+          b'TE extra state')
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', UserWarning)
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(os.path.join(out_dir, 'model_weights'),
+                                                     thread_count=2),
+             planner=Planner(), no_dist=True)
+  with open(os.path.join(out_dir, 'model_weights', 'metadata.json'), 'w') as f:
+    json.dump({'sharded_backend': 'torch_dist', 'sharded_backend_version': 1,
+               'common_backend': 'torch', 'common_backend_version': 1}, f)
+  torch.save({}, os.path.join(out_dir, 'model_weights', 'common.pt'))

@@ -19,6 +19,9 @@ LAYOUTS = {
     'L2-tp2-pp2': lambda p, a, hf: fx.write_legacy(p, a, hf, tp=2, pp=2),
     'Dz-stacked': lambda p, a, hf: fx.write_zarr(p, a, hf),
     'Dz-per-layer': lambda p, a, hf: fx.write_zarr(p, a, hf, per_layer_keys=True),
+    'Dt-stacked': lambda p, a, hf: fx.write_torch_dist(p, a, hf),
+    'Dt-stacked-tp2': lambda p, a, hf: fx.write_torch_dist(p, a, hf, tp=2),
+    'Dt-per-layer': lambda p, a, hf: fx.write_torch_dist(p, a, hf, per_layer_keys=True),
 }
 TOKENS = np.random.default_rng(0).integers(0, ref.V, (2, ref.T), dtype=np.int32)
 
@@ -38,7 +41,7 @@ def _diff(path, hf):
 @pytest.mark.parametrize('arch', sorted(ref.ARCHITECTURES))
 def test_every_layout_matches_hf(tmp_path, arch, layout):
   hf = _hf(arch)
-  path = tmp_path / ('ckpt' if layout.startswith('Dz') else 'model.nemo')
+  path = tmp_path / ('ckpt' if layout.startswith('D') else 'model.nemo')
   LAYOUTS[layout](path, arch, hf)
   diff = _diff(path, hf)
   print(f'{arch} {layout}: max |jkd - HF| = {diff:.2e}')

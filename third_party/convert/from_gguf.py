@@ -1,8 +1,7 @@
 """GGUF (llama.cpp) Llama-architecture checkpoints -> jkd ModelConfig + Flax params.
 
 Reads with the `gguf` package and numpy only; quantized tensors (Q4_*, Q8_0, ...) are
-dequantized to fp32 one tensor at a time and written into preallocated stacked arrays, so
-peak memory is the fp32 model plus one tensor.
+dequantized to fp32 one tensor at a time and streamed out group by group (assemble.py).
 
 llama.cpp stores attn_q / attn_k rows permuted for its interleaved RoPE
 (`reshape(n, 2, H/2, D).swapaxes(1, 2)` per head); the importer undoes that so the weights
@@ -13,14 +12,13 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable
+from typing import Callable, Iterator
 
 import gguf
 import numpy as np
-from tqdm import tqdm
 
 from jkd import model
-from third_party.convert.param_buffer import ParamBuffer
+from third_party.convert.assemble import Source, Target, assemble, collect
 
 # GGUF llama metadata key (after the 'llama.' prefix) -> ModelConfig field.
 _CONFIG_KEYS = {
@@ -113,11 +111,37 @@ def read_config(reader: gguf.GGUFReader, path: str) -> model.ModelConfig:
 def _dequantize(t) -> np.ndarray:
   """One GGUF tensor as fp32 in torch [out, in] order."""
   w = gguf.quants.dequantize(t.data, t.tensor_type)
-  return np.asarray(w, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+  return np.asarray(w, np.float32).reshape(_torch_shape(t))
 
 
-def load_gguf(path: str) -> tuple[model.ModelConfig, model.Params]:
-  """Reads a Llama GGUF file -> (ModelConfig, fp32 numpy params)."""
+def _torch_shape(t) -> tuple[int, ...]:
+  return tuple(int(d) for d in reversed(t.shape))
+
+
+def _source(t, path: str, num_layers: int) -> tuple[Source, tuple, Callable]:
+  """(Source, jkd path, transform) for one GGUF tensor."""
+  where = f'{path}: tensor {t.name}'
+  m = _LAYER_NAME.fullmatch(t.name)
+  if m:
+    layer, suffix = int(m.group(1)), m.group(2)
+    if suffix not in _LAYER_TABLE:
+      raise ValueError(f'{where}: unknown layer tensor')
+    if layer >= num_layers:
+      raise ValueError(f'{where}: layer {layer} >= block_count {num_layers}')
+    dest, transform = _LAYER_TABLE[suffix]
+  elif t.name in _GLOBAL_TABLE:
+    layer, (dest, transform) = None, _GLOBAL_TABLE[t.name]
+  elif t.name == 'rope_freqs.weight':
+    raise ValueError(f'{where}: RoPE frequency factors are not supported')
+  else:
+    raise ValueError(f'{where}: unknown tensor')
+  source = Source(layer, t.name, _torch_shape(t), np.dtype(np.float32),
+                  lambda t=t: _dequantize(t), where)
+  return source, dest, transform
+
+
+def open_gguf(path: str) -> tuple[model.ModelConfig, Iterator[model.Params]]:
+  """A Llama GGUF file -> (ModelConfig, partial fp32 params trees, produced lazily)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such file')
   try:
@@ -125,36 +149,24 @@ def load_gguf(path: str) -> tuple[model.ModelConfig, model.Params]:
   except (ValueError, OSError, IndexError, KeyError) as e:
     raise ValueError(f'{path}: not a readable GGUF file ({e})') from None
   cfg = read_config(reader, path)
-  buffer = ParamBuffer(cfg)
-  seen = set()
-  for t in tqdm(reader.tensors, desc=f'import {os.path.basename(path)}', unit='tensor',
-                disable=len(reader.tensors) < 64):
-    where = f'{path}: tensor {t.name}'
-    m = _LAYER_NAME.fullmatch(t.name)
-    if m:
-      layer, suffix = int(m.group(1)), m.group(2)
-      if suffix not in _LAYER_TABLE:
-        raise ValueError(f'{where}: unknown layer tensor')
-      if layer >= cfg.num_layers:
-        raise ValueError(f'{where}: layer {layer} >= block_count {cfg.num_layers}')
-      dest, transform = _LAYER_TABLE[suffix]
-    elif t.name in _GLOBAL_TABLE:
-      layer, (dest, transform) = None, _GLOBAL_TABLE[t.name]
-    elif t.name == 'rope_freqs.weight':
-      raise ValueError(f'{where}: RoPE frequency factors are not supported')
-    else:
-      raise ValueError(f'{where}: unknown tensor')
-    w = _dequantize(t)
-    buffer.put(dest, layer, transform(w, cfg), where, source_shape=w.shape)
-    seen.add(t.name)
-  expected = set(_GLOBAL_TABLE) - ({'output.weight'} if cfg.share_embeddings_and_output_weights
-                                   else set())
-  expected |= {f'blk.{i}.{s}' for i in range(cfg.num_layers) for s in _LAYER_TABLE}
-  missing = sorted(expected - seen)
-  if missing:
-    raise ValueError(f'{path}: missing tensors {missing[:5]}' + (' ...' if len(missing) > 5
-                                                                 else ''))
-  return cfg, buffer.params
+  routes = {}
+  for t in reader.tensors:
+    source, dest, transform = _source(t, path, cfg.num_layers)
+    routes[t.name] = (source, dest, transform)
+
+  def targets(src: Source) -> list[Target]:
+    _, dest, transform = routes[src.name]
+    dest, sub = (dest[:-1], dest[-1]) if isinstance(dest[-1], tuple) else (dest, ())
+    index = ((src.layer,) if src.layer is not None else ()) + sub
+    return [Target(dest, index, lambda w: transform(w, cfg))]
+
+  return cfg, assemble(cfg, [r[0] for r in routes.values()], targets, path)
+
+
+def load_gguf(path: str) -> tuple[model.ModelConfig, model.Params]:
+  """Reads a Llama GGUF file -> (ModelConfig, fp32 numpy params)."""
+  cfg, parts = open_gguf(path)
+  return cfg, collect(parts)
 
 
 def chat_template(path: str) -> str | None:

@@ -3,17 +3,19 @@
 Layouts (../shared/docs/nemo_checkpoint_format.md §1–§3):
   L1  legacy single file `model_weights.ckpt` (keys `model.language_model.*`, e.g. GPT-2B-001)
   L2  legacy per-rank files `mp_rank_XX/` or `tp_rank_XX_pp_rank_YYY/`, merged here
-  Dz  Megatron-Core distributed checkpoint `model_weights/` with the zarr backend
+  Dz  Megatron-Core distributed checkpoint `model_weights/`, zarr backend
+  Dt  Megatron-Core distributed checkpoint `model_weights/`, torch_dist backend
+(distributed checkpoints with layers stacked on axis 0 or with per-layer keys).
 
 Every source key is first normalised to a canonical name (a small table per layout), then
 one table of per-tensor transforms turns canonical torch [out, in] tensors into jkd kernels.
-Tensors are read and written one at a time into preallocated fp32 arrays.
+Each layout only lists its tensors (`Source`s); `assemble` reads them group by group, so
+conversion streams: the model is never held in memory whole.
 """
 
 from __future__ import annotations
 
-import io
-import itertools
+import functools
 import json
 import os
 import re
@@ -23,8 +25,8 @@ import numpy as np
 import yaml
 
 from jkd import model
-from third_party.convert import nemo_archive, torch_pickle
-from third_party.convert.param_buffer import ParamBuffer
+from third_party.convert import nemo_archive, torch_dist, torch_pickle
+from third_party.convert.assemble import Source, Target, assemble, collect
 
 # --- model_config.yaml -> ModelConfig -------------------------------------------------------
 
@@ -220,48 +222,43 @@ _GLU_HALF = {
 }
 
 
-def _targets(cfg: model.ModelConfig, layer: int | None, name: str, tensor: np.ndarray):
-  """[(jkd path, transform)] for one canonical tensor; per-layer paths live under 'layers'."""
-  module, leaf = name.split('.') if '.' in name else (name, '')
+def _targets(cfg: model.ModelConfig, src: Source) -> list[Target]:
+  """Where one canonical tensor lands; per-layer paths live under 'layers'."""
+  module, leaf = src.name.split('.') if '.' in src.name else (src.name, '')
   if module == 'fc1_2':
     targets = _GLU_HALF[leaf](1)
-  elif module == 'fc1' and cfg.gated and tensor.shape[0] == cfg.ffn_hidden_size:
+  elif module == 'fc1' and cfg.gated and src.shape[0] == cfg.ffn_hidden_size:
     targets = _GLU_HALF[leaf](0)
   else:
-    targets = _TRANSFORMS[name]
-  prefix = ('layers',) if layer is not None else ()
-  return [(prefix + path, transform) for path, transform in targets]
+    targets = _TRANSFORMS[src.name]
+  out = []
+  for path, transform in targets:
+    path, sub = (path[:-1], path[-1]) if isinstance(path[-1], tuple) else (path, ())
+    if src.layer is not None:
+      path, sub = ('layers',) + path, (src.layer,) + sub
+    out.append(Target(path, sub, functools.partial(transform, cfg)))
+  return out
 
 
-def _check_complete(buffer: ParamBuffer, where: str) -> None:
-  """Every parameter leaf was written, for every layer."""
-  import jax
-  written = {keys for keys, _, _ in buffer.filled}
-  if len(written) < len(jax.tree.leaves(buffer.params)):
-    found = sorted('.'.join(map(str, keys)) for keys in written)
-    raise ValueError(f'{where}: tensors are missing; only found {found}')
-  per_layer = {}
-  for keys, layer, sub in buffer.filled:
-    if layer is not None:
-      per_layer.setdefault((keys, sub), set()).add(layer)
-  for (keys, _), layers in per_layer.items():
-    if len(layers) != buffer.cfg.num_layers:
-      missing = sorted(set(range(buffer.cfg.num_layers)) - layers)
-      raise ValueError(f'{where}: {".".join(keys)} is missing for layers {missing[:8]}')
-
-
-# --- layouts --------------------------------------------------------------------------------
+# --- layouts: each lists Sources (tensors not read yet) -------------------------------------
 _RANK_DIR = re.compile(r'(?:mp_rank_(\d+)|tp_rank_(\d+)_pp_rank_(\d+))/model_weights\.ckpt')
 
 
-def _load_pickle(archive, name):
-  with archive.open(name) as f:
-    data = f.read()  # the zip reader needs random access; tar members are read once
-  return torch_pickle.load(io.BytesIO(data), f'{archive.path}: {name}')
+def _where(archive, name: str, layer: int | None) -> str:
+  return f'{archive.path}: {name}' + (f' (layer {layer})' if layer is not None else '')
 
 
-def _legacy_tensors(archive, gated: bool, num_layers: int) -> Iterator[tuple]:
-  """(layer, canonical name, fp32 tensor) from L1 or L2 files, TP-merged, PP-renumbered."""
+def _merged_shape(name: str, shapes: list[tuple], gated: bool) -> tuple:
+  axis = _TP_CONCAT_AXIS.get(name)
+  if len(shapes) == 1 or axis is None:
+    return shapes[0]
+  merged = list(shapes[0])
+  merged[axis] = sum(s[axis] for s in shapes)
+  return tuple(merged)
+
+
+def _legacy_sources(archive, gated: bool, num_layers: int) -> list[Source]:
+  """L1 or L2 files: TP shards merged on read, PP layers renumbered."""
   ranks = {}
   for name in archive.names():
     m = _RANK_DIR.fullmatch(name)
@@ -278,11 +275,13 @@ def _legacy_tensors(archive, gated: bool, num_layers: int) -> Iterator[tuple]:
   pp_size = 1 + max(p for _, p in ranks)
   if len(ranks) != tp_size * pp_size:
     raise ValueError(f'{archive.path}: rank files are incomplete: found {sorted(ranks)}')
+  sources = []
   for pp in range(pp_size):
-    dicts = [_load_pickle(archive, ranks[(tp, pp)]) for tp in range(tp_size)]
+    # Only the pickles are read here; tensors stay in the (seekable) zip members.
+    dicts = [torch_pickle.load(archive.open(ranks[(tp, pp)]), f'{archive.path}: '
+                               f'{ranks[(tp, pp)]}') for tp in range(tp_size)]
     for key in dicts[0]:
-      where = f'{archive.path}: {ranks[(0, pp)]}'
-      named = canonical(key, where)
+      named = canonical(key, f'{archive.path}: {ranks[(0, pp)]}')
       if named is None:
         continue
       layer, cname = named
@@ -292,64 +291,94 @@ def _legacy_tensors(archive, gated: bool, num_layers: int) -> Iterator[tuple]:
       for tp, d in enumerate(dicts):
         if key not in d or not isinstance(d[key], torch_pickle.LazyTensor):
           raise ValueError(f'{archive.path}: {ranks[(tp, pp)]}: tensor {key} is missing')
-        shards.append(d[key].load())
-      yield layer, cname, merge_tp(cname, shards, gated)
+        shards.append(d[key])
+      read = lambda cname=cname, shards=shards: merge_tp(cname, [s.load() for s in shards],
+                                                         gated)
+      sources.append(Source(layer, cname, _merged_shape(cname, [s.shape for s in shards], gated),
+                            shards[0].dtype, read, _where(archive, cname, layer)))
+  return sources
 
 
-def _zarr_tensors(archive, weights_dir: str) -> Iterator[tuple]:
-  """(layer, canonical name, tensor) from a zarr distributed checkpoint, one layer at a time."""
+def _split_stacked(key: str) -> tuple[bool, str]:
+  """Distributed checkpoints stack homogeneous layers on axis 0 under a key without index."""
+  stripped = key.removeprefix('model.')
+  stacked = stripped.startswith('decoder.layers.') and not _MCORE_LAYER_KEY.fullmatch(stripped)
+  lookup = f'decoder.layers.0.{stripped[len("decoder.layers."):]}' if stacked else stripped
+  return stacked, lookup
+
+
+def _dist_sources(archive, key: str, shape: tuple, dtype, read_layer, read_all) -> list[Source]:
+  """Sources of one distributed-checkpoint array: one per layer if stacked."""
+  stacked, lookup = _split_stacked(key)
+  named = canonical(lookup, f'{archive.path}: model_weights/{key}')
+  if named is None:
+    return []
+  layer, cname = named
+  if stacked:
+    return [Source(i, cname, tuple(shape[1:]), dtype, functools.partial(read_layer, i),
+                   _where(archive, cname, i)) for i in range(shape[0])]
+  return [Source(layer, cname, tuple(shape), dtype, read_all, _where(archive, cname, layer))]
+
+
+def _zarr_sources(archive, weights_dir: str) -> list[Source]:
   import tensorstore as ts
   root = archive.local_dir(weights_dir)
+  sources = []
   for key in sorted(os.listdir(root)):
     path = os.path.join(root, key)
     if not os.path.isfile(os.path.join(path, '.zarray')):
       continue  # _extra_state directories, common.pt, metadata.json
-    stripped = key.removeprefix('model.')
-    stacked = stripped.startswith('decoder.layers.') and not _MCORE_LAYER_KEY.fullmatch(stripped)
-    lookup = f'decoder.layers.0.{stripped[len("decoder.layers."):]}' if stacked else stripped
-    named = canonical(lookup, f'{archive.path}: {weights_dir}/{key}')
-    if named is None:
-      continue
     try:
       arr = ts.open({'driver': 'zarr', 'kvstore': {'driver': 'file', 'path': path}}).result()
     except ValueError as e:
       raise ValueError(f'{archive.path}: {weights_dir}/{key}: unreadable zarr array ({e})') from None
-    if stacked:
-      for layer in range(arr.shape[0]):
-        yield layer, named[1], arr[layer].read().result()
-    else:
-      yield named[0], named[1], arr.read().result()
+    sources += _dist_sources(archive, key, arr.shape, arr.dtype.numpy_dtype,
+                             lambda i, arr=arr: arr[i].read().result(),
+                             lambda arr=arr: arr.read().result())
+  return sources
+
+
+def _torch_dist_sources(archive, weights_dir: str) -> list[Source]:
+  reader = torch_dist.Reader(archive.local_dir(weights_dir), f'{archive.path}: {weights_dir}')
+  sources = []
+  for key, info in sorted(reader.tensors.items()):
+    sources += _dist_sources(archive, key, info.shape, info.dtype,
+                             lambda i, key=key: reader.read(key, layer=i),
+                             lambda key=key: reader.read(key))
+  return sources
+
+
+_DIST_BACKENDS = {'zarr': _zarr_sources, 'torch_dist': _torch_dist_sources}
+
+
+def open_nemo(archive: nemo_archive.NemoArchive) -> tuple[model.ModelConfig, Iterator[model.Params]]:
+  """A .nemo in any supported layout -> (ModelConfig, partial params trees in stored dtype).
+
+  The trees are produced lazily, one group of leaves at a time (see assemble.py); the
+  archive must stay open until they are consumed.
+  """
+  raw = read_raw_config(archive)
+  if archive.exists('model_weights/metadata.json'):
+    meta = json.loads(archive.read_text('model_weights/metadata.json'))
+    backend = meta.get('sharded_backend')
+    if backend not in _DIST_BACKENDS:
+      raise ValueError(f'{archive.path}: model_weights/metadata.json: sharded_backend='
+                       f'{backend!r} is not supported (supported: {sorted(_DIST_BACKENDS)})')
+    sources = _DIST_BACKENDS[backend](archive, 'model_weights')
+  else:
+    gated = str(raw.get('activation', 'gelu')).endswith('glu')
+    sources = _legacy_sources(archive, gated, int(raw.get('num_layers') or 1))
+  embedding = [s for s in sources if s.name == 'embedding']
+  if not embedding:
+    raise ValueError(f'{archive.path}: the word embedding tensor is missing')
+  # The padded vocabulary is whatever the embedding holds.
+  cfg = model_config(raw, vocab_size=None, padded_vocab=embedding[0].shape[0],
+                     where=f'{archive.path}: model_config.yaml')
+  return cfg, assemble(cfg, sources, functools.partial(_targets, cfg), archive.path)
 
 
 def load_nemo(path: str) -> tuple[model.ModelConfig, model.Params]:
-  """Reads a .nemo (tar or directory) in any supported layout -> (ModelConfig, fp32 params)."""
+  """Reads a .nemo (tar or directory) -> (ModelConfig, params in the stored dtype)."""
   with nemo_archive.NemoArchive(path) as archive:
-    raw = read_raw_config(archive)
-    where = f'{path}: model_config.yaml'
-    if archive.exists('model_weights/metadata.json'):
-      meta = json.loads(archive.read_text('model_weights/metadata.json'))
-      backend = meta.get('sharded_backend')
-      if backend != 'zarr':
-        raise ValueError(f'{path}: model_weights/metadata.json: sharded_backend={backend!r} '
-                         'is not supported yet (zarr is)')
-      tensors = _zarr_tensors(archive, 'model_weights')
-    else:
-      gated = str(raw.get('activation', 'gelu')).endswith('glu')
-      tensors = _legacy_tensors(archive, gated, int(raw.get('num_layers') or 1))
-    first = next(tensors, None)
-    buffered = []
-    # The padded vocabulary is whatever the embedding holds; find it before allocating.
-    while first is not None and first[1] != 'embedding':
-      buffered.append(first)
-      first = next(tensors, None)
-    if first is None:
-      raise ValueError(f'{path}: the word embedding tensor is missing')
-    cfg = model_config(raw, vocab_size=None, padded_vocab=first[2].shape[0], where=where)
-    buffer = ParamBuffer(cfg)
-    for layer, name, tensor in itertools.chain(buffered, [first], tensors):
-      where = f'{path}: {name}' + (f' (layer {layer})' if layer is not None else '')
-      tensor = np.asarray(tensor, np.float32)
-      for jkd_path, transform in _targets(cfg, layer, name, tensor):
-        buffer.put(jkd_path, layer, transform(cfg, tensor), where, source_shape=tensor.shape)
-    _check_complete(buffer, path)
-    return cfg, buffer.params
+    cfg, parts = open_nemo(archive)
+    return cfg, collect(parts)

@@ -49,6 +49,11 @@ class LazyTensor:
   def dtype(self):
     return np.dtype(self.storage.dtype)
 
+  def rows(self, start: int, stop: int) -> 'LazyTensor':
+    """The view [start:stop] along axis 0, still unread."""
+    return dataclasses.replace(self, offset=self.offset + start * self.stride[0],
+                               shape=(stop - start,) + self.shape[1:])
+
   def load(self) -> np.ndarray:
     itemsize = self.dtype.itemsize
     if not self.shape:
