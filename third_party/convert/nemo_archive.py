@@ -125,6 +125,37 @@ class NemoArchive:
       except UnicodeDecodeError as e:
         raise ValueError(f'{self.path}: member {name} is not valid UTF-8 ({e})') from None
 
+  def resolve(self, ref: str, what: str) -> str:
+    """The member a config reference such as `nemo:<uuid>_tok.model` names.
+
+    `nemo:<name>` is member `<name>`. Older configs hold absolute paths (`/artifacts/x.model`)
+    and a re-saved model adds another `<32 hex>_` prefix, so, as TensorRT-LLM does, fall back
+    to the top-level member whose name without its uuid prefixes equals the reference's
+    basename without its prefixes. Copies with identical bytes are one file, not ambiguous.
+    """
+    def strip_uuids(s: str) -> str:
+      while len(s) > 33 and s[32] == '_' and all(c in '0123456789abcdefABCDEF' for c in s[:32]):
+        s = s[33:]
+      return s
+
+    name = _normalise(ref[5:] if ref.startswith('nemo:') else ref)
+    if not _unsafe(name) and self.exists(name):
+      return name
+    base = strip_uuids(posixpath.basename(name))
+    found = [m for m in self.names() if '/' not in m and strip_uuids(m) == base]
+    if not found:
+      raise ValueError(f'{self.path}: {what} {ref!r}: no member {name!r} and none named '
+                       f'[<uuid>_]{base}')
+    if len(found) > 1:
+      contents = set()
+      for m in found:
+        with self.open(m) as f:
+          contents.add(f.read())
+      if len(contents) > 1:
+        raise ValueError(f'{self.path}: {what} {ref!r}: ambiguous, {len(found)} different '
+                         f'members match: {", ".join(found)}')
+    return found[0]
+
   def local_dir(self, prefix: str) -> str:
     """A filesystem directory holding the members under `prefix` (extracted if needed)."""
     if self._tar is None:
