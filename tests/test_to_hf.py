@@ -1,0 +1,176 @@
+"""third_party.convert.to_hf: jkd params -> HF directory, checked by logits parity.
+
+The original HF models of tests/hf_reference.py are the independent oracle: jkd params built
+from them are exported back, reloaded with transformers' own AutoModelForCausalLM, and must
+give the same logits as both the original HF model and jkd.
+"""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from jkd import model
+from tests import hf_reference as ref
+from third_party.convert import to_hf
+
+# Plain builders plus a tied head over a padded vocabulary (rows beyond V must be dropped).
+CASES = {**ref.ARCHITECTURES, 'llama-tied': lambda: ref.llama(tied=True)}
+HF_CLASS = {'llama': 'LlamaForCausalLM', 'llama-tied': 'LlamaForCausalLM',
+            'nemotron': 'NemotronForCausalLM', 'gpt2b': 'StableLmForCausalLM',
+            'gpt3': 'GPT2LMHeadModel'}
+
+
+def _tokens(b=2, t=ref.T, seed=1):
+  return np.random.default_rng(seed).integers(0, ref.V, (b, t), dtype=np.int32)
+
+
+def _jkd(cfg, params, tokens):
+  return np.asarray(jax.jit(lambda p, x: model.forward(cfg, p, x))(params, tokens))
+
+
+def _load(out_dir, **kw):
+  """from_pretrained, asserting that every tensor in the file found its parameter."""
+  hf, info = AutoModelForCausalLM.from_pretrained(out_dir, output_loading_info=True, **kw)
+  for key in ('missing_keys', 'unexpected_keys', 'mismatched_keys', 'error_msgs'):
+    assert not info.get(key), f'{key}: {info[key]}'
+  return hf.eval()
+
+
+def _max_diff(a, b):
+  return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_export_matches_hf_and_jkd_fp32(case, tmp_path):
+  """Protects every mapping (names, transposes, QKV packing, norm +1, vocab slice) in fp32."""
+  cfg, params, hf = CASES[case]()
+  out = to_hf.export_hf(cfg, params, str(tmp_path), bos_token_id=1, eos_token_id=2)
+  exported = _load(out, dtype=torch.float32)
+  assert type(exported).__name__ == HF_CLASS[case]
+  assert exported.config.vocab_size == cfg.vocab_size  # padded rows are not exported
+  assert (exported.config.bos_token_id, exported.config.eos_token_id) == (1, 2)
+  tokens = _tokens()
+  got = ref.hf_logits(exported, tokens)
+  want_hf, want_jkd = ref.hf_logits(hf, tokens)[..., :cfg.vocab_size], _jkd(cfg, params, tokens)
+  assert got.shape == want_hf.shape == want_jkd.shape == (2, ref.T, ref.V)
+  d_hf, d_jkd = _max_diff(got, want_hf), _max_diff(got, want_jkd)
+  print(f'{case}: max |export - HF| = {d_hf:.2e}, |export - jkd| = {d_jkd:.2e} '
+        f'(max |logit| {np.abs(want_hf).max():.2f})')
+  assert d_hf <= 1e-4 and d_jkd <= 1e-4
+
+
+@pytest.mark.parametrize('case', sorted(ref.ARCHITECTURES))
+def test_bfloat16_export_loads_as_bf16_and_is_close(case, tmp_path):
+  """bf16 files (from jax params) are BF16 on disk, load as bf16 by default and stay close."""
+  cfg, params, hf = CASES[case]()
+  params = jax.tree.map(jnp.asarray, params)
+  out = to_hf.export_hf(cfg, params, str(tmp_path), dtype='bfloat16')
+  with safe_open(f'{out}/{to_hf.WEIGHTS_FILE}', 'pt') as f:
+    assert {f.get_slice(k).get_dtype() for k in f.keys()} == {'BF16'}
+  with open(f'{out}/{to_hf.CONFIG_FILE}') as f:
+    assert json.load(f)['dtype'] == 'bfloat16'
+  exported = _load(out)  # dtype 'auto' -> the config's bf16
+  assert next(exported.parameters()).dtype == torch.bfloat16
+  tokens = _tokens()
+  want = ref.hf_logits(hf, tokens)
+  diff = _max_diff(ref.hf_logits(exported, tokens), want)
+  print(f'{case} bf16: max |export - HF fp32| = {diff:.2e} (max |logit| {np.abs(want).max():.2f})')
+  assert diff <= 0.05 * np.abs(want).max()
+
+
+def test_negative_control_missing_plus_one_is_detected(tmp_path):
+  """The parity check has teeth: GPT-2B-001 exported without folding +1 into gamma is far off."""
+  cfg, params, hf = ref.gpt2b()
+  wrong = dataclasses.replace(cfg, normalization='layernorm')  # the exporter then adds no +1
+  exported = _load(to_hf.export_hf(wrong, params, str(tmp_path)), dtype=torch.float32)
+  tokens = _tokens()
+  diff = _max_diff(ref.hf_logits(exported, tokens), ref.hf_logits(hf, tokens))
+  print(f'gpt2b without +1: max |export - HF| = {diff:.2e}')
+  assert diff > 1e-2
+
+
+def test_negative_control_missing_transpose_is_detected(tmp_path, monkeypatch):
+  """Untransposed square projections (q/k/v, same shape either way) load but give wrong logits."""
+  cfg, params, hf = ref.nemotron()
+  right = to_hf._linear
+  monkeypatch.setattr(to_hf, '_linear', lambda w: (
+      w.reshape(w.shape[0], -1) if w.shape[0] == np.prod(w.shape[1:]) else right(w)))
+  exported = _load(to_hf.export_hf(cfg, params, str(tmp_path)), dtype=torch.float32)
+  tokens = _tokens()
+  diff = _max_diff(ref.hf_logits(exported, tokens), ref.hf_logits(hf, tokens))
+  print(f'nemotron q/k/v untransposed: max |export - HF| = {diff:.2e}')
+  assert diff > 1e-2
+
+
+def _random_params(cfg, seed=0):
+  """Every jkd leaf random (biases too); norm scales around jkd's identity (1, or 0 for 1p)."""
+  rng = np.random.default_rng(seed)
+  one = 0.0 if cfg.normalization == 'layernorm1p' else 1.0
+
+  def draw(path, a):
+    is_scale = jax.tree_util.keystr(path).endswith("['scale']")
+    return ((one if is_scale else 0.0) + rng.normal(0, 0.3 if is_scale else 0.05, a.shape)
+            ).astype(np.float32)
+  abstract = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+@pytest.mark.parametrize('normalization, activation', [
+    ('rmsnorm', 'swiglu'), ('layernorm1p', 'squared-relu')])
+def test_linear_biases_gqa_and_head_dim_export_for_llama_and_nemotron(normalization, activation,
+                                                                      tmp_path):
+  """Paths the HF builders leave out: attention_bias / mlp_bias (gated [2, F] bias split),
+  GQA with Nemotron, and a head dim other than hidden / heads; jkd's forward is the oracle."""
+  cfg = model.ModelConfig(
+      num_layers=2, hidden_size=48, ffn_hidden_size=40, num_attention_heads=4,
+      num_query_groups=2, kv_channels=16, vocab_size=ref.V, padded_vocab_size=ref.V + 3,
+      normalization=normalization, activation=activation, bias=True,
+      position_embedding_type='rope', rotary_base=20000.0,
+      rotary_percentage=1.0 if normalization == 'rmsnorm' else 0.5,
+      max_position_embeddings=64, share_embeddings_and_output_weights=False)
+  params = _random_params(cfg)
+  exported = _load(to_hf.export_hf(cfg, params, str(tmp_path)), dtype=torch.float32)
+  tokens = _tokens()
+  diff = _max_diff(ref.hf_logits(exported, tokens), _jkd(cfg, params, tokens))
+  print(f'{normalization}+{activation} with biases: max |export - jkd| = {diff:.2e}')
+  assert diff <= 1e-4
+
+
+@pytest.mark.parametrize('change, key', [
+    (dict(activation='gelu'), 'activation'),  # rmsnorm + gelu
+    (dict(rotary_percentage=0.5), 'rotary_percentage'),  # Llama rotates whole heads
+    (dict(normalization='layernorm', activation='reglu'), 'activation'),
+    (dict(normalization='layernorm', activation='gelu'), 'position_embedding_type'),  # + rope
+    (dict(normalization='layernorm', activation='gelu', position_embedding_type=
+          'learned_absolute', bias=True), 'num_query_groups'),  # GPT-2 has no GQA
+    (dict(normalization='layernorm1p', bias=True), 'bias'),  # StableLm: no o/MLP biases
+    (dict(normalization='layernorm1p', kv_channels=32), 'kv_channels'),  # StableLm: H = D / N
+])
+def test_unsupported_config_raises_naming_the_setting(change, key, tmp_path):
+  """Configs with no HF class fail in one line naming the key, before writing anything."""
+  cfg, params, _ = ref.llama()
+  with pytest.raises(ValueError, match=rf'^model\.{key}=.*no Hugging Face export') as e:
+    to_hf.export_hf(dataclasses.replace(cfg, **change), params, str(tmp_path / 'out'))
+  assert '\n' not in str(e.value) and not (tmp_path / 'out').exists()
+
+
+def test_tokenizer_files_are_copied_but_not_configs(tmp_path):
+  """Tokenizer files land next to the weights; a stray config.json there cannot replace ours."""
+  cfg, params, _ = ref.gpt3()
+  tok = tmp_path / 'tok'
+  tok.mkdir()
+  (tok / 'tokenizer.json').write_text('{"tokenizer": true}')
+  (tok / 'tokenizer_config.json').write_text('{}')
+  (tok / to_hf.CONFIG_FILE).write_text('{"model_type": "bert"}')
+  out = to_hf.export_hf(cfg, params, str(tmp_path / 'out'), tokenizer_dir=str(tok))
+  assert (tmp_path / 'out' / 'tokenizer.json').read_text() == '{"tokenizer": true}'
+  assert (tmp_path / 'out' / 'tokenizer_config.json').exists()
+  assert json.loads((tmp_path / 'out' / to_hf.CONFIG_FILE).read_text())['model_type'] == 'gpt2'
+  assert out == str(tmp_path / 'out')
