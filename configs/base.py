@@ -29,7 +29,7 @@ LOGICAL_AXIS_RULES = (
 def get_config(arg=None):
   del arg
   c = ConfigDict()
-  c.mode = 'pipeline'  # stage to run: pipeline | convert
+  c.mode = 'pipeline'  # stage to run: pipeline | convert | export
   c.seed = 0  # PRNG seed for initialisation and data order
   c.workdir = '/tmp/jkd/run'  # run directory: models, stores, checkpoints, reports land here
 
@@ -59,13 +59,20 @@ def get_config(arg=None):
   c.model.max_position_embeddings = 512  # learned position table size / max length
   c.model.share_embeddings_and_output_weights = False  # tied LM head
   c.model.init_method_std = 0.02  # std of the normal initialiser
-  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params stay fp32)
+  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params are fp32 in memory)
   c.model.remat_policy = 'none'  # none | full | dots | dots_no_batch
 
   # mode=convert: import a foreign checkpoint into a jkd model directory.
   c.convert = ConfigDict()
   c.convert.source = ''  # checkpoint to import: .gguf, .nemo tar, or extracted .nemo directory
-  c.convert.output = ''  # model directory to write (params, model_config.json)
+  c.convert.output = ''  # model directory to write (params, model_config.json, tokenizer/)
+
+  # mode=export: a jkd model directory -> .nemo and/or Hugging Face (at least one).
+  c.export = ConfigDict()
+  c.export.source = ''  # jkd model directory to export
+  c.export.nemo = ''  # .nemo file to write (Megatron-Core torch_dist layout); '' = none
+  c.export.hf = ''  # directory to write HF safetensors + config.json + tokenizer; '' = none
+  c.export.dtype = 'bfloat16'  # stored weight dtype of the exports: bfloat16 | float32
 
   # mode=pipeline: the stages that exist so far, end to end, on config.model.
   c.pipeline = ConfigDict()

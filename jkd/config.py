@@ -11,7 +11,7 @@ from typing import Any
 
 from jkd import model
 
-MODES = ('pipeline', 'convert')
+MODES = ('pipeline', 'convert', 'export')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,3 +60,10 @@ def validate(config) -> None:
     for key in ('source', 'output'):
       if not config.convert[key]:
         raise ValueError(f'convert.{key} is empty: set --config.convert.{key}=PATH')
+  if config.mode == 'export':
+    if not config.export.source:
+      raise ValueError('export.source is empty: set --config.export.source=MODEL_DIR')
+    if not config.export.nemo and not config.export.hf:
+      raise ValueError('export.nemo and export.hf are both empty: set at least one')
+    if config.export.dtype not in ('bfloat16', 'float32'):
+      raise ValueError(f'export.dtype={config.export.dtype!r}: expected bfloat16 or float32')

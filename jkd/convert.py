@@ -11,26 +11,46 @@ from __future__ import annotations
 import os
 import time
 
-from jkd import model
+from jkd import model, tokenizer
 
 
 def convert(source: str, output: str) -> model.ModelConfig:
-  """Imports any supported checkpoint into the model directory `output`, streaming."""
+  """Imports any supported checkpoint into the model directory `output`, streaming.
+
+  The directory gets the params (orbax, stored dtype), `model_config.json` and, when the
+  source has one, the tokenizer (`tokenizer/`).
+  """
   if not os.path.exists(source):
     raise FileNotFoundError(f'{source}: no such file or directory')
   if source.endswith('.gguf'):
     from third_party.convert import from_gguf
+    tok = tokenizer.from_gguf(source)
     cfg, parts = from_gguf.open_gguf(source)
-    model.save_parts(output, cfg, parts)
+    _write(output, cfg, tok, parts)
     return cfg
   if source.endswith('.nemo') or os.path.isfile(os.path.join(source, 'model_config.yaml')):
     from third_party.convert import from_nemo, nemo_archive
     with nemo_archive.NemoArchive(source) as archive:
-      cfg, parts = from_nemo.open_nemo(archive)
-      model.save_parts(output, cfg, parts)
+      cfg, tok, parts = from_nemo.open_nemo(archive)
+      _write(output, cfg, tok, parts)
     return cfg
   raise ValueError(f'{source}: unsupported checkpoint format (supported: .gguf, .nemo tar or '
                    'extracted .nemo directory)')
+
+
+def _write(output: str, cfg: model.ModelConfig, tok, parts) -> None:
+  if tok is None:
+    print(f'[convert] note: the source has no tokenizer; {output} will have none')
+  elif tok.vocab_size > cfg.padded_vocab:
+    raise ValueError(f'tokenizer vocab_size {tok.vocab_size} exceeds the embedding rows '
+                     f'{cfg.padded_vocab}')
+  stale = os.path.join(output, model.CONFIG_FILE)
+  if os.path.exists(stale):
+    os.remove(stale)  # incomplete until save_parts writes the new config, last
+  if tok is not None:
+    os.makedirs(output, exist_ok=True)
+    tokenizer.save(tok, output)
+  model.save_parts(output, cfg, parts)
 
 
 def run(config) -> str:

@@ -393,11 +393,17 @@ def save_parts(directory: str, cfg: ModelConfig, parts: Iterable[Params]) -> Non
     shutil.rmtree(params_dir)
   os.makedirs(directory, exist_ok=True)
   written: dict = {}  # shapes only, to check the whole tree before finalizing
-  for part in parts:
-    ocp.partial.save(params_dir, part)
-    _merge(written, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), part))
-  check_params(cfg, written, directory)
-  ocp.partial.finalize(params_dir)
+  ctx = ocp.Context()
+  # Weights barely compress (random mantissas), and zstd costs a second copy of each leaf in
+  # memory while writing (measured: +2x leaf size vs +1x without; scripts/bench_convert.py).
+  ctx.array.saving.use_compression = False
+  with ctx:
+    for part in parts:
+      ocp.partial.save(params_dir, part)
+      _merge(written, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), part))
+      del part  # before the next part is built: one part in memory at a time
+    check_params(cfg, written, directory)
+    ocp.partial.finalize(params_dir)
   tmp = config_path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)

@@ -174,8 +174,9 @@ def from_nemo(archive, tokenizer_cfg: dict, where: str) -> Tokenizer:
                    f'(sentencepiece, megatron GPT2BPETokenizer, huggingface)')
 
 
-def from_gguf(path: str) -> Tokenizer:
-  """The tokenizer in a GGUF file's metadata (llama.cpp `gpt2` BPE vocabularies)."""
+def from_gguf(path: str) -> Tokenizer | None:
+  """The tokenizer in a GGUF file's metadata (llama.cpp `gpt2` BPE vocabularies); None if the
+  file carries no tokenizer at all."""
   import gguf
   try:
     reader = gguf.GGUFReader(path)
@@ -187,6 +188,8 @@ def from_gguf(path: str) -> Tokenizer:
     return default if f is None else f.contents()
 
   kind, pre = field('model'), field('pre')
+  if kind is None and field('tokens') is None:
+    return None
   if kind != 'gpt2':
     raise ValueError(f'{path}: GGUF tokenizer model {kind!r} is not supported (only gpt2 BPE)')
   if pre not in _GGUF_PRE_DIGITS:

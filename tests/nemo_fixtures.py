@@ -99,7 +99,8 @@ _LEGACY = {'embedding': 'model.language_model.embedding.word_embeddings.weight',
            'output.weight': 'model.language_model.output_layer.weight'}
 _LEGACY_LAYER = {'input_norm': 'input_layernorm', 'qkv': 'self_attention.query_key_value',
                  'proj': 'self_attention.dense', 'mlp_norm': 'post_attention_layernorm',
-                 'fc1': 'mlp.dense_h_to_4h', 'fc2': 'mlp.dense_4h_to_h'}
+                 'fc1': 'mlp.dense_h_to_4h', 'fc1_2': 'mlp.dense_h_to_4h_2',
+                 'fc2': 'mlp.dense_4h_to_h'}
 _MCORE = {'embedding': 'model.embedding.word_embeddings.weight',
           'position_embedding': 'model.embedding.position_embeddings.weight',
           'final_norm.weight': 'model.decoder.final_layernorm.weight',
@@ -129,7 +130,7 @@ def _shard(name, a, r, tp, gated, naive_glu=False):
   if tp == 1:
     return a
   column = name in ('embedding', 'output.weight', 'qkv.weight', 'qkv.bias', 'fc1.weight',
-                    'fc1.bias')
+                    'fc1.bias', 'fc1_2.weight')
   row = name in ('proj.weight', 'fc2.weight')
   if column and gated and name.startswith('fc1') and not naive_glu:
     g, u = np.split(a, 2, axis=0)
@@ -155,10 +156,21 @@ def _pack(out_path, files: dict[str, bytes]):
       tar.addfile(info, io.BytesIO(data))
 
 
-def write_legacy(out_path, arch: str, hf, tp: int = 1, pp: int = 1, naive_glu: bool = False):
-  """L1 (tp = pp = 1) or L2 (mp_rank_XX / tp_rank_XX_pp_rank_YYY) .nemo tar."""
+def write_legacy(out_path, arch: str, hf, tp: int = 1, pp: int = 1, naive_glu: bool = False,
+                 split_glu: bool = False):
+  """L1 (tp = pp = 1) or L2 (mp_rank_XX / tp_rank_XX_pp_rank_YYY) .nemo tar.
+
+  split_glu: a non-fast GLU (`swiglu`): gate in dense_h_to_4h, up in dense_h_to_4h_2.
+  """
   cfg, state = canonical_state(arch, hf)
   gated = cfg['activation'].endswith('glu')
+  if split_glu:
+    assert gated
+    cfg['activation'] = cfg['activation'].removeprefix('fast-')
+    for (layer, name) in [k for k in state if k[1] == 'fc1.weight']:
+      state[(layer, 'fc1.weight')], state[(layer, 'fc1_2.weight')] = np.split(
+          state[(layer, name)], 2)
+    gated = False  # each half is a plain column-parallel tensor
   cfg.update(mcore_gpt=False, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
   files = {'model_config.yaml': yaml.safe_dump(cfg).encode()}
   per_stage = ref.L // pp

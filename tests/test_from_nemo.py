@@ -71,6 +71,88 @@ def test_misread_qkv_would_be_caught(tmp_path, monkeypatch):
   assert _diff(tmp_path / 'm.nemo', hf) > 1e-2
 
 
+def test_swapped_gate_and_up_would_be_caught(tmp_path, monkeypatch):
+  """Negative control: GLU fc1 read as [up; gate] instead of [gate; up] is far off."""
+  hf = _hf('llama')
+  fx.write_legacy(tmp_path / 'm.nemo', 'llama', hf)
+  right = from_nemo._fc1
+  monkeypatch.setattr(from_nemo, '_fc1', lambda c, w: right(c, w)[..., ::-1, :])
+  assert _diff(tmp_path / 'm.nemo', hf) > 1e-2
+
+
+def test_missing_plus_one_would_be_caught(tmp_path):
+  """Negative control: a zero-centred norm (layernorm1p) read as a plain layernorm."""
+  hf = _hf('gpt2b')
+  assert _diff(_edit_config(tmp_path, 'gpt2b', normalization='layernorm'), hf) > 1e-2
+
+
+def test_interleaved_rope_would_be_caught(tmp_path, monkeypatch):
+  """Negative control: GPT-J style (interleaved pairs) RoPE instead of rotate-half."""
+  hf = _hf('nemotron')
+  fx.write_legacy(tmp_path / 'm.nemo', 'nemotron', hf)
+
+  def interleaved(x, positions, rotary_dim, base):
+    inv_freq = 1.0 / (base ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
+    ang = positions.astype(np.float32)[..., None, None] * inv_freq  # [B, T, 1, R/2]
+    even, odd = x[..., :rotary_dim:2], x[..., 1:rotary_dim:2]
+    rot = jax.numpy.stack([even * jax.numpy.cos(ang) - odd * jax.numpy.sin(ang),
+                           even * jax.numpy.sin(ang) + odd * jax.numpy.cos(ang)], -1)
+    return jax.numpy.concatenate([rot.reshape(*x.shape[:-1], rotary_dim),
+                                  x[..., rotary_dim:]], -1)
+
+  monkeypatch.setattr(model, 'apply_rope', interleaved)
+  assert _diff(tmp_path / 'm.nemo', hf) > 1e-2
+
+
+@pytest.mark.parametrize('tp', [1, 2])
+def test_non_fast_glu_two_tensors_match_hf(tmp_path, tp):
+  """Legacy `swiglu`: gate in dense_h_to_4h, up in dense_h_to_4h_2 (TP shards of each)."""
+  hf = _hf('gpt2b')
+  fx.write_legacy(tmp_path / 'm.nemo', 'gpt2b', hf, tp=tp, split_glu=True)
+  assert _diff(tmp_path / 'm.nemo', hf) <= 1e-4
+
+
+def test_missing_glu_half_is_a_clear_error(tmp_path):
+  """Without dense_h_to_4h_2 half of every fc1 kernel would be uninitialised memory."""
+  import torch
+  fx.write_legacy(tmp_path / 'm.nemo', 'gpt2b', _hf('gpt2b'), split_glu=True)
+  with tarfile.open(tmp_path / 'm.nemo') as tar:
+    files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+  state = torch.load(io.BytesIO(files['./model_weights.ckpt']))
+  state = {k: v for k, v in state.items() if 'dense_h_to_4h_2' not in k}
+  buf = io.BytesIO()
+  torch.save(state, buf)
+  files['./model_weights.ckpt'] = buf.getvalue()
+  _tar_with(tmp_path / 'cut.nemo', [(_info(n, d), d) for n, d in files.items()])
+  with pytest.raises(ValueError, match=r'layers\.mlp\.fc1\.kernel is partly missing'):
+    from_nemo.load_nemo(str(tmp_path / 'cut.nemo'))
+
+
+def test_malicious_torch_dist_metadata_is_refused(tmp_path):
+  import pickle
+  marker = tmp_path / 'pwned'
+
+  class Evil:
+    def __reduce__(self):
+      return (os.system, (f'touch {marker}',))
+
+  fx.write_torch_dist(tmp_path / 'd', 'llama', _hf('llama'))
+  (tmp_path / 'd' / 'model_weights' / '.metadata').write_bytes(pickle.dumps(Evil()))
+  with pytest.raises(ValueError, match=r'model_weights/\.metadata: refusing to unpickle '
+                                       r'posix\.system'):
+    from_nemo.load_nemo(str(tmp_path / 'd'))
+  assert not marker.exists()
+
+
+def test_missing_torch_dist_data_file_is_a_clear_error(tmp_path):
+  fx.write_torch_dist(tmp_path / 'd', 'llama', _hf('llama'))
+  for f in os.listdir(tmp_path / 'd' / 'model_weights'):
+    if f.endswith('.distcp'):
+      os.remove(tmp_path / 'd' / 'model_weights' / f)
+  with pytest.raises(ValueError, match=r'__0_\d\.distcp: .* data file is missing'):
+    from_nemo.load_nemo(str(tmp_path / 'd'))
+
+
 def test_gzip_tar_and_extracted_directory_are_read(tmp_path):
   hf = _hf('nemotron')
   fx.write_legacy(tmp_path / 'm.nemo', 'nemotron', hf)

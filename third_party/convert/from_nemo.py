@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 import yaml
 
-from jkd import model
+from jkd import model, tokenizer
 from third_party.convert import nemo_archive, torch_dist, torch_pickle
 from third_party.convert.assemble import Source, Target, assemble, collect
 
@@ -158,14 +158,14 @@ _TP_CONCAT_AXIS = {'embedding': 0, 'output.weight': 0, 'qkv.weight': 0, 'qkv.bia
                    'proj.weight': 1, 'fc2.weight': 1}
 
 
-def merge_tp(name: str, shards: list[np.ndarray], gated: bool) -> np.ndarray:
-  """Merges per-rank shards of one canonical tensor; GLU fc1 shards are [gate_r; up_r]."""
+def merge_tp(name: str, shards: list[np.ndarray], fused_glu: bool) -> np.ndarray:
+  """Merges per-rank shards of one canonical tensor; fused GLU fc1 shards are [gate_r; up_r]."""
   if len(shards) == 1:
     return shards[0]
   axis = _TP_CONCAT_AXIS.get(name)
   if axis is None:  # replicated: norms, row-parallel biases, position embeddings
     return shards[0]
-  if gated and name in ('fc1.weight', 'fc1.bias'):
+  if fused_glu and name in ('fc1.weight', 'fc1.bias'):
     halves = [np.split(s, 2, axis=0) for s in shards]
     return np.concatenate([h[0] for h in halves] + [h[1] for h in halves], axis=0)
   return np.concatenate(shards, axis=axis)
@@ -197,8 +197,8 @@ _TRANSFORMS: dict[str, list[tuple[tuple, Callable]]] = {
     'proj.weight': [(('attn', 'o', 'kernel'), lambda c, t: t.T.reshape(
         c.num_attention_heads, c.head_dim, c.hidden_size))],
     'proj.bias': [(('attn', 'o', 'bias'), lambda c, t: t)],
-    'fc1.weight': [(('mlp', 'fc1', 'kernel'), _fc1)],
-    'fc1.bias': [(('mlp', 'fc1', 'bias'), _fc1)],
+    'fc1.weight': [(('mlp', 'fc1', 'kernel'), lambda c, t: _fc1(c, t))],
+    'fc1.bias': [(('mlp', 'fc1', 'bias'), lambda c, t: _fc1(c, t))],
     'fc2.weight': [(('mlp', 'fc2', 'kernel'), lambda c, t: t.T)],
     'fc2.bias': [(('mlp', 'fc2', 'bias'), lambda c, t: t)],
     # jkd's layernorm1p keeps NeMo's zero-centred weight as-is (1 + w happens in the model).
@@ -248,7 +248,7 @@ def _where(archive, name: str, layer: int | None) -> str:
   return f'{archive.path}: {name}' + (f' (layer {layer})' if layer is not None else '')
 
 
-def _merged_shape(name: str, shapes: list[tuple], gated: bool) -> tuple:
+def _merged_shape(name: str, shapes: list[tuple]) -> tuple:
   axis = _TP_CONCAT_AXIS.get(name)
   if len(shapes) == 1 or axis is None:
     return shapes[0]
@@ -280,6 +280,8 @@ def _legacy_sources(archive, gated: bool, num_layers: int) -> list[Source]:
     # Only the pickles are read here; tensors stay in the (seekable) zip members.
     dicts = [torch_pickle.load(archive.open(ranks[(tp, pp)]), f'{archive.path}: '
                                f'{ranks[(tp, pp)]}') for tp in range(tp_size)]
+    # fast-*glu fuses [gate_r; up_r] per rank; non-fast GLU keeps the up branch apart.
+    fused_glu = gated and not any(k.endswith('dense_h_to_4h_2.weight') for k in dicts[0])
     for key in dicts[0]:
       named = canonical(key, f'{archive.path}: {ranks[(0, pp)]}')
       if named is None:
@@ -293,8 +295,8 @@ def _legacy_sources(archive, gated: bool, num_layers: int) -> list[Source]:
           raise ValueError(f'{archive.path}: {ranks[(tp, pp)]}: tensor {key} is missing')
         shards.append(d[key])
       read = lambda cname=cname, shards=shards: merge_tp(cname, [s.load() for s in shards],
-                                                         gated)
-      sources.append(Source(layer, cname, _merged_shape(cname, [s.shape for s in shards], gated),
+                                                         fused_glu)
+      sources.append(Source(layer, cname, _merged_shape(cname, [s.shape for s in shards]),
                             shards[0].dtype, read, _where(archive, cname, layer)))
   return sources
 
@@ -351,13 +353,17 @@ def _torch_dist_sources(archive, weights_dir: str) -> list[Source]:
 _DIST_BACKENDS = {'zarr': _zarr_sources, 'torch_dist': _torch_dist_sources}
 
 
-def open_nemo(archive: nemo_archive.NemoArchive) -> tuple[model.ModelConfig, Iterator[model.Params]]:
-  """A .nemo in any supported layout -> (ModelConfig, partial params trees in stored dtype).
+def open_nemo(archive: nemo_archive.NemoArchive):
+  """A .nemo in any supported layout -> (ModelConfig, Tokenizer or None, params parts).
 
-  The trees are produced lazily, one group of leaves at a time (see assemble.py); the
-  archive must stay open until they are consumed.
+  The parts are partial params trees in the stored dtype, produced lazily one group of
+  leaves at a time (see assemble.py); the archive must stay open until they are consumed.
+  The vocabulary size comes from the tokenizer, the padded size from the embedding.
   """
   raw = read_raw_config(archive)
+  tok = None
+  if raw.get('tokenizer'):
+    tok = tokenizer.from_nemo(archive, raw['tokenizer'], f'{archive.path}: model_config.yaml')
   if archive.exists('model_weights/metadata.json'):
     meta = json.loads(archive.read_text('model_weights/metadata.json'))
     backend = meta.get('sharded_backend')
@@ -371,14 +377,13 @@ def open_nemo(archive: nemo_archive.NemoArchive) -> tuple[model.ModelConfig, Ite
   embedding = [s for s in sources if s.name == 'embedding']
   if not embedding:
     raise ValueError(f'{archive.path}: the word embedding tensor is missing')
-  # The padded vocabulary is whatever the embedding holds.
-  cfg = model_config(raw, vocab_size=None, padded_vocab=embedding[0].shape[0],
-                     where=f'{archive.path}: model_config.yaml')
-  return cfg, assemble(cfg, sources, functools.partial(_targets, cfg), archive.path)
+  cfg = model_config(raw, vocab_size=tok.vocab_size if tok else None,
+                     padded_vocab=embedding[0].shape[0], where=f'{archive.path}: model_config.yaml')
+  return cfg, tok, assemble(cfg, sources, functools.partial(_targets, cfg), archive.path)
 
 
 def load_nemo(path: str) -> tuple[model.ModelConfig, model.Params]:
   """Reads a .nemo (tar or directory) -> (ModelConfig, params in the stored dtype)."""
   with nemo_archive.NemoArchive(path) as archive:
-    cfg, parts = open_nemo(archive)
+    cfg, _, parts = open_nemo(archive)
     return cfg, collect(parts)

@@ -1,0 +1,177 @@
+"""The .nemo exporter: round trips, torch's own DCP reader as the oracle, tokenizer artifacts."""
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+import jax
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from jkd import model
+from jkd import tokenizer as jt
+from tests import hf_reference as ref
+from tests import nemo_fixtures as fx
+from tests.test_tokenizer import CORPUS
+from third_party.convert import from_nemo, to_nemo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENS = np.random.default_rng(0).integers(0, 200, (2, ref.T), dtype=np.int32)
+
+
+def _hf(arch):
+  kwargs = {'padded_vocab': ref.V} if arch == 'llama' else {}
+  return ref.ARCHITECTURES[arch](**kwargs)[2]
+
+
+def _same(a, b) -> bool:
+  leaves = jax.tree.leaves(jax.tree.map(
+      lambda x, y: x.dtype == y.dtype and np.array_equal(x, y), a, b))
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(leaves)
+
+
+@pytest.mark.parametrize('arch', sorted(ref.ARCHITECTURES))
+def test_nemo_to_jkd_to_nemo_to_jkd_is_identical(tmp_path, arch):
+  """Legacy TP2 .nemo -> jkd -> Megatron-Core torch_dist .nemo -> jkd: same config, same bits."""
+  fx.write_legacy(tmp_path / 'a.nemo', arch, _hf(arch), tp=2)
+  cfg, params = from_nemo.load_nemo(str(tmp_path / 'a.nemo'))
+  to_nemo.export_nemo(cfg, params, str(tmp_path / 'b.nemo'), dtype='float32')
+  cfg2, params2 = from_nemo.load_nemo(str(tmp_path / 'b.nemo'))
+  assert cfg2 == cfg
+  assert _same(params, params2)
+
+
+@pytest.mark.parametrize('arch', sorted(ref.ARCHITECTURES))
+def test_torch_dcp_reads_the_export_as_megatron_core_tensors(tmp_path, arch):
+  """torch's own DCP loader (no jkd code) reads MCore keys and stacked shapes equal to the
+  canonical tensors built from the HF model (nemo_fixtures), and one chunk per layer."""
+  from torch.distributed.checkpoint import FileSystemReader, load
+  from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+  hf = _hf(arch)
+  fx.write_legacy(tmp_path / 'a.nemo', arch, hf)
+  cfg, params = from_nemo.load_nemo(str(tmp_path / 'a.nemo'))
+  out = to_nemo.export_nemo(cfg, params, str(tmp_path / 'b'), dtype='float32')
+  _, state = fx.canonical_state(arch, hf)
+  expected = {fx._MCORE[n]: a for (layer, n), a in state.items() if layer is None}
+  for name in {n for (layer, n) in state if layer is not None}:
+    expected[f'model.decoder.layers.{fx._MCORE_LAYER[name]}'] = np.stack(
+        [state[(i, name)] for i in range(ref.L)])
+  if cfg.share_embeddings_and_output_weights:
+    expected.pop(fx._MCORE['output.weight'], None)
+  reader = FileSystemReader(os.path.join(out, 'model_weights'))
+  md = reader.read_metadata()
+  tensors = {k: m for k, m in md.state_dict_metadata.items()
+             if isinstance(m, TensorStorageMetadata)}
+  assert set(tensors) == set(expected)
+  sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in tensors.items()}
+  load(sd, storage_reader=reader, no_dist=True)
+  for key, want in expected.items():
+    np.testing.assert_array_equal(sd[key].numpy(), want, err_msg=key)
+    if key.startswith('model.decoder.layers.'):
+      assert len(tensors[key].chunks) == ref.L, key
+  extra = [k for k in md.state_dict_metadata if k.endswith(f'_extra_state/shard_0_{ref.L}')]
+  assert len(extra) == 4
+  raw = yaml.safe_load(open(os.path.join(out, 'model_config.yaml')))
+  assert raw['mcore_gpt'] is True and raw['dist_ckpt_format'] == 'torch_dist'
+  assert open(os.path.join(out, 'model_weights', 'metadata.json')).read().count('torch_dist')
+
+
+def test_bf16_export_round_trips_to_bf16_params(tmp_path):
+  fx.write_legacy(tmp_path / 'a.nemo', 'gpt2b', _hf('gpt2b'))
+  cfg, params = from_nemo.load_nemo(str(tmp_path / 'a.nemo'))
+  to_nemo.export_nemo(cfg, params, str(tmp_path / 'b.nemo'), dtype='bfloat16')
+  _, params2 = from_nemo.load_nemo(str(tmp_path / 'b.nemo'))
+  assert _same(jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), params), params2)
+
+
+def _sentencepiece(vocab_size: int) -> bytes:
+  """A SentencePiece model small enough for the fixtures' 256 embedding rows."""
+  import io
+  import sentencepiece as spm
+  out = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_writer=out,
+                                 vocab_size=vocab_size, model_type='bpe', pad_id=3,
+                                 minloglevel=2)
+  return out.getvalue()
+
+
+def _with_tokenizer(tmp_path, arch) -> tuple[str, jt.Tokenizer, object]:
+  """A zarr .nemo directory plus a SentencePiece artifact with a double uuid prefix."""
+  hf = _hf(arch)
+  path = tmp_path / 'src'
+  fx.write_zarr(path, arch, hf)
+  proto = _sentencepiece(200)
+  member = '586f3f51a9cf43bc9369bd53fa08868c_2053796188904e679f7e2754a2a1f280_tok.model'
+  (path / member).write_bytes(proto)
+  raw = yaml.safe_load((path / 'model_config.yaml').read_text())
+  raw['tokenizer'] = {'library': 'sentencepiece', 'type': None, 'model': f'nemo:{member}'}
+  (path / 'model_config.yaml').write_text(yaml.safe_dump({'model': raw}))
+  return str(path), jt.Tokenizer('sentencepiece', {'tokenizer.model': proto}, bos_id=1,
+                                 eos_id=2, pad_id=3), hf
+
+
+def _cli(*args):
+  proc = subprocess.run([sys.executable, '-m', 'jkd.main', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_cli_convert_then_export_carries_weights_and_tokenizer(tmp_path):
+  """convert (.nemo + tokenizer) -> model dir -> export .nemo and HF; every hop keeps the
+  logits (HF reference) and the tokenizer (same ids, `nemo:` artifact with a fresh uuid)."""
+  src, tok, hf = _with_tokenizer(tmp_path, 'gpt2b')
+  _cli('--config', 'configs/convert.py', f'--config.convert.source={src}',
+       f'--config.convert.output={tmp_path}/m')
+  cfg, params = model.load(str(tmp_path / 'm'))
+  assert cfg.vocab_size == 200 and cfg.padded_vocab == ref.V
+  assert jt.load(str(tmp_path / 'm')).encode('Hello wörld 7') == tok.encode('Hello wörld 7')
+  _cli('--config', 'configs/export.py', f'--config.export.source={tmp_path}/m',
+       f'--config.export.nemo={tmp_path}/out.nemo', f'--config.export.hf={tmp_path}/hf',
+       '--config.export.dtype=float32')
+  with tarfile.open(tmp_path / 'out.nemo') as tar:
+    names = tar.getnames()
+  artifact = [n for n in names if re.fullmatch(r'\./[0-9a-f]{32}_tokenizer\.model', n)]
+  assert len(artifact) == 1 and './model_config.yaml' in names
+  cfg2, params2 = from_nemo.load_nemo(str(tmp_path / 'out.nemo'))
+  assert cfg2 == cfg and _same(params, params2)
+  want = ref.hf_logits(hf, TOKENS)[..., :200]
+  ours = np.asarray(jax.jit(lambda p, t: model.forward(cfg2, p, t))(params2, TOKENS))
+  assert np.abs(ours - want).max() <= 1e-4
+  from transformers import AutoModelForCausalLM
+  exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / 'hf'), dtype=torch.float32)
+  assert np.abs(ref.hf_logits(exported, TOKENS) - want).max() <= 1e-4
+  assert os.path.isfile(tmp_path / 'hf' / 'tokenizer.model')
+
+
+def test_missing_tokenizer_file_is_one_line_error(tmp_path):
+  src, _, _ = _with_tokenizer(tmp_path, 'llama')
+  for f in os.listdir(src):
+    if f.endswith('tok.model'):
+      os.remove(os.path.join(src, f))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'jkd.main', '--config', 'configs/convert.py',
+       f'--config.convert.source={src}', f'--config.convert.output={tmp_path}/m'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert re.fullmatch(r'jkd: error: .*src.*tokenizer\.model.*tok\.model.*\n', proc.stderr)
+
+
+def test_export_without_torch_names_the_extra(tmp_path, monkeypatch):
+  fx.write_legacy(tmp_path / 'a.nemo', 'llama', _hf('llama'))
+  cfg, params = from_nemo.load_nemo(str(tmp_path / 'a.nemo'))
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  with pytest.raises(ImportError, match=r"jkd\[convert\]"):
+    to_nemo.export_nemo(cfg, params, str(tmp_path / 'b.nemo'))
+  assert not os.path.exists(tmp_path / 'b.nemo')
+
+
+def test_export_refuses_to_overwrite(tmp_path):
+  fx.write_legacy(tmp_path / 'a.nemo', 'llama', _hf('llama'))
+  cfg, params = from_nemo.load_nemo(str(tmp_path / 'a.nemo'))
+  with pytest.raises(FileExistsError, match='a.nemo: already exists'):
+    to_nemo.export_nemo(cfg, params, str(tmp_path / 'a.nemo'))
