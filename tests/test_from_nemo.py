@@ -128,20 +128,14 @@ def test_missing_glu_half_is_a_clear_error(tmp_path):
     from_nemo.load_nemo(str(tmp_path / 'cut.nemo'))
 
 
-def test_malicious_torch_dist_metadata_is_refused(tmp_path):
-  import pickle
-  marker = tmp_path / 'pwned'
+class _Evil:
+  """Unpickling this runs `touch marker`: a reader that executes code would create the file."""
 
-  class Evil:
-    def __reduce__(self):
-      return (os.system, (f'touch {marker}',))
+  def __init__(self, marker):
+    self.marker = marker
 
-  fx.write_torch_dist(tmp_path / 'd', 'llama', _hf('llama'))
-  (tmp_path / 'd' / 'model_weights' / '.metadata').write_bytes(pickle.dumps(Evil()))
-  with pytest.raises(ValueError, match=r'model_weights/\.metadata: refusing to unpickle '
-                                       r'posix\.system'):
-    from_nemo.load_nemo(str(tmp_path / 'd'))
-  assert not marker.exists()
+  def __reduce__(self):
+    return (os.system, (f'touch {self.marker}',))
 
 
 def test_missing_torch_dist_data_file_is_a_clear_error(tmp_path):
@@ -195,23 +189,30 @@ def test_link_leaving_the_archive_is_refused(tmp_path):
     from_nemo.load_nemo(str(tmp_path / 'bad.nemo'))
 
 
-def test_malicious_pickle_is_refused_without_running_it(tmp_path):
+def _evil_legacy(tmp_path, marker):
   import torch
-  marker = tmp_path / 'pwned'
-
-  class Evil:
-    def __reduce__(self):
-      return (os.system, (f'touch {marker}',))
-
   buf = io.BytesIO()
-  torch.save({'model.language_model.embedding.word_embeddings.weight': Evil()}, buf)
+  torch.save({'model.language_model.embedding.word_embeddings.weight': _Evil(marker)}, buf)
   cfg = b'num_layers: 1\nhidden_size: 8\nffn_hidden_size: 8\nnum_attention_heads: 2\n'
   _tar_with(tmp_path / 'evil.nemo', [(_info('./model_config.yaml', cfg), cfg),
                                      (_info('./model_weights.ckpt', buf.getvalue()),
                                       buf.getvalue())])
-  with pytest.raises(ValueError, match=r'evil\.nemo: model_weights\.ckpt: refusing to unpickle '
-                                       r'posix\.system'):
-    from_nemo.load_nemo(str(tmp_path / 'evil.nemo'))
+  return tmp_path / 'evil.nemo', r'evil\.nemo: model_weights\.ckpt: refusing to unpickle posix\.system'
+
+
+def _evil_torch_dist(tmp_path, marker):
+  import pickle
+  fx.write_torch_dist(tmp_path / 'd', 'llama', _hf('llama'))
+  (tmp_path / 'd' / 'model_weights' / '.metadata').write_bytes(pickle.dumps(_Evil(marker)))
+  return tmp_path / 'd', r'model_weights/\.metadata: refusing to unpickle posix\.system'
+
+
+@pytest.mark.parametrize('write', [_evil_legacy, _evil_torch_dist])
+def test_malicious_pickle_is_refused_without_running_it(tmp_path, write):
+  marker = tmp_path / 'pwned'
+  path, message = write(tmp_path, marker)
+  with pytest.raises(ValueError, match=message):
+    from_nemo.load_nemo(str(path))
   assert not marker.exists()
 
 
