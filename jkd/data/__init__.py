@@ -1,0 +1,1 @@
+"""jkd.data: chat template, OASST preprocessing, the logit store and the Grain pipeline."""

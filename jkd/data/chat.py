@@ -1,0 +1,309 @@
+"""SFT examples as NeMo builds them: the chat template and loss mask, the plain format, collate.
+
+Transcribed from NeMo at 19668e53 (the commit NeMo-Aligner pins; spec §1.2, §5.2):
+`gpt_sft_chat_dataset.py` (`_get_header_conversation_type_mask_role`, `_add_speaker_and_signal`,
+`preprocess`, `_mask_targets`, `collate_fn`) and `gpt_sft_dataset.py` (`_separate_template`,
+`_multiple_truncation`, `_process_example`). The teacher is scored on exactly these tokens, so
+the quirks that decide token boundaries are kept:
+
+- The conversation string is tokenised once; the turn spans inside it are not found there but
+  placed by summing per-turn lengths from the end of the header. Each turn's ids come from
+  tokenising '\\x00' + turn and dropping the ids of '\\x00' (NeMo's PREFIX_STR hack against
+  SentencePiece's dummy prefix). If a tokenizer merges across a turn boundary the spans shift;
+  NeMo only logs a warning ("a sentence mismatches ..."), and so do we.
+- The name prefix length is tokenised the same way ('\\x00' + turn_start + name + end_of_name),
+  and `num_turn_start_tokens` (what user turns i > 1 keep trained) is len('\\x00' + turn_start)
+  minus len('\\x00'): with a SentencePiece model lacking `<extra_id_1>` it is 7 pieces.
+- VALUE_TO_TEXT: the label span runs to the first `end_of_name` ids after the name. If none
+  is found (a tokenizer merged the newline into a neighbour), the whole turn is masked and the
+  cursor is not advanced, so every later span is shifted back by that turn's length.
+- Turn 0 is fully masked whatever its role; a masked-role turn at i == 1 is fully masked; at
+  i > 1 its leading turn_start ids stay trained (the end-of-answer signal); an unmasked last
+  turn gets one more turn_start appended, which is trained.
+- Labels: a str label adds `label_start + label + end_of_name`, None adds nothing, a turn with
+  no 'label' key adds nothing; with no 'type' the labels are ignored.
+
+Not reproduced: `contexts`/`answers`/`metadata` (the teacher records drop them); NeMo's chat
+collate pads to ceil8(max(len(tokens), len(context))), one more than the tokens when the last
+token is masked, where `collate` pads to ceil8(len(tokens)) (padding only, never content); the
+plain format's `unicode_escape` of the prompt template (our configs are Python, not CLI text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+
+import numpy as np
+
+PREFIX = '\x00'  # NeMo's PREFIX_STR
+SYSTEM_NAME = 'System'
+TYPES = ('VALUE_TO_TEXT', 'TEXT_TO_VALUE')  # NeMo's TYPE_INSTRUCTION keys (both add no text)
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTokens:
+  """NeMo's `chat_prompt_tokens` (defaults of `GPTSFTDataset` and the teacher YAML)."""
+  system_turn_start: str = '<extra_id_0>'
+  turn_start: str = '<extra_id_1>'
+  label_start: str = '<extra_id_2>'
+  end_of_turn: str = '\n'
+  end_of_name: str = '\n'
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+  """A chat record as text: header, one string per turn, and the whole conversation."""
+  header: str
+  turns: list[str]
+  text: str
+  speakers: list[str]
+  gtype: str | None
+  mask_role: str
+
+
+def _label_text(turn: dict, tokens: ChatTokens, where: str) -> str:
+  label = turn.get('label')
+  if label is None:
+    return ''
+  if not isinstance(label, str):
+    raise ValueError(f'{where}.label: expected a string or null, got {type(label).__name__}')
+  return tokens.label_start + label + tokens.end_of_name
+
+
+def render(record: dict, tokens: ChatTokens = ChatTokens()) -> Rendered:
+  """The strings NeMo builds from a chat record (no tokenisation)."""
+  if not isinstance(record, dict):
+    raise ValueError(f'chat record: expected an object, got {type(record).__name__}')
+  for key in ('system', 'conversations'):
+    if key not in record:
+      raise ValueError(f'chat record has no {key!r}')
+  system, convs = record['system'], record['conversations']
+  if not isinstance(system, str):
+    raise ValueError("chat record: 'system' must be a string")
+  if not isinstance(convs, list) or not convs:
+    raise ValueError("chat record: 'conversations' must be a non-empty list")
+  gtype = record.get('type')
+  if gtype is not None and gtype not in TYPES:
+    raise ValueError(f'chat record: type {gtype!r} is not one of {", ".join(TYPES)} or null')
+  mask_role = record.get('mask', 'User')
+  header = (tokens.system_turn_start + SYSTEM_NAME + tokens.end_of_name + system
+            + tokens.end_of_turn)
+  turns, speakers = [], []
+  for i, turn in enumerate(convs):
+    where = f'conversations[{i}]'
+    if not isinstance(turn, dict) or not isinstance(turn.get('from'), str) or not isinstance(
+        turn.get('value'), str):
+      raise ValueError(f"{where}: needs string 'from' and 'value'")
+    name = tokens.turn_start + turn['from'] + tokens.end_of_name
+    label = _label_text(turn, tokens, where) if gtype is not None else ''
+    if gtype == 'TEXT_TO_VALUE':
+      turns.append(name + turn['value'] + tokens.end_of_turn + label)
+    else:
+      turns.append(name + label + turn['value'] + tokens.end_of_turn)
+    speakers.append(turn['from'])
+  text = header + ''.join(turns)
+  if speakers[-1] != mask_role:  # the next turn's start closes the answer and is trained
+    text += tokens.turn_start
+  return Rendered(header, turns, text, speakers, gtype, mask_role)
+
+
+def _tail_ids(tok, text: str) -> list[int]:
+  """Ids of `text` as NeMo counts them mid-string: tokenised after '\\x00', those ids dropped."""
+  return tok.encode(PREFIX + text)[len(tok.encode(PREFIX)):]
+
+
+def _find(sub: list[int], seq: list[int]) -> int:
+  """First index of `sub` in `seq`, or -1 (NeMo's identify_start_index_of_subsequence)."""
+  n = len(sub)
+  for i in range(len(seq) - n + 1):
+    if seq[i:i + n] == sub:
+      return i
+  return -1
+
+
+def encode_chat(record: dict, tok, *, tokens: ChatTokens = ChatTokens()
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """(input_ids int32 [S], mask bool [S]) of a chat record; mask marks trained positions.
+
+  Exactly NeMo's `preprocess` + `_mask_targets` (see the module docstring for the quirks).
+  No BOS/EOS is added, as in NeMo's chat path.
+  """
+  r = render(record, tokens)
+  ids = tok.encode(r.text)
+  header_ids = tok.encode(r.header)
+  if ids[:len(header_ids)] != header_ids:
+    raise ValueError('chat record: the header tokenises differently inside the conversation')
+  if r.mask_role not in r.speakers:
+    raise ValueError(f'chat record: mask role {r.mask_role!r} is not a speaker')
+  keep = np.ones(len(ids), bool)
+  keep[:len(header_ids)] = False
+  label_ids = _tail_ids(tok, tokens.label_start)
+  name_end_ids = _tail_ids(tok, tokens.end_of_name)
+  n_turn_start = len(_tail_ids(tok, tokens.turn_start))
+  cur = len(header_ids)
+  for i, (turn, speaker) in enumerate(zip(r.turns, r.speakers)):
+    s_id = _tail_ids(tok, turn)
+    length = len(s_id)
+    skip = len(_tail_ids(tok, tokens.turn_start + speaker + tokens.end_of_name))
+    loc = _find(label_ids, s_id)
+    if loc >= 0 and r.gtype == 'VALUE_TO_TEXT':
+      if loc != skip:  # NeMo asserts this
+        raise ValueError(f'conversations[{i}]: label_start found at token {loc}, not right '
+                         f'after the {skip}-token name')
+      newline = _find(name_end_ids, s_id[skip:])
+      if newline < 0:
+        keep[cur:cur + length] = False
+        continue  # NeMo's quirk: the cursor stays, later spans shift back
+      skip += newline + len(name_end_ids)
+    elif loc >= 0 and r.gtype == 'TEXT_TO_VALUE':
+      skip = loc + len(label_ids)
+    if cur >= len(ids):
+      break
+    if cur + length < len(ids) and ids[cur + 1:cur + length] != s_id[1:]:
+      _log.warning('a sentence mismatches the corresponding piece in the conversation')
+    if i == 0 and r.gtype != 'TEXT_TO_VALUE':
+      keep[cur:cur + length] = False  # context for the rest
+    elif speaker == r.mask_role and (i > 1 or (i == 1 and r.gtype == 'TEXT_TO_VALUE')):
+      keep[cur + n_turn_start:cur + length] = False  # its turn_start ends the previous answer
+    elif speaker == r.mask_role:
+      keep[cur:cur + length] = False
+    else:
+      keep[cur:cur + skip] = False  # name (and label) prefix
+    cur += length
+  if not keep.any():
+    raise ValueError('chat record: no token is trained (NeMo: "mask is empty")')
+  return np.asarray(ids, np.int32), keep
+
+
+def _truncate(ids: list[int], keep: int, method: str) -> list[int]:
+  if keep == 0:
+    return []
+  return ids[-keep:] if method == 'left' else ids[:keep]
+
+
+def encode_plain(record: dict, tok, *, input_key: str = 'input', output_key: str = 'output',
+                 prompt_template: str = '{input} {output}', add_bos: bool = False,
+                 add_eos: bool = True, add_sep: bool = False, sep_id: int | None = None,
+                 max_seq_length: int | None = None, truncation: str = 'right'
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(input_ids int32, mask bool) of NeMo's non-chat `GPTSFTDataset` format.
+
+  `output_key` is NeMo's `label_key` (it must close the template), `input_key` its
+  `truncation_field`: when the example exceeds `max_seq_length` that field loses the excess
+  (`truncation` 'right' cuts its end), then whole template pieces from the end ('right') or
+  start ('left'). The mask covers the answer and EOS (NeMo's answer_only_loss).
+  """
+  if truncation not in ('right', 'left'):
+    raise ValueError(f'truncation={truncation!r}: expected right or left')
+  keys = re.findall(r'{(.*?)}', prompt_template)
+  if not prompt_template.endswith('{' + output_key + '}'):
+    raise ValueError(f'prompt_template {prompt_template!r} must end with {{{output_key}}}')
+  if input_key not in keys:
+    raise ValueError(f'prompt_template {prompt_template!r} has no {{{input_key}}}')
+  if add_sep and sep_id is None:
+    raise ValueError('add_sep needs sep_id')
+  values = {}
+  for k in keys:
+    if not isinstance(record.get(k), str):
+      raise ValueError(f'plain record: {k!r} must be a string')
+    values['{' + k + '}'] = record[k].strip(' ')
+  # NeMo's _separate_template: split before placeholders (with their leading spaces); a
+  # tokenizer that is not space sensitive ('x y' == 'x' + 'y', e.g. SentencePiece) drops one.
+  pieces = [s for s in re.split('( *?{.+?})', prompt_template) if s]
+  space_sensitive = tok.encode('x y') != tok.encode('x') + tok.encode('y')
+  template_ids, fields = [], []
+  for s in pieces:
+    if not space_sensitive and s[0] == ' ':
+      s = s[1:]
+    ph = s.lstrip(' ')
+    template_ids.append(tok.encode(s[:len(s) - len(ph)] + values.get(ph, ph)))
+    fields.append(ph[1:-1] if ph in values else None)
+  extra = add_bos + add_sep + add_eos
+  excess = sum(map(len, template_ids)) + extra - (max_seq_length or 0)
+  if max_seq_length is not None and excess > 0:
+    i = fields.index(input_key)
+    cut = min(excess, len(template_ids[i]))
+    template_ids[i] = _truncate(template_ids[i], len(template_ids[i]) - cut, truncation)
+    excess -= cut
+    order = range(len(template_ids)) if truncation == 'left' else reversed(
+        range(len(template_ids)))
+    for j in order:
+      if excess <= 0:
+        break
+      cut = min(excess, len(template_ids[j]))
+      template_ids[j] = _truncate(template_ids[j], len(template_ids[j]) - cut, truncation)
+      excess -= cut
+  context = [t for ids in template_ids[:-1] for t in ids]
+  if add_bos:
+    context = [tok.bos_id] + context
+  if add_sep:
+    context = context + [sep_id]
+  ids = context + template_ids[-1] + ([tok.eos_id] if add_eos else [])
+  if None in ids:
+    raise ValueError('plain record: the tokenizer has no bos/eos id for add_bos/add_eos')
+  return np.asarray(ids, np.int32), np.arange(len(ids)) >= len(context)
+
+
+def to_example(input_ids, mask, max_seq_length: int | None, truncation: str = 'right'
+               ) -> dict[str, np.ndarray]:
+  """NeMo's collate for one example, unpadded: tokens/labels shifted by one, int32."""
+  if truncation not in ('right', 'left'):
+    raise ValueError(f'truncation={truncation!r}: expected right or left')
+  ids = np.asarray(input_ids, np.int32)
+  m = np.asarray(mask).astype(np.int32)
+  out = {'tokens': ids[:-1], 'labels': ids[1:], 'loss_mask': m[1:]}
+  if max_seq_length is not None and len(out['tokens']) > max_seq_length:
+    part = (slice(None, max_seq_length) if truncation == 'right'
+            else slice(len(out['tokens']) - max_seq_length, None))
+    out = {k: v[part] for k, v in out.items()}
+  return out
+
+
+def collate(examples: list[dict], pad_id: int, multiple: int = 8,
+            max_seq_length: int | None = None) -> dict[str, np.ndarray]:
+  """[B, L] int32 tokens/labels (padded with `pad_id`, NeMo uses eos) and loss_mask (0);
+  L = min(max_seq_length, the batch's longest rounded up to `multiple`), longer rows cut."""
+  if not examples:
+    raise ValueError('collate: no examples')
+  if pad_id is None:
+    raise ValueError('collate: pad_id is None (the tokenizer has no eos id)')
+  longest = max(len(e['tokens']) for e in examples)
+  length = -(-longest // multiple) * multiple
+  if max_seq_length is not None:
+    length = min(length, max_seq_length)
+  out = {k: np.full((len(examples), length), pad, np.int32)
+         for k, pad in (('tokens', pad_id), ('labels', pad_id), ('loss_mask', 0))}
+  for b, e in enumerate(examples):
+    for k, v in out.items():
+      row = np.asarray(e[k])[:length]
+      v[b, :len(row)] = row
+  return out
+
+
+def read_jsonl(path: str, tok, *, fmt: str = 'chat', max_seq_length: int | None,
+               chat_tokens: ChatTokens = ChatTokens(), **plain_kwargs) -> list[dict]:
+  """Examples (tokens, labels, loss_mask, index) of a chat or plain JSONL file, in file order;
+  `index` counts records (blank lines are skipped). `plain_kwargs` go to `encode_plain`."""
+  if fmt not in ('chat', 'plain'):
+    raise ValueError(f'format {fmt!r}: expected chat or plain')
+  examples = []
+  with open(path, encoding='utf-8') as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        if fmt == 'chat':
+          ids, mask = encode_chat(record, tok, tokens=chat_tokens)
+        else:
+          ids, mask = encode_plain(record, tok, max_seq_length=max_seq_length, **plain_kwargs)
+      except ValueError as e:  # json.JSONDecodeError is a ValueError too
+        raise ValueError(f'{path}:{lineno}: {e}') from None
+      example = to_example(ids, mask, max_seq_length)
+      example['index'] = len(examples)
+      examples.append(example)
+  return examples

@@ -1,0 +1,281 @@
+"""NeMo's chat template, loss mask, plain format and collate (jkd.data.chat) vs hand-built ids."""
+
+import json
+import string
+
+import numpy as np
+import pytest
+import tokenizers
+from tokenizers import decoders, models
+
+from jkd import assets
+from jkd import tokenizer as jt
+from jkd.data import chat
+
+SPECIAL = ['<extra_id_0>', '<extra_id_1>', '<extra_id_2>', '</s>']
+RECORD = {
+    'system': 'Be brief.',
+    'conversations': [
+        {'value': 'Hi! What is 2+2?', 'from': 'User', 'label': None},
+        {'value': 'It is 4.', 'from': 'Assistant', 'label': 'quality:4,toxicity:0'},
+        {'value': 'And 3+3?', 'from': 'User', 'label': None},
+        {'value': 'Six.', 'from': 'Assistant', 'label': 'quality:3'}],
+    'mask': 'User', 'type': 'VALUE_TO_TEXT'}
+TEXT = ('<extra_id_0>System\nBe brief.\n'
+        '<extra_id_1>User\nHi! What is 2+2?\n'
+        '<extra_id_1>Assistant\n<extra_id_2>quality:4,toxicity:0\nIt is 4.\n'
+        '<extra_id_1>User\nAnd 3+3?\n'
+        '<extra_id_1>Assistant\n<extra_id_2>quality:3\nSix.\n'
+        '<extra_id_1>')
+# Mistral-7B v0.1's SentencePiece ids of TEXT. `<extra_id_N>` is not a piece there: it is
+# 7 pieces, '▁<' first in the string and '<' (28789) after a newline byte (<0x0A> = 13).
+EXTRA = [28789, 13539, 28730, 313, 28730]  # '<' 'extra' '_' 'id' '_'
+ID0, ID1, ID2 = ([28734, 28767], [28740, 28767], [28750, 28767])  # '0' '>', '1' '>', '2' '>'
+SP_IDS = (
+    [523] + EXTRA[1:] + ID0 + [3099, 13]  # ▁< extra _ id _ 0 > System \n
+    + [3574, 6817, 28723, 13]  # Be ▁brief . \n
+    + EXTRA + ID1 + [730, 13] + [23809, 28808, 1824, 349, 28705, 28750, 28806, 28750, 28804, 13]
+    + EXTRA + ID1 + [7226, 11143, 13]  # Ass istant \n
+    + EXTRA + ID2 + [14817, 28747, 28781, 28725, 532, 14443, 472, 28747, 28734, 13]
+    + [1313, 349, 28705, 28781, 28723, 13]  # It ▁is ▁ 4 . \n
+    + EXTRA + ID1 + [730, 13] + [2467, 28705, 28770, 28806, 28770, 28804, 13]
+    + EXTRA + ID1 + [7226, 11143, 13]
+    + EXTRA + ID2 + [14817, 28747, 28770, 13]  # quality : 3 \n
+    + [28735, 833, 28723, 13]  # S ix . \n
+    + EXTRA + ID1)
+# Trained [start, end): the first answer's 'It is 4.\n' (59..64) and the next user turn's
+# 7 turn_start pieces (65..71); 'Six.\n' (102..105) and the appended '<extra_id_1>' (106..112).
+# Masked: header (0..12), turn 0 (13..31), each name + label prefix, user text after its tag.
+SP_TRAINED = [(59, 72), (102, 113)]
+
+
+def runs(mask) -> list[tuple[int, int]]:
+  """[start, end) of each run of ones."""
+  m = np.concatenate([[0], np.asarray(mask, np.int8), [0]])
+  edges = np.flatnonzero(np.diff(m))
+  return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def trained_text(tok, ids, mask) -> list[str]:
+  return [tok.decode(ids[a:b]) for a, b in runs(mask)]
+
+
+@pytest.fixture(scope='module')
+def mistral():
+  with open(assets.mistral_sentencepiece(verbose=False), 'rb') as f:
+    return jt.Tokenizer('sentencepiece', {'tokenizer.model': f.read()}, bos_id=1, eos_id=2,
+                        pad_id=None)
+
+
+def char_tokenizer(merges=()) -> jt.Tokenizer:
+  """A character-level `tokenizers` BPE (plus `merges`) with the chat tags as added tokens: one
+  id per character, so expected spans are character counts."""
+  chars = sorted(set(string.printable) | {'\x00'})
+  vocab = {c: i for i, c in enumerate(chars)}
+  for a, b in merges:
+    vocab[a + b] = len(vocab)
+  tok = tokenizers.Tokenizer(models.BPE(vocab, list(merges)))
+  tok.decoder = decoders.Fuse()  # decode = concatenation
+  tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                          for t in SPECIAL])
+  return jt.Tokenizer('huggingface', {'tokenizer.json': tok.to_str().encode()}, bos_id=None,
+                      eos_id=tok.token_to_id('</s>'), pad_id=None)
+
+
+def test_render_builds_nemo_template():
+  """The string NeMo's _add_speaker_and_signal builds (spec §5.2), trailing tag included."""
+  assert chat.render(RECORD).text == TEXT
+  assert RECORD['conversations'][0]['value'] == 'Hi! What is 2+2?'  # NeMo mutates; we don't
+
+
+def test_golden_mistral_sentencepiece(mistral):
+  """Exact ids and trained spans with a real pretrained SentencePiece model."""
+  assert mistral.encode(TEXT) == SP_IDS  # the hand-built string tokenises as written above
+  ids, mask = chat.encode_chat(RECORD, mistral)
+  assert ids.dtype == np.int32 and mask.dtype == bool
+  assert ids.tolist() == SP_IDS
+  assert runs(mask) == SP_TRAINED
+  assert trained_text(mistral, ids, mask) == ['It is 4.\n<extra_id_1>', 'Six.\n<extra_id_1>']
+
+
+def test_mask_spans_with_hf_tokenizer():
+  """Same template through a `tokenizers` BPE where the tags are single added tokens."""
+  tok = char_tokenizer()
+  ids, mask = chat.encode_chat(RECORD, tok)
+  assert ids.tolist() == tok.encode(TEXT)
+  start = len(tok.encode(TEXT.split('It is 4.')[0]))
+  assert runs(mask)[0] == (start, start + len('It is 4.\n') + 1)  # one turn_start token
+  assert trained_text(tok, ids, mask) == ['It is 4.\n<extra_id_1>', 'Six.\n<extra_id_1>']
+  assert ids[-1] == tok.token_to_id('<extra_id_1>') and mask[-1]
+
+
+def test_last_user_turn_gets_no_trailing_tag(mistral):
+  """A conversation ending on the masked role: no appended tag; its own tag stays trained."""
+  record = dict(RECORD, conversations=RECORD['conversations'][:3])
+  assert chat.render(record).text == TEXT[:TEXT.index('<extra_id_1>Assistant\n<extra_id_2>q'
+                                                      'uality:3')]
+  ids, mask = chat.encode_chat(record, mistral)
+  assert ids.tolist() == SP_IDS[:81]
+  assert runs(mask) == [(59, 72)]
+
+
+def test_type_variants():
+  """TEXT_TO_VALUE trains the label (after the answer); no type drops labels and trains answers."""
+  tok = char_tokenizer()
+  t2v = dict(RECORD, type='TEXT_TO_VALUE')
+  assert '\nIt is 4.\n<extra_id_2>quality:4,toxicity:0\n<extra_id_1>User' in chat.render(t2v).text
+  assert trained_text(tok, *chat.encode_chat(t2v, tok)) == [
+      'quality:4,toxicity:0\n<extra_id_1>', 'quality:3\n<extra_id_1>']
+  untyped = {k: v for k, v in RECORD.items() if k != 'type'}
+  assert '<extra_id_2>' not in chat.render(untyped).text
+  assert trained_text(tok, *chat.encode_chat(untyped, tok)) == [
+      'It is 4.\n<extra_id_1>', 'Six.\n<extra_id_1>']
+  no_label = dict(RECORD, conversations=[dict(c, label=None) for c in RECORD['conversations']])
+  assert trained_text(tok, *chat.encode_chat(no_label, tok)) == [
+      'It is 4.\n<extra_id_1>', 'Six.\n<extra_id_1>']
+
+
+def test_first_turn_masked_whatever_its_role():
+  """Turn 0 is context even when it is the Assistant; a masked role at i == 1 is all masked."""
+  tok = char_tokenizer()
+  record = dict(RECORD, conversations=[
+      {'value': 'Hello.', 'from': 'Assistant', 'label': None},
+      {'value': 'Hi.', 'from': 'User', 'label': None},
+      {'value': 'Ok.', 'from': 'Assistant', 'label': None}])
+  assert trained_text(tok, *chat.encode_chat(record, tok)) == ['Ok.\n<extra_id_1>']
+
+
+def test_label_newline_merged_shifts_later_spans():
+  """NeMo's quirk: when the label's newline is merged away ('3\\n' one token) the turn is fully
+  masked and the cursor does not advance, so later turns' masks land one turn too early."""
+  tok = char_tokenizer(merges=[('3', '\n')])
+  record = dict(RECORD, conversations=[
+      {'value': 'Rate it.', 'from': 'User', 'label': None},
+      {'value': 'I say 3', 'from': 'Assistant', 'label': 'quality:3'},  # '3\n' twice, no '\n'
+      {'value': 'Why?', 'from': 'User', 'label': None},
+      {'value': 'Because.', 'from': 'Assistant', 'label': None}])
+  ids, mask = chat.encode_chat(record, tok)
+  # header 18 = <extra_id_0> System \n 'Be brief.' \n; turns 15, 28 ('quality:3\n' is 9 + 1),
+  # 11, 20 tokens; 1 trailing tag. Turn 1 is masked at [33, 61); the cursor stays at 33, so
+  # turn 2 masks [34, 44) and turn 3 its name [44, 55), all inside turn 1: everything after
+  # turn 1, the user's 'Why?' included, is trained.
+  assert len(ids) == 18 + 15 + 28 + 11 + 20 + 1
+  assert runs(mask) == [(61, 93)]
+  assert trained_text(tok, ids, mask) == [
+      '<extra_id_1>User\nWhy?\n<extra_id_1>Assistant\nBecause.\n<extra_id_1>']
+  # Without the merge the same record trains the answers where they are.
+  plain = char_tokenizer()
+  assert trained_text(plain, *chat.encode_chat(record, plain)) == [
+      'I say 3\n<extra_id_1>', 'Because.\n<extra_id_1>']
+
+
+def test_custom_chat_tokens():
+  """ChatTokens replace every tag; `mask` picks the masked role."""
+  tok = char_tokenizer()
+  tokens = chat.ChatTokens(system_turn_start='#S ', turn_start='## ', label_start='@',
+                           end_of_turn='|\n', end_of_name=':')
+  record = {'system': 'sys', 'mask': 'Q', 'type': 'VALUE_TO_TEXT', 'conversations': [
+      {'from': 'Q', 'value': 'a?'}, {'from': 'A', 'value': 'b', 'label': 'L'},
+      {'from': 'Q', 'value': 'c?'}, {'from': 'A', 'value': 'd'}]}
+  text = chat.render(record, tokens).text
+  assert text == '#S System:sys|\n## Q:a?|\n## A:@L:b|\n## Q:c?|\n## A:d|\n## '
+  assert trained_text(tok, *chat.encode_chat(record, tok, tokens=tokens)) == [
+      'b|\n## ', 'd|\n## ']
+
+
+@pytest.mark.parametrize('record, match', [
+    ({'conversations': []}, "no 'system'"),
+    ({'system': 's', 'conversations': []}, 'non-empty list'),
+    ({'system': 's', 'type': 'X', 'conversations': [{'from': 'User', 'value': 'a'}]}, 'type'),
+    ({'system': 's', 'conversations': [{'from': 'User'}]}, r"conversations\[0\]"),
+    ({'system': 's', 'conversations': [{'from': 'Assistant', 'value': 'a'}]}, 'mask role'),
+    ({'system': 's', 'conversations': [{'from': 'User', 'value': 'a'}]}, 'no token is trained'),
+    ({'system': 's', 'type': 'VALUE_TO_TEXT', 'conversations': [
+        {'from': 'User', 'value': 'a'}, {'from': 'Assistant', 'value': 'b', 'label': 3}]},
+     'label'),
+])
+def test_bad_records_raise(record, match):
+  """What NeMo asserts on (or crashes on) is a one-line ValueError."""
+  with pytest.raises(ValueError, match=match):
+    chat.encode_chat(record, char_tokenizer())
+
+
+def test_plain_format_mistral(mistral):
+  """GPTSFTDataset: SentencePiece is not space sensitive, so ' {output}' loses its space;
+  values are stripped of spaces; EOS is added and trained with the answer."""
+  ids, mask = chat.encode_plain({'input': ' What is 2+2? ', 'output': '4'}, mistral)
+  # ▁What ▁is ▁ 2 + 2 ? | ▁ 4 | </s>   (' 4' would be '▁▁' 259, '4')
+  assert ids.tolist() == [1824, 349, 28705, 28750, 28806, 28750, 28804, 28705, 28781, 2]
+  assert mask.tolist() == [False] * 7 + [True] * 3
+  ids, mask = chat.encode_plain({'input': 'a', 'output': 'b'}, mistral, add_bos=True,
+                                add_eos=False, add_sep=True, sep_id=5)
+  assert ids.tolist() == [1, 264, 5, 287] and mask.tolist() == [False] * 3 + [True]
+
+
+def test_plain_format_truncation():
+  """NeMo's _multiple_truncation: the input field loses the excess first, then whole pieces
+  from the end (right truncation), the answer included."""
+  tok = char_tokenizer()  # space sensitive: ' {output}' keeps its space
+  record = {'input': 'abcdefghij', 'output': 'xyz'}
+  ids, mask = chat.encode_plain(record, tok)
+  assert tok.decode(ids) == 'abcdefghij xyz</s>' and int(mask.sum()) == 5
+  ids, mask = chat.encode_plain(record, tok, max_seq_length=10)
+  assert tok.decode(ids) == 'abcde xyz</s>' and mask.tolist() == [False] * 5 + [True] * 5
+  ids, _ = chat.encode_plain(record, tok, max_seq_length=10, truncation='left')
+  assert tok.decode(ids) == 'fghij xyz</s>'
+  ids, mask = chat.encode_plain(record, tok, max_seq_length=3)
+  assert tok.decode(ids) == ' x</s>' and mask.all()
+  with pytest.raises(ValueError, match='must end with'):
+    chat.encode_plain(record, tok, prompt_template='{output} {input}')
+
+
+def test_to_example_shifts_and_truncates():
+  """NeMo's collate per example: inputs [:-1], labels [1:], mask [1:], cut on the right."""
+  ids, mask = np.arange(10, 20), np.array([0, 0, 0, 1, 1, 1, 0, 0, 1, 1], bool)
+  ex = chat.to_example(ids, mask, max_seq_length=None)
+  assert ex['tokens'].tolist() == list(range(10, 19))
+  assert ex['labels'].tolist() == list(range(11, 20))
+  assert ex['loss_mask'].tolist() == [0, 0, 1, 1, 1, 0, 0, 1, 1]
+  assert all(v.dtype == np.int32 for v in ex.values())
+  ex = chat.to_example(ids, mask, max_seq_length=4)
+  assert ex['tokens'].tolist() == [10, 11, 12, 13] and ex['labels'].tolist() == [11, 12, 13, 14]
+  assert ex['loss_mask'].tolist() == [0, 0, 1, 1]
+  assert chat.to_example(ids, mask, 4, truncation='left')['tokens'].tolist() == [15, 16, 17, 18]
+
+
+def test_collate_pads_like_nemo():
+  """eos-padded tokens/labels, 0-padded mask, L = min(max_seq_length, ceil8(longest))."""
+  a = chat.to_example(np.arange(1, 7), np.ones(6, bool), None)  # 5 tokens
+  b = chat.to_example(np.arange(1, 13), np.ones(12, bool), None)  # 11 tokens
+  batch = chat.collate([a, b], pad_id=2)
+  assert {k: v.shape for k, v in batch.items()} == {k: (2, 16) for k in
+                                                    ('tokens', 'labels', 'loss_mask')}
+  assert batch['tokens'][0].tolist() == [1, 2, 3, 4, 5] + [2] * 11
+  assert batch['labels'][1].tolist() == list(range(2, 13)) + [2] * 5
+  assert batch['loss_mask'][0].tolist() == [1] * 5 + [0] * 11
+  assert chat.collate([a, b], pad_id=0, max_seq_length=12)['tokens'].shape == (2, 12)
+  assert chat.collate([a, b], pad_id=0, max_seq_length=9)['tokens'][1].tolist() == list(
+      range(1, 10))
+  assert chat.collate([a], pad_id=0, multiple=16)['tokens'].shape == (1, 16)
+
+
+def test_read_jsonl(tmp_path, mistral):
+  """Examples in file order with their index; a bad record names the file and line."""
+  path = tmp_path / 'train.jsonl'
+  short = dict(RECORD, conversations=RECORD['conversations'][:2])
+  path.write_text(json.dumps(RECORD) + '\n\n' + json.dumps(short) + '\n')
+  examples = chat.read_jsonl(str(path), mistral, max_seq_length=64)
+  assert [e['index'] for e in examples] == [0, 1]
+  assert examples[0]['tokens'].tolist() == SP_IDS[:64]
+  assert examples[0]['labels'].tolist() == SP_IDS[1:65]
+  ex1 = chat.to_example(*chat.encode_chat(short, mistral), 64)
+  assert all(np.array_equal(examples[1][k], ex1[k]) for k in ex1)
+  path.write_text(json.dumps(RECORD) + '\n' + json.dumps({'system': 's'}) + '\n')
+  with pytest.raises(ValueError, match=r'train\.jsonl:2: .*conversations'):
+    chat.read_jsonl(str(path), mistral, max_seq_length=64)
+  path.write_text('{"input": "a", "output": "b"}\n{not json\n')
+  with pytest.raises(ValueError, match=r'train\.jsonl:2: '):
+    chat.read_jsonl(str(path), mistral, fmt='plain', max_seq_length=64)
+  path.write_text('{"input": "a", "output": "b"}\n')
+  (ex,) = chat.read_jsonl(str(path), mistral, fmt='plain', max_seq_length=64)
+  assert ex['tokens'].tolist() == [264, 287] and ex['loss_mask'].tolist() == [1, 1]
