@@ -1,0 +1,548 @@
+"""Fused LM head + top-K KD (+ SFT) loss: vocabulary tiles of `hidden @ w_out`, never [N, V].
+
+Letter legend: N tokens, D hidden size, P columns of w_out (padded vocabulary; a shard's columns
+in the vocab-parallel form), V vocabulary (columns >= V are padding, excluded everywhere),
+K teacher top-K, J sparse ids per token (the K, plus the label with SFT), C columns of a tile or
+of a vocabulary chunk, S vocabulary splits of the forward grid.
+
+`fused_topk_kd` returns what `losses.topk_kd_loss(hidden @ w_out, ...)` returns: it computes the
+per-token statistics of x = logits_scale * hidden @ w_out that `losses.topk_kd_from_stats` takes,
+- sparse: x at the J ids, from gathered columns of w_out (N*J*D work, in token chunks);
+- logsumexp families over the V columns, as needed by the options: lse(x) (SFT; full or tail
+  normalisation), lse(x / T) (student_norm='full' at T != 1), lse of x outside the K ids (tail).
+  The forward kernel streams vocabulary tiles (each an fp32 accumulation of dots over D slices)
+  and keeps an online (max, sum) per token; its grid is (row blocks, vocabulary splits).
+`_stats` is a `jax.custom_vjp`, so autodiff of losses.py yields the statistics' cotangents and the
+loss math lives there only. Backward: d lse_f / dx = softmax(x / div_f) / div_f is dense, the J
+ids get sparse terms. Per vocabulary chunk, the backward kernel recomputes the tiles and writes
+the dense dlogits [N, C] (compute dtype), the sparse terms are scattered into it, and XLA dots
+give d_hidden (fp32, accumulated) and that chunk of d_w (written once). The largest temporary is
+[N, C]. Without any family (NeMo parity, no SFT) nothing sweeps the vocabulary: gathered
+columns only, and a scatter-add for d_w.
+implementation='xla' runs the same sweeps in chunked jnp. cross_tokenizer takes the student's own
+top-K from a separate chunked jnp pass (running lax.top_k merge), then gathers as above.
+Vocab-parallel (mesh, vocab_axis): the same code per shard of w_out's columns in a shard_map;
+sparse statistics are psum-ed (0 off-shard), logsumexps combined with pmax + psum.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+from jax.sharding import PartitionSpec
+
+from jkd import losses
+
+_NEG = -1e30  # log 0 stand-in, as in jkd.losses
+SMEM_LIMIT = 227 * 1024  # H100/H200 shared memory per block
+_TARGET_PROGRAMS = 264  # forward grid: ~2 waves over 132 SMs
+_GATHER_BYTES = 1 << 25  # gathered w_out columns [D, chunk of N, J] per step
+_CHUNK_ELEMENTS = 1 << 24  # default backward chunk: [N, C] dlogits of ~16M elements
+_SPARSE = ('student_topk_BxTxK', 'label_logit_BxT')
+
+
+class _Plan(NamedTuple):
+  """Static description of one call (hashable: a custom_vjp non-diff argument)."""
+  vocab_size: int
+  scale: float
+  fams: tuple  # ((statistic name, divisor of x, excludes the K ids), ...)
+  label: bool
+  cdt: Any  # compute dtype of the matmuls
+  block_n: int
+  block_v: int
+  block_d: int
+  num_warps: int
+  num_stages: int
+  num_splits: int | None
+  chunk_v: int
+  impl: str
+  interpret: bool | None
+
+  @property
+  def tail(self):  # a family excludes the K ids: the kernels need them
+    return any(excl for _, _, excl in self.fams)
+
+
+def default_blocks(compute_dtype, w_dtype=None):
+  """(block_n, block_v, block_d, num_warps, num_stages) for H100/H200 by operand dtypes."""
+  if jnp.dtype(compute_dtype).itemsize >= 4:
+    return 64, 128, 32, 4, 3
+  wide_w = jnp.dtype(w_dtype or compute_dtype).itemsize >= 4  # fp32 tiles of a master head
+  return 64, 256, 32 if wide_w else 64, 8, 3
+
+
+def smem_bytes(block_n, block_v, block_d, h_itemsize, w_itemsize, num_stages):
+  """Triton shared memory estimate: pipelined operand tiles plus one fp32 tile for reductions."""
+  return (num_stages * (block_n * block_d * h_itemsize + block_d * block_v * w_itemsize)
+          + block_n * block_v * 4)
+
+
+def _round_up(n, m):
+  return -(-n // m) * m
+
+
+def _pad_to(a, axis, size):
+  if a.shape[axis] == size:
+    return a
+  return jnp.pad(a, [(0, size - a.shape[axis]) if i == axis else (0, 0) for i in range(a.ndim)])
+
+
+# --- tile math shared by the Pallas kernels and the chunked jnp sweeps -----------------------
+
+def _keeps(cols_1xC, n_valid, in_k_NxC, plan):
+  valid_1xC = cols_1xC < n_valid
+  return [valid_1xC & ~in_k_NxC if excl else valid_1xC for _, _, excl in plan.fams]
+
+
+def _init_state(n, plan):
+  return tuple((jnp.full((n,), _NEG, jnp.float32), jnp.zeros((n,), jnp.float32))
+               for _ in plan.fams)
+
+
+def _online_update(state, x_NxC, keeps, plan):
+  """One tile into the running (max, sum of exp) of each logsumexp family."""
+  new = []
+  for (m_N, l_N), keep_NxC, (_, div, _) in zip(state, keeps, plan.fams):
+    xf_NxC = jnp.where(keep_NxC, x_NxC / div if div != 1 else x_NxC, _NEG)
+    m_new_N = jnp.maximum(m_N, jnp.max(xf_NxC, axis=1))
+    e_NxC = jnp.where(keep_NxC, jnp.exp(xf_NxC - m_new_N[:, None]), 0.0)
+    new.append((m_new_N, l_N * jnp.exp(m_N - m_new_N) + jnp.sum(e_NxC, axis=1)))
+  return tuple(new)
+
+
+def _finish(m_N, l_N):
+  return jnp.where(l_N > 0, m_N + jnp.log(jnp.where(l_N > 0, l_N, 1.0)), _NEG)
+
+
+def _dense_dl(x_NxC, keeps, lses, coefs, plan):
+  """sum_f coef_f * exp(x / div_f - lse_f): the dense part of d loss / d logits on a tile."""
+  dl_NxC = 0.0
+  for keep_NxC, lse_N, coef_N, (_, div, _) in zip(keeps, lses, coefs, plan.fams):
+    xf_NxC = x_NxC / div if div != 1 else x_NxC
+    dl_NxC = dl_NxC + jnp.where(keep_NxC, coef_N[:, None] * jnp.exp(xf_NxC - lse_N[:, None]), 0.0)
+  return dl_NxC
+
+
+# --- Pallas kernels (Triton on GPU, interpret mode on CPU) -----------------------------------
+
+def _tile_x(h_ref, w_ref, col0, plan):
+  """fp32 x tile [bn, bv] at columns col0 + [0, bv): dots over D slices (Triton pipelines them)."""
+  bd, bv = plan.block_d, plan.block_v
+
+  def body(d, acc_NxC):
+    d0 = pl.multiple_of(d * bd, bd)
+    w_DxC = w_ref[pl.ds(d0, bd), pl.ds(col0, bv)].astype(plan.cdt)
+    return acc_NxC + jnp.dot(h_ref[:, pl.ds(d0, bd)], w_DxC, preferred_element_type=jnp.float32)
+  acc_NxC = lax.fori_loop(0, h_ref.shape[1] // bd, body,
+                          jnp.zeros((h_ref.shape[0], bv), jnp.float32))
+  return acc_NxC * plan.scale
+
+
+def _tile_keeps(nvalid_ref, ids_ref, col0, plan):
+  cols_1xC = col0 + lax.broadcasted_iota(jnp.int32, (1, plan.block_v), 1)
+  in_k_NxC = None
+  if ids_ref is not None:  # K compares per element, only for the tail
+    in_k_NxC = lax.fori_loop(0, ids_ref.shape[1],
+                             lambda k, acc: acc | (ids_ref[:, pl.ds(k, 1)] == cols_1xC),
+                             jnp.zeros((ids_ref.shape[0], plan.block_v), jnp.bool_))
+  return _keeps(cols_1xC, nvalid_ref[0], in_k_NxC, plan)
+
+
+def _fwd_kernel(nvalid_ref, h_ref, w_ref, *refs, plan, tiles_per_split):
+  ids_ref, lse_refs = (refs[0], refs[1:]) if plan.tail else (None, refs)
+  bv = plan.block_v
+  first = pl.program_id(1) * tiles_per_split
+  n_tiles = jnp.clip(pl.cdiv(nvalid_ref[0], bv) - first, 0, tiles_per_split)  # skip padding
+
+  def body(j, state):
+    col0 = pl.multiple_of((first + j) * bv, bv)
+    x_NxC = _tile_x(h_ref, w_ref, col0, plan)
+    return _online_update(state, x_NxC, _tile_keeps(nvalid_ref, ids_ref, col0, plan), plan)
+  state = lax.fori_loop(0, n_tiles, body, _init_state(h_ref.shape[0], plan))
+  for lse_ref, (m_N, l_N) in zip(lse_refs, state):
+    lse_ref[...] = _finish(m_N, l_N)[None, :]
+
+
+def _bwd_kernel(c0_ref, nvalid_ref, h_ref, w_ref, *refs, plan):
+  ids_ref, refs = (refs[0], refs[1:]) if plan.tail else (None, refs)
+  *fam_refs, dl_ref = refs
+  col0 = pl.multiple_of(c0_ref[0] + pl.program_id(1) * plan.block_v, plan.block_v)
+  x_NxC = _tile_x(h_ref, w_ref, col0, plan)
+  dl_NxC = _dense_dl(x_NxC, _tile_keeps(nvalid_ref, ids_ref, col0, plan),
+                     [r[...] for r in fam_refs[0::2]], [r[...] for r in fam_refs[1::2]], plan)
+  dl_ref[...] = dl_NxC.astype(dl_ref.dtype)
+
+
+def _pallas(kernel, args, *, grid, in_specs, out_specs, out_shape, plan):
+  def run(interpret):
+    params = None if interpret else plt.CompilerParams(num_warps=plan.num_warps,
+                                                       num_stages=plan.num_stages)
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          out_shape=out_shape, interpret=interpret,
+                          compiler_params=params)(*args)
+  if plan.interpret is None:  # interpret mode on CPU, the Triton kernel on GPU
+    return lax.platform_dependent(cpu=lambda: run(True), default=lambda: run(False))
+  return run(plan.interpret)
+
+
+def _operand_specs(plan, h, w, lids):
+  """(n_valid, h, w[, ids]): row blocks of h and ids; w whole (the kernels slice it)."""
+  bn = plan.block_n
+  specs = [pl.BlockSpec((1,), lambda *_: (0,)),
+           pl.BlockSpec((bn, h.shape[1]), lambda i, *_: (i, 0)),
+           pl.BlockSpec(w.shape, lambda *_: (0, 0))]
+  if plan.tail:
+    specs.append(pl.BlockSpec((bn, lids.shape[1]), lambda i, *_: (i, 0)))
+  return specs
+
+
+def _pallas_sweep_fwd(h, w, lids, n_valid, plan):
+  """Per-family local logsumexps [N] (inputs padded to whole tiles)."""
+  n_rows, n_tiles = h.shape[0] // plan.block_n, w.shape[1] // plan.block_v
+  splits = plan.num_splits or -(-_TARGET_PROGRAMS // n_rows)
+  tps = -(-n_tiles // max(1, min(splits, n_tiles)))
+  splits = -(-n_tiles // tps)
+  lse_SxN = jax.ShapeDtypeStruct((splits, h.shape[0]), jnp.float32)
+  outs = _pallas(functools.partial(_fwd_kernel, plan=plan, tiles_per_split=tps),
+                 [n_valid[None], h, w] + ([lids] if plan.tail else []),
+                 grid=(n_rows, splits), in_specs=_operand_specs(plan, h, w, lids),
+                 out_specs=[pl.BlockSpec((1, plan.block_n), lambda i, s: (s, i))] * len(plan.fams),
+                 out_shape=[lse_SxN] * len(plan.fams), plan=plan)
+  return [jax.nn.logsumexp(o_SxN, axis=0) for o_SxN in outs]
+
+
+def _pallas_chunk_dl(h, w, lids, n_valid, lses, coefs, c0, width, plan):
+  """Dense dlogits [N, width] (compute dtype) of the chunk at column c0, tiles recomputed."""
+  fam_args = [a for pair in zip(lses, coefs) for a in pair]
+  row_spec = pl.BlockSpec((plan.block_n,), lambda i, j: (i,))
+  return _pallas(functools.partial(_bwd_kernel, plan=plan),
+                 [c0[None], n_valid[None], h, w] + ([lids] if plan.tail else []) + fam_args,
+                 grid=(h.shape[0] // plan.block_n, width // plan.block_v),
+                 in_specs=[pl.BlockSpec((1,), lambda i, j: (0,))]
+                 + _operand_specs(plan, h, w, lids) + [row_spec] * len(fam_args),
+                 out_specs=pl.BlockSpec((plan.block_n, plan.block_v), lambda i, j: (i, j)),
+                 out_shape=jax.ShapeDtypeStruct((h.shape[0], width), plan.cdt), plan=plan)
+
+
+# --- sweep drivers (Pallas, or the same tile math in chunked jnp) ----------------------------
+
+def _loop_chunks(n_cols, width, step, carry):
+  """step(carry, c0, width) over [0, n_cols): a loop of whole chunks, then the remainder."""
+  width = min(width, n_cols)
+  n_full, rem = divmod(n_cols, width)
+  carry = lax.fori_loop(0, n_full, lambda i, c: step(c, i * width, width), carry)
+  return step(carry, n_full * width, rem) if rem else carry
+
+
+def _xla_x(h, w, c0, width, plan):
+  w_DxC = lax.dynamic_slice_in_dim(w, c0, width, axis=1).astype(plan.cdt)
+  return plan.scale * jnp.dot(h, w_DxC, preferred_element_type=jnp.float32)
+
+
+def _xla_keeps(lids_NxK, n_valid, c0, width, plan):
+  cols_1xC = c0 + lax.broadcasted_iota(jnp.int32, (1, width), 1)
+  in_k_NxC = None
+  if plan.tail:  # membership by scatter: N*K work instead of K passes over the chunk
+    rel_NxK = lids_NxK - c0
+    rel_NxK = jnp.where((rel_NxK >= 0) & (rel_NxK < width), rel_NxK, width)
+    in_k_NxC = jnp.zeros((lids_NxK.shape[0], width), jnp.bool_).at[
+        jnp.arange(lids_NxK.shape[0])[:, None], rel_NxK].set(True, mode='drop')
+  return _keeps(cols_1xC, n_valid, in_k_NxC, plan)
+
+
+def _padded(plan, h, w, *rows):
+  """Kernel operands padded to whole tiles (copies only where a size is not a multiple)."""
+  n, d, p = (_round_up(h.shape[0], plan.block_n), _round_up(h.shape[1], plan.block_d),
+             _round_up(w.shape[1], plan.block_v))
+  return (_pad_to(_pad_to(h, 0, n), 1, d), _pad_to(_pad_to(w, 0, d), 1, p),
+          *[_pad_to(r, 0, n) for r in rows])
+
+
+def _sweep_fwd(h, w, lids, n_valid, sp_ids, plan):
+  """(x at the sparse ids [N, J], per-family local logsumexps [N])."""
+  if plan.impl == 'pallas':
+    hp, wp, lidsp = _padded(plan, h, w, lids)
+    lses = _pallas_sweep_fwd(hp, wp, lidsp, n_valid, plan)
+    return _gather_x(h, w, sp_ids, plan), [lse_N[:h.shape[0]] for lse_N in lses]
+
+  def step(carry, c0, width):  # the sparse x come from the chunk in memory
+    x_sp_NxJ, state = carry
+    x_NxC = _xla_x(h, w, c0, width, plan)
+    rel_NxJ = sp_ids - c0
+    in_c_NxJ = (rel_NxJ >= 0) & (rel_NxJ < width)
+    x_sp_NxJ += jnp.where(in_c_NxJ, jnp.take_along_axis(x_NxC, rel_NxJ, 1, mode='clip'), 0.0)
+    return x_sp_NxJ, _online_update(state, x_NxC, _xla_keeps(lids, n_valid, c0, width, plan),
+                                    plan)
+  init = (jnp.zeros(sp_ids.shape, jnp.float32), _init_state(h.shape[0], plan))
+  x_sp_NxJ, state = _loop_chunks(w.shape[1], plan.chunk_v, step, init)
+  return x_sp_NxJ, [_finish(m_N, l_N) for m_N, l_N in state]
+
+
+def _sweep_bwd(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
+  """(d_h fp32 [N, D], d_w [D, P]): per vocabulary chunk, dense dlogits (kernel or jnp) plus
+  the sparse terms scattered in; d_h += dl @ w_c^T, d_w[:, chunk] = h^T @ dl."""
+  n, d, p = h.shape[0], h.shape[1], w.shape[1]
+  if plan.impl == 'pallas':
+    h, w, lids, sp_ids, sp_vals, *fam = _padded(plan, h, w, lids, sp_ids, sp_vals, *lses, *coefs)
+    lses, coefs = fam[:len(lses)], fam[len(lses):]
+  rows_Nx1 = jnp.arange(h.shape[0])[:, None]
+
+  def step(carry, c0, width):
+    d_h_NxD, d_w_DxP = carry
+    if plan.impl == 'pallas':
+      dl_NxC = _pallas_chunk_dl(h, w, lids, n_valid, lses, coefs, jnp.asarray(c0, jnp.int32),
+                                width, plan)
+    else:
+      keeps = _xla_keeps(lids, n_valid, c0, width, plan)
+      dl_NxC = _dense_dl(_xla_x(h, w, c0, width, plan), keeps, lses, coefs, plan).astype(plan.cdt)
+    rel_NxJ = sp_ids - c0
+    rel_NxJ = jnp.where((rel_NxJ >= 0) & (rel_NxJ < width), rel_NxJ, width)
+    dl_NxC = dl_NxC.at[rows_Nx1, rel_NxJ].add(sp_vals.astype(plan.cdt), mode='drop')
+    w_DxC = lax.dynamic_slice_in_dim(w, c0, width, axis=1).astype(plan.cdt)
+    d_h_NxD = d_h_NxD + jnp.dot(dl_NxC, w_DxC.T, preferred_element_type=jnp.float32)
+    d_w_DxC = jnp.dot(h.T, dl_NxC, preferred_element_type=jnp.float32).astype(w.dtype)
+    return d_h_NxD, lax.dynamic_update_slice_in_dim(d_w_DxP, d_w_DxC, c0, axis=1)
+  chunk = plan.chunk_v if plan.impl == 'xla' else _round_up(plan.chunk_v, plan.block_v)
+  d_h, d_w = _loop_chunks(w.shape[1], chunk, step,
+                          (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, w.dtype)))
+  return d_h[:n, :d], d_w[:d, :p]
+
+
+# --- gathered columns: the sparse statistics, and the whole job without a sweep --------------
+
+def _token_chunks(arrays, d, j):
+  """Arrays [N, ...] as [chunks, Nc, ...], Nc bounding the gathered columns [D, Nc, J]."""
+  n = arrays[0].shape[0]
+  nc = max(1, min(n, _GATHER_BYTES // (4 * d * j)))
+  return [_pad_to(a, 0, _round_up(n, nc)).reshape(-1, nc, *a.shape[1:]) for a in arrays]
+
+
+def _gather_x(h, w, ids_NxJ, plan):
+  """fp32 x = scale * h . w[:, id] at in-range ids."""
+  def one(args):
+    h_cxD, ids_cxJ = args  # multiply + reduce over D: XLA fuses the gather into it
+    w_DxcxJ = jnp.take(w, ids_cxJ, axis=1).astype(plan.cdt)
+    prod_DxcxJ = h_cxD.T[:, :, None].astype(jnp.float32) * w_DxcxJ.astype(jnp.float32)
+    return jnp.sum(prod_DxcxJ, axis=0)
+  x = lax.map(one, tuple(_token_chunks([h, ids_NxJ], h.shape[1], ids_NxJ.shape[1])))
+  return plan.scale * x.reshape(-1, ids_NxJ.shape[1])[:h.shape[0]]
+
+
+def _scatter_bwd(h, w, ids_NxJ, vals_NxJ, plan):
+  """(d_h, d_w fp32) of sum_j vals * (h . w[:, id]): gathers for d_h, scatter-adds for d_w
+  (an fp32 accumulator: the output itself for an fp32 w_out, a [D, P] temporary otherwise)."""
+  def one(d_w_DxP, args):
+    h_cxD, ids_cxJ, v_cxJ = args
+    w_DxcxJ = jnp.take(w, ids_cxJ, axis=1).astype(plan.cdt).astype(jnp.float32)
+    d_h_cxD = jnp.einsum('cj,dcj->cd', v_cxJ, w_DxcxJ)
+    upd_DxcxJ = jnp.einsum('cd,cj->dcj', h_cxD.astype(jnp.float32), v_cxJ)
+    return d_w_DxP.at[:, ids_cxJ].add(upd_DxcxJ), d_h_cxD
+  chunks = _token_chunks([h, ids_NxJ, vals_NxJ], h.shape[1], ids_NxJ.shape[1])
+  d_w, d_h = lax.scan(one, jnp.zeros(w.shape, jnp.float32), tuple(chunks))
+  return d_h.reshape(-1, h.shape[1])[:h.shape[0]], d_w
+
+
+# --- the statistics with their custom VJP ----------------------------------------------------
+
+def _sparse_ids(lids_NxK, llabels_N, n_valid, plan):
+  sp_NxJ = jnp.concatenate([lids_NxK, llabels_N[:, None]], 1) if plan.label else lids_NxK
+  ok_NxJ = (sp_NxJ >= 0) & (sp_NxJ < n_valid)
+  return jnp.where(ok_NxJ, sp_NxJ, 0), ok_NxJ
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _stats(h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, plan):
+  """Per-token statistics (names as in losses.topk_kd_per_token) over this w's columns; ids
+  are local (id - column offset) and columns >= n_valid padding; off-shard sparse ones are 0."""
+  return _stats_fwd(h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, plan)[0]
+
+
+def _stats_fwd(h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, plan):
+  h = h_NxD.astype(plan.cdt)
+  sp_NxJ, ok_NxJ = _sparse_ids(lids_NxK, llabels_N, n_valid, plan)
+  x_NxJ, lses = (_sweep_fwd(h, w_DxP, lids_NxK, n_valid, sp_NxJ, plan) if plan.fams
+                 else (_gather_x(h, w_DxP, sp_NxJ, plan), ()))
+  x_NxJ = jnp.where(ok_NxJ, x_NxJ, 0.0)
+  out = dict(zip(_SPARSE, (x_NxJ[:, :lids_NxK.shape[1]], x_NxJ[:, -1])[:1 + plan.label]))
+  lses = tuple(lses)
+  out.update({name: lse_N for (name, _, _), lse_N in zip(plan.fams, lses)})
+  return out, (h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, lses)
+
+
+def _stats_bwd(plan, res, g):
+  h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, lses = res
+  h = h_NxD.astype(plan.cdt)
+  sp_NxJ, ok_NxJ = _sparse_ids(lids_NxK, llabels_N, n_valid, plan)
+  g_NxJ = g[_SPARSE[0]]
+  if plan.label:
+    g_NxJ = jnp.concatenate([g_NxJ, g[_SPARSE[1]][:, None]], 1)
+  vals_NxJ = jnp.where(ok_NxJ, plan.scale * g_NxJ, 0.0)
+  if plan.fams:
+    coefs = [g[name] * (plan.scale / div) for name, div, _ in plan.fams]
+    d_h, d_w = _sweep_bwd(h, w_DxP, lids_NxK, n_valid, lses, coefs,
+                          jnp.where(ok_NxJ, sp_NxJ, -1), vals_NxJ, plan)
+  else:
+    d_h, d_w = _scatter_bwd(h, w_DxP, sp_NxJ, vals_NxJ, plan)
+  return d_h.astype(h_NxD.dtype), d_w.astype(w_DxP.dtype), None, None, None
+
+
+_stats.defvjp(_stats_fwd, _stats_bwd)
+
+
+# --- the loss: cross-tokenizer ids, vocab-parallel combination, options ---------------------
+
+def _student_topk_ids(h, w, n_valid, offset, k, plan, axis_name):
+  """Global ids of the student's own top-K over V (descending; ties to the lower id)."""
+  h, w = lax.stop_gradient(h).astype(plan.cdt), lax.stop_gradient(w)
+  n = h.shape[0]
+
+  def step(carry, c0, width):
+    vals_NxK, ids_NxK = carry
+    cols_1xC = c0 + lax.broadcasted_iota(jnp.int32, (1, width), 1)
+    x_NxC = jnp.where(cols_1xC < n_valid, _xla_x(h, w, c0, width, plan), -jnp.inf)
+    vals_NxK, pos_NxK = lax.top_k(jnp.concatenate([vals_NxK, x_NxC], 1), k)
+    cand_NxJ = jnp.concatenate([ids_NxK, jnp.broadcast_to(cols_1xC, (n, width))], 1)
+    return vals_NxK, jnp.take_along_axis(cand_NxJ, pos_NxK, 1)
+  init = (jnp.full((n, k), -jnp.inf, jnp.float32), jnp.zeros((n, k), jnp.int32))
+  vals_NxK, ids_NxK = _loop_chunks(w.shape[1], plan.chunk_v, step, init)
+  ids_NxK = ids_NxK + offset
+  if axis_name is not None:  # K candidates per shard, never the logits
+    vals_NxK = lax.all_gather(vals_NxK, axis_name, axis=1, tiled=True)
+    ids_NxK = lax.all_gather(ids_NxK, axis_name, axis=1, tiled=True)
+    ids_NxK = jnp.take_along_axis(ids_NxK, lax.top_k(vals_NxK, k)[1], 1)
+  return ids_NxK
+
+
+def _fused_loss(h, w, ids, t, labels, mask, teacher_lse, *, plan, options, cross_tokenizer,
+                axis_name):
+  p = w.shape[1]
+  offset = 0 if axis_name is None else lax.axis_index(axis_name) * p
+  n_valid = jnp.clip(plan.vocab_size - offset, 0, p).astype(jnp.int32)
+  ids = jnp.clip(ids.astype(jnp.int32), 0, plan.vocab_size - 1)  # as take_along_axis 'clip'
+  labels = jnp.clip(labels.astype(jnp.int32), 0, plan.vocab_size - 1)
+  if cross_tokenizer:
+    ids = _student_topk_ids(h, w, n_valid, offset, ids.shape[1], plan, axis_name)
+  stats = _stats(h, w, ids - offset, labels - offset, n_valid, plan)
+  if axis_name is not None:
+    for name, v_N in stats.items():
+      if name in _SPARSE:
+        stats[name] = lax.psum(v_N, axis_name)
+      else:
+        m_N = lax.pmax(lax.stop_gradient(v_N), axis_name)
+        stats[name] = m_N + jnp.log(lax.psum(jnp.exp(v_N - m_N), axis_name))
+  topk = stats.pop(_SPARSE[0])
+  return losses.topk_kd_from_stats(topk, t, mask, teacher_lse_BxT=teacher_lse, **stats,
+                                   **options)
+
+
+def _make_plan(h, w, ids, t, labels, mask, teacher_lse, *, vocab_size, options, logits_scale,
+               compute_dtype, tiles, implementation, interpret):
+  if h.ndim != 2 or w.ndim != 2 or w.shape[0] != h.shape[1]:
+    raise ValueError(f'hidden_NxD {h.shape}, w_out_DxP {w.shape}: expected [N, D] and [D, P]')
+  (n, _), p, k = h.shape, w.shape[1], ids.shape[-1]
+  for name, a, shape in (('teacher_ids_NxK', ids, (n, k)), ('teacher_logits_NxK', t, (n, k)),
+                         ('labels_N', labels, (n,)), ('loss_mask_N', mask, (n,)),
+                         ('teacher_lse_N', teacher_lse, (n,))):
+    if a is not None and tuple(a.shape) != shape:
+      raise ValueError(f'{name}: shape {tuple(a.shape)}, expected {shape}')
+  v = p if vocab_size is None else int(vocab_size)
+  if not 0 < v <= p:
+    raise ValueError(f'vocab_size={vocab_size}: must lie in [1, P={p}]')
+  if not 0 < k <= v:
+    raise ValueError(f'teacher_ids_NxK: K={k} must lie in [1, V={v}]')
+  if not logits_scale > 0:
+    raise ValueError(f'logits_scale={logits_scale}: must be > 0')
+  if implementation not in ('pallas', 'xla'):
+    raise ValueError(f"implementation={implementation!r}: expected 'pallas' or 'xla'")
+  norm = losses.resolve_options(**options, has_teacher_lse=teacher_lse is not None)
+  temp, sft = options['temperature'], options['sft_loss_weight'] > 0
+  fams = []  # the full-vocabulary statistics these options need (none: no sweep)
+  if sft or (norm == 'full' and temp == 1):
+    fams.append(('student_lse_BxT', 1.0, False))
+  if norm == 'full' and temp != 1:
+    fams.append(('student_lse_kd_BxT', float(temp), False))
+  if options['tail']:
+    fams.append(('student_tail_lse_BxT', 1.0, True))
+  cdt = jnp.dtype(compute_dtype or jnp.promote_types(h.dtype, w.dtype))
+  bn, bv, bd, warps, stages = [d if x is None else int(x)
+                               for x, d in zip(tiles[:5], default_blocks(cdt, w.dtype))]
+  if implementation == 'pallas':
+    for name, b in (('block_n', bn), ('block_v', bv), ('block_d', bd)):
+      if b < 16 or b & (b - 1):
+        raise ValueError(f'{name}={b}: must be a power of two >= 16 (Triton tiles)')
+    need = smem_bytes(bn, bv, bd, cdt.itemsize, w.dtype.itemsize, stages)
+    if need > SMEM_LIMIT:
+      raise ValueError(f'block_n={bn}, block_v={bv}, block_d={bd}, num_stages={stages}: '
+                       f'~{need // 1024} KiB of shared memory, over {SMEM_LIMIT // 1024} KiB')
+  chunk_v = int(tiles[6] or max(512, _CHUNK_ELEMENTS // n))
+  return _Plan(v, float(logits_scale), tuple(fams), sft, cdt, bn, bv, bd, warps, stages,
+               tiles[5], chunk_v, implementation, interpret)
+
+
+def fused_topk_kd(hidden_NxD, w_out_DxP, teacher_ids_NxK, teacher_logits_NxK, labels_N,
+                  loss_mask_N, *, teacher_lse_N=None, vocab_size=None, kd_loss='fwd_kl',
+                  kd_loss_weight=1.0, sft_loss_weight=0.0, logits_scale=1.0,
+                  target_logits_scale=1.0, cross_tokenizer=False, tail=False, student_norm=None,
+                  beta=0.5, temperature=1.0, compute_dtype=None, mesh=None, vocab_axis=None,
+                  block_n=None, block_v=None, block_d=None, num_warps=None, num_stages=None,
+                  num_splits=None, chunk_v=None, implementation='pallas', interpret=None):
+  """`losses.topk_kd_loss(hidden @ w_out[:, :V], ...)`, same options and (loss, metrics), without
+  [N, V] logits; differentiable in hidden_NxD and w_out_DxP.
+
+  vocab_size: V, the leading columns of w_out_DxP that are vocabulary (default P).
+  compute_dtype: matmul operand dtype (default: promoted input dtypes), fp32 accumulation and
+    statistics. w_out is cast tile by tile, so an fp32 master w_out with compute_dtype=bf16 needs
+    no bf16 copy and gets its gradient accumulated in fp32.
+  mesh, vocab_axis: vocab-parallel form, w_out's columns split over mesh axis vocab_axis (P
+    divisible by its size), all else replicated; per-shard statistics combined by psum/pmax.
+  Tiles (Pallas): block_n tokens x block_v columns, dots over block_d slices of D, powers of two
+    (defaults for H100 by compute dtype, `default_blocks`; P and D not multiples are padded, a
+    copy of w_out); num_splits vocabulary splits of the forward grid (None: ~2 waves of
+    programs); chunk_v columns per backward chunk ([N, chunk_v] dlogits is the largest
+    temporary). implementation: 'pallas', or 'xla' (the same sweeps in chunked jnp).
+  interpret: None = interpret mode on CPU, the Triton kernel on GPU (lax.platform_dependent).
+  """
+  options = dict(kd_loss=kd_loss, kd_loss_weight=kd_loss_weight, sft_loss_weight=sft_loss_weight,
+                 target_logits_scale=target_logits_scale, tail=tail, student_norm=student_norm,
+                 beta=beta, temperature=temperature)
+  args = (hidden_NxD, w_out_DxP, teacher_ids_NxK, teacher_logits_NxK, labels_N, loss_mask_N,
+          teacher_lse_N)
+  plan = _make_plan(*args, vocab_size=vocab_size, options=options, logits_scale=logits_scale,
+                    compute_dtype=compute_dtype, implementation=implementation,
+                    tiles=(block_n, block_v, block_d, num_warps, num_stages, num_splits, chunk_v),
+                    interpret=interpret)
+  loss = functools.partial(_fused_loss, plan=plan, options=options,
+                           cross_tokenizer=cross_tokenizer, axis_name=vocab_axis)
+  if vocab_axis is None:
+    return loss(*args)
+  if mesh is None or vocab_axis not in mesh.shape:
+    raise ValueError(f'vocab_axis={vocab_axis!r}: needs a mesh with that axis (mesh={mesh})')
+  if w_out_DxP.shape[1] % mesh.shape[vocab_axis]:
+    raise ValueError(f'w_out_DxP: P={w_out_DxP.shape[1]} not divisible by the '
+                     f'{mesh.shape[vocab_axis]} shards of {vocab_axis!r}')
+  rep = PartitionSpec()
+  specs = (rep, PartitionSpec(None, vocab_axis)) + (rep,) * 5
+  if teacher_lse_N is None:
+    loss, args, specs = functools.partial(loss, teacher_lse=None), args[:-1], specs[:-1]
+  # check_vma=False: the Pallas interpreter does not track varying axes (jax 0.10); the
+  # transposes still sum d_hidden over shards (tested against the unsharded gradients).
+  return jax.shard_map(loss, mesh=mesh, in_specs=specs, out_specs=rep, check_vma=False)(*args)
+
+
+def fused_topk_kd_reference(hidden_NxD, w_out_DxP, teacher_ids_NxK, teacher_logits_NxK,
+                            labels_N, loss_mask_N, *, teacher_lse_N=None, vocab_size=None,
+                            compute_dtype=None, **options):
+  """The oracle: `losses.topk_kd_loss` on the full fp32 logits hidden @ w_out[:, :V]."""
+  v = w_out_DxP.shape[1] if vocab_size is None else vocab_size
+  cdt = compute_dtype or jnp.promote_types(hidden_NxD.dtype, w_out_DxP.dtype)
+  logits_NxV = jnp.dot(hidden_NxD.astype(cdt), w_out_DxP.astype(cdt),
+                       preferred_element_type=jnp.float32)[:, :v]
+  lse = None if teacher_lse_N is None else teacher_lse_N[None]
+  return losses.topk_kd_loss(logits_NxV[None], teacher_ids_NxK[None], teacher_logits_NxK[None],
+                             labels_N[None], loss_mask_N[None], teacher_lse_BxT=lse, **options)

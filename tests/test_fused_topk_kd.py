@@ -1,0 +1,233 @@
+"""jkd.kernels.fused_topk_kd against its full-logits oracle (`topk_kd_loss(h @ w)`), in value, in
+metrics and in both gradients, for every loss mode; the Pallas kernels run in interpret mode.
+
+Shapes are chosen so nothing is a multiple of a tile: N=37 tokens (block_n 16), D=40 (block_d
+16), P=300 stored columns of which V=290 are vocabulary (block_v 32, padding excluded), backward
+chunks of 96 columns with a remainder, three forward vocabulary splits of unequal length.
+"""
+
+import functools
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jkd import sharding
+from jkd.kernels import fused_topk_kd as fk
+
+N, D, P, V, K = 37, 40, 300, 290, 6
+TILES = dict(block_n=16, block_v=32, block_d=16, chunk_v=96, num_splits=3)
+
+
+def make_batch(seed=0, *, n=N, d=D, p=P, v=V, k=K, mask='random'):
+  """Teacher record as stored (descending max-shifted top-K, ids, lse) + student h, w.
+
+  Row 1 is a NeMo padding position (mask 0, the eos id repeated K times, logits 0, a label
+  out of range): it must not change anything.
+  """
+  rng = np.random.default_rng(seed)
+  zt = (rng.normal(size=(n, v)) * 3).astype(np.float32)
+  zt -= zt.max(-1, keepdims=True)
+  ids = np.argsort(-zt, axis=-1, kind='stable')[:, :k].astype(np.int32)
+  t = np.take_along_axis(zt, ids, -1)
+  lse = np.log(np.exp(zt.astype(np.float64)).sum(-1)).astype(np.float32)
+  labels = rng.integers(0, v, n).astype(np.int32)
+  m = rng.integers(0, 2, n).astype(np.int32) if mask == 'random' else np.zeros(n, np.int32)
+  if mask == 'random':
+    m[0] = 1
+  m[1], ids[1], t[1], labels[1] = 0, 2, 0.0, v + 7
+  return dict(h=rng.normal(size=(n, d)).astype(np.float32),
+              w=(rng.normal(size=(d, p)) * 3 / np.sqrt(d)).astype(np.float32),
+              ids=ids, t=t, labels=labels, mask=m, lse=lse)
+
+
+def value_and_grads(fn, b, *, h=None, w=None, vocab_size=V, **kw):
+  """(loss, metric sums, d_h, d_w) of fn, jitted."""
+  def f(h, w):
+    loss, metrics = fn(h, w, b['ids'], b['t'], b['labels'], b['mask'], teacher_lse_N=b['lse'],
+                       vocab_size=vocab_size, **kw)
+    return loss, {n: s for n, (s, _) in metrics.items()}
+  (loss, sums), (d_h, d_w) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+      b['h'] if h is None else h, b['w'] if w is None else w)
+  return loss, sums, d_h, d_w
+
+
+def assert_close(got, want, rtol):
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    g, e = np.asarray(g, np.float32), np.asarray(e, np.float32)
+    np.testing.assert_allclose(g, e, rtol=rtol, atol=rtol * max(np.abs(e).max(), 1e-6))
+
+
+MODES = {
+    'parity_fwd_kl': dict(),
+    'parity_bwd_kl_scaled': dict(kd_loss='bwd_kl', logits_scale=1.7, target_logits_scale=0.8,
+                                 kd_loss_weight=0.6),
+    'fwd_kl_sft': dict(sft_loss_weight=0.5),
+    'bwd_kl_sft_scaled': dict(kd_loss='bwd_kl', sft_loss_weight=1.0, logits_scale=1.3),
+    'sft_only': dict(kd_loss_weight=0.0, sft_loss_weight=1.0),
+    'jsd_sft': dict(kd_loss='jsd', beta=0.3, sft_loss_weight=0.2),
+    'jsd_temperature': dict(kd_loss='jsd', temperature=1.5),
+    'tail_fwd_kl_sft': dict(tail=True, sft_loss_weight=0.3, logits_scale=1.2),
+    'tail_bwd_kl': dict(tail=True, kd_loss='bwd_kl'),
+    'full_norm': dict(student_norm='full'),
+    'full_norm_temperature_sft': dict(student_norm='full', temperature=2.0, sft_loss_weight=0.3,
+                                      logits_scale=0.9),
+    'cross_tokenizer_sft': dict(cross_tokenizer=True, sft_loss_weight=0.2),
+    'cross_tokenizer_tail': dict(cross_tokenizer=True, tail=True),
+}
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_pallas_matches_full_logits(mode):
+  """The Pallas path (interpret mode, the default on CPU) equals the oracle, every mode."""
+  b = make_batch(1)
+  want = value_and_grads(fk.fused_topk_kd_reference, b, **MODES[mode])
+  got = value_and_grads(fk.fused_topk_kd, b, **TILES, **MODES[mode])
+  assert_close(got, want, 2e-5)
+
+
+@pytest.mark.parametrize('mode', ['fwd_kl_sft', 'tail_bwd_kl', 'full_norm_temperature_sft',
+                                  'cross_tokenizer_sft'])
+def test_xla_implementation_matches_full_logits(mode):
+  """The chunked-jnp fallback (same sweeps, no Pallas) equals the oracle."""
+  b = make_batch(2)
+  want = value_and_grads(fk.fused_topk_kd_reference, b, **MODES[mode])
+  got = value_and_grads(fk.fused_topk_kd, b, implementation='xla', chunk_v=96, **MODES[mode])
+  assert_close(got, want, 2e-5)
+
+
+def test_empty_mask_gives_zero_loss_and_gradients():
+  """NeMo's reduction with no masked-in token: loss 0, gradients 0, no NaN from padding rows."""
+  b = make_batch(3, mask='zeros')
+  loss, _, d_h, d_w = value_and_grads(fk.fused_topk_kd, b, **TILES, tail=True,
+                                      sft_loss_weight=1.0)
+  assert float(loss) == 0.0
+  assert not np.any(np.asarray(d_h)) and not np.any(np.asarray(d_w))
+
+
+@pytest.mark.parametrize('w_dtype', [jnp.bfloat16, jnp.float32])
+def test_bf16_compute(w_dtype):
+  """bf16 matmuls (fp32 accumulation) with a bf16 head, or an fp32 master head cast tile by
+  tile (its gradient stays fp32): close to the oracle computing in bf16 too."""
+  b = make_batch(4)
+  h, w = jnp.asarray(b['h'], jnp.bfloat16), jnp.asarray(b['w'], w_dtype)
+  for opts in (dict(sft_loss_weight=0.5), dict(tail=True), dict()):
+    kw = dict(h=h, w=w, compute_dtype=jnp.bfloat16, **opts)
+    want = value_and_grads(fk.fused_topk_kd_reference, b, **kw)
+    got = value_and_grads(fk.fused_topk_kd, b, **kw)
+    assert got[2].dtype == jnp.bfloat16 and got[3].dtype == w_dtype
+    assert_close(got, want, 2e-2)
+
+
+def _largest_intermediate(jaxpr):
+  """(largest array size among all equations, number of pallas_calls), sub-jaxprs included."""
+  big, calls = 0, 0
+  for eqn in jaxpr.eqns:
+    calls += eqn.primitive.name == 'pallas_call'
+    for var in eqn.outvars:
+      big = max(big, int(np.prod(getattr(var.aval, 'shape', ()))))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      b, c = _largest_intermediate(sub)
+      big, calls = max(big, b), calls + c
+  return big, calls
+
+
+@pytest.mark.parametrize('mode,sweeps', [('parity_fwd_kl', False), ('jsd_temperature', False),
+                                         ('fwd_kl_sft', True), ('tail_bwd_kl', True)])
+def test_no_token_by_vocab_array(mode, sweeps):
+  """No [N, V]-sized array anywhere in forward + backward; the parity modes without SFT have no
+  vocabulary sweep at all (gathered columns only), the others run the kernels."""
+  n = 70  # N * V > D * P (the head and its gradient) and > the gathered columns [D, N, K]
+  b = make_batch(5, n=n, d=24)
+  def f(h, w):
+    return fk.fused_topk_kd(h, w, b['ids'], b['t'], b['labels'], b['mask'],
+                            teacher_lse_N=b['lse'], vocab_size=V, **TILES, **MODES[mode])[0]
+  jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(b['h'], b['w']).jaxpr
+  big, calls = _largest_intermediate(jaxpr)
+  assert big < n * V
+  assert (calls > 0) == sweeps
+
+
+@pytest.mark.parametrize('d', [2048, 4096])
+def test_cuda_lowering_at_real_shapes(d):
+  """Forward + backward lower to Triton for cuda at N=8192, V=256000, K=100 (bf16), default
+  tiles within H100 shared memory, and no [N, V] tensor appears in the lowered module."""
+  n, v, k = 8192, 256000, 100  # N differs from D: a [N, V] tensor is recognisable
+  for cdt, wdt in ((jnp.bfloat16, jnp.bfloat16), (jnp.bfloat16, jnp.float32),
+                   (jnp.float32, jnp.float32)):
+    bn, bv, bd, _, stages = fk.default_blocks(cdt, wdt)
+    sizes = jnp.dtype(cdt).itemsize, jnp.dtype(wdt).itemsize
+    assert fk.smem_bytes(bn, bv, bd, *sizes, stages) <= fk.SMEM_LIMIT
+  sd = jax.ShapeDtypeStruct
+  args = (sd((n, d), jnp.bfloat16), sd((d, v), jnp.bfloat16), sd((n, k), jnp.int32),
+          sd((n, k), jnp.float32), sd((n,), jnp.int32), sd((n,), jnp.int32), sd((n,), jnp.float32))
+  for opts in (dict(sft_loss_weight=1.0), dict(tail=True, student_norm='full'),
+               dict(student_norm='full', temperature=2.0, sft_loss_weight=0.5)):
+    def f(h, w, ids, t, labels, mask, lse, opts=opts):
+      return fk.fused_topk_kd(h, w, ids, t, labels, mask, teacher_lse_N=lse, **opts)[0]
+    lowered = jax.jit(jax.grad(f, argnums=(0, 1))).trace(*args).lower(
+        lowering_platforms=('cuda',))
+    text = lowered.as_text()
+    assert text.count('xla.gpu.triton') >= 2, opts  # forward kernel + backward chunk kernel
+    assert f'{n}x{v}x' not in text
+
+
+@pytest.mark.parametrize('impl,mode', [('pallas', 'fwd_kl_sft'), ('pallas', 'parity_fwd_kl'),
+                                       ('xla', 'cross_tokenizer_tail'),
+                                       ('pallas', 'full_norm_temperature_sft')])
+def test_vocab_parallel_equals_unsharded(devices8, impl, mode):
+  """w_out split over 'tensor' (4 shards, the last one partly padding): per-shard statistics
+  combined by psum/pmax equal the unsharded result, and the logits are never all-gathered."""
+  mesh = sharding.make_mesh(('data', 'fsdp', 'tensor'), (2, 1, 4), devices8)
+  b = make_batch(6, p=320)
+  kw = dict(implementation=impl, **TILES, **MODES[mode])
+  want = value_and_grads(fk.fused_topk_kd, b, **kw)
+  got = value_and_grads(fk.fused_topk_kd, b, mesh=mesh, vocab_axis='tensor', **kw)
+  assert_close(got, want, 2e-5)
+  assert_close(got, value_and_grads(fk.fused_topk_kd_reference, b, **MODES[mode]), 2e-5)
+  if not MODES[mode].get('cross_tokenizer'):  # that one gathers K candidates per shard
+    f = functools.partial(fk.fused_topk_kd, mesh=mesh, vocab_axis='tensor', vocab_size=V, **kw)
+    hlo = jax.jit(jax.grad(lambda h, w: f(h, w, b['ids'], b['t'], b['labels'], b['mask'],
+                                          teacher_lse_N=b['lse'])[0], argnums=(0, 1))).lower(
+        b['h'], b['w']).compile().as_text()
+    assert 'all-gather' not in hlo
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('mode', ['fwd_kl_sft', 'tail_fwd_kl_sft', 'full_norm_temperature_sft'])
+def test_triton_kernels_on_gpu(mode):
+  """The compiled Triton kernels (default tiles, bf16) against the oracle at a real width."""
+  b = make_batch(9, n=1000, d=2048, p=32768, v=32000, k=100)
+  h, w = jnp.asarray(b['h'], jnp.bfloat16), jnp.asarray(b['w'], jnp.bfloat16)
+  kw = dict(h=h, w=w, vocab_size=32000, **MODES[mode])
+  want = value_and_grads(fk.fused_topk_kd_reference, b, **kw)
+  assert_close(value_and_grads(fk.fused_topk_kd, b, **kw), want, 2e-2)
+
+
+@pytest.mark.parametrize('kw,match', [
+    (dict(vocab_size=P + 1), 'vocab_size'),
+    (dict(block_v=48), 'block_v'),
+    (dict(block_v=1024, block_d=256), 'shared memory'),
+    (dict(implementation='cuda'), 'implementation'),
+    (dict(logits_scale=0.0), 'logits_scale'),
+    (dict(tail=True, teacher_lse_N=None), 'teacher_lse'),
+    (dict(kd_loss='kl'), 'kd_loss'),
+    (dict(vocab_axis='tensor'), 'vocab_axis'),
+])
+def test_invalid_arguments_raise(kw, match):
+  """Bad options fail at call time with a one-line ValueError naming the argument."""
+  b = make_batch(7)
+  kw = dict(dict(teacher_lse_N=b['lse']), **kw)
+  with pytest.raises(ValueError, match=match):
+    fk.fused_topk_kd(b['h'], b['w'], b['ids'], b['t'], b['labels'], b['mask'], **kw)
+
+
+def test_shape_mismatch_raises():
+  b = make_batch(8)
+  with pytest.raises(ValueError, match='labels_N'):
+    fk.fused_topk_kd(b['h'], b['w'], b['ids'], b['t'], b['labels'][:-1], b['mask'])
+  with pytest.raises(ValueError, match='K=7'):
+    fk.fused_topk_kd(b['h'], b['w'][:, :5], b['ids'][:, :1].repeat(7, 1), b['t'][:, :1].repeat(
+        7, 1), b['labels'], b['mask'])
