@@ -1,0 +1,171 @@
+"""Grain input pipeline over the logit store: shard, shuffle, truncate, pad or pack, batch.
+
+Legend: B batch rows, L padded row length (a multiple of 8, <= max_seq_length), K top-K width.
+
+Batches are dicts of numpy arrays: tokens, labels, loss_mask, segment_ids, positions [B, L]
+(int32; loss_mask uint8), topk_ids [B, L, K] int32, topk_logits [B, L, K] float32, lse [B, L]
+float32. Padding is what NeMo's collate pads with (spec §4): `pad_id` for tokens, labels and
+top-K ids, 0 for the mask, logits and lse; segment_ids are 1.. per example in a row and 0 on
+padding; positions restart at 0 for every example. Without packing a row holds one example
+(segment 1). L = min(max_seq_length, ceil(longest row / 8) * 8) per batch, as NeMo pads; a
+jitted step sees at most max_seq_length / 8 shapes (pass `pad_to_max=True` for one shape).
+Examples longer than max_seq_length are cut on the right: exact for a causal teacher, whose
+targets at kept positions depend only on the kept prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from jkd.data import logit_store
+
+PAD_MULTIPLE = 8
+FIELDS = ('tokens', 'labels', 'loss_mask', 'topk_ids', 'topk_logits', 'lse')
+
+
+class KDDataSource(grain.sources.RandomAccessDataSource):
+  """The i-th example of a store split (in example-index order) as a dict of numpy arrays."""
+
+  def __init__(self, root: str, split: str, *, pad_id: int = 0, validate: bool = True):
+    self.root, self.split = root, split
+    self._reader = logit_store.Reader(root, split, pad_id=pad_id, validate=validate)
+    self.meta = self._reader.meta
+
+  def __len__(self) -> int:
+    return len(self._reader)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    rec = self._reader[i]
+    return {'index': np.int64(rec.index), **{f: getattr(rec, f) for f in FIELDS}}
+
+  def __repr__(self) -> str:  # Grain checkpoints name their source by repr
+    return f'KDDataSource({self.root!r}, {self.split!r}, n={len(self)})'
+
+
+@dataclasses.dataclass(frozen=True)
+class _Truncate(grain.transforms.Map):
+  """Right-truncation to max_seq_length and NeMo's load-time `top_k` (first K' of K)."""
+  max_seq_length: int
+  top_k: int | None
+
+  def map(self, ex):
+    out = {f: ex[f][:self.max_seq_length] for f in FIELDS}
+    if self.top_k is not None:
+      out['topk_ids'] = out['topk_ids'][:, :self.top_k]
+      out['topk_logits'] = out['topk_logits'][:, :self.top_k]
+    return out
+
+
+def _pad_values(pad_id):
+  return {'tokens': pad_id, 'labels': pad_id, 'loss_mask': 0, 'topk_ids': pad_id,
+          'topk_logits': 0.0, 'lse': 0.0}
+
+
+def _row_length(longest, max_seq_length, pad_to_max):
+  return max_seq_length if pad_to_max else min(
+      max_seq_length, max(PAD_MULTIPLE, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE))
+
+
+_DTYPES = {'tokens': np.int32, 'labels': np.int32, 'loss_mask': np.uint8, 'topk_ids': np.int32,
+           'topk_logits': np.float32, 'lse': np.float32, 'segment_ids': np.int32,
+           'positions': np.int32}
+
+
+@dataclasses.dataclass(frozen=True)
+class _PadBatch:
+  """One example per row, padded to L."""
+  max_seq_length: int
+  pad_id: int
+  pad_to_max: bool
+
+  def __call__(self, examples):
+    b = len(examples)
+    l = _row_length(max(len(e['tokens']) for e in examples), self.max_seq_length, self.pad_to_max)
+    pads = _pad_values(self.pad_id)
+    out = {f: np.full((b, l) + examples[0][f].shape[1:], pads[f], _DTYPES[f]) for f in FIELDS}
+    out['segment_ids'] = np.zeros((b, l), np.int32)
+    out['positions'] = np.zeros((b, l), np.int32)
+    for row, e in enumerate(examples):
+      s = len(e['tokens'])
+      for f in FIELDS:
+        out[f][row, :s] = e[f]
+      out['segment_ids'][row, :s] = 1
+      out['positions'][row, :s] = np.arange(s)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _PackedBatch:
+  """Rows from Grain's first-fit packer (padded to max_seq_length), cut to L."""
+  max_seq_length: int
+  pad_to_max: bool
+
+  def __call__(self, rows):
+    seg = np.stack([r['tokens_segment_ids'] for r in rows])
+    used = np.flatnonzero(seg.any(axis=0))
+    l = _row_length(int(used[-1]) + 1 if len(used) else 0, self.max_seq_length, self.pad_to_max)
+    out = {f: np.stack([r[f][:l] for r in rows]).astype(_DTYPES[f]) for f in FIELDS}
+    out['segment_ids'] = seg[:, :l].astype(np.int32)
+    out['positions'] = np.stack([r['tokens_positions'][:l] for r in rows]).astype(np.int32)
+    return out
+
+
+def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: bool = True,
+                num_epochs: int | None = None, top_k: int | None = None, pack: bool = False,
+                max_seq_length: int, pad_id: int, worker_count: int = 0,
+                shard_index: int | None = None, shard_count: int | None = None,
+                drop_remainder: bool = False, pad_to_max: bool = False, read_threads: int = 4,
+                validate: bool = True) -> grain.DatasetIterator:
+  """A checkpointable iterator of KD batches (see the module docstring for their layout).
+
+  Shards by JAX process by default (shard i takes examples i, i + n, ...; every example lands in
+  exactly one shard); shuffles per epoch with `seed` (a different order each epoch, same for the
+  same seed); `num_epochs=None` repeats forever. `pack=True` packs several examples per row
+  first-fit, `batch_size` rows per batch. `worker_count` > 0 reads in that many spawned
+  processes. The iterator's `get_state()` / `set_state()` resume exactly (same worker_count).
+  """
+  if max_seq_length < PAD_MULTIPLE or max_seq_length % PAD_MULTIPLE:
+    raise ValueError(f'make_loader: max_seq_length={max_seq_length} must be a positive multiple '
+                     f'of {PAD_MULTIPLE}')
+  if batch_size < 1:
+    raise ValueError(f'make_loader: batch_size={batch_size} must be >= 1')
+  if shard_index is None or shard_count is None:
+    import jax  # the default shard is this host's; workers never import jax
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'make_loader: shard_index={shard_index} not in [0, shard_count={shard_count})')
+  source = KDDataSource(root, split, pad_id=pad_id, validate=validate)
+  if top_k is not None and not 1 <= top_k <= source.meta.k:
+    raise ValueError(f'make_loader: top_k={top_k} not in [1, stored K={source.meta.k}]')
+  if len(source) < shard_count:
+    raise ValueError(f'make_loader: {len(source)} examples in {root}/{split} for {shard_count} shards')
+
+  ds = grain.MapDataset.source(source)[shard_index::shard_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed % 2**32)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  ds = ds.map(_Truncate(max_seq_length, top_k))
+  if not pack:
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder,
+                  batch_fn=_PadBatch(max_seq_length, pad_id, pad_to_max))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=2 * read_threads))
+  else:
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=2 * batch_size))
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={f: max_seq_length for f in FIELDS}, num_packing_bins=batch_size,
+        shuffle_bins=False, padding_struct=_pad_values(pad_id))
+    it = it.batch(batch_size, drop_remainder=drop_remainder,
+                  batch_fn=_PackedBatch(max_seq_length, pad_to_max))
+  if worker_count > 0:
+    from absl import flags  # grain 0.2.18 reads absl flags in workers (docs/environment.md)
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(it)

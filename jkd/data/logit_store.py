@@ -1,0 +1,455 @@
+"""The logit store: the teacher's top-K logits per token on disk (TensorStore zarr3).
+
+The only module that knows the layout (schema: docs/logit_store.md). A split is a directory of
+blocks; a block is a set of examples concatenated along tokens, written to a temp directory and
+renamed into place, then listed in its process's manifest file (replaced atomically), so a crash
+never leaves a block that reads as complete. Every write, import and read checks ids within the
+vocabulary, descending finite values and counts against the manifest, and raises one clear line.
+
+Legend: S tokens of an example, R its stored top-K rows (S, or its loss-mask positions when
+`masked_only`), T / N tokens / rows of a block, K top-K width, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import uuid
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+FORMAT = 'jkd-logit-store'
+SCHEMA_VERSION = 1
+VALUES_DTYPES = ('bfloat16', 'float32')
+CODECS = ('zstd', 'none')
+TOKENS_PER_CHUNK = 4096  # per-token arrays: one small chunk covers most examples
+ROWS_PER_CHUNK = 64  # top-K arrays: a random example over-reads < 2 * 64 rows
+CACHE_BYTES = 64 << 20  # decoded-chunk cache per Reader (per Grain worker)
+_ARRAYS = ('tokens', 'labels', 'loss_mask', 'lse', 'topk_ids', 'topk_logits')
+_BLOCK_RE = re.compile(r'^p(\d{5})-b(\d{6})$')
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreMeta:
+  """What a split stores; fixed when the split is created, checked on every reopen."""
+  k: int
+  vocab_size: int
+  values_dtype: str = 'bfloat16'
+  teacher_fingerprint: str = ''
+  tokenizer_fingerprint: str = ''
+  masked_only: bool = False
+  codec: str = 'zstd'
+
+  def __post_init__(self):
+    if self.k < 1 or self.vocab_size < 1:
+      raise ValueError(f'StoreMeta: k={self.k} and vocab_size={self.vocab_size} must be >= 1')
+    if self.values_dtype not in VALUES_DTYPES:
+      raise ValueError(f'StoreMeta: values_dtype={self.values_dtype!r}, expected one of {VALUES_DTYPES}')
+    if self.codec not in CODECS:
+      raise ValueError(f'StoreMeta: codec={self.codec!r}, expected one of {CODECS}')
+
+  @property
+  def ids_dtype(self) -> str:
+    """Smallest lossless id type; int32's zero high byte costs nothing after the byte shuffle."""
+    return 'uint16' if self.vocab_size <= 1 << 16 else 'int32'
+
+
+@dataclasses.dataclass(eq=False)
+class Record:
+  """One example: inputs, targets, mask and the teacher's top-K per position (NeMo's fields)."""
+  index: int
+  tokens: np.ndarray  # int32[S]
+  labels: np.ndarray  # int32[S]
+  loss_mask: np.ndarray  # uint8[S]
+  topk_ids: np.ndarray  # int32[S, K]
+  topk_logits: np.ndarray  # float32[S, K], descending, first 0.0 (max-shifted)
+  lse: np.ndarray  # float32[S], logsumexp of the max-shifted full-vocabulary logits
+
+
+def check_record(rec: Record, meta: StoreMeta, *, sort: bool = False, where: str = '') -> Record:
+  """Validated copy of `rec` in stored dtypes; `sort=True` sorts rows that are not descending."""
+  where = where or f'example {rec.index}'
+  if int(rec.index) < 0:
+    raise ValueError(f'{where}: example indices must be >= 0')
+  tokens = np.asarray(rec.tokens)
+  s = tokens.shape[0] if tokens.ndim == 1 else -1
+  shapes = {'tokens': (s,), 'labels': (s,), 'loss_mask': (s,), 'topk_ids': (s, meta.k),
+            'topk_logits': (s, meta.k), 'lse': (s,)}
+  arrays = {name: np.asarray(getattr(rec, name)) for name in shapes}
+  for name, shape in shapes.items():
+    if arrays[name].shape != shape:
+      raise ValueError(f'{where}: {name} has shape {list(arrays[name].shape)}, expected '
+                       f'{list(shape)} (S=len(tokens), K={meta.k})')
+  mask = arrays['loss_mask']
+  if not np.isin(mask, (0, 1)).all():
+    raise ValueError(f'{where} position {int(np.flatnonzero(~np.isin(mask, (0, 1)))[0])}: '
+                     'loss_mask is not 0 or 1')
+  rows_R = np.flatnonzero(mask) if meta.masked_only else np.arange(s)
+  ids_RxK = arrays['topk_ids'][rows_R]
+  vals_RxK = arrays['topk_logits'][rows_R].astype(np.float32)
+  _check_ids(arrays['tokens'], meta, where, 'token', np.arange(s))
+  _check_ids(arrays['labels'][mask == 1], meta, where, 'label', np.flatnonzero(mask))
+  order = _check_values(ids_RxK, vals_RxK, arrays['lse'][rows_R], meta, where, rows_R, sort)
+  if order is not None:
+    full_ids, full_vals = arrays['topk_ids'].copy(), arrays['topk_logits'].astype(np.float32)
+    full_ids[rows_R] = np.take_along_axis(ids_RxK, order, 1)
+    full_vals[rows_R] = np.take_along_axis(vals_RxK, order, 1)
+    arrays['topk_ids'], arrays['topk_logits'] = full_ids, full_vals
+  return Record(int(rec.index), arrays['tokens'].astype(np.int32), arrays['labels'].astype(np.int32),
+                mask.astype(np.uint8), arrays['topk_ids'].astype(np.int32),
+                arrays['topk_logits'].astype(np.float32), arrays['lse'].astype(np.float32))
+
+
+def _check_ids(ids, meta, where, what, positions):
+  bad = (ids < 0) | (ids >= meta.vocab_size)
+  if bad.any():
+    r = np.argwhere(bad)[0]
+    raise ValueError(f'{where} position {int(positions[r[0]])}: {what} id {int(ids[tuple(r)])} '
+                     f'outside the vocabulary [0, {meta.vocab_size})')
+
+
+def _check_values(ids_RxK, vals_RxK, lse_R, meta, where, positions, sort):
+  """Raises on bad ids or values; returns the row sort order when `sort` must fix the order."""
+  _check_ids(ids_RxK, meta, where, 'top-K', positions)
+  for name, x in (('topk_logits', vals_RxK), ('lse', lse_R)):
+    if not np.isfinite(x).all():
+      r = np.argwhere(~np.isfinite(x))[0]
+      raise ValueError(f'{where} position {int(positions[r[0]])}: {name} is {x[tuple(r)]} (not finite)')
+  bad = vals_RxK[:, 1:] > vals_RxK[:, :-1]
+  if not bad.any():
+    return None
+  if sort:
+    return np.argsort(-vals_RxK, axis=1, kind='stable')
+  r, k = np.argwhere(bad)[0]
+  raise ValueError(f'{where} position {int(positions[r])}: topk_logits not descending at k={k + 1} '
+                   f'({vals_RxK[r, k + 1]} > {vals_RxK[r, k]}); pass sort=True to sort the rows')
+
+
+def _encode_values(vals_NxK, values_dtype):
+  """Bit patterns delta-coded along K (mod 2**bits): lossless, small for descending rows."""
+  bits = vals_NxK.astype(ml_dtypes.bfloat16).view(np.uint16) if values_dtype == 'bfloat16' \
+      else vals_NxK.astype(np.float32).view(np.uint32)
+  return np.diff(bits, axis=1, prepend=np.zeros((bits.shape[0], 1), bits.dtype))
+
+
+def _decode_values(delta_NxK, values_dtype):
+  bits = np.cumsum(delta_NxK, axis=1, dtype=delta_NxK.dtype)  # wraps like the encoder
+  return (bits.view(ml_dtypes.bfloat16) if values_dtype == 'bfloat16' else bits.view(np.float32)
+          ).astype(np.float32)
+
+
+def _array_dtypes(meta):
+  return {'tokens': 'int32', 'labels': 'int32', 'loss_mask': 'uint8', 'lse': 'float32',
+          'topk_ids': meta.ids_dtype,
+          'topk_logits': 'uint16' if meta.values_dtype == 'bfloat16' else 'uint32'}
+
+
+def _zarr_spec(path, shape, dtype, codec):
+  """One shard file per array per block; inner chunks sized for single-example reads."""
+  rows = ROWS_PER_CHUNK if len(shape) == 2 else TOKENS_PER_CHUNK
+  inner = [rows] + list(shape[1:])
+  outer = [max(1, -(-shape[0] // rows)) * rows] + list(shape[1:])
+  size = np.dtype(dtype).itemsize
+  inner_codecs = [{'name': 'bytes', 'configuration': {'endian': 'little'}}]
+  if codec == 'zstd':
+    inner_codecs.append({'name': 'blosc', 'configuration': {
+        'cname': 'zstd', 'clevel': 1, 'shuffle': 'shuffle' if size > 1 else 'noshuffle',
+        'typesize': size, 'blocksize': 0}})
+  return {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': path}, 'metadata': {
+      'shape': list(shape), 'data_type': dtype,
+      'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': outer}},
+      'codecs': [{'name': 'sharding_indexed', 'configuration': {
+          'chunk_shape': inner, 'codecs': inner_codecs,
+          'index_codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}},
+                           {'name': 'crc32c'}]}}]}}
+
+
+def _write_json(path, obj):
+  """Replace `path` atomically (temp file, fsync, rename)."""
+  tmp = f'{path}.tmp-{uuid.uuid4().hex}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _read_json(path, what):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f'{what}: {path} is missing') from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{what}: {path} is not valid JSON ({e})') from None
+
+
+def _runs(indices):
+  """[5, 6, 7, 1, 2] -> [[5, 8], [1, 3]]: order-preserving half-open runs."""
+  runs = []
+  for i in indices:
+    if runs and runs[-1][1] == i:
+      runs[-1][1] += 1
+    else:
+      runs.append([i, i + 1])
+  return runs
+
+
+def _unruns(runs):
+  return np.concatenate([np.arange(a, b) for a, b in runs]) if runs else np.zeros(0, np.int64)
+
+
+def _meta_json(meta):
+  return {'format': FORMAT, 'schema_version': SCHEMA_VERSION, **dataclasses.asdict(meta),
+          'ids_dtype': meta.ids_dtype, 'values_encoding': 'delta_bits',
+          'rows_per_chunk': ROWS_PER_CHUNK, 'tokens_per_chunk': TOKENS_PER_CHUNK}
+
+
+def read_meta(split_dir: str) -> StoreMeta:
+  """The split's StoreMeta from manifest.json, after checking format and schema version."""
+  m = _read_json(os.path.join(split_dir, 'manifest.json'), 'logit store')
+  if m.get('format') != FORMAT or m.get('schema_version') != SCHEMA_VERSION:
+    raise ValueError(f'{split_dir}/manifest.json: format {m.get("format")!r} schema '
+                     f'{m.get("schema_version")!r}, this jkd reads {FORMAT!r} schema {SCHEMA_VERSION}')
+  try:
+    return StoreMeta(**{f.name: m[f.name] for f in dataclasses.fields(StoreMeta)})
+  except KeyError as e:
+    raise ValueError(f'{split_dir}/manifest.json: field {e} missing') from None
+
+
+def _process_manifests(split_dir):
+  """{manifest path: its blocks} for every manifest.pNNNNN.json of the split."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(split_dir, 'manifest.p[0-9]*.json'))):
+    m = _read_json(path, 'logit store')
+    if m.get('schema_version') != SCHEMA_VERSION or not isinstance(m.get('blocks'), list):
+      raise ValueError(f'{path}: not a schema {SCHEMA_VERSION} process manifest')
+    out[path] = m['blocks']
+  return out
+
+
+class Writer:
+  """Appends atomic blocks to one split; reopening resumes (see `committed`)."""
+
+  def __init__(self, root: str, split: str, meta: StoreMeta, *, sort: bool = False,
+               process_index: int | None = None):
+    if process_index is None:
+      import jax  # only for the default; writers given an index never import it
+      process_index = jax.process_index()
+    self.dir, self.meta, self.sort, self.process_index = os.path.join(root, split), meta, sort, process_index
+    os.makedirs(os.path.join(self.dir, 'blocks'), exist_ok=True)
+    self._create_or_check_meta()
+    self._manifest = os.path.join(self.dir, f'manifest.p{process_index:05d}.json')
+    manifests = _process_manifests(self.dir)
+    self._blocks = manifests.get(self._manifest, [])
+    self._committed, self._view = set(), None
+    for blocks in manifests.values():
+      for b in blocks:
+        self._committed.update(_unruns(b['indices']).tolist())
+    self._remove_uncommitted()
+    seqs = [int(_BLOCK_RE.match(b['name']).group(2)) for b in self._blocks]
+    self._next = max(seqs, default=-1) + 1
+
+  def _create_or_check_meta(self):
+    path = os.path.join(self.dir, 'manifest.json')
+    tmp = f'{path}.tmp-{uuid.uuid4().hex}'
+    with open(tmp, 'w') as f:
+      json.dump(_meta_json(self.meta), f, indent=1)
+    try:
+      os.link(tmp, path)  # create-if-absent, atomic: concurrent writers agree on one meta
+    except FileExistsError:
+      old = read_meta(self.dir)
+      for field in dataclasses.fields(StoreMeta):
+        a, b = getattr(old, field.name), getattr(self.meta, field.name)
+        if a != b:
+          raise ValueError(f'{self.dir}: existing store has {field.name}={a!r}, writer asked '
+                           f'{field.name}={b!r}') from None
+    finally:
+      os.remove(tmp)
+
+  def _remove_uncommitted(self):
+    """Blocks of this process that were never committed (a crash) are garbage: remove them."""
+    names = {b['name'] for b in self._blocks}
+    prefix = f'p{self.process_index:05d}-'
+    for entry in os.listdir(os.path.join(self.dir, 'blocks')):
+      if entry.startswith(f'.tmp-{prefix}') or (entry.startswith(prefix) and entry not in names):
+        shutil.rmtree(os.path.join(self.dir, 'blocks', entry))
+
+  @property
+  def committed(self) -> frozenset[int]:
+    """Example indices already stored (this and every other process, as of opening)."""
+    if self._view is None:  # rebuilt once per block, so `i in w.committed` in a loop is O(1)
+      self._view = frozenset(self._committed)
+    return self._view
+
+  def write_block(self, records: list[Record], extras: list | None = None) -> None:
+    """Writes `records` as one block: all visible to readers, or none of them."""
+    if not records:
+      return
+    if extras is not None and len(extras) != len(records):
+      raise ValueError(f'write_block: {len(extras)} extras for {len(records)} records')
+    recs = [check_record(r, self.meta, sort=self.sort) for r in records]
+    indices = [r.index for r in recs]
+    seen = set()
+    for i in indices:
+      if i in self._committed or i in seen:
+        raise ValueError(f'example {i}: already {"stored" if i in self._committed else "in this block"}')
+      seen.add(i)
+    rows = [np.flatnonzero(r.loss_mask) if self.meta.masked_only else slice(None) for r in recs]
+    data = {name: np.concatenate([getattr(r, name) for r in recs]) for name in _ARRAYS[:3]}
+    data['lse'] = np.concatenate([r.lse[w] for r, w in zip(recs, rows)])
+    data['topk_ids'] = np.concatenate([r.topk_ids[w] for r, w in zip(recs, rows)])
+    data['topk_logits'] = _encode_values(
+        np.concatenate([r.topk_logits[w] for r, w in zip(recs, rows)]), self.meta.values_dtype)
+    name = f'p{self.process_index:05d}-b{self._next:06d}'
+    tmp = os.path.join(self.dir, 'blocks', f'.tmp-{name}-{uuid.uuid4().hex[:8]}')
+    dtypes = _array_dtypes(self.meta)
+    stores = [ts.open(_zarr_spec(os.path.join(tmp, a), data[a].shape, dtypes[a], self.meta.codec),
+                      create=True) for a in _ARRAYS]
+    writes = [s.result().write(data[a].astype(dtypes[a])) for s, a in zip(stores, _ARRAYS)]
+    for w in writes:
+      w.result()
+    block = {'indices': indices, 'num_tokens': [len(r.tokens) for r in recs],
+             'num_rows': [len(r.lse[w]) for r, w in zip(recs, rows)]}
+    _write_json(os.path.join(tmp, 'block.json'), block)
+    if extras is not None:
+      with gzip.open(os.path.join(tmp, 'extras.json.gz'), 'wt') as f:
+        json.dump(extras, f)
+    os.rename(tmp, os.path.join(self.dir, 'blocks', name))
+    self._next += 1
+    blocks = self._blocks + [{'name': name, 'indices': _runs(indices), 'num_examples': len(recs),
+                              'num_tokens': int(sum(block['num_tokens'])),
+                              'num_rows': int(sum(block['num_rows']))}]
+    _write_json(self._manifest, {'schema_version': SCHEMA_VERSION,
+                                 'process_index': self.process_index, 'blocks': blocks})
+    self._blocks = blocks  # committed: the manifest names it
+    self._committed.update(indices)
+    self._view = None
+
+  def close(self) -> None:
+    """Nothing is buffered (every block commits in write_block); kept for symmetry."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class Reader:
+  """Random access to a split's examples in index order; opens arrays lazily (picklable)."""
+
+  def __init__(self, root: str, split: str, *, pad_id: int = 0, validate: bool = True):
+    self.dir, self.pad_id, self.validate = os.path.join(root, split), pad_id, validate
+    if not os.path.isdir(self.dir):
+      raise FileNotFoundError(f'logit store: no split directory {self.dir}')
+    self.meta = read_meta(self.dir)
+    self._entries = sorted((b for bs in _process_manifests(self.dir).values() for b in bs),
+                           key=lambda b: b['name'])
+    owner, block_of, pos_of, idx = {}, [], [], []
+    for n, b in enumerate(self._entries):
+      if not os.path.isdir(os.path.join(self.dir, 'blocks', b['name'])):
+        raise FileNotFoundError(f'{self.dir}: block {b["name"]} is listed in the manifest but '
+                                f'missing from blocks/')
+      ind = _unruns(b['indices'])
+      if len(ind) != b['num_examples']:
+        raise ValueError(f'{self.dir}: block {b["name"]} lists {len(ind)} indices for '
+                         f'num_examples={b["num_examples"]}')
+      for i in ind.tolist():
+        if i in owner:
+          raise ValueError(f'{self.dir}: example {i} is stored twice, in blocks {owner[i]} and {b["name"]}')
+        owner[i] = b['name']
+      idx.append(ind)
+      block_of.append(np.full(len(ind), n, np.int32))
+      pos_of.append(np.arange(len(ind), dtype=np.int32))
+    idx = np.concatenate(idx) if idx else np.zeros(0, np.int64)
+    order = np.argsort(idx, kind='stable')
+    self.indices = idx[order]
+    self._block_of = np.concatenate(block_of)[order] if block_of else np.zeros(0, np.int32)
+    self._pos_of = np.concatenate(pos_of)[order] if pos_of else np.zeros(0, np.int32)
+    self._open, self._context = {}, None
+
+  def __getstate__(self):  # tensorstore handles are reopened in each process (Grain workers)
+    return {**self.__dict__, '_open': {}, '_context': None}
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def _block(self, n):
+    if n in self._open:
+      return self._open[n]
+    entry = self._entries[n]
+    bdir = os.path.join(self.dir, 'blocks', entry['name'])
+    where = f'{self.dir}: block {entry["name"]}'
+    b = _read_json(os.path.join(bdir, 'block.json'), where)
+    counts = (len(b['indices']), sum(b['num_tokens']), sum(b['num_rows']))
+    expected = (entry['num_examples'], entry['num_tokens'], entry['num_rows'])
+    if counts != expected:
+      raise ValueError(f'{where}: block.json counts (examples, tokens, rows) {counts}, the '
+                       f'manifest {expected}')
+    if b['indices'] != _unruns(entry['indices']).tolist():
+      raise ValueError(f'{where}: block.json and the manifest list different example indices')
+    t, n_rows, k = entry['num_tokens'], entry['num_rows'], self.meta.k
+    shapes = {'tokens': (t,), 'labels': (t,), 'loss_mask': (t,), 'lse': (n_rows,),
+              'topk_ids': (n_rows, k), 'topk_logits': (n_rows, k)}
+    if self._context is None:  # caches shard indexes and small per-token chunks
+      self._context = ts.Context({'cache_pool': {'total_bytes_limit': CACHE_BYTES}})
+    arrays = {}
+    for a in _ARRAYS:
+      try:
+        arrays[a] = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path':
+                             os.path.join(bdir, a)}}, open=True, context=self._context).result()
+      except ValueError as e:
+        raise FileNotFoundError(f'{where}: array {a} cannot be opened ({e})') from None
+      if tuple(arrays[a].shape) != shapes[a]:
+        raise ValueError(f'{where}: array {a} has shape {list(arrays[a].shape)}, the manifest '
+                         f'counts give {list(shapes[a])}')
+    arrays['tok_off'] = np.concatenate([[0], np.cumsum(b['num_tokens'])])
+    arrays['row_off'] = np.concatenate([[0], np.cumsum(b['num_rows'])])
+    arrays['dir'] = bdir
+    self._open[n] = arrays
+    return arrays
+
+  def __getitem__(self, i: int) -> Record:
+    if not -len(self) <= i < len(self):
+      raise IndexError(f'logit store {self.dir}: example {i} out of range [0, {len(self)})')
+    b = self._block(int(self._block_of[i]))
+    j = int(self._pos_of[i])
+    t0, t1, r0, r1 = b['tok_off'][j], b['tok_off'][j + 1], b['row_off'][j], b['row_off'][j + 1]
+    futures = {a: b[a][t0:t1].read() for a in _ARRAYS[:3]}
+    futures.update({a: b[a][r0:r1].read() for a in _ARRAYS[3:]})
+    got = {a: f.result() for a, f in futures.items()}
+    index, mask = int(self.indices[i]), got['loss_mask']
+    vals_RxK = _decode_values(got['topk_logits'], self.meta.values_dtype)
+    rows_R = np.flatnonzero(mask) if self.meta.masked_only else np.arange(t1 - t0)
+    if len(rows_R) != r1 - r0:
+      raise ValueError(f'example {index}: {r1 - r0} stored rows for {len(rows_R)} positions')
+    if self.validate:
+      where = f'{self.dir} example {index}'
+      _check_ids(got['tokens'], self.meta, where, 'token', np.arange(t1 - t0))
+      _check_values(got['topk_ids'], vals_RxK, got['lse'], self.meta, where, rows_R, False)
+    ids_SxK, lse_S = got['topk_ids'].astype(np.int32), got['lse']
+    if self.meta.masked_only:  # pad ids, zero logits and lse where nothing is stored
+      ids_SxK = np.full((t1 - t0, self.meta.k), self.pad_id, np.int32)
+      ids_SxK[rows_R] = got['topk_ids']
+      full = np.zeros((t1 - t0, self.meta.k), np.float32)
+      full[rows_R], vals_RxK = vals_RxK, full
+      lse_S = np.zeros(t1 - t0, np.float32)
+      lse_S[rows_R] = got['lse']
+    return Record(index, got['tokens'], got['labels'], mask, ids_SxK, vals_RxK, lse_S)
+
+  def extras(self, i: int):
+    """The per-example JSON given to write_block (None when the block has none)."""
+    b = self._block(int(self._block_of[i]))
+    if 'extras' not in b:
+      path = os.path.join(b['dir'], 'extras.json.gz')
+      b['extras'] = json.load(gzip.open(path, 'rt')) if os.path.exists(path) else None
+    return None if b['extras'] is None else b['extras'][int(self._pos_of[i])]
+

@@ -1,0 +1,138 @@
+"""NeMo-Aligner interop: its `*_with_logits_CHUNK_ID.jsonl` KD chunks <-> a jkd logit store.
+
+NeMo's record schema is spec §1.5 (key order as written, every record eos-padded to its batch's
+length), its reader ChunkedJsonl is spec §4: chunk c of `n_chunks` replaces the literal
+`CHUNK_ID` in the path and must hold exactly `n_examples_per_chunk` lines. Import checks what
+ChunkedJsonl does not (every chunk present, exact line counts, ids, order, finiteness) and
+raises one clear line; export writes chunks NeMo's trainer reads unchanged. Everything goes
+through logit_store's public API; the store layout stays in that module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import numpy as np
+
+from jkd.data.logit_store import Reader, Record, StoreMeta, Writer, check_record
+
+NEMO_KD_KEYS = ('tokens', 'labels', 'loss_mask', 'topk_logits', 'topk_token_ids',
+                'log_sum_exp_logits', 'index')
+CHUNK_ID = 'CHUNK_ID'
+
+
+def chunk_paths(path_template: str, n_chunks: int) -> list[str]:
+  """ChunkedJsonl's file names: chunk c replaces the literal `CHUNK_ID` in the template."""
+  if CHUNK_ID not in path_template:
+    raise ValueError(f'NeMo chunk template {path_template!r} has no {CHUNK_ID} placeholder')
+  return [path_template.replace(CHUNK_ID, str(c)) for c in range(n_chunks)]
+
+
+def _count_records(path):
+  with open(path, 'rb') as f:
+    return sum(1 for line in f if line.strip())
+
+
+def _from_nemo(obj, index, pad_id, where):
+  missing = [k for k in NEMO_KD_KEYS[:-1] if k not in obj]
+  if missing:
+    raise ValueError(f'{where}: NeMo KD record lacks {", ".join(missing)} (spec §1.5)')
+  try:
+    a = {k: np.asarray(obj[k]) for k in NEMO_KD_KEYS[:-1]}
+  except ValueError:
+    raise ValueError(f'{where}: ragged top-K rows (every position needs K entries)') from None
+  n = len(a['tokens'])
+  if pad_id is not None:  # trailing eos padding of the batch layout: pad token, pad label, mask 0
+    padlike = (a['tokens'] == pad_id) & (a['labels'] == pad_id) & (a['loss_mask'] == 0)
+    n = int(np.flatnonzero(~padlike)[-1]) + 1 if (~padlike).any() else 0
+  rec = Record(index, a['tokens'][:n], a['labels'][:n], a['loss_mask'][:n],
+               a['topk_token_ids'][:n], a['topk_logits'][:n], a['log_sum_exp_logits'][:n])
+  extra = {'keys': list(obj), 'padded_length': len(a['tokens']), 'pad_id': pad_id,
+           'fields': {k: v for k, v in obj.items() if k not in NEMO_KD_KEYS}}
+  return rec, extra
+
+
+def import_chunks(path_template: str, root: str, split: str, meta: StoreMeta, *,
+                      n_chunks: int, n_examples_per_chunk: int, pad_id: int | None = None,
+                      sort: bool = False, index: str = 'field', examples_per_block: int = 256,
+                      process_index: int = 0) -> int:
+  """Imports NeMo-Aligner KD chunks into `root/split`; returns the number of examples imported.
+
+  `index='field'` keys examples by the record's `index`, `'position'` by chunk * n + line (what
+  ChunkedJsonl serves). `pad_id` (the eos id) strips the trailing batch padding; export restores
+  it with NeMo's collate pad values. Non-KD fields (contexts, answers, metadata, ...) are kept per
+  example for export. Reruns resume: examples already stored are skipped.
+  """
+  if index not in ('field', 'position'):
+    raise ValueError(f"import_chunks: index={index!r}, expected 'field' or 'position'")
+  paths = chunk_paths(path_template, n_chunks)
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f'{len(missing)} of {n_chunks} NeMo chunk files missing: {", ".join(missing)}')
+  for p in paths:
+    if (n := _count_records(p)) != n_examples_per_chunk:
+      raise ValueError(f'{p}: {n} records, but n_examples_per_chunk={n_examples_per_chunk}')
+  writer = Writer(root, split, meta, sort=sort, process_index=process_index)
+  done, seen, recs, extras, count = writer.committed, {}, [], [], 0
+  for c, path in enumerate(paths):
+    with open(path) as f:
+      for line_no, line in enumerate(line for line in f if line.strip()):
+        where = f'{path}:{line_no + 1}'
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f'{where}: not valid JSON ({e})') from None
+        if index == 'field' and 'index' not in obj:
+          raise ValueError(f"{where}: no 'index' field; pass index='position'")
+        i = int(obj['index']) if index == 'field' else c * n_examples_per_chunk + line_no
+        if i in seen:
+          raise ValueError(f"{where}: index {i} repeats {seen[i]}; pass index='position' to key by line")
+        seen[i] = where
+        if i in done:
+          continue
+        rec, extra = _from_nemo(obj, i, pad_id, where)
+        recs.append(check_record(rec, meta, sort=sort, where=f'{where} (example {i})'))
+        extras.append(extra)
+        if len(recs) == examples_per_block:
+          writer.write_block(recs, extras)
+          count, recs, extras = count + len(recs), [], []
+  writer.write_block(recs, extras)
+  return count + len(recs)
+
+
+def _to_nemo(rec, extra):
+  s = len(rec.tokens)
+  pad_to = extra['padded_length'] if extra else s
+  pad = extra['pad_id'] if extra else None
+  grow = pad_to - s  # NeMo collate pad values: eos tokens, labels and ids, 0 mask and logits
+
+  def padded(x, value):
+    return np.concatenate([x, np.full((grow,) + x.shape[1:], value, x.dtype)]) if grow else x
+  values = {'tokens': padded(rec.tokens, pad).tolist(), 'labels': padded(rec.labels, pad).tolist(),
+            'loss_mask': padded(rec.loss_mask, 0).tolist(),
+            'topk_logits': padded(rec.topk_logits, 0.0).tolist(),
+            'topk_token_ids': padded(rec.topk_ids, pad).tolist(),
+            'log_sum_exp_logits': padded(rec.lse, 0.0).tolist(), 'index': rec.index}
+  if extra:
+    values.update(extra['fields'])
+  return {k: values[k] for k in (extra['keys'] if extra else NEMO_KD_KEYS)}
+
+
+def export_chunks(root: str, split: str, path_template: str, *,
+                      n_examples_per_chunk: int | None = None) -> int:
+  """Writes the split as NeMo-Aligner chunks in index order; returns n_chunks for the trainer."""
+  r = Reader(root, split)
+  n = n_examples_per_chunk or max(len(r), 1)
+  if len(r) % n:
+    raise ValueError(f'export_chunks: {len(r)} examples do not fill chunks of '
+                     f'{n_examples_per_chunk} (NeMo ChunkedJsonl needs equal chunks)')
+  paths = chunk_paths(path_template, len(r) // n)
+  for c, path in enumerate(paths):
+    tmp = f'{path}.tmp-{uuid.uuid4().hex[:8]}'
+    with open(tmp, 'w') as f:
+      for i in range(c * n, (c + 1) * n):
+        f.write(json.dumps(_to_nemo(r[i], r.extras(i))) + '\n')
+    os.replace(tmp, path)
+  return len(paths)

@@ -1,0 +1,161 @@
+"""Grain pipeline over the logit store (jkd.data.loader).
+
+Protects: seeded shuffle determinism, sharding that covers every example exactly once, padding
+(multiple of 8, NeMo's pad values, right truncation), packing (segment ids, restarting
+positions, contents), load-time top_k, exact resume from the iterator state, and 2 workers.
+"""
+
+import numpy as np
+import pytest
+
+from jkd.data import logit_store as ls
+from jkd.data import loader
+from tests.test_logit_store import K, make_meta, make_record, write_store
+
+N = 23
+PAD = 1
+MAX_LEN = 48
+
+
+@pytest.fixture(scope='module')
+def store(tmp_path_factory):
+  """23 examples of 3..60 tokens (some longer than MAX_LEN); tokens[0] = example index."""
+  rng = np.random.default_rng(0)
+  recs = [make_record(rng, i, int(rng.integers(3, 61))) for i in range(N)]
+  root = str(tmp_path_factory.mktemp('store'))
+  write_store(root, recs, make_meta(), block_size=5)
+  return root, {r.index: r for r in recs}
+
+
+def _loader(store, **kw):
+  args = dict(batch_size=4, seed=0, max_seq_length=MAX_LEN, pad_id=PAD, shard_index=0,
+              shard_count=1, num_epochs=1)
+  return loader.make_loader(store[0], 'train', **{**args, **kw})
+
+
+def _ids(batches):
+  """Example indices in batch order (unpacked: row r holds one example, tokens[r, 0] = index)."""
+  return [int(i) for b in batches for i in b['tokens'][:, 0]]
+
+
+def test_source_is_store_in_index_order(store):
+  src = loader.KDDataSource(store[0], 'train')
+  assert len(src) == N and 'KDDataSource' in repr(src)
+  ex = src[4]
+  assert ex['index'] == 4
+  np.testing.assert_array_equal(ex['topk_ids'], store[1][4].topk_ids)
+
+
+def test_shuffle_is_deterministic_by_seed(store):
+  a, b = _ids(_loader(store, seed=3)), _ids(_loader(store, seed=3))
+  c = _ids(_loader(store, seed=4))
+  assert a == b and a != c and sorted(a) == sorted(c) == list(range(N))
+  assert _ids(_loader(store, shuffle=False)) == list(range(N))
+
+
+def test_each_epoch_is_reshuffled(store):
+  ids = _ids(_loader(store, num_epochs=2, batch_size=1))
+  assert sorted(ids[:N]) == sorted(ids[N:]) == list(range(N)) and ids[:N] != ids[N:]
+
+
+@pytest.mark.parametrize('count', [1, 3, 5])
+def test_shards_cover_every_example_once(store, count):
+  ids = [_ids(_loader(store, shard_index=i, shard_count=count)) for i in range(count)]
+  assert sorted(sum(ids, [])) == list(range(N))
+  assert max(map(len, ids)) - min(map(len, ids)) <= 1
+
+
+def test_default_shard_is_the_jax_process(store):
+  assert sorted(_ids(_loader(store, shard_index=None, shard_count=None))) == list(range(N))
+
+
+def test_batches_pad_like_nemo(store):
+  batches = list(_loader(store, batch_size=3))
+  assert [len(b['tokens']) for b in batches] == [3] * 7 + [2]
+  for b in batches:
+    l = b['tokens'].shape[1]
+    assert l % 8 == 0 and l <= MAX_LEN
+    assert b['topk_ids'].shape == b['topk_logits'].shape == (len(b['tokens']), l, K)
+    for row in range(len(b['tokens'])):
+      rec = store[1][int(b['tokens'][row, 0])]
+      s = min(len(rec.tokens), MAX_LEN)  # longer examples are cut on the right
+      for f in ('tokens', 'labels', 'loss_mask', 'topk_ids', 'topk_logits', 'lse'):
+        np.testing.assert_array_equal(b[f][row, :s], getattr(rec, f)[:s])
+      assert (b['tokens'][row, s:] == PAD).all() and (b['labels'][row, s:] == PAD).all()
+      assert (b['topk_ids'][row, s:] == PAD).all() and (b['topk_logits'][row, s:] == 0).all()
+      assert (b['loss_mask'][row, s:] == 0).all() and (b['lse'][row, s:] == 0).all()
+      assert b['segment_ids'][row].tolist() == [1] * s + [0] * (l - s)
+      assert b['positions'][row, :s].tolist() == list(range(s))
+    longest = max(min(len(store[1][int(i)].tokens), MAX_LEN) for i in b['tokens'][:, 0])
+    assert l == min(MAX_LEN, -(-longest // 8) * 8)
+  assert {b['tokens'].shape[1] for b in _loader(store, pad_to_max=True)} == {MAX_LEN}
+
+
+def test_packing(store):
+  seen = []
+  for b in _loader(store, pack=True, batch_size=3):
+    l = b['tokens'].shape[1]
+    assert l % 8 == 0 and l <= MAX_LEN
+    for row in range(len(b['tokens'])):
+      seg = b['segment_ids'][row]
+      n = int(seg.max())
+      assert n >= 1
+      assert (np.diff(seg[seg > 0]) >= 0).all() and set(seg[seg > 0]) == set(range(1, n + 1))
+      if (seg == 0).any():  # padding only at the end of a row
+        assert not seg[np.argmax(seg == 0):].any()
+      for sid in range(1, n + 1):
+        cols = np.flatnonzero(seg == sid)
+        assert b['positions'][row, cols].tolist() == list(range(len(cols)))  # restart per example
+        rec = store[1][int(b['tokens'][row, cols[0]])]
+        assert len(cols) == min(len(rec.tokens), MAX_LEN)
+        for f in ('tokens', 'labels', 'loss_mask', 'topk_ids', 'topk_logits', 'lse'):
+          np.testing.assert_array_equal(b[f][row, cols], getattr(rec, f)[:len(cols)])
+        seen.append(rec.index)
+      pad = seg == 0
+      assert (b['tokens'][row, pad] == PAD).all() and (b['loss_mask'][row, pad] == 0).all()
+      assert (b['topk_logits'][row, pad] == 0).all() and (b['topk_ids'][row, pad] == PAD).all()
+  assert sorted(seen) == list(range(N))
+  assert len(seen) > len(list(_loader(store, pack=True, batch_size=3))) * 3  # rows hold > 1
+
+
+def test_top_k_truncation(store):
+  for b in _loader(store, top_k=3, shuffle=False):
+    assert b['topk_ids'].shape[2] == b['topk_logits'].shape[2] == 3
+    rec = store[1][int(b['tokens'][0, 0])]
+    s = min(len(rec.tokens), MAX_LEN)
+    np.testing.assert_array_equal(b['topk_logits'][0, :s], rec.topk_logits[:s, :3])
+  with pytest.raises(ValueError, match=r'top_k=9 not in \[1, stored K=8\]'):
+    _loader(store, top_k=9)
+  with pytest.raises(ValueError, match='max_seq_length=50 must be a positive multiple of 8'):
+    _loader(store, max_seq_length=50)
+
+
+@pytest.mark.parametrize('pack', [False, True])
+def test_state_restore_continues_identically(store, pack):
+  it = _loader(store, pack=pack, num_epochs=None, batch_size=3)
+  for _ in range(5):
+    next(it)
+  state = it.get_state()
+  want = [next(it) for _ in range(6)]  # crosses an epoch boundary
+  it2 = _loader(store, pack=pack, num_epochs=None, batch_size=3)
+  it2.set_state(state)
+  for a, b in zip(want, (next(it2) for _ in range(6))):
+    assert a.keys() == b.keys()
+    for f in a:
+      np.testing.assert_array_equal(a[f], b[f])
+
+
+def test_two_workers(store):
+  """Spawned workers (grain absl-flags workaround in make_loader) give the in-process batches."""
+  want = list(_loader(store, batch_size=4))
+  it = _loader(store, batch_size=4, worker_count=2)
+  got = [next(it) for _ in range(3)]
+  state = it.get_state()
+  got += list(it)
+  assert _ids(got) == _ids(want) and sorted(_ids(got)) == list(range(N))
+  for a, b in zip(want, got):
+    for f in a:
+      np.testing.assert_array_equal(a[f], b[f])
+  it2 = _loader(store, batch_size=4, worker_count=2)
+  it2.set_state(state)
+  assert _ids(list(it2)) == _ids(got[3:])

@@ -1,0 +1,455 @@
+"""Logit store (jkd.data.logit_store) and NeMo-Aligner JSONL interop (jkd.data.nemo_jsonl).
+
+Protects: lossless round trips (ids exact, values exact in fp32 and bf16-rounded in bf16,
+masked_only rows), resume from the manifest, crash atomicity, every bad input raising one clear
+error on write, import and read, and NeMo chunks -> store -> chunks reproducing the records.
+"""
+
+import json
+import os
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from jkd.data import logit_store as ls
+from jkd.data import nemo_jsonl
+
+K = 8
+V_SMALL, V_LARGE = 300, 70_000  # uint16 ids / int32 ids
+
+
+def make_record(rng, index, s, *, k=K, v=V_SMALL):
+  """A valid record; tokens[0] = index (an identity the loader tests use)."""
+  tokens = rng.integers(2, v, s).astype(np.int32)
+  tokens[0] = index
+  ids_SxK = np.stack([rng.choice(v, k, replace=False) for _ in range(s)]).astype(np.int32)
+  gaps = rng.exponential(1.0, (s, k)).astype(np.float32)
+  gaps[:, 0] = 0
+  return ls.Record(index, tokens, np.roll(tokens, -1), (rng.random(s) < 0.6).astype(np.uint8),
+                   ids_SxK, -np.cumsum(gaps, axis=1), rng.random(s).astype(np.float32) + 0.5)
+
+
+def make_meta(**kw):
+  return ls.StoreMeta(**{'k': K, 'vocab_size': V_SMALL, 'values_dtype': 'float32',
+                         'teacher_fingerprint': 'teacher', 'tokenizer_fingerprint': 'tok', **kw})
+
+
+def write_store(root, records, meta, block_size=3, split='train', process_index=0):
+  w = ls.Writer(root, split, meta, process_index=process_index)
+  for b in range(0, len(records), block_size):
+    w.write_block(records[b:b + block_size])
+  w.close()
+
+
+def assert_same(got, want, meta):
+  """`got` from the store equals `want` under the store's dtype and masked_only semantics."""
+  assert got.index == want.index
+  for f in ('tokens', 'labels', 'loss_mask'):
+    np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+  rows = want.loss_mask == 1 if meta.masked_only else np.ones(len(want.tokens), bool)
+  vals = want.topk_logits.astype(ml_dtypes.bfloat16).astype(np.float32) \
+      if meta.values_dtype == 'bfloat16' else want.topk_logits
+  np.testing.assert_array_equal(got.topk_ids[rows], want.topk_ids[rows])
+  np.testing.assert_array_equal(got.topk_logits[rows], vals[rows])
+  np.testing.assert_array_equal(got.lse[rows], want.lse[rows])
+  assert got.topk_logits.dtype == np.float32 and got.topk_ids.dtype == np.int32
+  if meta.masked_only:  # documented fill where nothing is stored
+    assert (got.topk_ids[~rows] == 0).all() and (got.topk_logits[~rows] == 0).all()
+    assert (got.lse[~rows] == 0).all()
+
+
+@pytest.mark.parametrize('values_dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('masked_only', [False, True])
+@pytest.mark.parametrize('vocab', [V_SMALL, V_LARGE])
+def test_round_trip(tmp_path, values_dtype, masked_only, vocab):
+  rng = np.random.default_rng(0)
+  order = [5, 2, 9, 0, 7, 1, 3]  # blocks hold any subset of indices in any order
+  recs = [make_record(rng, i, int(rng.integers(1, 90)), v=vocab) for i in order]
+  meta = make_meta(vocab_size=vocab, values_dtype=values_dtype, masked_only=masked_only)
+  write_store(str(tmp_path), recs, meta)
+  r = ls.Reader(str(tmp_path), 'train')
+  assert r.meta == meta and len(r) == 7 and r.indices.tolist() == sorted(order)
+  by_index = {x.index: x for x in recs}
+  for i in range(len(r)):
+    assert_same(r[i], by_index[int(r.indices[i])], meta)
+  with pytest.raises(IndexError):
+    r[7]
+
+
+def test_empty_example_and_empty_mask(tmp_path):
+  rng = np.random.default_rng(1)
+  a, b = make_record(rng, 0, 1), make_record(rng, 1, 5)
+  b.loss_mask[:] = 0  # masked_only stores no rows for b
+  meta = make_meta(masked_only=True)
+  write_store(str(tmp_path), [a, b], meta)
+  r = ls.Reader(str(tmp_path), 'train')
+  assert_same(r[0], a, meta)
+  assert_same(r[1], b, meta)
+
+
+def test_ids_dtype_is_smallest_lossless():
+  assert make_meta(vocab_size=65536).ids_dtype == 'uint16'
+  assert make_meta(vocab_size=65537).ids_dtype == 'int32'
+
+
+def test_meta_mismatch_names_the_field(tmp_path):
+  write_store(str(tmp_path), [make_record(np.random.default_rng(0), 0, 4)], make_meta())
+  for change, field in [({'k': 4}, 'k='), ({'values_dtype': 'bfloat16'}, 'values_dtype='),
+                        ({'teacher_fingerprint': 'other'}, 'teacher_fingerprint='),
+                        ({'masked_only': True}, 'masked_only=')]:
+    with pytest.raises(ValueError, match=field):
+      ls.Writer(str(tmp_path), 'train', make_meta(**change), process_index=0)
+  with pytest.raises(ValueError, match='values_dtype'):
+    make_meta(values_dtype='float16')
+
+
+def test_resume_from_committed(tmp_path):
+  rng = np.random.default_rng(0)
+  recs = [make_record(rng, i, 6) for i in range(6)]
+  w = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)
+  w.write_block(recs[:3])
+  w2 = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)  # a rerun
+  assert w2.committed == {0, 1, 2}
+  with pytest.raises(ValueError, match='example 1: already stored'):
+    w2.write_block([recs[3], recs[1]])
+  with pytest.raises(ValueError, match='example 4: already in this block'):
+    w2.write_block([recs[4], recs[4]])
+  w2.write_block([r for r in recs if r.index not in w2.committed])
+  assert w2.committed == set(range(6))
+  assert sorted(os.listdir(tmp_path / 'train' / 'blocks')) == ['p00000-b000000', 'p00000-b000001']
+  assert len(ls.Reader(str(tmp_path), 'train')) == 6
+
+
+def test_process_manifests_merge(tmp_path):
+  """Per-process writers never share a file; the reader merges their manifests."""
+  rng = np.random.default_rng(0)
+  recs = [make_record(rng, i, 5) for i in range(8)]
+  w0 = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)
+  w1 = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=1)
+  w0.write_block(recs[0::2][:2])
+  w1.write_block(recs[1::2])
+  w0.write_block(recs[0::2][2:])
+  names = sorted(os.listdir(tmp_path / 'train'))
+  assert names == ['blocks', 'manifest.json', 'manifest.p00000.json', 'manifest.p00001.json']
+  r = ls.Reader(str(tmp_path), 'train')
+  assert r.indices.tolist() == list(range(8))
+  for i in range(8):
+    assert_same(r[i], recs[i], r.meta)
+  assert ls.Writer(str(tmp_path), 'train', make_meta(), process_index=2).committed == set(range(8))
+
+
+def test_crash_before_rename_leaves_nothing_readable(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  recs = [make_record(rng, i, 5) for i in range(4)]
+  write_store(str(tmp_path), recs[:2], make_meta())
+
+  def crash(*args):
+    raise OSError('simulated crash')
+  monkeypatch.setattr(ls.os, 'rename', crash)
+  with pytest.raises(OSError, match='simulated'):
+    ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0).write_block(recs[2:])
+  monkeypatch.undo()
+  blocks = tmp_path / 'train' / 'blocks'
+  assert any(n.startswith('.tmp-') for n in os.listdir(blocks))  # the half-written block
+  assert len(ls.Reader(str(tmp_path), 'train')) == 2
+  w = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)  # the next run proceeds
+  assert w.committed == {0, 1} and not any(n.startswith('.tmp-') for n in os.listdir(blocks))
+  w.write_block(recs[2:])
+  assert len(ls.Reader(str(tmp_path), 'train')) == 4
+
+
+def test_crash_before_manifest_update(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  recs = [make_record(rng, i, 5) for i in range(4)]
+  write_store(str(tmp_path), recs[:2], make_meta())
+  real = ls._write_json
+
+  def crash_on_manifest(path, obj):
+    if os.path.basename(path).startswith('manifest.p'):
+      raise OSError('simulated crash')
+    real(path, obj)
+  monkeypatch.setattr(ls, '_write_json', crash_on_manifest)
+  with pytest.raises(OSError, match='simulated'):
+    ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0).write_block(recs[2:])
+  monkeypatch.undo()
+  assert 'p00000-b000001' in os.listdir(tmp_path / 'train' / 'blocks')  # renamed, not committed
+  assert len(ls.Reader(str(tmp_path), 'train')) == 2
+  w = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)
+  assert w.committed == {0, 1}
+  w.write_block(recs[2:])
+  r = ls.Reader(str(tmp_path), 'train')
+  assert len(r) == 4
+  assert_same(r[3], recs[3], r.meta)
+
+
+# Bad inputs on write: each raises one clear line naming example and position.
+def _bad(rng, field, value, pos=(2, 3)):
+  rec = make_record(rng, 7, 6)
+  rec.loss_mask[:] = 1
+  getattr(rec, field)[pos if getattr(rec, field).ndim == 2 else pos[0]] = value
+  return rec
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('topk_ids', V_SMALL, r'example 7 position 2: top-K id 300 outside the vocabulary \[0, 300\)'),
+    ('topk_ids', -1, r'example 7 position 2: top-K id -1 outside'),
+    ('tokens', 1000, r'example 7 position 2: token id 1000 outside'),
+    ('topk_logits', np.nan, r'example 7 position 2: topk_logits is nan \(not finite\)'),
+    ('topk_logits', -np.inf, r'example 7 position 2: topk_logits is -inf'),
+    ('lse', np.inf, r'example 7 position 2: lse is inf'),
+    ('topk_logits', 5.0, r'example 7 position 2: topk_logits not descending at k=3.*sort=True'),
+])
+def test_write_rejects(tmp_path, field, value, match):
+  w = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)
+  with pytest.raises(ValueError, match=match):
+    w.write_block([_bad(np.random.default_rng(0), field, value)])
+  assert w.committed == set() and len(ls.Reader(str(tmp_path), 'train')) == 0
+
+
+def test_write_rejects_shapes_and_mask(tmp_path):
+  rng = np.random.default_rng(0)
+  w = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)
+  rec = make_record(rng, 3, 5)
+  rec.topk_ids = rec.topk_ids[:, :4]
+  with pytest.raises(ValueError, match=r'example 3: topk_ids has shape \[5, 4\], expected \[5, 8\]'):
+    w.write_block([rec])
+  rec = make_record(rng, 3, 5)
+  rec.loss_mask[1] = 2
+  with pytest.raises(ValueError, match='example 3 position 1: loss_mask is not 0 or 1'):
+    w.write_block([rec])
+
+
+def test_sort_option_sorts_rows_consistently(tmp_path):
+  rng = np.random.default_rng(0)
+  rec = make_record(rng, 0, 6)
+  perm = rng.permuted(np.tile(np.arange(K), (6, 1)), axis=1)
+  shuffled = ls.Record(0, rec.tokens, rec.labels, rec.loss_mask,
+                       np.take_along_axis(rec.topk_ids, perm, 1),
+                       np.take_along_axis(rec.topk_logits, perm, 1), rec.lse)
+  w = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0, sort=True)
+  w.write_block([shuffled])
+  assert_same(ls.Reader(str(tmp_path), 'train')[0], rec, make_meta())
+
+
+def test_masked_only_checks_only_stored_rows(tmp_path):
+  rec = make_record(np.random.default_rng(0), 0, 6)
+  rec.loss_mask[:] = 1
+  rec.loss_mask[2] = 0
+  rec.topk_logits[2, 4] = np.nan  # never stored, never read by the loss
+  write_store(str(tmp_path), [rec], make_meta(masked_only=True))
+  assert ls.Reader(str(tmp_path), 'train')[0].topk_logits[2].tolist() == [0.0] * K
+
+
+# Bad stores on read.
+def _store(tmp_path, n=6, **meta):
+  rng = np.random.default_rng(0)
+  recs = [make_record(rng, i, 5) for i in range(n)]
+  write_store(str(tmp_path), recs, make_meta(**meta))
+  return tmp_path / 'train'
+
+
+def _poke(split_dir, array, index, value):
+  """Overwrites one stored element of block 0 (bypassing the writer's checks)."""
+  a = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': str(
+      split_dir / 'blocks' / 'p00000-b000000' / array)}}, open=True).result()
+  a[index].write(value).result()
+
+
+def test_read_rejects_corrupt_values(tmp_path):
+  d = _store(tmp_path)
+  _poke(d, 'topk_ids', (6, 2), V_SMALL + 5)  # example 1, position 1
+  with pytest.raises(ValueError, match=r'example 1 position 1: top-K id 305 outside'):
+    ls.Reader(str(tmp_path), 'train')[1]
+  d = _store(tmp_path / 'b')
+  bits = np.float32(np.nan).view(np.uint32)  # delta-coded: column 0 holds the value's bits
+  _poke(d, 'topk_logits', (0, 0), bits)
+  with pytest.raises(ValueError, match=r'example 0 position 0: topk_logits is nan'):
+    ls.Reader(str(tmp_path / 'b'), 'train')[0]
+  d = _store(tmp_path / 'c')
+  _poke(d, 'topk_logits', (3, 5), np.uint32(1 << 31))  # sign flip mid-row: not descending
+  with pytest.raises(ValueError, match=r'example 0 position 3: topk_logits not descending'):
+    ls.Reader(str(tmp_path / 'c'), 'train')[0]
+
+
+def test_read_rejects_missing_and_mismatched_blocks(tmp_path):
+  d = _store(tmp_path)
+  shutil.rmtree(d / 'blocks' / 'p00000-b000001')
+  with pytest.raises(FileNotFoundError, match='block p00000-b000001 is listed in the manifest but missing'):
+    ls.Reader(str(tmp_path), 'train')
+  d = _store(tmp_path / 'b')
+  m = json.loads((d / 'manifest.p00000.json').read_text())
+  m['blocks'][0]['num_tokens'] += 1
+  (d / 'manifest.p00000.json').write_text(json.dumps(m))
+  r = ls.Reader(str(tmp_path / 'b'), 'train')
+  with pytest.raises(ValueError, match=r'block p00000-b000000: block.json counts \(examples, tokens, rows\) \(3, 15, 15\), the manifest \(3, 16, 15\)'):
+    r[0]
+  assert r[4].index == 4  # other blocks still read
+  d = _store(tmp_path / 'c')
+  shutil.rmtree(d / 'blocks' / 'p00000-b000000' / 'lse')
+  with pytest.raises(FileNotFoundError, match='block p00000-b000000: array lse cannot be opened'):
+    ls.Reader(str(tmp_path / 'c'), 'train')[0]
+
+
+def test_read_rejects_bad_manifests(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no split directory'):
+    ls.Reader(str(tmp_path), 'train')
+  d = _store(tmp_path)
+  m = json.loads((d / 'manifest.json').read_text())
+  (d / 'manifest.json').write_text(json.dumps({**m, 'schema_version': 99}))
+  with pytest.raises(ValueError, match='schema 99, this jkd reads'):
+    ls.Reader(str(tmp_path), 'train')
+  d = _store(tmp_path / 'b')
+  shutil.copy(d / 'manifest.p00000.json', d / 'manifest.p00003.json')  # same blocks twice
+  with pytest.raises(ValueError, match='example 0 is stored twice'):
+    ls.Reader(str(tmp_path / 'b'), 'train')
+  os.remove(d / 'manifest.json')
+  with pytest.raises(FileNotFoundError, match='manifest.json is missing'):
+    ls.Reader(str(tmp_path / 'b'), 'train')
+
+
+# NeMo-Aligner interop.
+EOS = 1
+SYSTEM = ('A chat between a curious user and an artificial intelligence assistant. The assistant '
+          'gives helpful, detailed, and polite answers to the user\'s questions.')
+
+
+def nemo_batch_records(rng, first, n, *, k=K, v=V_SMALL, max_seq=48):
+  """NeMo teacher-pass records of one global batch (spec §1.2-§1.5): eos-padded to the batch's
+  L = min(max_seq_length, ceil8(longest)), teacher top-K at every position (padding included),
+  fp32 values of bf16 logits minus their max, keys in the order NeMo writes them."""
+  lens = rng.integers(4, 40, n)
+  width = min(max_seq, -(-int(lens.max()) // 8) * 8)
+  out = []
+  for j, s in enumerate(lens):
+    s = min(int(s), width)
+    input_ids = rng.integers(2, v, s + 1).tolist()  # eos (1) and 0 never appear inside
+    ctx = int(rng.integers(1, s))
+    pad = width - s
+    z = np.sort(rng.normal(0, 4, (width, k)).astype(ml_dtypes.bfloat16).astype(np.float32), 1)[:, ::-1]
+    ids = np.stack([rng.choice(v, k, replace=False) for _ in range(width)])
+    out.append({
+        'tokens': input_ids[:-1] + [EOS] * pad, 'labels': input_ids[1:] + [EOS] * pad,
+        'loss_mask': [0] * (ctx - 1) + [1] * (s - ctx + 1) + [0] * pad,
+        'contexts': input_ids[:ctx] + [EOS] * (width - ctx), 'context_lengths': ctx,
+        'answers': input_ids[ctx:] + [EOS] * (width - len(input_ids[ctx:])),
+        'metadata': {'system': SYSTEM, 'mask': 'User', 'type': 'VALUE_TO_TEXT'},
+        'topk_logits': (z - z[:, :1]).tolist(), 'topk_token_ids': ids.tolist(),
+        'log_sum_exp_logits': (rng.random(width) + 0.2).astype(np.float32).tolist(),
+        'index': first + j})
+  return out
+
+
+def write_nemo_chunks(tmp_path, n_chunks=2, per_chunk=6, gbs=4, seed=0):
+  rng = np.random.default_rng(seed)
+  recs = []
+  while len(recs) < n_chunks * per_chunk:
+    recs += nemo_batch_records(rng, len(recs), min(gbs, n_chunks * per_chunk - len(recs)))
+  template = str(tmp_path / 'train_with_logits_CHUNK_ID.jsonl')
+  for c, path in enumerate(nemo_jsonl.chunk_paths(template, n_chunks)):
+    with open(path, 'w') as f:
+      for rec in recs[c * per_chunk:(c + 1) * per_chunk]:
+        f.write(json.dumps(rec) + '\n')
+  return template, recs
+
+
+def _lines(template, n_chunks):
+  return [open(p).read() for p in nemo_jsonl.chunk_paths(template, n_chunks)]
+
+
+def test_nemo_round_trip_is_byte_identical(tmp_path):
+  template, _ = write_nemo_chunks(tmp_path)
+  n = nemo_jsonl.import_chunks(template, str(tmp_path / 'store'), 'train', make_meta(),
+                               n_chunks=2, n_examples_per_chunk=6, examples_per_block=4)
+  assert n == 12
+  out = str(tmp_path / 'out_CHUNK_ID.jsonl')
+  assert nemo_jsonl.export_chunks(str(tmp_path / 'store'), 'train', out, n_examples_per_chunk=6) == 2
+  assert _lines(out, 2) == _lines(template, 2)
+
+
+def test_nemo_round_trip_without_padding(tmp_path):
+  """pad_id strips the batch padding (stored tokens = real tokens); export restores the layout
+  with NeMo collate's pad values; bf16 values are the records' values rounded to bf16."""
+  template, recs = write_nemo_chunks(tmp_path)
+  meta = make_meta(values_dtype='bfloat16')
+  nemo_jsonl.import_chunks(template, str(tmp_path / 'store'), 'train', meta, n_chunks=2,
+                           n_examples_per_chunk=6, pad_id=EOS)
+  r = ls.Reader(str(tmp_path / 'store'), 'train')
+  for i, rec in enumerate(recs):
+    assert len(r[i].tokens) == len(rec['tokens']) - rec['tokens'].count(EOS)
+  out = str(tmp_path / 'out_CHUNK_ID.jsonl')
+  nemo_jsonl.export_chunks(str(tmp_path / 'store'), 'train', out, n_examples_per_chunk=4)
+  got = [json.loads(line) for text in _lines(out, 3) for line in text.splitlines()]
+  for g, want in zip(got, recs, strict=True):
+    assert list(g) == list(want)  # NeMo's key order
+    s = len(want['tokens']) - want['tokens'].count(EOS)
+    for key in ('tokens', 'labels', 'loss_mask', 'contexts', 'context_lengths', 'answers',
+                'metadata', 'index'):
+      assert g[key] == want[key], key
+    vals = np.asarray(want['topk_logits'], np.float32)
+    np.testing.assert_array_equal(np.asarray(g['topk_logits'])[:s],
+                                  vals[:s].astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert g['topk_token_ids'][:s] == want['topk_token_ids'][:s]
+    assert g['log_sum_exp_logits'][:s] == want['log_sum_exp_logits'][:s]
+    assert g['topk_logits'][s:] == [[0.0] * K] * (len(vals) - s)  # collate pads
+    assert g['topk_token_ids'][s:] == [[EOS] * K] * (len(vals) - s)
+
+
+def test_nemo_import_checks(tmp_path):
+  template, recs = write_nemo_chunks(tmp_path)
+  store = str(tmp_path / 'store')
+  with pytest.raises(ValueError, match='no CHUNK_ID placeholder'):
+    nemo_jsonl.import_chunks(str(tmp_path / 'x.jsonl'), store, 'train', make_meta(), n_chunks=1,
+                             n_examples_per_chunk=6)
+  with pytest.raises(FileNotFoundError, match=r'1 of 3 NeMo chunk files missing: .*_2\.jsonl'):
+    nemo_jsonl.import_chunks(template, store, 'train', make_meta(), n_chunks=3, n_examples_per_chunk=6)
+  with pytest.raises(ValueError, match=r'_0\.jsonl: 6 records, but n_examples_per_chunk=5'):
+    nemo_jsonl.import_chunks(template, store, 'train', make_meta(), n_chunks=2, n_examples_per_chunk=5)
+  with pytest.raises(ValueError, match=r'_1\.jsonl:2 \(example 7\) position 0: top-K id 300 outside'):
+    _import_with(tmp_path, recs, 7, lambda r: r['topk_token_ids'][0].__setitem__(3, V_SMALL))
+  with pytest.raises(ValueError, match=r'_0\.jsonl:3 \(example 2\) position 1: topk_logits not descending'):
+    _import_with(tmp_path, recs, 2, lambda r: r['topk_logits'][1].reverse())
+  with pytest.raises(ValueError, match=r'_0\.jsonl:4 \(example 3\) position 2: lse is nan'):
+    _import_with(tmp_path, recs, 3, lambda r: r['log_sum_exp_logits'].__setitem__(2, float('nan')))
+  with pytest.raises(ValueError, match=r'_1\.jsonl:1: index 5 repeats .*_0\.jsonl:6'):
+    _import_with(tmp_path, recs, 6, lambda r: r.__setitem__('index', 5))
+  with pytest.raises(ValueError, match=r'_0\.jsonl:1: NeMo KD record lacks log_sum_exp_logits'):
+    _import_with(tmp_path, recs, 0, lambda r: r.pop('log_sum_exp_logits'))
+
+
+def _import_with(tmp_path, recs, i, change, name=None, **kw):
+  """Imports `recs` (two chunks of 6) after `change(recs[i])`, into a fresh directory."""
+  bad = json.loads(json.dumps(recs))
+  change(bad[i])
+  d = tmp_path / (name or f'bad{len(os.listdir(tmp_path))}')
+  d.mkdir(exist_ok=True)
+  template = str(d / 'c_CHUNK_ID.jsonl')
+  for c, path in enumerate(nemo_jsonl.chunk_paths(template, 2)):
+    with open(path, 'w') as f:
+      f.writelines(json.dumps(x) + '\n' for x in bad[c * 6:(c + 1) * 6])
+  return nemo_jsonl.import_chunks(template, str(d / 'store'), 'train', make_meta(), n_chunks=2,
+                                  n_examples_per_chunk=6, **kw)
+
+
+def test_nemo_import_sort_option_and_resume(tmp_path):
+  _, recs = write_nemo_chunks(tmp_path)
+  flip = lambda r: r['topk_logits'][1].reverse() or r['topk_token_ids'][1].reverse()  # noqa: E731
+  with pytest.raises(ValueError, match='not descending'):
+    _import_with(tmp_path, recs, 2, flip, name='unsorted')
+  assert _import_with(tmp_path, recs, 2, flip, name='sorted', sort=True) == 12
+  assert _import_with(tmp_path, recs, 2, flip, name='sorted', sort=True) == 0  # a rerun resumes
+  got = ls.Reader(str(tmp_path / 'sorted' / 'store'), 'train')[2]
+  want = sorted(zip(recs[2]['topk_logits'][1], recs[2]['topk_token_ids'][1]), reverse=True)
+  np.testing.assert_array_equal(got.topk_logits[1], np.float32([v for v, _ in want]))
+  assert sorted(zip(got.topk_logits[1].tolist(), got.topk_ids[1].tolist()), reverse=True) == want
+
+
+def test_nemo_export_needs_equal_chunks(tmp_path):
+  template, _ = write_nemo_chunks(tmp_path)
+  nemo_jsonl.import_chunks(template, str(tmp_path / 'store'), 'train', make_meta(), n_chunks=2,
+                           n_examples_per_chunk=6)
+  with pytest.raises(ValueError, match='12 examples do not fill chunks of 5'):
+    nemo_jsonl.export_chunks(str(tmp_path / 'store'), 'train', str(tmp_path / 'o_CHUNK_ID'),
+                             n_examples_per_chunk=5)
