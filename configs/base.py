@@ -29,7 +29,7 @@ LOGICAL_AXIS_RULES = (
 def get_config(arg=None):
   del arg
   c = ConfigDict()
-  c.mode = 'pipeline'  # stage to run: pipeline | convert | export
+  c.mode = 'pipeline'  # stage to run: pipeline | convert | extract | export
   c.seed = 0  # PRNG seed for initialisation and data order
   c.workdir = '/tmp/jkd/run'  # run directory: models, stores, checkpoints, reports land here
 
@@ -66,6 +66,28 @@ def get_config(arg=None):
   c.convert = ConfigDict()
   c.convert.source = ''  # checkpoint to import: .gguf, .nemo tar, or extracted .nemo directory
   c.convert.output = ''  # model directory to write (params, model_config.json, tokenizer/)
+
+  # Chat / SFT data (NeMo-Aligner's model.data.*), tokenized with the teacher's tokenizer.
+  c.data = ConfigDict()
+  c.data.train_file = ''  # JSONL: NeMo chat records ({"conversations": ...}) or input/output
+  c.data.validation_file = ''  # JSONL of the validation split; '' = none
+  c.data.format = 'chat'  # chat (GPTSFTChatDataset template and mask) | plain (input/output)
+  c.data.max_seq_length = 4096  # tokens per example; longer ones are truncated on the right
+
+  # mode=extract: the teacher's top-K logits per token -> logit store (spec §1).
+  c.extract = ConfigDict()
+  c.extract.teacher = ''  # teacher model directory (from mode=convert)
+  c.extract.output = ''  # logit store root; splits land in <output>/train, <output>/validation
+  c.extract.top_k = 100  # K stored per token (NeMo's top_k)
+  c.extract.batch_size = 8  # examples per teacher forward (global; a multiple of the batch devices)
+  c.extract.vocab_tile = 4096  # LM-head columns per step of the vocabulary sweep
+  c.extract.min_bucket = 64  # examples are padded to power-of-two multiples of this
+  c.extract.start_idx = 0  # first example index to extract (NeMo's start_from_idx)
+  c.extract.end_idx = -1  # last example index, inclusive (NeMo's end_at_idx); -1 = the end
+  c.extract.values_dtype = 'bfloat16'  # stored logits: bfloat16 | float32 (ids are lossless)
+  c.extract.masked_only = False  # store top-K rows only at loss-mask positions
+  c.extract.codec = 'zstd'  # store compression codec
+  c.extract.dtype = 'bfloat16'  # teacher params and compute dtype: bfloat16 | float32
 
   # mode=export: a jkd model directory -> .nemo and/or Hugging Face (at least one).
   c.export = ConfigDict()

@@ -11,7 +11,7 @@ from typing import Any
 
 from jkd import model
 
-MODES = ('pipeline', 'convert', 'export')
+MODES = ('pipeline', 'convert', 'extract', 'export')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,21 @@ def validate(config) -> None:
     for key in ('source', 'output'):
       if not config.convert[key]:
         raise ValueError(f'convert.{key} is empty: set --config.convert.{key}=PATH')
+  if config.mode == 'extract':
+    for key in ('teacher', 'output'):
+      if not config.extract[key]:
+        raise ValueError(f'extract.{key} is empty: set --config.extract.{key}=PATH')
+    if not config.data.train_file and not config.data.validation_file:
+      raise ValueError('data.train_file and data.validation_file are both empty')
+    for key in ('top_k', 'batch_size', 'vocab_tile', 'min_bucket'):
+      if config.extract[key] <= 0:
+        raise ValueError(f'extract.{key}={config.extract[key]}: must be positive')
+    if config.data.format not in ('chat', 'plain'):
+      raise ValueError(f'data.format={config.data.format!r}: expected chat or plain')
+    for key, allowed in (('values_dtype', ('bfloat16', 'float32')),
+                         ('dtype', ('bfloat16', 'float32'))):
+      if config.extract[key] not in allowed:
+        raise ValueError(f'extract.{key}={config.extract[key]!r}: expected one of {allowed}')
   if config.mode == 'export':
     if not config.export.source:
       raise ValueError('export.source is empty: set --config.export.source=MODEL_DIR')

@@ -18,7 +18,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file
                                           lock_config=True)
 
 # mode -> module with run(config)
-_MODES = {'pipeline': 'jkd.pipeline', 'convert': 'jkd.convert', 'export': 'jkd.export'}
+_MODES = {'pipeline': 'jkd.pipeline', 'convert': 'jkd.convert', 'extract': 'jkd.extract',
+          'export': 'jkd.export'}
 
 
 def main(argv):

@@ -1,0 +1,172 @@
+"""Teacher top-K extraction: the sharded vocabulary sweep against lax.top_k of the unsharded
+teacher, batching, the store it writes, and resume after a real SIGKILL."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from jkd import extract, model, sharding
+from jkd import tokenizer as jt
+
+RULES = base.LOGICAL_AXIS_RULES
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+K = 16
+
+
+def _teacher(vocab=500, padded=512):
+  c = base.get_config()
+  cfg = dataclasses.replace(model.ModelConfig.from_dict(c.model.to_dict()), vocab_size=vocab,
+                            padded_vocab_size=padded, init_method_std=0.2)
+  return cfg, model.init(cfg, jax.random.key(0))
+
+
+def _reference(cfg, params, tokens_BxT, k=K):
+  """lax.top_k of the unsharded teacher's max-shifted logits, and their logsumexp."""
+  logits = np.asarray(jax.jit(lambda p, t: model.forward(cfg, p, t))(params, tokens_BxT),
+                      np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  vals, ids = jax.lax.top_k(jnp.asarray(shifted, jnp.float32), k)
+  return np.asarray(ids), np.asarray(vals), np.log(np.exp(shifted).sum(-1)), shifted
+
+
+def _mesh(shape):
+  return sharding.make_mesh(('data', 'fsdp', 'tensor'), shape,
+                            jax.devices()[:int(np.prod(shape))])
+
+
+@pytest.mark.parametrize('shape', [(1, 1, 1), (2, 2, 2), (1, 1, 8), (8, 1, 1)])
+def test_sharded_sweep_equals_lax_topk_of_unsharded_teacher(devices8, shape):
+  """fp32 noise of sharded reductions only (logits are O(10) here). Vocab split over 'tensor' (tiles of 96 do not divide the 512/TP columns; 12 padded
+  columns beyond V=500): values, ids, logsumexp equal the unsharded full-logit reference."""
+  cfg, params = _teacher()
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 24), np.int32)
+  ids, vals, lse = jax.device_get(
+      extract.topk_fn(cfg, _mesh(shape), RULES, k=K, vocab_tile=96)(params, tokens))
+  ref_ids, ref_vals, ref_lse, shifted = _reference(cfg, params, tokens)
+  np.testing.assert_allclose(vals, ref_vals, atol=1e-4)
+  np.testing.assert_allclose(lse, ref_lse, atol=1e-4)
+  assert (vals[..., 0] == 0).all() and (np.diff(vals, axis=-1) <= 0).all()
+  assert ids.max() < cfg.vocab_size
+  # Ids: the teacher's own logit at each returned id is the returned value (ties may reorder).
+  np.testing.assert_allclose(np.take_along_axis(shifted, ids, -1), vals, atol=1e-4)
+  assert (ids == ref_ids).mean() > 0.99
+
+
+def test_k_larger_than_vocab_is_rejected(devices8):
+  cfg, _ = _teacher()
+  with pytest.raises(ValueError, match=r'extract\.top_k=501'):
+    extract.topk_fn(cfg, _mesh((1, 1, 1)), RULES, k=501, vocab_tile=64)
+
+
+def test_batches_are_length_buckets_with_bounded_padding():
+  lengths = {i: n for i, n in enumerate([5, 64, 65, 300, 129, 7, 64, 512])}
+  plan = extract.plan_batches(lengths, batch_size=2, min_bucket=64, max_len=512)
+  assert plan == [(64, [0, 1]), (64, [5, 6]), (128, [2]), (256, [4]), (512, [3, 7])]
+  assert sorted(i for _, idx in plan for i in idx) == sorted(lengths)
+
+
+@pytest.fixture(scope='module')
+def teacher_dir(tmp_path_factory):
+  """A smoke teacher model directory with a SentencePiece tokenizer, and plain-format data."""
+  import io
+
+  import sentencepiece as spm
+  from tests.test_tokenizer import CORPUS
+  out = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_writer=out,
+                                 vocab_size=300, model_type='bpe', pad_id=3, minloglevel=2)
+  tok = jt.Tokenizer('sentencepiece', {'tokenizer.model': out.getvalue()}, bos_id=1, eos_id=2,
+                     pad_id=3)
+  cfg, params = _teacher(vocab=tok.vocab_size, padded=320)
+  root = tmp_path_factory.mktemp('teacher')
+  model.save(str(root / 'teacher'), cfg, params)
+  jt.save(tok, str(root / 'teacher'))
+  rng = np.random.default_rng(0)
+  with open(root / 'train.jsonl', 'w') as f:
+    for i in range(48):  # distinct examples of varied length (several buckets)
+      words = [CORPUS[j] for j in rng.integers(0, len(CORPUS), 1 + i % 5)]
+      f.write(json.dumps({'input': f'{i}: ' + ' '.join(words), 'output': CORPUS[i]}) + '\n')
+  return root
+
+
+def _extract_cli(root, store, *extra):
+  return [sys.executable, '-m', 'jkd.main', '--config', 'configs/extract.py',
+          f'--config.extract.teacher={root}/teacher', f'--config.extract.output={store}',
+          f'--config.data.train_file={root}/train.jsonl', '--config.data.format=plain',
+          '--config.data.max_seq_length=256', '--config.extract.top_k=8',
+          '--config.extract.batch_size=8', '--config.extract.vocab_tile=64',
+          '--config.extract.min_bucket=16', '--config.extract.dtype=float32',
+          '--config.extract.values_dtype=float32', *extra]
+
+
+def _records(store, split='train'):
+  from jkd.data import logit_store
+  reader = logit_store.Reader(str(store), split=split)
+  return {r.index: r for r in (reader[i] for i in range(len(reader)))}
+
+
+def test_store_holds_each_example_equal_to_the_unsharded_teacher(teacher_dir, tmp_path):
+  """CLI on the (2, 2, 2) mesh: every example's record equals lax.top_k of the unsharded
+  teacher run on that example alone (so neither padding nor batching nor data-parallel
+  placement leaks between examples), and each record sits at its own index."""
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  proc = subprocess.run(_extract_cli(teacher_dir, tmp_path / 'store',
+                                     '--config.mesh.shape=(2,2,2)'),
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = _records(tmp_path / 'store')
+  assert sorted(records) == list(range(48))
+  cfg, params = model.load(str(teacher_dir / 'teacher'))
+  for index in (0, 7, 13, 47):
+    rec = records[index]
+    ids, vals, lse, _ = _reference(cfg, params, rec.tokens[None], k=8)
+    np.testing.assert_allclose(rec.topk_logits, vals[0], atol=1e-4)
+    np.testing.assert_allclose(rec.lse, lse[0], atol=1e-4)
+    assert (rec.topk_ids == ids[0]).mean() > 0.99
+
+
+def _committed(store) -> int:
+  """Examples a reader sees as committed (0 before the store exists)."""
+  from jkd.data import logit_store
+  try:
+    return len(logit_store.Reader(str(store), split='train', validate=False))
+  except (FileNotFoundError, ValueError):
+    return 0
+
+
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(teacher_dir, tmp_path):
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  whole = subprocess.run(_extract_cli(teacher_dir, tmp_path / 'whole'), cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert whole.returncode == 0, whole.stderr[-3000:]
+  victim = subprocess.Popen(_extract_cli(teacher_dir, tmp_path / 'cut'), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and victim.poll() is None:  # kill after some blocks landed
+    if 0 < _committed(tmp_path / 'cut') < 48:
+      break
+    time.sleep(0.05)
+  os.kill(victim.pid, signal.SIGKILL)
+  victim.wait()
+  partial = _committed(tmp_path / 'cut')
+  assert 0 < partial < 48, f'the kill landed outside the run ({partial} examples committed)'
+  resumed = subprocess.run(_extract_cli(teacher_dir, tmp_path / 'cut'), cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'{48 - partial} new examples' in resumed.stdout
+  a, b = _records(tmp_path / 'whole'), _records(tmp_path / 'cut')
+  assert sorted(a) == sorted(b) == list(range(48))
+  for index in a:
+    for field in ('tokens', 'labels', 'loss_mask', 'topk_ids', 'topk_logits', 'lse'):
+      np.testing.assert_array_equal(getattr(a[index], field), getattr(b[index], field),
+                                    err_msg=f'{index} {field}')
