@@ -170,3 +170,24 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(teacher_dir, tm
     for field in ('tokens', 'labels', 'loss_mask', 'topk_ids', 'topk_logits', 'lse'):
       np.testing.assert_array_equal(getattr(a[index], field), getattr(b[index], field),
                                     err_msg=f'{index} {field}')
+
+
+def test_start_and_inclusive_end_select_examples_as_nemo(teacher_dir, tmp_path):
+  """start_idx..end_idx (inclusive, NeMo's start_from_idx / end_at_idx); a second range run
+  adds to the same store; a rerun of a done range writes nothing."""
+  from jkd.data import chat
+  mesh = _mesh((1, 1, 1))
+  cfg, params = model.load(str(teacher_dir / 'teacher'))
+  tok = jt.load(str(teacher_dir / 'teacher'))
+  examples = chat.read_jsonl(str(teacher_dir / 'train.jsonl'), tok, fmt='plain',
+                             max_seq_length=256)
+  s = extract.Settings(teacher=str(teacher_dir / 'teacher'), output=str(tmp_path / 's'),
+                       top_k=8, batch_size=4, vocab_tile=64, min_bucket=16, max_seq_length=256,
+                       start_idx=10, end_idx=20, values_dtype='float32', masked_only=False,
+                       codec='zstd', dtype='float32')
+  assert extract.extract_split(examples, 'train', s, mesh, RULES, cfg, params, tok) == 11
+  assert sorted(_records(tmp_path / 's')) == list(range(10, 21))
+  s = dataclasses.replace(s, start_idx=18, end_idx=-1)
+  assert extract.extract_split(examples, 'train', s, mesh, RULES, cfg, params, tok) == 48 - 21
+  assert extract.extract_split(examples, 'train', s, mesh, RULES, cfg, params, tok) == 0
+  assert sorted(_records(tmp_path / 's')) == list(range(10, 48))
