@@ -28,7 +28,7 @@ def test_smoke_pipeline_runs_end_to_end(tmp_path):
     ('--config.model.activation=swish', "model.activation='swish': unknown"),
     ('--config.model.num_attention_heads=5', 'model.num_attention_heads=5: does not divide'),
     ('--config.mesh.shape=(3,1,1)', 'mesh.shape=(3, 1, 1): needs 3 devices, but 8'),
-    ('--config.mode=train', "mode='train': unknown"),
+    ('--config.mode=distil', "mode='distil': unknown"),
     ('--config.pipeline.seq_len=4096', 'pipeline.seq_len=4096 exceeds'),
 ])
 def test_bad_config_is_one_line_error_and_exit_2(override, message):
