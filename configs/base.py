@@ -29,7 +29,7 @@ LOGICAL_AXIS_RULES = (
 def get_config(arg=None):
   del arg
   c = ConfigDict()
-  c.mode = 'pipeline'  # stage to run: pipeline | convert | extract | export
+  c.mode = 'pipeline'  # stage to run: pipeline | convert | extract | train | export
   c.seed = 0  # PRNG seed for initialisation and data order
   c.workdir = '/tmp/jkd/run'  # run directory: models, stores, checkpoints, reports land here
 
@@ -88,6 +88,58 @@ def get_config(arg=None):
   c.extract.masked_only = False  # store top-K rows only at loss-mask positions
   c.extract.codec = 'zstd'  # store compression codec
   c.extract.dtype = 'bfloat16'  # teacher params and compute dtype: bfloat16 | float32
+
+  # mode=train: the student's optimisation and loop (NeMo-Aligner's trainer.knowledge_distillation,
+  # model.optim.*, global/micro batch sizes); docs/nemo_to_jkd.md maps every NeMo key.
+  c.train = ConfigDict()
+  c.train.student = ''  # student model directory (from mode=convert); '' = random init of c.model
+  c.train.store = ''  # logit store root (extract.output): <store>/train, <store>/validation
+  c.train.restore_from_path = ''  # checkpoint to start from when the run dir has none; '' = none
+  c.train.global_batch_size = 64  # sequences per optimizer step (GBS), over all devices
+  c.train.micro_batch_size = 1  # sequences per data-parallel rank per forward/backward (MBS)
+  c.train.precision = 'bf16'  # compute dtype: bf16 | fp32 (params, moments, losses stay fp32)
+  c.train.lr = 3e-5  # peak learning rate
+  c.train.min_lr = 9e-7  # CosineAnnealing floor
+  c.train.warmup_steps = 10  # linear warmup updates
+  c.train.constant_steps = 1000  # updates held at min_lr after the cosine decay (NeMo's meaning)
+  c.train.weight_decay = 0.01  # decoupled (AdamW) weight decay
+  c.train.betas = (0.9, 0.98)  # Adam beta1, beta2
+  c.train.eps = 1e-8  # Adam epsilon
+  c.train.do_layer_norm_weight_decay = False  # also decay norm parameters and biases
+  c.train.gradient_clip_val = 1.0  # max global L2 gradient norm; 0 = no clipping
+  c.train.max_steps = -1  # optimizer steps (also the schedule's length); -1 = max_epochs
+  c.train.max_epochs = 1  # passes over the train split (bounds max_steps)
+  c.train.val_check_interval = 100  # validate every this many steps (and at the last step)
+  c.train.save_interval = 100  # checkpoint every this many steps; a multiple of val_check_interval
+  c.train.limit_val_batches = -1  # validation batches per validation; -1 = the whole split
+  c.train.limit_train_batches = -1  # train batches per epoch; -1 = all
+  c.train.checkpoint_max_to_keep = 3  # orbax checkpoints kept in <workdir>/checkpoints
+  c.train.pack = False  # pack several examples per row (segment ids); False = one per row (NeMo)
+  c.train.pad_to_max_length = True  # pad every batch to data.max_seq_length (one compiled shape)
+  c.train.worker_count = 0  # Grain worker processes (0 = in-process reads)
+  c.train.profile_start_step = -1  # first step traced by the XLA profiler into <workdir>/profile
+  c.train.profile_steps = 3  # steps in the profiler trace
+  c.train.wandb_project = ''  # also log to Weights & Biases under this project; '' = off
+  c.train.save_nemo_on_train_end = False  # export <workdir>/student.nemo at the end (NeMo's key)
+  c.train.export_nemo = ''  # .nemo path to export the student to at the end; '' = none
+  c.train.export_hf = ''  # Hugging Face directory to export the student to at the end; '' = none
+
+  # The KD loss (NeMo-Aligner's model.knowledge_distillation.*, model.data.top_k) and jkd options.
+  c.distill = ConfigDict()
+  c.distill.kd_loss = 'fwd_kl'  # fwd_kl | bwd_kl | jsd (KL over the teacher's top-K ids)
+  c.distill.kd_loss_weight = 1.0  # weight of the KD term
+  c.distill.sft_loss_weight = 0.0  # weight of full-vocabulary next-token cross-entropy
+  c.distill.logits_scale = 1.0  # multiplies student logits (KD and SFT) before the loss
+  c.distill.target_logits_scale = 1.0  # multiplies the stored teacher logits
+  c.distill.top_k = config_dict.placeholder(int)  # use the first top_k stored entries; None = all
+  c.distill.cross_tokenizer = False  # pair the student's own top-K with the teacher's by rank
+  c.distill.tail = False  # jkd: add the residual mass as a (K+1)-th bucket (needs the stored lse)
+  c.distill.student_norm = config_dict.placeholder(str)  # jkd: topk | full; None = topk (NeMo)
+  c.distill.beta = 0.5  # jkd: JSD mixing weight (kd_loss=jsd)
+  c.distill.temperature = 1.0  # jkd: divides both sides' KD logits, KD scaled by temperature**2
+  c.distill.reduction = 'nemo'  # nemo (mean of micro-batch token means) | global_token_mean
+  c.distill.loss_impl = 'fused'  # fused (LM head + loss kernel, no [T, V] logits) | reference
+  c.distill.fused_implementation = 'pallas'  # fused kernel backend: pallas | xla (chunked jnp)
 
   # mode=export: a jkd model directory -> .nemo and/or Hugging Face (at least one).
   c.export = ConfigDict()

@@ -11,7 +11,7 @@ from typing import Any
 
 from jkd import model
 
-MODES = ('pipeline', 'convert', 'extract', 'export')
+MODES = ('pipeline', 'convert', 'extract', 'train', 'export')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,11 @@ def validate(config) -> None:
                          ('dtype', ('bfloat16', 'float32'))):
       if config.extract[key] not in allowed:
         raise ValueError(f'extract.{key}={config.extract[key]!r}: expected one of {allowed}')
+  if config.mode == 'train':
+    if not config.train.student:  # random init: the model comes from config.model
+      model_config(config)
+    from jkd import train  # the store's K is checked again by the loop once the store is open
+    train.validate_config(config)
   if config.mode == 'export':
     if not config.export.source:
       raise ValueError('export.source is empty: set --config.export.source=MODEL_DIR')

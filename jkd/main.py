@@ -19,7 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file
 
 # mode -> module with run(config)
 _MODES = {'pipeline': 'jkd.pipeline', 'convert': 'jkd.convert', 'extract': 'jkd.extract',
-          'export': 'jkd.export'}
+          'train': 'jkd.train_loop', 'export': 'jkd.export'}
 
 
 def main(argv):
@@ -36,7 +36,8 @@ def main(argv):
     print(f'[jkd] mode={config.mode} process {jax.process_index()}/{jax.process_count()}, '
           f'{jax.device_count()} {jax.devices()[0].platform} devices')
     importlib.import_module(_MODES[config.mode]).run(config)
-  except (ValueError, FileNotFoundError, PermissionError, OSError, ImportError) as e:
+  except (ValueError, FileNotFoundError, PermissionError, OSError, ImportError,
+          FloatingPointError) as e:
     if os.environ.get('JKD_TRACEBACK'):
       raise
     print(f'jkd: error: {e}', file=sys.stderr)

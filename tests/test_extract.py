@@ -77,6 +77,10 @@ def test_batches_are_length_buckets_with_bounded_padding():
 
 @pytest.fixture(scope='module')
 def teacher_dir(tmp_path_factory):
+  return make_teacher(tmp_path_factory.mktemp('teacher'))
+
+
+def make_teacher(root):
   """A smoke teacher model directory with a SentencePiece tokenizer, and plain-format data."""
   import io
 
@@ -88,7 +92,6 @@ def teacher_dir(tmp_path_factory):
   tok = jt.Tokenizer('sentencepiece', {'tokenizer.model': out.getvalue()}, bos_id=1, eos_id=2,
                      pad_id=3)
   cfg, params = _teacher(vocab=tok.vocab_size, padded=320)
-  root = tmp_path_factory.mktemp('teacher')
   model.save(str(root / 'teacher'), cfg, params)
   jt.save(tok, str(root / 'teacher'))
   rng = np.random.default_rng(0)

@@ -1,0 +1,291 @@
+"""mode=train: the student's loop around `jkd.train`'s step.
+
+    python -m jkd.main --config configs/nemotron8b_gpt2b.py --config.workdir=/tmp/run
+
+Stages, top to bottom: mesh → data → model and optimizer → shardings and init → restore →
+step functions → loop. One orbax CheckpointManager under `<workdir>/checkpoints` holds
+{state, Grain iterator}; an existing run directory resumes exactly where it stopped (same data
+order, same losses). The loop dispatches step n before it reads the metrics of step n-1, and
+stops with the step in the message when a loss or gradient norm is not finite. Metrics go to
+TensorBoard event files under `<workdir>/tensorboard`, to `<workdir>/metrics.jsonl` (one JSON
+object per logged step) and to a progress bar; W&B too when `train.wandb_project` is set.
+The teacher never enters a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jkd import config as jkd_config
+from jkd import model, sharding, tokenizer, train
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  workdir: str
+  checkpoint_max_to_keep: int
+  pack: bool
+  pad_to_max_length: bool
+  worker_count: int
+  profile_start_step: int  # first step traced by the XLA profiler; -1 = never
+  profile_steps: int
+  wandb_project: str
+  save_nemo_on_train_end: bool
+  export_nemo: str
+  export_hf: str
+  max_seq_length: int
+
+
+def loop_settings(config) -> LoopSettings:
+  t = config.train
+  return LoopSettings(
+      workdir=config.workdir, checkpoint_max_to_keep=t.checkpoint_max_to_keep, pack=t.pack,
+      pad_to_max_length=t.pad_to_max_length, worker_count=t.worker_count,
+      profile_start_step=t.profile_start_step, profile_steps=t.profile_steps,
+      wandb_project=t.wandb_project, save_nemo_on_train_end=t.save_nemo_on_train_end,
+      export_nemo=t.export_nemo, export_hf=t.export_hf,
+      max_seq_length=config.data.max_seq_length)
+
+
+class _Metrics:
+  """TensorBoard + metrics.jsonl (+ W&B) on process 0; scalars only."""
+
+  def __init__(self, ls: LoopSettings, config):
+    self.on = jax.process_index() == 0
+    self.tb = self.jsonl = self.wandb = None
+    if not self.on:
+      return
+    import tensorboardX
+    self.tb = tensorboardX.SummaryWriter(os.path.join(ls.workdir, 'tensorboard'))
+    self.jsonl = open(os.path.join(ls.workdir, 'metrics.jsonl'), 'a')
+    if ls.wandb_project:
+      try:
+        import wandb
+      except ImportError:
+        raise ImportError('train.wandb_project is set but wandb is not installed: '
+                          'pip install wandb') from None
+      self.wandb = wandb.init(project=ls.wandb_project, dir=ls.workdir,
+                              config=config.to_dict(), resume='allow')
+
+  def write(self, step: int, values: dict[str, float]) -> None:
+    if not self.on:
+      return
+    for name, value in values.items():
+      self.tb.add_scalar(name, value, step)
+    self.jsonl.write(json.dumps({'step': step, **values}) + '\n')
+    self.jsonl.flush()
+    if self.wandb is not None:
+      self.wandb.log(values, step=step)
+
+  def close(self):
+    if self.on:
+      self.tb.close()
+      self.jsonl.close()
+      if self.wandb is not None:
+        self.wandb.finish()
+
+
+def _scalars(metrics, prefix: str) -> dict[str, float]:
+  """Host values of a step's metrics: (sum, count) pairs are divided here, after aggregation."""
+  out = {}
+  for name, value in jax.device_get(metrics).items():
+    if isinstance(value, (tuple, list)):
+      total, count = (float(np.sum(v)) for v in value)
+      out[f'{prefix}/{name}'] = total / max(count, 1.0)
+    else:
+      out[f'{prefix}/{name}'] = float(value)
+  return out
+
+
+def _check_finite(values: dict[str, float], step: int) -> None:
+  for name, value in values.items():
+    if not math.isfinite(value):
+      raise FloatingPointError(f'{name} is {value} at step {step}; stopping (the last '
+                               'checkpoint is intact)')
+
+
+def _global(batch: dict, shardings: dict) -> dict:
+  """Process-local numpy rows -> global arrays laid out by the step's batch shardings."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], v)
+          for k, v in batch.items() if k in shardings}
+
+
+def _loader(tc, ls, split: str, *, shuffle: bool, num_epochs, pad_id: int, seed: int):
+  from jkd.data import loader
+  per_process = tc.global_batch_size // jax.process_count()
+  return loader.make_loader(
+      tc.store, split, batch_size=per_process, seed=seed, shuffle=shuffle,
+      num_epochs=num_epochs, top_k=tc.top_k, pack=ls.pack, max_seq_length=ls.max_seq_length,
+      pad_id=pad_id, worker_count=ls.worker_count, drop_remainder=True,
+      pad_to_max=ls.pad_to_max_length)
+
+
+def _validate(eval_fn, state, tc, ls, pad_id, shardings) -> dict[str, float]:
+  """Summed (sum, count) metrics over limit_val_batches batches of the validation split."""
+  it = _loader(tc, ls, 'validation', shuffle=False, num_epochs=1, pad_id=pad_id, seed=0)
+  sums: dict[str, list[float]] = {}
+  for i, batch in enumerate(it):
+    if 0 <= tc.limit_val_batches <= i:
+      break
+    for name, value in jax.device_get(eval_fn(state.params, _global(batch, shardings))).items():
+      total, count = (float(np.sum(v)) for v in value)
+      acc = sums.setdefault(name, [0.0, 0.0])
+      acc[0] += total
+      acc[1] += count
+  return {f'val/{k}': s / max(c, 1.0) for k, (s, c) in sums.items()}
+
+
+def run(config) -> dict[str, float]:
+  import grain
+  import orbax.checkpoint as ocp
+
+  from jkd.data import logit_store
+  tc, ls = train.train_config(config), loop_settings(config)
+  os.makedirs(ls.workdir, exist_ok=True)
+
+  # Mesh.
+  mesh_cfg = jkd_config.mesh_config(config)
+  mesh = sharding.make_mesh(mesh_cfg.axes, mesh_cfg.shape)
+  rules = mesh_cfg.rules
+
+  # Data: the store's K and size are known before anything compiles.
+  meta = logit_store.read_meta(os.path.join(tc.store, 'train'))
+  train.validate_config(config, stored_k=meta.k, n_devices=jax.device_count())
+  n_train = len(logit_store.Reader(tc.store, 'train', validate=False))
+  per_epoch = n_train // tc.global_batch_size
+  if tc.limit_train_batches >= 0:
+    per_epoch = min(per_epoch, tc.limit_train_batches)
+  max_steps = tc.max_steps if tc.max_steps >= 0 else per_epoch * tc.max_epochs
+  if max_steps <= 0:
+    raise ValueError(f'train: nothing to do ({n_train} train examples, global_batch_size '
+                     f'{tc.global_batch_size}, max_steps {tc.max_steps})')
+  tc = dataclasses.replace(tc, max_steps=max_steps)
+  has_val = os.path.isdir(os.path.join(tc.store, 'validation'))
+
+  # Model and optimizer: the student's params, or a random init of config.model.
+  tok = None
+  if tc.student:
+    cfg = model.load_config(tc.student)
+    if os.path.isdir(os.path.join(tc.student, 'tokenizer')):
+      tok = tokenizer.load(tc.student)
+  else:
+    cfg = jkd_config.model_config(config)
+  if cfg.vocab_size != meta.vocab_size:
+    raise ValueError(f'the student vocabulary ({cfg.vocab_size}) differs from the store\'s '
+                     f'teacher vocabulary ({meta.vocab_size}); set distill.cross_tokenizer')
+  pad_id = tok.eos_id if tok is not None and tok.eos_id is not None else 0  # NeMo pads with eos
+
+  # Shardings and init.
+  param_shardings = sharding.shardings_for(
+      lambda: model.init(cfg, jax.random.key(tc.seed), boxed=True), mesh, rules)
+  if tc.student:
+    _, params = model.load(tc.student, param_shardings)
+  else:
+    params = jax.jit(lambda r: model.init(cfg, r), out_shardings=param_shardings)(
+        jax.random.key(tc.seed))
+  state, state_shardings = train.init_state(cfg, tc, params, mesh, rules)
+  del params
+
+  # Restore: this run's latest checkpoint > train.restore_from_path > the converted student.
+  train_it = _loader(tc, ls, 'train', shuffle=True, num_epochs=None, pad_id=pad_id,
+                     seed=tc.seed)
+  mngr = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(ls.workdir), 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(max_to_keep=ls.checkpoint_max_to_keep,
+                                           enable_async_checkpointing=True))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          state, state_shardings)
+  start = 0
+  if mngr.latest_step() is not None:
+    start = mngr.latest_step()
+    restored = mngr.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(
+            train_it)))
+    state = restored.state
+    print(f'[train] resumed from {ls.workdir}/checkpoints at step {start}')
+  elif tc.restore_from_path:
+    with ocp.StandardCheckpointer() as ckptr:
+      state = ckptr.restore(os.path.join(tc.restore_from_path, 'state'), abstract)
+    print(f'[train] started from {tc.restore_from_path}')
+
+  # Step functions.
+  step_fn = train.make_train_step(cfg, tc, mesh, rules, state_shardings)
+  eval_fn = train.make_eval_step(cfg, tc, mesh, rules, state_shardings)
+  batch_shardings = train.batch_shardings(mesh, rules)
+
+  # Loop.
+  metrics_out = _Metrics(ls, config)
+  last: dict[str, float] = {}
+  pending = None  # (step, metrics, dispatch time, real tokens) of the step in flight
+
+  def settle(now):  # reads the metrics of the step in flight
+    nonlocal pending, last
+    if pending is None:
+      return
+    step, metrics, t0, tokens = pending
+    pending = None
+    values = _scalars(metrics, 'train')
+    _check_finite(values, step)
+    elapsed = now() - t0
+    values.update({'train/consumed_samples': float(step * tc.global_batch_size),
+                   'train/step_time': elapsed, 'train/tokens_per_sec': tokens / elapsed})
+    metrics_out.write(step, values)
+    last = values
+    bar.set_postfix(loss=f'{values["train/loss"]:.4f}', lr=f'{values["train/lr"]:.2e}')
+
+  bar = tqdm(total=max_steps, initial=start, desc='train', unit='step',
+             disable=jax.process_index() != 0)
+  try:
+    for step in range(start + 1, max_steps + 1):
+      if step == ls.profile_start_step:
+        jax.profiler.start_trace(os.path.join(ls.workdir, 'profile'))
+      batch = next(train_it)
+      tokens = float((batch['segment_ids'] > 0).sum()) * jax.process_count()  # real tokens
+      t0 = time.perf_counter()
+      state, metrics = step_fn(state, _global(batch, batch_shardings))
+      settle(time.perf_counter)  # step n-1, while step n runs
+      pending = (step, metrics, t0, tokens)
+      if ls.profile_start_step > 0 and step == ls.profile_start_step + ls.profile_steps - 1:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+      bar.update(1)
+      boundary = step == max_steps
+      if step % tc.val_check_interval == 0 or boundary:
+        settle(time.perf_counter)
+        if has_val:
+          values = _validate(eval_fn, state, tc, ls, pad_id, batch_shardings)
+          _check_finite(values, step)
+          metrics_out.write(step, values)
+          last.update(values)
+      if step % tc.save_interval == 0 or boundary:
+        settle(time.perf_counter)
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_it)))
+    settle(time.perf_counter)
+  finally:
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    metrics_out.close()
+
+  # The student as a model directory (and .nemo / HF when asked).
+  if ls.save_nemo_on_train_end or ls.export_nemo or ls.export_hf:
+    final = os.path.join(ls.workdir, 'student')
+    model.save(final, cfg, state.params)
+    if tok is not None:
+      tokenizer.save(tok, final)
+    from jkd import export
+    nemo = ls.export_nemo or (os.path.join(ls.workdir, 'student.nemo')
+                              if ls.save_nemo_on_train_end else '')
+    export.export(final, nemo=nemo, hf=ls.export_hf, dtype='bfloat16')
+  print(f'[train] {max_steps} steps; ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(last.items())
+                                                    if k.endswith('loss')))
+  return last
