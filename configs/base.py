@@ -140,6 +140,8 @@ def get_config(arg=None):
   c.distill.reduction = 'nemo'  # nemo (mean of micro-batch token means) | global_token_mean
   c.distill.loss_impl = 'fused'  # fused (LM head + loss kernel, no [T, V] logits) | reference
   c.distill.fused_implementation = 'pallas'  # fused kernel backend: pallas | xla (chunked jnp)
+  c.distill.teacher_source = 'store'  # store (train.store from mode=extract) | online (the step
+  #   runs the extract.teacher itself on data.train_file with extract.top_k / vocab_tile / dtype)
 
   # mode=export: a jkd model directory -> .nemo and/or Hugging Face (at least one).
   c.export = ConfigDict()

@@ -78,6 +78,15 @@ def validate(config) -> None:
   if config.mode == 'train':
     if not config.train.student:  # random init: the model comes from config.model
       model_config(config)
+    source = config.distill.teacher_source
+    if source not in ('store', 'online'):
+      raise ValueError(f'distill.teacher_source={source!r}: expected store or online')
+    if source == 'store' and not config.train.store:
+      raise ValueError('train.store is empty: set --config.train.store=STORE (from mode=extract)'
+                       " or distill.teacher_source='online'")
+    if source == 'online' and (not config.extract.teacher or not config.data.train_file):
+      raise ValueError("distill.teacher_source='online' needs extract.teacher and "
+                       'data.train_file')
     from jkd import train  # the store's K is checked again by the loop once the store is open
     train.validate_config(config)
   if config.mode == 'export':

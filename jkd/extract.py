@@ -87,8 +87,10 @@ def _shard_topk(h_NxD, w_DxPs, *, k: int, tile: int, vocab_size: int, vocab_axis
   return ids, vals - m[:, None], jnp.log(s)
 
 
-def topk_fn(cfg: model.ModelConfig, mesh, rules, *, k: int, vocab_tile: int):
-  """jit(params, tokens_BxT) -> (ids_BxTxK int32, logits_BxTxK fp32 shifted, lse_BxT fp32)."""
+def teacher_topk(cfg: model.ModelConfig, mesh, rules, *, k: int, vocab_tile: int):
+  """(params, tokens_BxT, segment_ids_BxT=None, positions_BxT=None) -> (ids_BxTxK int32,
+  logits_BxTxK fp32 shifted, lse_BxT fp32); traceable, to be jitted inside the mesh and rules
+  (here by `topk_fn`, or inside the train step for online distillation)."""
   if not 0 < k <= cfg.vocab_size:
     raise ValueError(f'extract.top_k={k}: must be in [1, vocab_size={cfg.vocab_size}]')
   batch = nn.logical_to_mesh_axes(('act_batch',), rules)[0]
@@ -107,13 +109,19 @@ def topk_fn(cfg: model.ModelConfig, mesh, rules, *, k: int, vocab_tile: int):
                        out_specs=(PartitionSpec(batch, None), PartitionSpec(batch, None),
                                   PartitionSpec(batch)), check_vma=False)
 
-  @jax.jit
-  def records(params, tokens_BxT):
+  def records(params, tokens_BxT, segment_ids_BxT=None, positions_BxT=None):
     b, t = tokens_BxT.shape
-    h_BxTxD = model.hidden(cfg, params, tokens_BxT)
+    h_BxTxD = model.hidden(cfg, params, tokens_BxT, segment_ids_BxT=segment_ids_BxT,
+                           positions_BxT=positions_BxT)
     w_DxP = model.output_weights(cfg, params).astype(cfg.compute_dtype)
     ids, vals, lse = head(h_BxTxD.reshape(b * t, -1).astype(cfg.compute_dtype), w_DxP)
     return ids.reshape(b, t, k), vals.reshape(b, t, k), lse.reshape(b, t)
+  return records
+
+
+def topk_fn(cfg: model.ModelConfig, mesh, rules, *, k: int, vocab_tile: int):
+  """jit(params, tokens_BxT) -> (ids_BxTxK int32, logits_BxTxK fp32 shifted, lse_BxT fp32)."""
+  records = jax.jit(teacher_topk(cfg, mesh, rules, k=k, vocab_tile=vocab_tile))
 
   def fn(params, tokens_BxT):
     with sharding.activate(mesh, rules):  # the model's logical constraints resolve here

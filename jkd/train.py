@@ -45,6 +45,7 @@ from jkd.train_config import (PRECISIONS, TrainConfig, rule_axes,  # noqa: F401 
 
 BATCH_KEYS = ('tokens', 'labels', 'loss_mask', 'topk_ids', 'topk_logits', 'lse', 'segment_ids',
               'positions')
+RAW_KEYS = tuple(k for k in BATCH_KEYS if k not in ('topk_ids', 'topk_logits', 'lse'))
 
 
 def make_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -121,10 +122,27 @@ def init_state(model_cfg: model.ModelConfig, tc: TrainConfig, params, mesh, rule
           TrainState(step=rep, params=p_sh, opt_state=o_sh))
 
 
-def batch_shardings(mesh, rules):
+def batch_shardings(mesh, rules, keys=BATCH_KEYS):
   """{batch key: NamedSharding}: rows over the batch axes, the rest replicated."""
   return {k: sharding.batch_sharding(mesh, rules, 3 if k in ('topk_ids', 'topk_logits') else 2)
-          for k in BATCH_KEYS}
+          for k in keys}
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineTeacher:
+  """distill.teacher_source='online': the teacher's top-K is computed inside the step, sharded
+  like the extraction and never differentiated; its params come in as a step argument."""
+  cfg: model.ModelConfig
+  param_shardings: Any
+  k: int
+  vocab_tile: int
+
+  def add_topk(self, mesh, rules, teacher_params, batch):
+    from jkd import extract
+    fn = extract.teacher_topk(self.cfg, mesh, rules, k=self.k, vocab_tile=self.vocab_tile)
+    ids, vals, lse = jax.lax.stop_gradient(fn(teacher_params, batch['tokens'],
+                                              batch['segment_ids'], batch['positions']))
+    return {**batch, 'topk_ids': ids, 'topk_logits': vals, 'lse': lse}
 
 
 def _fused_sums(cfg, tc, mesh, rules, h_RxLxD, w_DxP, ids, t, labels, wts, lse):
@@ -238,14 +256,18 @@ def _compute_cfg(model_cfg, tc):
   return dataclasses.replace(model_cfg, dtype=PRECISIONS[tc.precision])
 
 
-def make_train_step(model_cfg, tc: TrainConfig, mesh, rules, state_shardings):
+def make_train_step(model_cfg, tc: TrainConfig, mesh, rules, state_shardings,
+                    teacher: OnlineTeacher | None = None):
   """step_fn(state, batch) -> (state, metrics), jitted once, state donated.
 
-  batch: the global batch as a dict with BATCH_KEYS (other keys are ignored), G rows.
+  batch: the global batch as a dict with BATCH_KEYS (other keys are ignored), G rows. With an
+  online `teacher`: step_fn(state, batch, teacher_params), the batch without the top-K keys.
   """
   cfg, opt, schedule = _compute_cfg(model_cfg, tc), make_optimizer(tc), make_schedule(tc)
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, teacher_params=None):
+    if teacher is not None:
+      batch = teacher.add_topk(mesh, rules, teacher_params, batch)
     if batch['tokens'].shape[0] != tc.global_batch_size:
       raise ValueError(f'batch of {batch["tokens"].shape[0]} rows: expected '
                        f'train.global_batch_size={tc.global_batch_size}')
@@ -261,42 +283,53 @@ def make_train_step(model_cfg, tc: TrainConfig, mesh, rules, state_shardings):
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   rep = NamedSharding(mesh, PartitionSpec())
-  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings(mesh, rules)),
+  keys = RAW_KEYS if teacher is not None else BATCH_KEYS
+  extra = (teacher.param_shardings,) if teacher is not None else ()
+  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings(mesh, rules, keys),
+                                       *extra),
                    out_shardings=(state_shardings, rep), donate_argnums=0)
-  return _wrap(jitted, mesh, rules)
+  return _wrap(jitted, mesh, rules, keys)
 
 
-def make_eval_step(model_cfg, tc: TrainConfig, mesh, rules, state_shardings):
-  """eval_fn(params, batch) -> metrics pairs, micro-batched and reduced as the train step."""
+def make_eval_step(model_cfg, tc: TrainConfig, mesh, rules, state_shardings,
+                   teacher: OnlineTeacher | None = None):
+  """eval_fn(params, batch) -> metrics pairs, micro-batched and reduced as the train step
+  (eval_fn(params, batch, teacher_params) with an online teacher)."""
   cfg = _compute_cfg(model_cfg, tc)
 
-  def evaluate(params, batch):
+  def evaluate(params, batch, teacher_params=None):
+    if teacher is not None:
+      batch = teacher.add_topk(mesh, rules, teacher_params, batch)
     return _accumulate(cfg, tc, mesh, rules, state_shardings.params, params, batch,
                        with_grad=False)[0]
 
-  jitted = jax.jit(evaluate, in_shardings=(state_shardings.params, batch_shardings(mesh, rules)),
+  keys = RAW_KEYS if teacher is not None else BATCH_KEYS
+  extra = (teacher.param_shardings,) if teacher is not None else ()
+  jitted = jax.jit(evaluate, in_shardings=(state_shardings.params,
+                                           batch_shardings(mesh, rules, keys), *extra),
                    out_shardings=NamedSharding(mesh, PartitionSpec()))
-  return _wrap(jitted, mesh, rules)
+  return _wrap(jitted, mesh, rules, keys)
 
 
-def _wrap(jitted, mesh, rules):
-  """(x, batch) -> jitted(x, batch) inside the mesh and logical rules (the model's activation
-  constraints resolve at trace time), passing only BATCH_KEYS; `.trace` and `.lower` likewise
-  (`.trace(...).lower(lowering_platforms=('cuda',))` checks a GPU lowering on CPU)."""
+def _wrap(jitted, mesh, rules, keys=BATCH_KEYS):
+  """(x, batch, *extra) -> jitted(x, batch, *extra) inside the mesh and logical rules (the
+  model's activation constraints resolve at trace time), passing only `keys` of the batch;
+  `.trace` and `.lower` likewise (`.trace(...).lower(lowering_platforms=('cuda',))` checks a
+  GPU lowering on CPU)."""
   def pick(batch):
-    missing = [k for k in BATCH_KEYS if k not in batch]
+    missing = [k for k in keys if k not in batch]
     if missing:
       raise ValueError(f'batch: missing keys {missing}')
-    return {k: batch[k] for k in BATCH_KEYS}
+    return {k: batch[k] for k in keys}
 
-  def call(x, batch):
+  def call(x, batch, *extra):
     with sharding.activate(mesh, rules):
-      return jitted(x, pick(batch))
+      return jitted(x, pick(batch), *extra)
 
-  def trace(x, batch):
+  def trace(x, batch, *extra):
     with sharding.activate(mesh, rules):
-      return jitted.trace(x, pick(batch))
+      return jitted.trace(x, pick(batch), *extra)
 
   call.trace = trace
-  call.lower = lambda x, batch: trace(x, batch).lower()
+  call.lower = lambda x, batch, *extra: trace(x, batch, *extra).lower()
   return call

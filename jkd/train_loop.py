@@ -5,7 +5,9 @@
 Stages, top to bottom: mesh → data → model and optimizer → shardings and init → restore →
 step functions → loop. One orbax CheckpointManager under `<workdir>/checkpoints` holds
 {state, Grain iterator}; an existing run directory resumes exactly where it stopped (same data
-order, same losses). The loop dispatches step n before it reads the metrics of step n-1, and
+order, same losses). With `distill.teacher_source='online'` there is no store: the data
+files are tokenized with the teacher's tokenizer and the step computes the teacher's top-K
+(extract.* settings) itself. The loop dispatches step n before it reads the metrics of step n-1, and
 stops with the step in the message when a loss or gradient norm is not finite. Metrics go to
 TensorBoard event files under `<workdir>/tensorboard`, to `<workdir>/metrics.jsonl` (one JSON
 object per logged step) and to a progress bar; W&B too when `train.wandb_project` is set.
@@ -118,24 +120,28 @@ def _global(batch: dict, shardings: dict) -> dict:
           for k, v in batch.items() if k in shardings}
 
 
-def _loader(tc, ls, split: str, *, shuffle: bool, num_epochs, pad_id: int, seed: int):
+def _loader(tc, ls, split: str, *, shuffle: bool, num_epochs, pad_id: int, seed: int,
+            sources: dict):
+  """Batches of the store split, or of `sources[split]` (online: examples, no teacher records)."""
   from jkd.data import loader
   per_process = tc.global_batch_size // jax.process_count()
   return loader.make_loader(
       tc.store, split, batch_size=per_process, seed=seed, shuffle=shuffle,
       num_epochs=num_epochs, top_k=tc.top_k, pack=ls.pack, max_seq_length=ls.max_seq_length,
       pad_id=pad_id, worker_count=ls.worker_count, drop_remainder=True,
-      pad_to_max=ls.pad_to_max_length)
+      pad_to_max=ls.pad_to_max_length, source=sources.get(split))
 
 
-def _validate(eval_fn, state, tc, ls, pad_id, shardings) -> dict[str, float]:
+def _validate(eval_fn, state, tc, ls, pad_id, shardings, sources, extra) -> dict[str, float]:
   """Summed (sum, count) metrics over limit_val_batches batches of the validation split."""
-  it = _loader(tc, ls, 'validation', shuffle=False, num_epochs=1, pad_id=pad_id, seed=0)
+  it = _loader(tc, ls, 'validation', shuffle=False, num_epochs=1, pad_id=pad_id, seed=0,
+               sources=sources)
   sums: dict[str, list[float]] = {}
   for i, batch in enumerate(it):
     if 0 <= tc.limit_val_batches <= i:
       break
-    for name, value in jax.device_get(eval_fn(state.params, _global(batch, shardings))).items():
+    metrics = eval_fn(state.params, _global(batch, shardings), *extra)
+    for name, value in jax.device_get(metrics).items():
       total, count = (float(np.sum(v)) for v in value)
       acc = sums.setdefault(name, [0.0, 0.0])
       acc[0] += total
@@ -156,10 +162,26 @@ def run(config) -> dict[str, float]:
   mesh = sharding.make_mesh(mesh_cfg.axes, mesh_cfg.shape)
   rules = mesh_cfg.rules
 
-  # Data: the store's K and size are known before anything compiles.
-  meta = logit_store.read_meta(os.path.join(tc.store, 'train'))
-  train.validate_config(config, stored_k=meta.k, n_devices=jax.device_count())
-  n_train = len(logit_store.Reader(tc.store, 'train', validate=False))
+  # Data: the store's K and size (or, online, the teacher's K and the examples) are known
+  # before anything compiles.
+  online = config.distill.teacher_source == 'online'
+  sources, teacher = {}, None
+  if online:
+    from jkd.data import chat, loader
+    ext = config.extract
+    teacher_cfg = dataclasses.replace(model.load_config(ext.teacher), dtype=ext.dtype)
+    teacher_tok = tokenizer.load(ext.teacher)
+    for split, path in (('train', config.data.train_file),
+                        ('validation', config.data.validation_file)):
+      if path:
+        sources[split] = loader.ExamplesSource(chat.read_jsonl(
+            path, teacher_tok, fmt=config.data.format, max_seq_length=ls.max_seq_length), path)
+    stored_k, teacher_vocab, n_train = ext.top_k, teacher_cfg.vocab_size, len(sources['train'])
+  else:
+    meta = logit_store.read_meta(os.path.join(tc.store, 'train'))
+    stored_k, teacher_vocab = meta.k, meta.vocab_size
+    n_train = len(logit_store.Reader(tc.store, 'train', validate=False))
+  train.validate_config(config, stored_k=stored_k, n_devices=jax.device_count())
   per_epoch = n_train // tc.global_batch_size
   if tc.limit_train_batches >= 0:
     per_epoch = min(per_epoch, tc.limit_train_batches)
@@ -168,7 +190,8 @@ def run(config) -> dict[str, float]:
     raise ValueError(f'train: nothing to do ({n_train} train examples, global_batch_size '
                      f'{tc.global_batch_size}, max_steps {tc.max_steps})')
   tc = dataclasses.replace(tc, max_steps=max_steps)
-  has_val = os.path.isdir(os.path.join(tc.store, 'validation'))
+  has_val = 'validation' in sources or (not online and os.path.isdir(
+      os.path.join(tc.store, 'validation')))
 
   # Model and optimizer: the student's params, or a random init of config.model.
   tok = None
@@ -178,9 +201,11 @@ def run(config) -> dict[str, float]:
       tok = tokenizer.load(tc.student)
   else:
     cfg = jkd_config.model_config(config)
-  if cfg.vocab_size != meta.vocab_size:
-    raise ValueError(f'the student vocabulary ({cfg.vocab_size}) differs from the store\'s '
-                     f'teacher vocabulary ({meta.vocab_size}); set distill.cross_tokenizer')
+  if cfg.vocab_size != teacher_vocab and not tc.cross_tokenizer:
+    raise ValueError(f'the student vocabulary ({cfg.vocab_size}) differs from the teacher\'s '
+                     f'({teacher_vocab}); set distill.cross_tokenizer')
+  if online and tok is None:
+    tok = teacher_tok
   pad_id = tok.eos_id if tok is not None and tok.eos_id is not None else 0  # NeMo pads with eos
 
   # Shardings and init.
@@ -193,10 +218,19 @@ def run(config) -> dict[str, float]:
         jax.random.key(tc.seed))
   state, state_shardings = train.init_state(cfg, tc, params, mesh, rules)
   del params
+  extra = ()  # online: the teacher's params, a step argument that is never differentiated
+  if online:
+    teacher_shardings = sharding.shardings_for(
+        lambda: model.init(teacher_cfg, jax.random.key(0), boxed=True), mesh, rules)
+    _, teacher_params = model.load(config.extract.teacher, teacher_shardings,
+                                   dtype=model.DTYPES[config.extract.dtype])
+    teacher = train.OnlineTeacher(teacher_cfg, teacher_shardings, config.extract.top_k,
+                                  config.extract.vocab_tile)
+    extra = (teacher_params,)
 
   # Restore: this run's latest checkpoint > train.restore_from_path > the converted student.
   train_it = _loader(tc, ls, 'train', shuffle=True, num_epochs=None, pad_id=pad_id,
-                     seed=tc.seed)
+                     seed=tc.seed, sources=sources)
   mngr = ocp.CheckpointManager(
       os.path.join(os.path.abspath(ls.workdir), 'checkpoints'),
       options=ocp.CheckpointManagerOptions(max_to_keep=ls.checkpoint_max_to_keep,
@@ -217,9 +251,10 @@ def run(config) -> dict[str, float]:
     print(f'[train] started from {tc.restore_from_path}')
 
   # Step functions.
-  step_fn = train.make_train_step(cfg, tc, mesh, rules, state_shardings)
-  eval_fn = train.make_eval_step(cfg, tc, mesh, rules, state_shardings)
-  batch_shardings = train.batch_shardings(mesh, rules)
+  step_fn = train.make_train_step(cfg, tc, mesh, rules, state_shardings, teacher)
+  eval_fn = train.make_eval_step(cfg, tc, mesh, rules, state_shardings, teacher)
+  batch_shardings = train.batch_shardings(
+      mesh, rules, train.RAW_KEYS if online else train.BATCH_KEYS)
 
   # Loop.
   metrics_out = _Metrics(ls, config)
@@ -250,7 +285,7 @@ def run(config) -> dict[str, float]:
       batch = next(train_it)
       tokens = float((batch['segment_ids'] > 0).sum()) * jax.process_count()  # real tokens
       t0 = time.perf_counter()
-      state, metrics = step_fn(state, _global(batch, batch_shardings))
+      state, metrics = step_fn(state, _global(batch, batch_shardings), *extra)
       settle(time.perf_counter)  # step n-1, while step n runs
       pending = (step, metrics, t0, tokens)
       if ls.profile_start_step > 0 and step == ls.profile_start_step + ls.profile_steps - 1:
@@ -261,7 +296,7 @@ def run(config) -> dict[str, float]:
       if step % tc.val_check_interval == 0 or boundary:
         settle(time.perf_counter)
         if has_val:
-          values = _validate(eval_fn, state, tc, ls, pad_id, batch_shardings)
+          values = _validate(eval_fn, state, tc, ls, pad_id, batch_shardings, sources, extra)
           _check_finite(values, step)
           metrics_out.write(step, values)
           last.update(values)

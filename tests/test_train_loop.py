@@ -113,3 +113,33 @@ def test_sigkill_after_a_checkpoint_then_restart_reproduces_the_run(store, tmp_p
   (sa, pa), (sb, pb) = _final_params(tmp_path / 'whole'), _final_params(tmp_path / 'cut')
   assert sa == sb == 24
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, pa, pb)))
+
+
+def test_online_teacher_equals_training_from_the_store(store, tmp_path):
+  """distill.teacher_source='online' (the step runs the teacher on the data file) gives the
+  same per-step losses as training from the store extracted by the same teacher (fp32 both)."""
+  root = store.parent
+  short = tmp_path / 'store64'  # examples cut as the online run cuts them (NeMo's truncation)
+  proc = subprocess.run(te._extract_cli(root, short, '--config.data.max_seq_length=64',
+                                        f'--config.data.validation_file={root}/train.jsonl'),
+                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  args = ('--config.train.max_steps=3', '--config.train.val_check_interval=3',
+          '--config.train.save_interval=3', '--config.train.limit_val_batches=1')
+  offline = subprocess.run(_train_cli(short, tmp_path / 'offline', *args), cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=600)
+  assert offline.returncode == 0, offline.stderr[-3000:]
+  online = subprocess.run(_train_cli(
+      '', tmp_path / 'online', *args, '--config.distill.teacher_source=online',
+      f'--config.extract.teacher={root}/teacher', f'--config.data.train_file={root}/train.jsonl',
+      f'--config.data.validation_file={root}/train.jsonl', '--config.data.format=plain',
+      '--config.extract.top_k=8', '--config.extract.vocab_tile=64',
+      '--config.extract.dtype=float32'), cwd=REPO, env=ENV, capture_output=True, text=True,
+      timeout=600)
+  assert online.returncode == 0, online.stderr[-3000:]
+  a, b = _metrics(tmp_path / 'offline'), _metrics(tmp_path / 'online')
+  assert sorted(a) == sorted(b) == [1, 2, 3]
+  for step in a:
+    for key in ('train/loss', 'train/kd_loss', 'train/sft_loss'):
+      assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
+  assert b[3]['val/loss'] == pytest.approx(a[3]['val/loss'], rel=1e-4)

@@ -41,8 +41,31 @@ class KDDataSource(grain.sources.RandomAccessDataSource):
     rec = self._reader[i]
     return {'index': np.int64(rec.index), **{f: getattr(rec, f) for f in FIELDS}}
 
+  fields = FIELDS
+
   def __repr__(self) -> str:  # Grain checkpoints name their source by repr
     return f'KDDataSource({self.root!r}, {self.split!r}, n={len(self)})'
+
+
+class ExamplesSource(grain.sources.RandomAccessDataSource):
+  """Tokenized examples without teacher records (online distillation: the step computes them).
+
+  `examples`: dicts with tokens, labels, loss_mask (jkd.data.chat.read_jsonl's output)."""
+
+  fields = ('tokens', 'labels', 'loss_mask')
+
+  def __init__(self, examples, name: str):
+    self._examples, self._name = examples, name
+
+  def __len__(self) -> int:
+    return len(self._examples)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    e = self._examples[i]
+    return {f: np.asarray(e[f], _DTYPES[f]) for f in self.fields}
+
+  def __repr__(self) -> str:
+    return f'ExamplesSource({self._name!r}, n={len(self)})'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +73,11 @@ class _Truncate(grain.transforms.Map):
   """Right-truncation to max_seq_length and NeMo's load-time `top_k` (first K' of K)."""
   max_seq_length: int
   top_k: int | None
+  fields: tuple[str, ...] = FIELDS
 
   def map(self, ex):
-    out = {f: ex[f][:self.max_seq_length] for f in FIELDS}
-    if self.top_k is not None:
+    out = {f: ex[f][:self.max_seq_length] for f in self.fields}
+    if self.top_k is not None and 'topk_ids' in self.fields:
       out['topk_ids'] = out['topk_ids'][:, :self.top_k]
       out['topk_logits'] = out['topk_logits'][:, :self.top_k]
     return out
@@ -80,17 +104,19 @@ class _PadBatch:
   max_seq_length: int
   pad_id: int
   pad_to_max: bool
+  fields: tuple[str, ...] = FIELDS
 
   def __call__(self, examples):
     b = len(examples)
     l = _row_length(max(len(e['tokens']) for e in examples), self.max_seq_length, self.pad_to_max)
     pads = _pad_values(self.pad_id)
-    out = {f: np.full((b, l) + examples[0][f].shape[1:], pads[f], _DTYPES[f]) for f in FIELDS}
+    out = {f: np.full((b, l) + examples[0][f].shape[1:], pads[f], _DTYPES[f])
+           for f in self.fields}
     out['segment_ids'] = np.zeros((b, l), np.int32)
     out['positions'] = np.zeros((b, l), np.int32)
     for row, e in enumerate(examples):
       s = len(e['tokens'])
-      for f in FIELDS:
+      for f in self.fields:
         out[f][row, :s] = e[f]
       out['segment_ids'][row, :s] = 1
       out['positions'][row, :s] = np.arange(s)
@@ -102,12 +128,13 @@ class _PackedBatch:
   """Rows from Grain's first-fit packer (padded to max_seq_length), cut to L."""
   max_seq_length: int
   pad_to_max: bool
+  fields: tuple[str, ...] = FIELDS
 
   def __call__(self, rows):
     seg = np.stack([r['tokens_segment_ids'] for r in rows])
     used = np.flatnonzero(seg.any(axis=0))
     l = _row_length(int(used[-1]) + 1 if len(used) else 0, self.max_seq_length, self.pad_to_max)
-    out = {f: np.stack([r[f][:l] for r in rows]).astype(_DTYPES[f]) for f in FIELDS}
+    out = {f: np.stack([r[f][:l] for r in rows]).astype(_DTYPES[f]) for f in self.fields}
     out['segment_ids'] = seg[:, :l].astype(np.int32)
     out['positions'] = np.stack([r['tokens_positions'][:l] for r in rows]).astype(np.int32)
     return out
@@ -118,7 +145,7 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
                 max_seq_length: int, pad_id: int, worker_count: int = 0,
                 shard_index: int | None = None, shard_count: int | None = None,
                 drop_remainder: bool = False, pad_to_max: bool = False, read_threads: int = 4,
-                validate: bool = True) -> grain.DatasetIterator:
+                validate: bool = True, source=None) -> grain.DatasetIterator:
   """A checkpointable iterator of KD batches (see the module docstring for their layout).
 
   Shards by JAX process by default (shard i takes examples i, i + n, ...; every example lands in
@@ -126,6 +153,8 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
   same seed); `num_epochs=None` repeats forever. `pack=True` packs several examples per row
   first-fit, `batch_size` rows per batch. `worker_count` > 0 reads in that many spawned
   processes. The iterator's `get_state()` / `set_state()` resume exactly (same worker_count).
+  `source` replaces the store split (e.g. an `ExamplesSource` for online distillation; its
+  batches carry only its fields plus segment_ids and positions).
   """
   if max_seq_length < PAD_MULTIPLE or max_seq_length % PAD_MULTIPLE:
     raise ValueError(f'make_loader: max_seq_length={max_seq_length} must be a positive multiple '
@@ -138,8 +167,10 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
     shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'make_loader: shard_index={shard_index} not in [0, shard_count={shard_count})')
-  source = KDDataSource(root, split, pad_id=pad_id, validate=validate)
-  if top_k is not None and not 1 <= top_k <= source.meta.k:
+  if source is None:
+    source = KDDataSource(root, split, pad_id=pad_id, validate=validate)
+  fields = source.fields
+  if top_k is not None and 'topk_ids' in fields and not 1 <= top_k <= source.meta.k:
     raise ValueError(f'make_loader: top_k={top_k} not in [1, stored K={source.meta.k}]')
   if len(source) < shard_count:
     raise ValueError(f'make_loader: {len(source)} examples in {root}/{split} for {shard_count} shards')
@@ -149,20 +180,21 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
     ds = ds.shuffle(seed=seed % 2**32)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  ds = ds.map(_Truncate(max_seq_length, top_k))
+  ds = ds.map(_Truncate(max_seq_length, top_k, fields))
   if not pack:
     ds = ds.batch(batch_size, drop_remainder=drop_remainder,
-                  batch_fn=_PadBatch(max_seq_length, pad_id, pad_to_max))
+                  batch_fn=_PadBatch(max_seq_length, pad_id, pad_to_max, fields))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=2 * read_threads))
   else:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=2 * batch_size))
     it = grain.experimental.FirstFitPackIterDataset(
-        it, length_struct={f: max_seq_length for f in FIELDS}, num_packing_bins=batch_size,
-        shuffle_bins=False, padding_struct=_pad_values(pad_id))
+        it, length_struct={f: max_seq_length for f in fields}, num_packing_bins=batch_size,
+        shuffle_bins=False, padding_struct={f: v for f, v in _pad_values(pad_id).items()
+                                            if f in fields})
     it = it.batch(batch_size, drop_remainder=drop_remainder,
-                  batch_fn=_PackedBatch(max_seq_length, pad_to_max))
+                  batch_fn=_PackedBatch(max_seq_length, pad_to_max, fields))
   if worker_count > 0:
     from absl import flags  # grain 0.2.18 reads absl flags in workers (docs/environment.md)
     if not flags.FLAGS.is_parsed():
