@@ -21,9 +21,8 @@ ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
 @pytest.fixture(scope='module')
 def store(tmp_path_factory):
   root = te.make_teacher(tmp_path_factory.mktemp('kd'))
-  proc = subprocess.run(te._extract_cli(root, root / 'store',
-                                        f'--config.data.validation_file={root}/train.jsonl'),
-                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+  proc = _run(te._extract_cli(root, root / 'store',
+                                        f'--config.data.validation_file={root}/train.jsonl'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   return root / 'store'
 
@@ -36,6 +35,10 @@ def _train_cli(store, workdir, *extra):
           '--config.train.warmup_steps=1', '--config.train.constant_steps=0',
           '--config.train.lr=1e-3', '--config.train.precision=fp32',
           '--config.distill.sft_loss_weight=0.4', *extra]
+
+
+def _run(cmd):
+  return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def _metrics(workdir) -> dict[int, dict]:
@@ -56,11 +59,10 @@ def _final_params(workdir):
 
 
 def test_train_validates_checkpoints_and_logs(store, tmp_path):
-  proc = subprocess.run(_train_cli(store, tmp_path / 'run', '--config.train.max_steps=6',
+  proc = _run(_train_cli(store, tmp_path / 'run', '--config.train.max_steps=6',
                                    '--config.train.val_check_interval=2',
                                    '--config.train.save_interval=4',
-                                   '--config.train.limit_val_batches=2'),
-                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+                                   '--config.train.limit_val_batches=2'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = _metrics(tmp_path / 'run')
   assert sorted(rows) == [1, 2, 3, 4, 5, 6]
@@ -74,11 +76,10 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_step(store, tmp_path):
-  proc = subprocess.run(_train_cli(store, tmp_path / 'run', '--config.train.max_steps=4',
+  proc = _run(_train_cli(store, tmp_path / 'run', '--config.train.max_steps=4',
                                    '--config.train.val_check_interval=2',
                                    '--config.train.save_interval=2',
-                                   '--config.distill.logits_scale=1e38'),
-                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+                                   '--config.distill.logits_scale=1e38'))
   assert proc.returncode == 2
   assert 'jkd: error: train/' in proc.stderr and 'at step 1' in proc.stderr
 
@@ -86,8 +87,7 @@ def test_non_finite_loss_stops_with_the_step(store, tmp_path):
 def test_sigkill_after_a_checkpoint_then_restart_reproduces_the_run(store, tmp_path):
   args = ('--config.train.max_steps=24', '--config.train.val_check_interval=2',
           '--config.train.save_interval=2', '--config.train.limit_val_batches=1')
-  whole = subprocess.run(_train_cli(store, tmp_path / 'whole', *args), cwd=REPO, env=ENV,
-                         capture_output=True, text=True, timeout=600)
+  whole = _run(_train_cli(store, tmp_path / 'whole', *args))
   assert whole.returncode == 0, whole.stderr[-3000:]
   ckpt = tmp_path / 'cut' / 'checkpoints'
   victim = subprocess.Popen(_train_cli(store, tmp_path / 'cut', *args), cwd=REPO, env=ENV,
@@ -101,8 +101,7 @@ def test_sigkill_after_a_checkpoint_then_restart_reproduces_the_run(store, tmp_p
   victim.wait()
   saved = [int(d) for d in os.listdir(ckpt) if d.isdigit()]
   assert saved and max(saved) < 24, f'the kill landed outside the run (checkpoints {saved})'
-  resumed = subprocess.run(_train_cli(store, tmp_path / 'cut', *args), cwd=REPO, env=ENV,
-                           capture_output=True, text=True, timeout=600)
+  resumed = _run(_train_cli(store, tmp_path / 'cut', *args))
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'resumed from {tmp_path}/cut/checkpoints at step {max(saved)}' in resumed.stdout
   a, b = _metrics(tmp_path / 'whole'), _metrics(tmp_path / 'cut')
@@ -120,22 +119,19 @@ def test_online_teacher_equals_training_from_the_store(store, tmp_path):
   same per-step losses as training from the store extracted by the same teacher (fp32 both)."""
   root = store.parent
   short = tmp_path / 'store64'  # examples cut as the online run cuts them (NeMo's truncation)
-  proc = subprocess.run(te._extract_cli(root, short, '--config.data.max_seq_length=64',
-                                        f'--config.data.validation_file={root}/train.jsonl'),
-                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+  proc = _run(te._extract_cli(root, short, '--config.data.max_seq_length=64',
+                                        f'--config.data.validation_file={root}/train.jsonl'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   args = ('--config.train.max_steps=3', '--config.train.val_check_interval=3',
           '--config.train.save_interval=3', '--config.train.limit_val_batches=1')
-  offline = subprocess.run(_train_cli(short, tmp_path / 'offline', *args), cwd=REPO, env=ENV,
-                           capture_output=True, text=True, timeout=600)
+  offline = _run(_train_cli(short, tmp_path / 'offline', *args))
   assert offline.returncode == 0, offline.stderr[-3000:]
-  online = subprocess.run(_train_cli(
+  online = _run(_train_cli(
       '', tmp_path / 'online', *args, '--config.distill.teacher_source=online',
       f'--config.extract.teacher={root}/teacher', f'--config.data.train_file={root}/train.jsonl',
       f'--config.data.validation_file={root}/train.jsonl', '--config.data.format=plain',
       '--config.extract.top_k=8', '--config.extract.vocab_tile=64',
-      '--config.extract.dtype=float32'), cwd=REPO, env=ENV, capture_output=True, text=True,
-      timeout=600)
+      '--config.extract.dtype=float32'))
   assert online.returncode == 0, online.stderr[-3000:]
   a, b = _metrics(tmp_path / 'offline'), _metrics(tmp_path / 'online')
   assert sorted(a) == sorted(b) == [1, 2, 3]
