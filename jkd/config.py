@@ -66,6 +66,8 @@ def validate(config) -> None:
         raise ValueError(f'extract.{key} is empty: set --config.extract.{key}=PATH')
     if not config.data.train_file and not config.data.validation_file:
       raise ValueError('data.train_file and data.validation_file are both empty')
+    if config.extract.examples_per_chunk < 0 or config.extract.chunk_index < 0:
+      raise ValueError('extract.examples_per_chunk and extract.chunk_index must be >= 0')
     for key in ('top_k', 'batch_size', 'vocab_tile', 'min_bucket'):
       if config.extract[key] <= 0:
         raise ValueError(f'extract.{key}={config.extract[key]}: must be positive')

@@ -219,11 +219,15 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
 
 def settings(config) -> Settings:
   e = config.extract
+  start, end = e.start_idx, e.end_idx
+  if e.examples_per_chunk > 0:  # NeMo users run one chunk of the data per job
+    start = e.chunk_index * e.examples_per_chunk
+    end = start + e.examples_per_chunk - 1
   return Settings(teacher=e.teacher, output=e.output, top_k=e.top_k, batch_size=e.batch_size,
                   vocab_tile=e.vocab_tile, min_bucket=e.min_bucket,
-                  max_seq_length=config.data.max_seq_length, start_idx=e.start_idx,
-                  end_idx=e.end_idx, values_dtype=e.values_dtype, masked_only=e.masked_only,
-                  codec=e.codec, dtype=e.dtype)
+                  max_seq_length=config.data.max_seq_length, start_idx=start, end_idx=end,
+                  values_dtype=e.values_dtype, masked_only=e.masked_only, codec=e.codec,
+                  dtype=e.dtype)
 
 
 def run(config) -> dict[str, int]:

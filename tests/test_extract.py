@@ -194,3 +194,14 @@ def test_start_and_inclusive_end_select_examples_as_nemo(teacher_dir, tmp_path):
   assert extract.extract_split(examples, 'train', s, mesh, RULES, cfg, params, tok) == 48 - 21
   assert extract.extract_split(examples, 'train', s, mesh, RULES, cfg, params, tok) == 0
   assert sorted(_records(tmp_path / 's')) == list(range(10, 48))
+
+
+def test_chunk_index_selects_nemo_style_chunks():
+  """extract.examples_per_chunk / chunk_index: chunk i is indices [i*n, (i+1)*n - 1]."""
+  c = base.get_config()
+  c.data.max_seq_length = 64
+  c.extract.examples_per_chunk, c.extract.chunk_index = 10, 3
+  s = extract.settings(c)
+  assert (s.start_idx, s.end_idx) == (30, 39)
+  c.extract.examples_per_chunk = 0
+  assert (extract.settings(c).start_idx, extract.settings(c).end_idx) == (0, -1)

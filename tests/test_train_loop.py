@@ -62,7 +62,11 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   proc = _run(_train_cli(store, tmp_path / 'run', '--config.train.max_steps=6',
                                    '--config.train.val_check_interval=2',
                                    '--config.train.save_interval=4',
-                                   '--config.train.limit_val_batches=2'))
+                                   '--config.train.limit_val_batches=2',
+                                   '--config.train.profile_start_step=2',
+                                   '--config.train.profile_steps=2',
+                                   '--config.train.save_nemo_on_train_end=True',
+                                   f'--config.train.export_hf={tmp_path}/hf'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = _metrics(tmp_path / 'run')
   assert sorted(rows) == [1, 2, 3, 4, 5, 6]
@@ -73,6 +77,13 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   assert any(f.startswith('events.out.tfevents')
              for f in os.listdir(tmp_path / 'run' / 'tensorboard'))
   assert 'teacher' not in json.dumps(os.listdir(tmp_path / 'run' / 'checkpoints' / '6'))
+  traces = [f for _, _, fs in os.walk(tmp_path / 'run' / 'profile') for f in fs]
+  assert any(f.endswith('.xplane.pb') for f in traces), traces
+  # save_nemo_on_train_end: the final student as a model dir, a .nemo and (asked) HF
+  from third_party.convert import from_nemo
+  cfg, params = from_nemo.load_nemo(str(tmp_path / 'run' / 'student.nemo'))
+  assert cfg.num_layers == 2 and cfg.padded_vocab == 320  # no tokenizer here: V reads as P
+  assert os.path.isfile(tmp_path / 'hf' / 'model.safetensors')
 
 
 def test_non_finite_loss_stops_with_the_step(store, tmp_path):
