@@ -176,7 +176,7 @@ def main():
   jsonl = sum(os.path.getsize(p) for p in nemo_jsonl.chunk_paths(template, args.chunks))
   rows = [('NeMo-Aligner JSONL', jsonl), ('jkd store bf16 (imported from the JSONL)', du(os.path.join(work, 'store')))]
   rows += [(f'jkd store {n}', du(os.path.join(work, n.replace(' ', '_')))) for n, _ in variants]
-  print(f'\nstorage (same records; bytes / real token)          bytes   B/token   JSONL / store')
+  print('\nstorage (same records; bytes / real token)          bytes   B/token   JSONL / store')
   for name, size in rows:
     print(f'  {name:44s} {size / 1e6:9.1f} MB {size / tokens:8.1f} {jsonl / size:10.1f}x')
   blocks = os.path.join(work, 'store', 'train', 'blocks')

@@ -26,7 +26,7 @@ def _t(a) -> np.ndarray:
 def canonical_state(arch: str, hf) -> tuple[dict, dict]:
   """(NeMo model section, {(layer|None, canonical name): torch-layout np array})."""
   sd = {k: _t(v) for k, v in hf.state_dict().items()}
-  L, D, N, F = ref.L, ref.D, ref.N, ref.F
+  L, D, N = ref.L, ref.D, ref.N
   H = D // N
   out = {}
   if arch == 'gpt3':

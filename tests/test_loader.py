@@ -8,7 +8,6 @@ positions, contents), load-time top_k, exact resume from the iterator state, and
 import numpy as np
 import pytest
 
-from jkd.data import logit_store as ls
 from jkd.data import loader
 from tests.test_logit_store import K, make_meta, make_record, write_store
 

@@ -19,7 +19,7 @@ import functools
 import json
 import os
 import re
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import yaml
