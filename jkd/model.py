@@ -389,8 +389,9 @@ def save_parts(directory: str, cfg: ModelConfig, parts: Iterable[Params]) -> Non
   params_dir = os.path.join(directory, PARAMS_DIR)
   if os.path.exists(config_path):
     os.remove(config_path)  # the directory is incomplete until the new config lands
-  if os.path.exists(params_dir):
-    shutil.rmtree(params_dir)
+  import glob  # a killed earlier write may have left orbax's `params.partial_save*` behind
+  for stale in [params_dir] + glob.glob(params_dir + '.partial_save*'):
+    shutil.rmtree(stale, ignore_errors=True)
   os.makedirs(directory, exist_ok=True)
   written: dict = {}  # shapes only, to check the whole tree before finalizing
   ctx = ocp.Context()

@@ -112,6 +112,17 @@ def test_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(x, np.asarray(y))
 
 
+def test_save_over_a_killed_partial_write(tmp_path):
+  """A conversion killed mid-write leaves orbax's params.partial_save; the next save starts
+  clean (no 'replacement' error, no stale leaves) and the directory reads back."""
+  from orbax.checkpoint import v1 as ocp
+  cfg, params, _ = ref.gpt3()
+  ocp.partial.save(str(tmp_path / 'm' / 'params'), {'embed': np.zeros((3, 3), np.float32)})
+  model.save(str(tmp_path / 'm'), cfg, params)
+  _, params2 = model.load(str(tmp_path / 'm'))
+  np.testing.assert_array_equal(np.asarray(params2['embed']), params['embed'])
+
+
 def test_load_rejects_a_directory_that_is_not_a_model(tmp_path):
   with pytest.raises(FileNotFoundError, match='model_config.json'):
     model.load(str(tmp_path))
