@@ -235,8 +235,8 @@ def run(config) -> dict[str, int]:
   s = settings(config)
   mesh_cfg = jkd_config.mesh_config(config)
   mesh = sharding.make_mesh(mesh_cfg.axes, mesh_cfg.shape)
-  shards = math.prod(mesh.shape[a] for a in jax.tree.leaves(
-      nn.logical_to_mesh_axes(('act_batch',), mesh_cfg.rules)[0]) if a)
+  from jkd.train_config import data_parallel_size
+  shards = data_parallel_size(dict(mesh.shape), mesh_cfg.rules)
   if s.batch_size % shards:
     raise ValueError(f'extract.batch_size={s.batch_size}: must be a multiple of the '
                      f'{shards} devices the batch is split over')

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import json
 import math
 import os
@@ -389,7 +390,7 @@ def save_parts(directory: str, cfg: ModelConfig, parts: Iterable[Params]) -> Non
   params_dir = os.path.join(directory, PARAMS_DIR)
   if os.path.exists(config_path):
     os.remove(config_path)  # the directory is incomplete until the new config lands
-  import glob  # a killed earlier write may have left orbax's `params.partial_save*` behind
+  # A killed earlier write may have left orbax's `params.partial_save*` behind.
   for stale in [params_dir] + glob.glob(params_dir + '.partial_save*'):
     shutil.rmtree(stale, ignore_errors=True)
   os.makedirs(directory, exist_ok=True)

@@ -134,19 +134,16 @@ def _loader(tc, ls, split: str, *, shuffle: bool, num_epochs, pad_id: int, seed:
 
 def _validate(eval_fn, state, tc, ls, pad_id, shardings, sources, extra) -> dict[str, float]:
   """Summed (sum, count) metrics over limit_val_batches batches of the validation split."""
+  from jkd import evaluate
   it = _loader(tc, ls, 'validation', shuffle=False, num_epochs=1, pad_id=pad_id, seed=0,
                sources=sources)
-  sums: dict[str, list[float]] = {}
+  total = None
   for i, batch in enumerate(it):
     if 0 <= tc.limit_val_batches <= i:
       break
     metrics = eval_fn(state.params, _global(batch, shardings), *extra)
-    for name, value in jax.device_get(metrics).items():
-      total, count = (float(np.sum(v)) for v in value)
-      acc = sums.setdefault(name, [0.0, 0.0])
-      acc[0] += total
-      acc[1] += count
-  return {f'val/{k}': s / max(c, 1.0) for k, (s, c) in sums.items()}
+    total = evaluate.add_pairs(total, jax.device_get(metrics))
+  return _scalars(total or {}, 'val')
 
 
 def run(config) -> dict[str, float]:
@@ -261,7 +258,7 @@ def run(config) -> dict[str, float]:
   last: dict[str, float] = {}
   pending = None  # (step, metrics, dispatch time, real tokens) of the step in flight
 
-  def settle(now):  # reads the metrics of the step in flight
+  def settle():  # reads the metrics of the step in flight
     nonlocal pending, last
     if pending is None:
       return
@@ -269,7 +266,7 @@ def run(config) -> dict[str, float]:
     pending = None
     values = _scalars(metrics, 'train')
     _check_finite(values, step)
-    elapsed = now() - t0
+    elapsed = time.perf_counter() - t0
     values.update({'train/consumed_samples': float(step * tc.global_batch_size),
                    'train/step_time': elapsed, 'train/tokens_per_sec': tokens / elapsed})
     metrics_out.write(step, values)
@@ -286,7 +283,7 @@ def run(config) -> dict[str, float]:
       tokens = float((batch['segment_ids'] > 0).sum()) * jax.process_count()  # real tokens
       t0 = time.perf_counter()
       state, metrics = step_fn(state, _global(batch, batch_shardings), *extra)
-      settle(time.perf_counter)  # step n-1, while step n runs
+      settle()  # step n-1, while step n runs
       pending = (step, metrics, t0, tokens)
       if ls.profile_start_step > 0 and step == ls.profile_start_step + ls.profile_steps - 1:
         jax.block_until_ready(state)
@@ -294,17 +291,17 @@ def run(config) -> dict[str, float]:
       bar.update(1)
       boundary = step == max_steps
       if step % tc.val_check_interval == 0 or boundary:
-        settle(time.perf_counter)
+        settle()
         if has_val:
           values = _validate(eval_fn, state, tc, ls, pad_id, batch_shardings, sources, extra)
           _check_finite(values, step)
           metrics_out.write(step, values)
           last.update(values)
       if step % tc.save_interval == 0 or boundary:
-        settle(time.perf_counter)
+        settle()
         mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_it)))
-    settle(time.perf_counter)
+    settle()
   finally:
     bar.close()
     mngr.wait_until_finished()
