@@ -1,6 +1,9 @@
-"""NeMo's chat template, loss mask, plain format and collate (jkd.data.chat) vs hand-built ids."""
+"""NeMo's chat template, ChatML, plain format and collate (jkd.data.chat) vs hand-built ids and
+Hugging Face's apply_chat_template."""
 
 import json
+import logging
+import os
 import string
 
 import numpy as np
@@ -67,9 +70,9 @@ def mistral():
                         pad_id=None)
 
 
-def char_tokenizer(merges=()) -> jt.Tokenizer:
-  """A character-level `tokenizers` BPE (plus `merges`) with the chat tags as added tokens: one
-  id per character, so expected spans are character counts."""
+def char_tokenizer(merges=(), special=SPECIAL) -> jt.Tokenizer:
+  """A character-level `tokenizers` BPE (plus `merges`) with the chat tags (`special`) as added
+  tokens: one id per character, so expected spans are character counts."""
   chars = sorted(set(string.printable) | {'\x00'})
   vocab = {c: i for i, c in enumerate(chars)}
   for a, b in merges:
@@ -77,7 +80,7 @@ def char_tokenizer(merges=()) -> jt.Tokenizer:
   tok = tokenizers.Tokenizer(models.BPE(vocab, list(merges)))
   tok.decoder = decoders.Fuse()  # decode = concatenation
   tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                          for t in SPECIAL])
+                          for t in special])
   return jt.Tokenizer('huggingface', {'tokenizer.json': tok.to_str().encode()}, bos_id=None,
                       eos_id=tok.token_to_id('</s>'), pad_id=None)
 
@@ -279,3 +282,154 @@ def test_read_jsonl(tmp_path, mistral):
   path.write_text('{"input": "a", "output": "b"}\n')
   (ex,) = chat.read_jsonl(str(path), mistral, fmt='plain', max_seq_length=64)
   assert ex['tokens'].tolist() == [264, 287] and ex['loss_mask'].tolist() == [1, 1]
+
+
+CHATML = ['<|im_start|>', '<|im_end|>', '<|endoftext|>']
+SMOLLM_SYSTEM = 'You are a helpful AI assistant named SmolLM, trained by Hugging Face'
+
+
+def chatml_record(system, *turns, mask='User') -> dict:
+  return {'system': system, 'mask': mask, 'type': 'VALUE_TO_TEXT', 'conversations': [
+      {'from': f, 'value': v, 'label': None} for f, v in turns]}
+
+
+def test_chatml_template_and_mask_by_hand():
+  """The ChatML string, one id per character; only answers and their <|im_end|> are trained."""
+  tok = char_tokenizer(special=CHATML)
+  record = chatml_record('Be brief.', ('User', 'Hi?'), ('Assistant', 'Yo.'), ('User', 'Bye'),
+                         ('Assistant', 'Ok'))
+  ids, mask = chat.encode_chatml(record, tok)
+  text = ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n'
+          '<|im_start|>assistant\nYo.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n'
+          '<|im_start|>assistant\nOk<|im_end|>\n')
+  assert ids.dtype == np.int32 and mask.dtype == bool
+  assert ids.tolist() == tok.encode(text) and tok.decode(ids) == text
+  first = len(tok.encode(text.split('Yo.')[0]))
+  assert runs(mask) == [(first, first + 4), (len(ids) - 4, len(ids) - 1)]  # 'Yo.' + im_end
+  assert trained_text(tok, ids, mask) == ['Yo.<|im_end|>', 'Ok<|im_end|>']
+  # An empty system emits no system block; `mask` picks the masked role, `from` is lowercased.
+  ids, mask = chat.encode_chatml(chatml_record('', ('Q', 'a'), ('Bot', 'b'), mask='Q'), tok)
+  assert tok.decode(ids) == ('<|im_start|>q\na<|im_end|>\n<|im_start|>bot\nb<|im_end|>\n')
+  assert trained_text(tok, ids, mask) == ['b<|im_end|>']
+
+
+def test_chatml_header_merge_warns_and_masks_the_merged_token(caplog):
+  """A content starting with a newline merges with the header's: warned, that token masked."""
+  tok = char_tokenizer(merges=[('\n', '\n')], special=CHATML)
+  record = chatml_record('', ('User', 'Hi'), ('Assistant', '\nfoo\n\n'))
+  with caplog.at_level(logging.WARNING, logger='jkd.data.chat'):
+    ids, mask = chat.encode_chatml(record, tok)
+  assert "'assistant' header merges" in caplog.text
+  assert tok.decode(ids).endswith('<|im_start|>assistant\n\nfoo\n\n<|im_end|>\n')
+  assert trained_text(tok, ids, mask) == ['foo\n\n<|im_end|>']
+
+
+@pytest.mark.parametrize('record, match', [
+    ({'system': 's'}, "no 'conversations'"),
+    ({'system': 's', 'conversations': []}, 'non-empty list'),
+    ({'system': 's', 'conversations': [{'from': 'User', 'value': 1}]}, r"conversations\[0\]"),
+    ({'system': 's', 'conversations': [{'from': 'Assistant', 'value': 'a'}]}, 'mask role'),
+    ({'system': 's', 'conversations': [{'from': 'User', 'value': 'a'}]}, 'no token is trained'),
+])
+def test_chatml_bad_records_raise(record, match):
+  """The same record validation as the NeMo template: one-line ValueErrors."""
+  with pytest.raises(ValueError, match=match):
+    chat.encode_chatml(record, char_tokenizer(special=CHATML))
+
+
+def test_chatml_needs_the_special_tokens(mistral):
+  """A vocabulary without atomic <|im_start|>/<|im_end|> is a clear error, not split text."""
+  record = chatml_record('', ('User', 'a'), ('Assistant', 'b'))
+  for tok in (char_tokenizer(), mistral):
+    with pytest.raises(ValueError, match=r"no special token '<\|im_start\|>'"):
+      chat.encode_chatml(record, tok)
+
+
+def test_read_jsonl_chatml(tmp_path):
+  """fmt='chatml' gives encode_chatml's ids through to_example; errors name file and line."""
+  tok = char_tokenizer(special=CHATML)
+  record = chatml_record('s', ('User', 'q'), ('Assistant', 'a'))
+  path = tmp_path / 'val.jsonl'
+  path.write_text(json.dumps(record) + '\n')
+  (ex,) = chat.read_jsonl(str(path), tok, fmt='chatml', max_seq_length=None)
+  want = chat.to_example(*chat.encode_chatml(record, tok), None)
+  assert all(np.array_equal(ex[k], want[k]) for k in want) and ex['index'] == 0
+  assert tok.decode(ex['labels'][ex['loss_mask'] == 1]) == 'a<|im_end|>'
+  path.write_text(json.dumps(record) + '\n' + json.dumps({'system': 's'}) + '\n')
+  with pytest.raises(ValueError, match=r"val\.jsonl:2: chat record has no 'conversations'"):
+    chat.read_jsonl(str(path), tok, fmt='chatml', max_seq_length=None)
+  with pytest.raises(ValueError, match='expected one of chat, chatml, plain'):
+    chat.read_jsonl(str(path), tok, fmt='ChatML', max_seq_length=None)
+
+
+@pytest.fixture(scope='module')
+def smollm2_chatml():
+  """Our SmolLM2 GGUF tokenizer and transformers' tokenizer of the same file, the latter with
+  the digit split of SmolLM2's tokenizer.json restored (transformers' GGUF loader drops it;
+  tests/test_tokenizer.py shows both)."""
+  from tokenizers import pre_tokenizers
+  from transformers import AutoTokenizer
+  path = assets.smollm2_gguf(verbose=False)
+  ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+  ref.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+  return jt.from_gguf(path), ref
+
+
+CHATML_CONVERSATIONS = [
+    [('User', 'Hi! What is 2+2?'), ('Assistant', 'It is 4.'), ('User', 'And 3+3?'),
+     ('Assistant', 'Six.')],
+    [('User', ' one leading space'), ('Assistant', '\nleading newline'),
+     ('User', '\n\n  newlines, spaces'), ('Assistant', '  Grüße 😀 naïve café — “quotes”\n')],
+    [('User', 'x ½ y² 7 12345\t'), ('Assistant', ''), ('User', '<b>tag</b>'),
+     ('Assistant', 'for (int i = 0; i < n; ++i) {}\n\n')],
+    [('Assistant', 'Hello, I start.'), ('User', 'ok'), ('Assistant', '日本語のテキスト。')],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('system', [SMOLLM_SYSTEM, 'Be brief.\n'])
+@pytest.mark.parametrize('turns', CHATML_CONVERSATIONS)
+def test_chatml_matches_apply_chat_template_smollm2(smollm2_chatml, system, turns, caplog):
+  """Ids equal HF's apply_chat_template on the real SmolLM2 vocabulary; trained tokens decode
+  to each answer + <|im_end|> (less a leading whitespace token merged into the header, which
+  is warned about). The GGUF's template has no {% generation %} tags, so HF cannot give the
+  assistant mask: it is checked by construction."""
+  tok, ref = smollm2_chatml
+  assert '{% generation %}' not in ref.chat_template
+  messages = [{'role': 'system', 'content': system}] + [
+      {'role': f.lower(), 'content': v} for f, v in turns]
+  want = ref.apply_chat_template(messages, tokenize=True)['input_ids']
+  with caplog.at_level(logging.WARNING, logger='jkd.data.chat'):
+    ids, mask = chat.encode_chatml(chatml_record(system, *turns), tok)
+  assert ids.tolist() == list(want)
+  answers = [v + '<|im_end|>' for f, v in turns if f == 'Assistant']
+  got = trained_text(tok, ids, mask)
+  assert len(got) == len(answers)
+  for run, answer in zip(got, answers):
+    if run != answer:  # only a merged header newline may cut the answer's leading whitespace
+      assert answer.endswith(run) and not answer[:len(answer) - len(run)].strip()
+      assert "'assistant' header merges" in caplog.text
+  assert tok.decode(ids[~mask]).count('<|im_end|>') == len(turns) + 1 - len(answers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('turns', [[('User', 'Hi! What is 2+2?')],
+                                   [('User', 'a'), ('Assistant', 'b'), ('User', 'c ½')]])
+def test_chatml_generation_prompt_matches_hf(smollm2_chatml, turns):
+  tok, ref = smollm2_chatml
+  messages = [{'role': 'system', 'content': SMOLLM_SYSTEM}] + [
+      {'role': f.lower(), 'content': v} for f, v in turns]
+  want = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+  got = chat.generation_prompt(chatml_record(SMOLLM_SYSTEM, *turns), tok, fmt='chatml')
+  assert got == list(want['input_ids'])
+  assert chat.end_of_turn_id(tok, fmt='chatml') == tok.token_to_id('<|im_end|>')
+
+
+def test_nemo_generation_prompt_ends_with_the_assistant_header(mistral):
+  record = {'system': 'S', 'mask': 'User', 'conversations': [{'from': 'User', 'value': 'hi'}]}
+  ids = chat.generation_prompt(record, mistral, fmt='chat')
+  assert mistral.decode(ids).endswith('hi\n<extra_id_1>Assistant\n')
+  with pytest.raises(ValueError, match="format 'plain' has no chat turns"):
+    chat.generation_prompt(record, mistral, fmt='plain')

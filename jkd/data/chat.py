@@ -1,4 +1,4 @@
-"""SFT examples as NeMo builds them: the chat template and loss mask, the plain format, collate.
+"""SFT examples: NeMo's chat template and loss mask, ChatML, NeMo's plain format, collate.
 
 Transcribed from NeMo at 19668e53 (the commit NeMo-Aligner pins; spec §1.2, §5.2):
 `gpt_sft_chat_dataset.py` (`_get_header_conversation_type_mask_role`, `_add_speaker_and_signal`,
@@ -23,6 +23,11 @@ the quirks that decide token boundaries are kept:
 - Labels: a str label adds `label_start + label + end_of_name`, None adds nothing, a turn with
   no 'label' key adds nothing; with no 'type' the labels are ignored.
 
+`encode_chatml` (data.format 'chatml') reads the same records for students and teachers
+trained on the ChatML template (SmolLM2, Qwen): '<|im_start|>{role}\\n{content}<|im_end|>\\n'
+per message, ids equal to HF's `apply_chat_template`; it trains each answer and its
+`<|im_end|>` and nothing else (none of NeMo's quirks above apply to it).
+
 Not reproduced: `contexts`/`answers`/`metadata` (the teacher records drop them); NeMo's chat
 collate pads to ceil8(max(len(tokens), len(context))), one more than the tokens when the last
 token is masked, where `collate` pads to ceil8(len(tokens)) (padding only, never content); the
@@ -41,6 +46,8 @@ import numpy as np
 PREFIX = '\x00'  # NeMo's PREFIX_STR
 SYSTEM_NAME = 'System'
 TYPES = ('VALUE_TO_TEXT', 'TEXT_TO_VALUE')  # NeMo's TYPE_INSTRUCTION keys (both add no text)
+CHATML_START, CHATML_END = '<|im_start|>', '<|im_end|>'
+FORMATS = ('chat', 'chatml', 'plain')  # read_jsonl's fmt, config's data.format
 _log = logging.getLogger(__name__)
 
 
@@ -74,8 +81,8 @@ def _label_text(turn: dict, tokens: ChatTokens, where: str) -> str:
   return tokens.label_start + label + tokens.end_of_name
 
 
-def render(record: dict, tokens: ChatTokens = ChatTokens()) -> Rendered:
-  """The strings NeMo builds from a chat record (no tokenisation)."""
+def _check_record(record) -> tuple[str, list[dict], str | None, str]:
+  """(system, conversations, type, mask role) of a chat record, or a one-line ValueError."""
   if not isinstance(record, dict):
     raise ValueError(f'chat record: expected an object, got {type(record).__name__}')
   for key in ('system', 'conversations'):
@@ -89,17 +96,22 @@ def render(record: dict, tokens: ChatTokens = ChatTokens()) -> Rendered:
   gtype = record.get('type')
   if gtype is not None and gtype not in TYPES:
     raise ValueError(f'chat record: type {gtype!r} is not one of {", ".join(TYPES)} or null')
-  mask_role = record.get('mask', 'User')
+  for i, turn in enumerate(convs):
+    if not isinstance(turn, dict) or not isinstance(turn.get('from'), str) or not isinstance(
+        turn.get('value'), str):
+      raise ValueError(f"conversations[{i}]: needs string 'from' and 'value'")
+  return system, convs, gtype, record.get('mask', 'User')
+
+
+def render(record: dict, tokens: ChatTokens = ChatTokens()) -> Rendered:
+  """The strings NeMo builds from a chat record (no tokenisation)."""
+  system, convs, gtype, mask_role = _check_record(record)
   header = (tokens.system_turn_start + SYSTEM_NAME + tokens.end_of_name + system
             + tokens.end_of_turn)
   turns, speakers = [], []
   for i, turn in enumerate(convs):
-    where = f'conversations[{i}]'
-    if not isinstance(turn, dict) or not isinstance(turn.get('from'), str) or not isinstance(
-        turn.get('value'), str):
-      raise ValueError(f"{where}: needs string 'from' and 'value'")
     name = tokens.turn_start + turn['from'] + tokens.end_of_name
-    label = _label_text(turn, tokens, where) if gtype is not None else ''
+    label = _label_text(turn, tokens, f'conversations[{i}]') if gtype is not None else ''
     if gtype == 'TEXT_TO_VALUE':
       turns.append(name + turn['value'] + tokens.end_of_turn + label)
     else:
@@ -177,6 +189,82 @@ def encode_chat(record: dict, tok, *, tokens: ChatTokens = ChatTokens()
   if not keep.any():
     raise ValueError('chat record: no token is trained (NeMo: "mask is empty")')
   return np.asarray(ids, np.int32), keep
+
+
+def _special_id(tok, piece: str) -> int:
+  """The id of a special token that `tok.encode` keeps whole, or a ValueError."""
+  i = tok.token_to_id(piece)
+  if i is None or tok.encode(piece) != [i]:
+    raise ValueError(f'chatml: the tokenizer has no special token {piece!r} (format chatml '
+                     f'needs a ChatML vocabulary such as SmolLM2\'s or Qwen\'s)')
+  return i
+
+
+def encode_chatml(record: dict, tok) -> tuple[np.ndarray, np.ndarray]:
+  """(input_ids int32 [S], mask bool [S]) of a chat record in the ChatML template.
+
+  The ids are what Hugging Face's `apply_chat_template` gives for SmolLM2/Qwen-style models
+  with the messages [system (if non-empty), then each turn with role `from`.lower()]:
+  '<|im_start|>{role}\\n{content}<|im_end|>\\n' per message. An empty `system` emits no system
+  block (SmolLM2's own template would then insert its default system prompt: put it in the
+  record to get it). Trained: the content and `<|im_end|>` of every turn whose `from` is not
+  the record's `mask` role; never the headers, the newline after `<|im_end|>` or the system
+  block. `type` and `label` are ignored (they are NeMo's SteerLM attribute line).
+
+  Special tokens are atomic, so each text between them is encoded on its own, as HF does. If
+  the header's newline merges with the content (a content starting with a newline or two
+  spaces, with SmolLM2's BPE), a warning is logged and the merged token stays masked.
+  """
+  system, convs, _, mask_role = _check_record(record)
+  if mask_role not in [t['from'] for t in convs]:
+    raise ValueError(f'chat record: mask role {mask_role!r} is not a speaker')
+  start, end = _special_id(tok, CHATML_START), _special_id(tok, CHATML_END)
+  newline = tok.encode('\n')
+  messages = [('system', system, False)] if system else []
+  messages += [(t['from'].lower(), t['value'], t['from'] != mask_role) for t in convs]
+  ids, keep = [], []
+  for role, content, trained in messages:
+    header = role + '\n'
+    header_ids, body = tok.encode(header), tok.encode(header + content)
+    n_header = len(header_ids)
+    if body[:n_header] != header_ids:
+      _log.warning('chatml: the %r header merges with its content into one token; that token '
+                   'is not trained', role)
+      # The fewest ids that cover the whole header (partial UTF-8 at the tail decodes to U+FFFD).
+      n_header = next((n for n in range(1, len(body) + 1)
+                       if tok.decode(body[:n]).startswith(header)), len(body))
+    ids += [start] + body + [end] + newline
+    keep += [False] * (1 + n_header) + [trained] * (len(body) - n_header + 1) + [False] * len(
+        newline)
+  if not any(keep):
+    raise ValueError('chat record: no token is trained')
+  return np.asarray(ids, np.int32), np.asarray(keep, bool)
+
+
+def generation_prompt(record: dict, tok, *, fmt: str) -> list[int]:
+  """Ids asking for the assistant's reply to `record` (a conversation that ends with the user):
+  its template up to and including the assistant turn's header."""
+  if fmt == 'chatml':  # the header ids of an empty assistant turn, less its <|im_end|>\n
+    ids, _ = encode_chatml(dict(record, conversations=[
+        *record['conversations'], {'from': 'Assistant', 'value': ''}]), tok)
+    return [int(i) for i in ids[:len(ids) - 1 - len(tok.encode('\n'))]]
+  if fmt == 'chat':  # NeMo's inference prompt: ... <extra_id_1>Assistant\n
+    t = ChatTokens()
+    return tok.encode(render(record).text.removesuffix(t.turn_start) + t.turn_start
+                      + 'Assistant' + t.end_of_name)
+  raise ValueError(f'generation_prompt: format {fmt!r} has no chat turns')
+
+
+def end_of_turn_id(tok, *, fmt: str) -> int | None:
+  """The id that ends a generated reply: <|im_end|> (chatml), NeMo's next-turn token
+  <extra_id_1> (chat, when the tokenizer has it as one token) or else EOS."""
+  if fmt == 'chatml':
+    return _special_id(tok, CHATML_END)
+  if fmt == 'chat':
+    ids = tok.encode(ChatTokens().turn_start)
+    if len(ids) == 1:
+      return ids[0]
+  return tok.eos_id
 
 
 def _truncate(ids: list[int], keep: int, method: str) -> list[int]:
@@ -286,10 +374,10 @@ def collate(examples: list[dict], pad_id: int, multiple: int = 8,
 
 def read_jsonl(path: str, tok, *, fmt: str = 'chat', max_seq_length: int | None,
                chat_tokens: ChatTokens = ChatTokens(), **plain_kwargs) -> list[dict]:
-  """Examples (tokens, labels, loss_mask, index) of a chat or plain JSONL file, in file order;
-  `index` counts records (blank lines are skipped). `plain_kwargs` go to `encode_plain`."""
-  if fmt not in ('chat', 'plain'):
-    raise ValueError(f'format {fmt!r}: expected chat or plain')
+  """Examples (tokens, labels, loss_mask, index) of a chat, chatml or plain JSONL file, in file
+  order; `index` counts records (blank lines are skipped). `plain_kwargs` go to `encode_plain`."""
+  if fmt not in FORMATS:
+    raise ValueError(f'format {fmt!r}: expected one of {", ".join(FORMATS)}')
   examples = []
   with open(path, encoding='utf-8') as f:
     for lineno, line in enumerate(f, 1):
@@ -299,6 +387,8 @@ def read_jsonl(path: str, tok, *, fmt: str = 'chat', max_seq_length: int | None,
         record = json.loads(line)
         if fmt == 'chat':
           ids, mask = encode_chat(record, tok, tokens=chat_tokens)
+        elif fmt == 'chatml':
+          ids, mask = encode_chatml(record, tok)
         else:
           ids, mask = encode_plain(record, tok, max_seq_length=max_seq_length, **plain_kwargs)
       except ValueError as e:  # json.JSONDecodeError is a ValueError too
