@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[test]'
 	touch $@
 
+# The demo: SmolLM2-135M-Instruct distilled into a pruned student on this machine's CPU/GPU.
 run: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m jkd.main --config configs/smoke.py
+	$(PY) -m jkd.main --config configs/demo.py
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

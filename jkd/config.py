@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from jkd import model
+from jkd.data import chat
 
 MODES = ('pipeline', 'convert', 'extract', 'train', 'export')
 
@@ -49,13 +50,17 @@ def validate(config) -> None:
   from jkd import sharding
   sharding.mesh_shape(mesh.shape, jax.device_count())
   if config.mode == 'pipeline':
-    model_config(config)
-    for key in ('batch_size', 'seq_len', 'steps'):
-      if config.pipeline[key] <= 0:
-        raise ValueError(f'pipeline.{key}={config.pipeline[key]}: must be positive')
-    if config.pipeline.seq_len > config.model.max_position_embeddings:
-      raise ValueError(f'pipeline.seq_len={config.pipeline.seq_len} exceeds '
-                       f'model.max_position_embeddings={config.model.max_position_embeddings}')
+    p = config.pipeline
+    if p.teacher == 'random':
+      model_config(config)
+    for key in ('student_layers', 'num_samples', 'max_new_tokens'):
+      if p[key] <= 0:
+        raise ValueError(f'pipeline.{key}={p[key]}: must be positive')
+    if p.calibration_examples < 0:
+      raise ValueError(f'pipeline.calibration_examples={p.calibration_examples}: must be >= 0')
+    _validate_extract(config)  # the stages it runs, before any of them starts
+    from jkd import train
+    train.validate_config(config)
   if config.mode == 'convert':
     for key in ('source', 'output'):
       if not config.convert[key]:
@@ -66,17 +71,7 @@ def validate(config) -> None:
         raise ValueError(f'extract.{key} is empty: set --config.extract.{key}=PATH')
     if not config.data.train_file and not config.data.validation_file:
       raise ValueError('data.train_file and data.validation_file are both empty')
-    if config.extract.examples_per_chunk < 0 or config.extract.chunk_index < 0:
-      raise ValueError('extract.examples_per_chunk and extract.chunk_index must be >= 0')
-    for key in ('top_k', 'batch_size', 'vocab_tile', 'min_bucket'):
-      if config.extract[key] <= 0:
-        raise ValueError(f'extract.{key}={config.extract[key]}: must be positive')
-    if config.data.format not in ('chat', 'plain'):
-      raise ValueError(f'data.format={config.data.format!r}: expected chat or plain')
-    for key, allowed in (('values_dtype', ('bfloat16', 'float32')),
-                         ('dtype', ('bfloat16', 'float32'))):
-      if config.extract[key] not in allowed:
-        raise ValueError(f'extract.{key}={config.extract[key]!r}: expected one of {allowed}')
+    _validate_extract(config)
   if config.mode == 'train':
     if not config.train.student:  # random init: the model comes from config.model
       model_config(config)
@@ -98,3 +93,19 @@ def validate(config) -> None:
       raise ValueError('export.nemo and export.hf are both empty: set at least one')
     if config.export.dtype not in ('bfloat16', 'float32'):
       raise ValueError(f'export.dtype={config.export.dtype!r}: expected bfloat16 or float32')
+
+
+def _validate_extract(config) -> None:
+  """mode=extract's settings, paths aside."""
+  if config.extract.examples_per_chunk < 0 or config.extract.chunk_index < 0:
+    raise ValueError('extract.examples_per_chunk and extract.chunk_index must be >= 0')
+  for key in ('top_k', 'batch_size', 'vocab_tile', 'min_bucket'):
+    if config.extract[key] <= 0:
+      raise ValueError(f'extract.{key}={config.extract[key]}: must be positive')
+  if config.data.format not in chat.FORMATS:
+    raise ValueError(f'data.format={config.data.format!r}: expected one of '
+                     f'{", ".join(chat.FORMATS)}')
+  for key, allowed in (('values_dtype', ('bfloat16', 'float32')),
+                       ('dtype', ('bfloat16', 'float32'))):
+    if config.extract[key] not in allowed:
+      raise ValueError(f'extract.{key}={config.extract[key]!r}: expected one of {allowed}')

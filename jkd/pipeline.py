@@ -1,68 +1,335 @@
-"""mode=pipeline: every stage that exists, end to end, on the configured model.
+"""mode=pipeline: the whole product end to end, on a real teacher (configs/demo.py).
 
-Today: initialise config.model sharded over the mesh, save it as a model directory, load it
-back into the same shardings, and time sharded forward passes. Later stages (convert,
-extract, train, eval, export) join this list as they land.
+    python -m jkd.main --config configs/demo.py          # SmolLM2-135M-Instruct, ~20 min on 2 cores
+    python -m jkd.main --config configs/demo.py:quick    # fewer examples and steps, ~5 min
+
+Stages, each timed, each skipped when its output is already in `workdir` (and saying so):
+  1. teacher    the teacher as a model directory (SmolLM2 GGUF from PyPI, a random config.model,
+                or any .gguf / .nemo / model directory), exported to `teacher.nemo`
+                (Megatron-Core layout) and imported back: the demo runs the real `.nemo` path
+  2. data       a chat corpus (chatterbot-corpus from PyPI) -> `data/{train,val}.jsonl`
+  3. student    the teacher pruned in depth (block importance on train examples), through
+                `student_init.nemo` and back
+  4. extract    the teacher's top-K of every train and validation token -> `store/`
+  5. train      two students from the same init, same data order and steps: KD + SFT
+                (`kd/`, the distill.* weights) and SFT only (`sft/`); each exported to .nemo and HF
+  6. evaluate   teacher, initial student and both students on the validation split
+  7. generate   greedy replies of the teacher and both students to validation prompts
+  8. report     `report.md` + `val_ce.png` (+ `results.json`, every number of the report)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 
 import jax
-import numpy as np
-import optax
-from absl import logging
 from tqdm import tqdm
 
+from jkd import assets, convert, evaluate, export, model, prune, report, tokenizer
 from jkd import config as jkd_config
-from jkd import model, sharding
+from jkd.data import chat, oasst
+
+RUNS = tuple(report.RUNS.items())  # (run dir name, label): ('kd', 'KD + SFT'), ('sft', ...)
 
 
-def run(config) -> dict[str, float]:
-  mesh_cfg = jkd_config.mesh_config(config)
-  cfg = jkd_config.model_config(config)
-  mesh = sharding.make_mesh(mesh_cfg.axes, mesh_cfg.shape)
-  logging.info('mesh %s', dict(mesh.shape))
-  timings = {}
+class _Stages:
+  """Runs the stages in order, timing each, and records the finished ones in stages.json.
 
-  # Stage 1: sharded init -> model directory -> sharded load.
-  t0 = time.perf_counter()
-  rng = jax.random.key(config.seed)
-  shardings = sharding.shardings_for(lambda: model.init(cfg, rng, boxed=True), mesh,
-                                     mesh_cfg.rules)
-  params = jax.jit(lambda r: model.init(cfg, r), out_shardings=shardings)(rng)
-  model_dir = os.path.join(config.workdir, 'model')
-  model.save(model_dir, cfg, params)
-  cfg, params = model.load(model_dir, shardings)
-  timings['init_save_load_s'] = time.perf_counter() - t0
-  print(f'[pipeline] model: {sum(x.size for x in jax.tree.leaves(params)):,} params '
-        f'-> {model_dir}')
+  A stage is cached when the record says it finished with the same settings (its own and
+  every earlier stage's: what depends on a changed setting is redone) and its outputs exist.
+  Finished outputs made with other settings are an error naming the keys and the outputs to
+  delete: the pipeline never writes over finished files. Stages without files just rerun.
+  """
 
-  # Stage 2: sharded forward, timed; next-token CE on random tokens is ~ln(V) at init.
-  b, t = config.pipeline.batch_size, config.pipeline.seq_len
-  with sharding.activate(mesh, mesh_cfg.rules):
-    @jax.jit
-    def next_token_ce(params, tokens_BxT):
-      logits_BxTxV = model.forward(cfg, params, tokens_BxT)
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits_BxTxV[:, :-1], tokens_BxT[:, 1:]).mean()
+  def __init__(self, workdir: str):
+    self.file = os.path.join(workdir, 'stages.json')
+    self.record = {}
+    if os.path.isfile(self.file):
+      with open(self.file, encoding='utf-8') as f:
+        self.record = json.load(f)
+    self.settings: dict = {}
+    self.timings: list[dict] = []
 
-    data_rng = np.random.default_rng(config.seed)
-    batch_sharding = sharding.batch_sharding(mesh, mesh_cfg.rules)
-    ces = []
-    for step in tqdm(range(config.pipeline.steps + 1), desc='forward', unit='batch'):
-      tokens = jax.device_put(data_rng.integers(0, cfg.vocab_size, (b, t), np.int32),
-                              batch_sharding)
-      if step == 1:  # step 0 includes the compile
-        t0 = time.perf_counter()
-      ces.append(float(next_token_ce(params, tokens)))
-  elapsed = time.perf_counter() - t0
-  timings['forward_tokens_per_s'] = config.pipeline.steps * b * t / elapsed
-  ce = float(np.mean(ces))
-  print(f'[pipeline] forward: mean next-token CE {ce:.4f} (ln V = {np.log(cfg.vocab_size):.4f}), '
-        f'{timings["forward_tokens_per_s"]:,.0f} tokens/s')
-  if not np.isfinite(ce):
-    raise ValueError(f'forward produced a non-finite loss {ce}')
-  return {'ce': ce, **timings}
+  def __call__(self, name: str, fn, *, settings: dict | None = None, outputs=(), home=None):
+    """`outputs` exist once the stage finished; `home` (default: outputs) is what to delete
+    to redo it."""
+    self.settings.update(settings or {})
+    key = json.loads(json.dumps(self.settings, sort_keys=True, default=str))
+    done = self.record.get(name)
+    if done is not None and all(os.path.exists(o) for o in outputs):
+      if done['settings'] == key:
+        print(f'[pipeline] {name}: cached ({", ".join(outputs) or self.file})')
+        self.timings.append({'stage': name, 'seconds': 0.0, 'cached': True})
+        return done.get('result')
+      if outputs:  # never overwrite a finished stage's files made with other settings
+        diff = ', '.join(f'{k}: {done["settings"].get(k)!r} -> {key.get(k)!r}'
+                         for k in sorted(set(key) | set(done['settings']))
+                         if key.get(k) != done['settings'].get(k))
+        raise ValueError(f'stage {name!r} finished in {os.path.dirname(self.file)} with other '
+                         f'settings ({diff}); delete {home or " and ".join(outputs)} to redo '
+                         'it, or '
+                         'use another workdir')
+    print(f'[pipeline] {name} ...')
+    t0 = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - t0
+    print(f'[pipeline] {name}: {seconds:.1f}s')
+    self.timings.append({'stage': name, 'seconds': seconds, 'cached': False})
+    self.record[name] = {'settings': key, 'seconds': seconds,
+                         'result': result if isinstance(result, dict) else None}
+    with open(self.file + '.tmp', 'w', encoding='utf-8') as f:
+      json.dump(self.record, f, indent=1)
+    os.replace(self.file + '.tmp', self.file)
+    return result
+
+
+def _flat(config, *keys: str) -> dict:
+  """{'section.key': value} of whole sections ('train') or single keys ('data.format')."""
+  out = {}
+  for key in keys:
+    value = config[key] if '.' not in key else config[key.split('.')[0]][key.split('.')[1]]
+    if hasattr(value, 'to_dict'):
+      out.update({f'{key}.{k}': v for k, v in value.to_dict().items()})
+    else:
+      out[key] = value
+  return out
+
+
+def _is_model_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, model.CONFIG_FILE))
+
+
+def _through_nemo(stages: _Stages, name: str, src_dir: str, nemo_path: str, dst_dir: str,
+                  dtype: str) -> None:
+  """model dir -> .nemo (Megatron-Core torch_dist) -> model dir: the real .nemo import path."""
+  stages(f'{name}: export .nemo', lambda: export.export(src_dir, nemo=nemo_path, dtype=dtype),
+         settings={'export.dtype': dtype}, outputs=[nemo_path])
+  stages(f'{name}: import .nemo', lambda: convert.convert(nemo_path, dst_dir),
+         outputs=[os.path.join(dst_dir, model.CONFIG_FILE)])
+
+
+def _random_teacher(config, out_dir: str) -> None:
+  """config.model with random weights and SmolLM2's tokenizer (tests and the smoke run)."""
+  tok = tokenizer.from_gguf(assets.smollm2_gguf())
+  cfg = dataclasses.replace(jkd_config.model_config(config), vocab_size=tok.vocab_size,
+                            padded_vocab_size=None)
+  model.save(out_dir, cfg, model.init(cfg, jax.random.key(config.seed)))
+  tokenizer.save(tok, out_dir)
+
+
+def _teacher_source(config, out_dir: str) -> None:
+  src = config.pipeline.teacher
+  if src == 'random':
+    return _random_teacher(config, out_dir)
+  path = assets.smollm2_gguf() if src == 'smollm2' else src
+  convert.convert(path, out_dir)
+
+
+def _data(config, out_dir: str) -> None:
+  p = config.pipeline
+  corpus = assets.chatterbot_english() if p.corpus == 'chatterbot' else p.corpus
+  tmp = out_dir + '.partial'
+  oasst.convert_chatterbot(corpus, tmp, system=p.system_prompt)
+  for split, limit in (('train', p.max_train_examples), ('val', p.max_val_examples)):
+    path = os.path.join(tmp, f'{split}.jsonl')
+    with open(path, encoding='utf-8') as f:
+      lines = [line for line in f if line.strip()]
+    if limit >= 0:
+      lines = lines[:limit]
+    with open(path, 'w', encoding='utf-8') as f:
+      f.writelines(lines)
+    print(f'[pipeline] data: {split}: {len(lines)} conversations')
+  os.replace(tmp, out_dir)  # the directory appears complete or not at all
+
+
+def _calibration(config, teacher_dir: str, train_file: str):
+  """Token and mask rows of the first train examples (block importance of the layers)."""
+  n = config.pipeline.calibration_examples
+  if n <= 0:
+    return None, None
+  tok = tokenizer.load(teacher_dir)
+  examples = chat.read_jsonl(train_file, tok, fmt=config.data.format,
+                             max_seq_length=config.data.max_seq_length)[:n]
+  batch = chat.collate(examples, pad_id=tok.eos_id or 0)
+  return batch['tokens'], batch['loss_mask']
+
+
+def _sub(config, **sections):
+  """A copy of the config with some keys changed: _sub(c, train={'lr': 1e-4})."""
+  c = config.copy_and_resolve_references()
+  for section, values in sections.items():
+    for key, value in values.items():
+      if section == '':
+        c[key] = value
+      else:
+        c[section][key] = value
+  return c
+
+
+def _run_dirs(wd: str, run: str) -> dict[str, str]:
+  d = os.path.join(wd, run)
+  return {'workdir': d, 'model': os.path.join(d, 'student'),
+          'nemo': os.path.join(d, 'student.nemo'), 'hf': os.path.join(d, 'student_hf')}
+
+
+def _train_config(config, wd: str, run: str, student: str, store: str):
+  dirs = _run_dirs(wd, run)
+  distill = {} if run == 'kd' else {'kd_loss_weight': 0.0,
+                                    'sft_loss_weight': config.pipeline.sft_only_weight}
+  return _sub(config, **{'': {'mode': 'train', 'workdir': dirs['workdir']},
+                         'train': {'student': student, 'store': store,
+                                   'export_nemo': dirs['nemo'], 'export_hf': dirs['hf']},
+                         'distill': distill})
+
+
+def _count(jsonl: str) -> int:
+  with open(jsonl, encoding='utf-8') as f:
+    return sum(1 for line in f if line.strip())
+
+
+def _val_curve(workdir: str, init_ce: float) -> tuple[list[int], list[float]]:
+  """(steps, val CE) from a run's metrics.jsonl, from (0, init_ce); a step logged twice (a
+  resumed run) keeps its last value."""
+  by_step = {0: init_ce}
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    for line in f:
+      row = json.loads(line)
+      if 'val/sft_loss' in row:
+        by_step[row['step']] = row['val/sft_loss']
+  steps = sorted(by_step)
+  return steps, [by_step[s] for s in steps]
+
+
+def _evaluate(config, store: str, model_dir: str, name: str) -> dict[str, float]:
+  from jkd.data import loader
+  cfg, params = model.load(model_dir)
+  cfg = dataclasses.replace(cfg, dtype='float32')
+  batches = loader.make_loader(
+      store, 'validation', batch_size=config.train.global_batch_size, seed=0, shuffle=False,
+      num_epochs=1, max_seq_length=config.data.max_seq_length, pad_id=0, pack=config.train.pack,
+      pad_to_max=config.train.pad_to_max_length)
+  bar = tqdm(batches, desc=f'evaluate {name}', unit='batch')
+  return evaluate.evaluate(cfg, params, bar)
+
+
+def _prompts(config, val_file: str, tok) -> list[tuple[str, list[int]]]:
+  """(user text, prompt ids) of the first user turns of the first validation records."""
+  out = []
+  with open(val_file, encoding='utf-8') as f:
+    for line in f:
+      if len(out) == config.pipeline.num_samples:
+        break
+      record = json.loads(line)
+      first = record['conversations'][0]
+      record = dict(record, conversations=[first])
+      out.append((first['value'], chat.generation_prompt(record, tok, fmt=config.data.format)))
+  return out
+
+
+def _generate(config, prompts, model_dirs: dict[str, str], eos_id) -> dict[str, list[str]]:
+  replies = {}
+  for name, directory in model_dirs.items():
+    cfg, params = model.load(directory)
+    tok = tokenizer.load(directory)
+    replies[name] = [
+        tok.decode(evaluate.generate(cfg, params, ids, eos_id=eos_id,
+                                     max_new_tokens=config.pipeline.max_new_tokens))
+        for _, ids in tqdm(prompts, desc=f'generate {name}', unit='reply')]
+  return replies
+
+
+def run(config) -> dict:
+  p, wd = config.pipeline, os.path.abspath(config.workdir)
+  os.makedirs(wd, exist_ok=True)
+  stages = _Stages(wd)
+  t_start = time.perf_counter()
+  path = lambda *a: os.path.join(wd, *a)  # noqa: E731
+
+  # 1. Teacher: source -> model dir -> teacher.nemo -> model dir.
+  stages('teacher: import', lambda: _teacher_source(config, path('teacher_source')),
+         settings=_flat(config, 'pipeline.teacher', 'seed',
+                        *(['model'] if p.teacher == 'random' else [])),
+         outputs=[path('teacher_source', model.CONFIG_FILE)])
+  teacher = path('teacher')
+  _through_nemo(stages, 'teacher', path('teacher_source'), path('teacher.nemo'), teacher,
+                config.export.dtype)
+
+  # 2. Data.
+  train_file, val_file = path('data', 'train.jsonl'), path('data', 'val.jsonl')
+  stages('data', lambda: _data(config, path('data')),
+         settings=_flat(config, 'pipeline.corpus', 'pipeline.system_prompt',
+                        'pipeline.max_train_examples', 'pipeline.max_val_examples'),
+         outputs=[train_file, val_file])
+
+  # 3. Student: the teacher pruned in depth -> student_init.nemo -> model dir.
+  def make_student():
+    tokens, mask = _calibration(config, teacher, train_file)
+    return prune.prune_model_dir(teacher, path('student_pruned'), num_layers=p.student_layers,
+                                 calibration_tokens_BxT=tokens, loss_mask_BxT=mask)
+  pruned = stages('student: prune', make_student,
+                  settings=_flat(config, 'pipeline.student_layers',
+                                 'pipeline.calibration_examples', 'data'),
+                  outputs=[path('student_pruned', model.CONFIG_FILE)]) or {}
+  student = path('student_init')
+  _through_nemo(stages, 'student', path('student_pruned'), path('student_init.nemo'), student,
+                config.export.dtype)
+
+  # 4. Teacher top-K -> logit store (resumable: a rerun computes only missing examples).
+  from jkd import extract
+  ext = _sub(config, **{'': {'mode': 'extract'},
+                        'extract': {'teacher': teacher, 'output': path('store')},
+                        'data': {'train_file': train_file, 'validation_file': val_file}})
+  stages('extract', lambda: extract.run(ext), settings=_flat(config, 'extract'),
+         outputs=[path('store', 'train'), path('store', 'validation')])
+
+  # 5. Two students, same init / data order / steps.
+  from jkd import train_loop
+  for run_name, label in RUNS:
+    dirs = _run_dirs(wd, run_name)
+    stages(f'train: {label}',
+           lambda r=run_name: train_loop.run(_train_config(config, wd, r, student, path('store'))),
+           settings=_flat(config, 'train', 'distill', 'mesh', 'pipeline.sft_only_weight'),
+           outputs=[dirs['nemo'], os.path.join(dirs['hf'], 'config.json')], home=dirs['workdir'])
+
+  # 6. Evaluation on the validation split.
+  models = {'teacher': teacher, 'init': student, **{r: _run_dirs(wd, r)['model'] for r, _ in RUNS}}
+  metrics = stages('evaluate', lambda: {name: _evaluate(config, path('store'), d, name)
+                                        for name, d in models.items()})
+
+  # 7. Replies to the same prompts.
+  tok = tokenizer.load(teacher)
+  prompts = _prompts(config, val_file, tok)
+  replies = stages('generate', lambda: _generate(
+      config, prompts, {'teacher': teacher, **{r: _run_dirs(wd, r)['model'] for r, _ in RUNS}},
+      chat.end_of_turn_id(tok, fmt=config.data.format)),
+      settings=_flat(config, 'pipeline.num_samples', 'pipeline.max_new_tokens'))
+
+  # 8. Report: both curves start at the shared init (step 0).
+  t_cfg, s_cfg = model.load_config(teacher), model.load_config(student)
+  curves = {r: _val_curve(_run_dirs(wd, r)['workdir'], metrics['init']['ce']) for r, _ in RUNS}
+  how = 'by block importance' if pruned.get('importance') else 'evenly spaced'
+  results = report.Results(
+      teacher=f'{p.teacher} ({t_cfg.num_layers} layers, hidden {t_cfg.hidden_size}, vocab '
+              f'{t_cfg.vocab_size}), imported from teacher.nemo',
+      student=f'{s_cfg.num_layers} of the teacher\'s layers, {pruned.get("keep")} ({how}), '
+              'imported from student_init.nemo',
+      data=f'{p.corpus}: {_count(train_file)} train / {_count(val_file)} validation '
+           'conversations, '
+           f'{config.data.format} template, top-{config.extract.top_k} teacher logits',
+      steps=curves['kd'][0][-1], val=curves,
+      metrics=metrics,
+      samples=[{'prompt': text, **{name: replies[name][i] for name in replies}}
+               for i, (text, _) in enumerate(prompts)],
+      timings=[(t['stage'], t['seconds'], t['cached']) for t in stages.timings],
+      artifacts={'teacher .nemo': path('teacher.nemo'),
+                 'student init .nemo': path('student_init.nemo'), 'logit store': path('store'),
+                 **{f'{label} {kind}': _run_dirs(wd, r)[key] for r, label in RUNS
+                    for kind, key in (('.nemo', 'nemo'), ('HF', 'hf'))}})
+  report.write_report(path('report.md'), results)
+  with open(path('results.json'), 'w', encoding='utf-8') as f:
+    json.dump(dataclasses.asdict(results), f, indent=1)
+  print(f'[pipeline] report: {path("report.md")} ({time.perf_counter() - t_start:.0f}s in all)')
+  return results

@@ -1,0 +1,91 @@
+"""mode=pipeline end to end on the smoke config (tiny random teacher and student, 12 steps):
+every artifact the report names exists and is well formed; a rerun reuses every stage; a
+finished workdir with other settings is refused."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+
+from jkd import model, report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(workdir, *overrides, timeout=600):
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  return subprocess.run(
+      [sys.executable, '-m', 'jkd.main', '--config', 'configs/smoke.py',
+       f'--config.workdir={workdir}', *overrides], cwd=REPO, env=env, capture_output=True,
+      text=True, timeout=timeout)
+
+
+def test_smoke_pipeline_end_to_end(tmp_path):
+  """One test (the stages depend on each other): run, check, rerun, refuse other settings."""
+  workdir = tmp_path
+  proc = _run(workdir)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert 'mode=pipeline process 0/1, 8 cpu devices' in proc.stdout
+  _check_artifacts(workdir)
+  _check_results(workdir)
+  _check_rerun_is_cached(workdir)
+  _check_other_settings_refused(workdir)
+
+
+def _check_artifacts(workdir):
+  artifacts = report.check_report(str(workdir / 'report.md'))
+  assert len(artifacts) >= 7
+  for path in artifacts:
+    assert os.path.exists(path), path
+    if path.endswith('.nemo'):
+      with tarfile.open(path) as tar:  # a real .nemo: config + Megatron-Core weights
+        names = tar.getnames()
+      assert any(n.endswith('model_config.yaml') for n in names), names
+      assert any(n.endswith('.metadata') for n in names), names
+    elif path.endswith('_hf'):
+      assert os.path.isfile(os.path.join(path, 'config.json'))
+      assert any(n.endswith('.safetensors') for n in os.listdir(path))
+  with open(workdir / 'val_ce.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  text = (workdir / 'report.md').read_text()
+  assert '![validation CE](val_ce.png)' in text
+
+
+def _check_results(workdir):
+  results = json.loads((workdir / 'results.json').read_text())
+  teacher_cfg = model.load_config(str(workdir / 'teacher'))
+  student_cfg = model.load_config(str(workdir / 'student_init'))
+  assert (teacher_cfg.num_layers, student_cfg.num_layers) == (4, 2)
+  init_ce = results['metrics']['init']['ce']
+  for run in ('kd', 'sft'):
+    steps, ces = results['val'][run]
+    assert steps == [0, 4, 8, 12] and ces[0] == init_ce and all(np.isfinite(ces))
+    m = results['metrics'][run]
+    assert set(m) >= {'ce', 'perplexity', 'agreement', 'kl_topk', 'ece'}
+    assert np.isclose(m['perplexity'], np.exp(m['ce']))
+    assert ces[-1] != init_ce  # the students trained
+  assert len(results['samples']) == 2
+  assert all(set(s) == {'prompt', 'teacher', 'kd', 'sft'} for s in results['samples'])
+  stages = [stage for stage, _, _ in results['timings']]
+  assert stages[0] == 'teacher: import' and 'extract' in stages and stages[-1] == 'generate'
+
+
+def _check_rerun_is_cached(workdir):
+  before = (workdir / 'results.json').read_text()
+  proc = _run(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cached = [line for line in proc.stdout.splitlines() if line.endswith(')') and ': cached (' in line]
+  results = json.loads((workdir / 'results.json').read_text())
+  assert len(cached) == len(results['timings']), proc.stdout
+  assert all(cached for _, _, cached in results['timings'])
+  assert json.loads(before)['metrics'] == results['metrics']
+
+
+def _check_other_settings_refused(workdir):
+  proc = _run(workdir, '--config.train.lr=0.5')
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('jkd: error:') and 'train.lr: 0.0002 -> 0.5' in last and f'delete {workdir}/kd to redo' in last, proc.stderr[-2000:]
