@@ -33,6 +33,20 @@ def get_config(arg=None):
   c.seed = 0  # PRNG seed for initialisation and data order
   c.workdir = '/tmp/jkd/run'  # run directory: models, stores, checkpoints, reports land here
 
+  # Several processes (one per host) on JAX's own runtime, jax.distributed.initialize
+  # (docs/multihost.md). Every process runs the same command; the mesh spans all their devices,
+  # each process feeds the batch rows of its devices, process 0 writes metrics, each process
+  # writes its own part of the logit store. Unset keys fall back to the environment variables
+  # scripts/gcp/launch.sh and scripts/slurm/run_jkd.sh set; nothing set = one process.
+  c.distributed = ConfigDict()
+  c.distributed.coordinator_address = ''  # HOST:PORT of process 0; '' = $JAX_COORDINATOR_ADDRESS
+  c.distributed.num_processes = -1  # processes in the run; -1 = $JAX_NUM_PROCESSES
+  c.distributed.process_id = -1  # this process, 0..num_processes-1; -1 = $JAX_PROCESS_ID
+  c.distributed.local_device_ids = ''  # e.g. '0,1,2,3': devices this process uses;
+  #   '' = $JAX_LOCAL_DEVICE_IDS, else all of the host's
+  c.distributed.auto = False  # True: JAX detects the unset values (Cloud TPU, Slurm, Open MPI)
+  c.distributed.initialization_timeout = 300  # seconds to wait for every process to join
+
   c.mesh = ConfigDict()
   c.mesh.axes = ('data', 'fsdp', 'tensor')  # mesh axis names (fixed by the design)
   c.mesh.shape = (1, -1, 1)  # devices per axis; one -1 takes the remaining devices

@@ -45,6 +45,8 @@ def validate(config) -> None:
   """Checks the whole config up front; raises ValueError naming the key."""
   if config.mode not in MODES:
     raise ValueError(f'mode={config.mode!r}: unknown; expected one of {MODES}')
+  from jkd import distributed
+  distributed.settings(config)  # jkd.main has initialized from it already; checks the keys
   mesh = mesh_config(config)
   import jax  # deferred: the backend starts only once the config is known to be sane
   from jkd import sharding

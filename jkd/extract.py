@@ -129,6 +129,37 @@ def topk_fn(cfg: model.ModelConfig, mesh, rules, *, k: int, vocab_tile: int):
   return fn
 
 
+def owned_rows(arrays, n_rows: int) -> list[dict[int, np.ndarray]]:
+  """Rows [0, n_rows) of batch-sharded global arrays that this process writes, as
+  [{row: numpy row}] per array. Each row goes to the lowest-numbered process holding it (rows
+  are replicated over the mesh axes the batch is not split over), so over all processes every
+  row is written exactly once, from this process's own shards: nothing crosses hosts."""
+  owner = {}
+  placement = arrays[0].sharding.devices_indices_map(arrays[0].shape)
+  for device, index in sorted(placement.items(), key=lambda d: (d[0].process_index, d[0].id)):
+    for r in range(*index[0].indices(arrays[0].shape[0])):
+      owner.setdefault(r, device.process_index)
+  me = jax.process_index()
+  mine = [r for r in range(n_rows) if owner[r] == me]
+  out = []
+  for array in arrays:
+    rows = {}
+    for shard in array.addressable_shards:
+      start = shard.index[0].indices(array.shape[0])[0]
+      needed = [r for r in mine if r not in rows and start <= r < start + shard.data.shape[0]]
+      if needed:
+        data = np.asarray(shard.data)
+        rows.update({r: data[r - start] for r in needed})
+    out.append(rows)
+  return out
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def bucket_length(n: int, min_bucket: int, max_len: int) -> int:
   """Smallest power-of-two multiple of min_bucket >= n, capped at max_len."""
   size = min_bucket
@@ -187,6 +218,7 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
                                tokenizer_fingerprint=tok.fingerprint if tok else '',
                                masked_only=s.masked_only, codec=s.codec)
   writer = logit_store.Writer(s.output, split=split, meta=meta)
+  _barrier(f'extract {split}: writers open')  # every process plans from the same committed set
   todo = {e['index']: len(e['tokens']) for e in examples
           if s.start_idx <= e['index'] <= last and e['index'] not in writer.committed}
   by_index = {e['index']: e for e in examples}
@@ -194,26 +226,31 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
   rows = sharding.batch_sharding(mesh, rules)
   n_rows = s.batch_size  # a partial last batch is padded with token-0 rows, never stored
   tokens_done, t0 = 0, time.perf_counter()
-  bar = tqdm(total=len(todo), desc=f'extract {split}', unit='ex')
+  bar = tqdm(total=len(todo), desc=f'extract {split}', unit='ex',
+             disable=jax.process_index() != 0)
   for length, indices in plan_batches(todo, s.batch_size, s.min_bucket, s.max_seq_length):
     tokens_BxT = np.zeros((n_rows, length), np.int32)  # padding rows and columns: token 0
     for r, index in enumerate(indices):
       tokens_BxT[r, :todo[index]] = by_index[index]['tokens']
-    ids, vals, lse = jax.device_get(fn(params, jax.device_put(tokens_BxT, rows)))
+    out = fn(params, jax.make_array_from_callback(tokens_BxT.shape, rows,
+                                                  lambda i: tokens_BxT[i]))
+    ids, vals, lse = owned_rows(out, len(indices))
     records = []
-    for r, index in enumerate(indices):
+    for r in sorted(ids):
+      index = indices[r]
       e, n = by_index[index], todo[index]
       records.append(logit_store.Record(
           index=index, tokens=np.asarray(e['tokens'], np.int32),
           labels=np.asarray(e['labels'], np.int32),
-          loss_mask=np.asarray(e['loss_mask'], np.uint8), topk_ids=ids[r, :n],
-          topk_logits=vals[r, :n], lse=lse[r, :n]))
-    writer.write_block(records)
+          loss_mask=np.asarray(e['loss_mask'], np.uint8), topk_ids=ids[r][:n],
+          topk_logits=vals[r][:n], lse=lse[r][:n]))
+    writer.write_block(records)  # this process's rows: one block in its own manifest
     tokens_done += sum(todo[i] for i in indices)
     bar.update(len(indices))
     bar.set_postfix(tokens_per_s=f'{tokens_done / (time.perf_counter() - t0):,.0f}')
   bar.close()
   writer.close()
+  _barrier(f'extract {split}: done')  # the split is complete when any process returns
   return len(todo)
 
 

@@ -1,6 +1,7 @@
 """Entry point: python -m jkd.main --config configs/X.py[:arg] [--config.a.b=value ...]
 
-Parses flags, logs the process and its devices, validates the config and dispatches on
+Parses flags, joins the other processes of a multi-process run (jkd.distributed, before the
+backend starts), logs the process and its devices, validates the config and dispatches on
 `config.mode`. Expected errors (bad config, bad input files) end with one line naming the
 key or file and a non-zero exit; set JKD_TRACEBACK=1 to see the full traceback instead.
 """
@@ -13,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jkd import config as jkd_config
+from jkd import distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                           lock_config=True)
@@ -31,6 +33,7 @@ def main(argv):
   if config is None:
     raise app.UsageError('--config is required, e.g. --config configs/smoke.py')
   try:
+    distributed.initialize(config)  # before anything starts the backend (validate does)
     jkd_config.validate(config)
     import jax
     print(f'[jkd] mode={config.mode} process {jax.process_index()}/{jax.process_count()}, '

@@ -61,7 +61,20 @@ def test_each_epoch_is_reshuffled(store):
 def test_shards_cover_every_example_once(store, count):
   ids = [_ids(_loader(store, shard_index=i, shard_count=count)) for i in range(count)]
   assert sorted(sum(ids, [])) == list(range(N))
-  assert max(map(len, ids)) - min(map(len, ids)) <= 1
+  assert max(map(len, ids)) - min(map(len, ids)) <= 4  # a last partial global batch of 4s
+
+
+@pytest.mark.parametrize('count', [2, 4])
+def test_global_batches_do_not_depend_on_the_process_count(store, count):
+  """Shard i's j-th batch is rows i*B.. of the one-process run's j-th batch of count*B rows
+  (what N processes feeding the devices of one global array need to equal one process), over
+  two epochs; with drop_remainder every shard has as many batches."""
+  kw = dict(num_epochs=2, seed=5, drop_remainder=True)
+  whole = [_ids([b]) for b in _loader(store, batch_size=2 * count, **kw)]
+  parts = [[_ids([b]) for b in _loader(store, batch_size=2, shard_index=i, shard_count=count,
+                                       **kw)] for i in range(count)]
+  assert {len(p) for p in parts} == {len(whole)} and len(whole) == 2 * N // (2 * count)
+  assert [sum((p[j] for p in parts), []) for j in range(len(whole))] == whole
 
 
 def test_default_shard_is_the_jax_process(store):

@@ -68,6 +68,34 @@ class ExamplesSource(grain.sources.RandomAccessDataSource):
     return f'ExamplesSource({self._name!r}, n={len(self)})'
 
 
+class _ProcessRows(grain.MapDataset):
+  """Shard `index` of `count`: its `rows` elements of every `rows * count` of the stream.
+
+  With `rows` = the per-process batch size, global batch j (elements j*G ... j*G + G - 1 of the
+  shuffled stream, G = rows * count) is the same examples for any process count, and process p
+  holds its rows p*rows ... (p+1)*rows - 1: the rows of its devices in a batch-sharded global
+  array. `full_only` drops a last partial global batch, so every process sees as many batches.
+  """
+
+  def __init__(self, parent, rows: int, index: int, count: int, full_only: bool):
+    super().__init__(parent)
+    self._rows, self._index, self._count = rows, index, count
+    full, rest = divmod(len(parent), rows * count)
+    self._len = full * rows + (0 if full_only else min(max(rest - index * rows, 0), rows))
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return self.slice(i)
+    group, r = divmod(i, self._rows)
+    return self._parent[(group * self._count + self._index) * self._rows + r]
+
+  def __str__(self) -> str:
+    return f'_ProcessRows(rows={self._rows}, index={self._index}, count={self._count})'
+
+
 @dataclasses.dataclass(frozen=True)
 class _Truncate(grain.transforms.Map):
   """Right-truncation to max_seq_length and NeMo's load-time `top_k` (first K' of K)."""
@@ -148,10 +176,12 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
                 validate: bool = True, source=None) -> grain.DatasetIterator:
   """A checkpointable iterator of KD batches (see the module docstring for their layout).
 
-  Shards by JAX process by default (shard i takes examples i, i + n, ...; every example lands in
-  exactly one shard); shuffles per epoch with `seed` (a different order each epoch, same for the
-  same seed); `num_epochs=None` repeats forever. `pack=True` packs several examples per row
-  first-fit, `batch_size` rows per batch. `worker_count` > 0 reads in that many spawned
+  Shards by JAX process by default: the stream (shuffled per epoch with `seed`: a different
+  order each epoch, the same for the same seed) is cut into global batches of
+  `batch_size * shard_count` examples and shard i reads its `batch_size` consecutive rows of
+  each, so a global batch holds the same examples whatever the number of processes (every
+  example lands in exactly one shard). `num_epochs=None` repeats forever. `pack=True` packs
+  several examples per row first-fit, `batch_size` rows per batch. `worker_count` > 0 reads in that many spawned
   processes. The iterator's `get_state()` / `set_state()` resume exactly (same worker_count).
   `source` replaces the store split (e.g. an `ExamplesSource` for online distillation; its
   batches carry only its fields plus segment_ids and positions).
@@ -175,11 +205,13 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
   if len(source) < shard_count:
     raise ValueError(f'make_loader: {len(source)} examples in {root}/{split} for {shard_count} shards')
 
-  ds = grain.MapDataset.source(source)[shard_index::shard_count]
+  ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed % 2**32)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
+  if shard_count > 1:
+    ds = _ProcessRows(ds, batch_size, shard_index, shard_count, full_only=drop_remainder)
   ds = ds.map(_Truncate(max_seq_length, top_k, fields))
   if not pack:
     ds = ds.batch(batch_size, drop_remainder=drop_remainder,

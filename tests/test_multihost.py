@@ -1,0 +1,143 @@
+"""Several processes on JAX's own runtime (jax.distributed) equal one process with as many
+devices: training (the same per-step losses) and extraction (the same store contents); and
+the `distributed` config keys resolve as documented.
+
+Each equivalence launches the CLI as 2 processes of 4 CPU devices, joined through a
+coordinator on 127.0.0.1 (gloo collectives between them), and as 1 process of 8 devices.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import base
+from jkd import distributed
+from tests import test_extract as te
+from tests import test_train_loop as tt
+
+store = tt.store  # the smoke store (module fixture), extracted by one 8-device process
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _run_processes(cmd, n: int, timeout: float = 900) -> list[str]:
+  """Runs `cmd` as n processes of 8 / n CPU devices each; asserts that all exit 0; returns
+  their outputs."""
+  address = f'127.0.0.1:{_free_port()}'
+  procs, outputs = [], []
+  try:
+    for i in range(n):
+      env = {k: v for k, v in os.environ.items() if k not in distributed.ENV.values()}
+      env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={8 // n}')
+      if n > 1:
+        env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(n),
+                   JAX_PROCESS_ID=str(i))
+      procs.append(subprocess.Popen(cmd, cwd=tt.REPO, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:  # a failed or hung peer must not outlive the test
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  failed = [(i, p.returncode, out) for i, (p, out) in enumerate(zip(procs, outputs))
+            if p.returncode != 0]
+  assert not failed, '\n'.join(f'--- process {i} of {n}: exit {rc}\n{out[-3000:]}'
+                               for i, rc, out in failed)
+  if n > 1:
+    assert f'process 1/{n}, 8 cpu devices' in outputs[1], outputs[1][-2000:]
+  return outputs
+
+
+def test_two_processes_train_as_one_process_of_eight_devices(store, tmp_path):
+  """(1, 8, 1) mesh, FSDP across the two processes: the same losses, gradient norms and
+  validation loss at every step (metrics.jsonl, written by process 0 only), checkpoints too."""
+  args = ('--config.train.max_steps=4', '--config.train.val_check_interval=2',
+          '--config.train.save_interval=2', '--config.train.limit_val_batches=2')
+  _run_processes(tt._train_cli(store, tmp_path / 'one', *args), 1)
+  _run_processes(tt._train_cli(store, tmp_path / 'two', *args), 2)
+  a, b = tt._metrics(tmp_path / 'one'), tt._metrics(tmp_path / 'two')
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+  for step in a:
+    keys = ['train/loss', 'train/kd_loss', 'train/sft_loss', 'train/grad_norm']
+    keys += ['val/loss'] if step % 2 == 0 else []
+    for key in keys:
+      assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
+  assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == ['2', '4']
+
+
+def _config(**kw):
+  c = base.get_config()
+  for k, v in kw.items():
+    c.distributed[k] = v
+  return c
+
+
+def test_distributed_settings_come_from_config_then_environment():
+  assert distributed.settings(_config(), environ={}) is None  # one process: no initialize
+  env = {'JAX_COORDINATOR_ADDRESS': '10.0.0.1:8476', 'JAX_NUM_PROCESSES': '4',
+         'JAX_PROCESS_ID': '3', 'JAX_LOCAL_DEVICE_IDS': '0,1'}
+  s = distributed.settings(_config(), environ=env)
+  assert (s.coordinator_address, s.num_processes, s.process_id, s.local_device_ids) == (
+      '10.0.0.1:8476', 4, 3, (0, 1))
+  s = distributed.settings(_config(process_id=2), environ=env)  # the config wins
+  assert s.process_id == 2
+  assert distributed.settings(_config(num_processes=1), environ={}) is None
+  auto = distributed.settings(_config(auto=True), environ={})  # JAX detects the rest
+  assert auto.auto and auto.coordinator_address is None and auto.num_processes is None
+
+
+@pytest.mark.parametrize('kw, env, message', [
+    ({'coordinator_address': 'h:1', 'num_processes': 2}, {}, r'distributed\.process_id is unset'),
+    ({}, {'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': '0'}, r'coordinator_address is unset'),
+    ({'process_id': 2, 'num_processes': 2, 'coordinator_address': 'h:1'}, {},
+     r'distributed\.process_id=2'),
+    ({}, {'JAX_PROCESS_ID': 'x'}, r'JAX_PROCESS_ID=.x.: not an integer'),
+    ({'coordinator_address': 'host'}, {}, r'distributed\.coordinator_address=.host.: expected'),
+    ({'num_processes': 0}, {}, r'distributed\.num_processes=0'),
+])
+def test_bad_distributed_settings_name_the_key(kw, env, message):
+  with pytest.raises(ValueError, match=message):
+    distributed.settings(_config(**kw), environ=env)
+
+
+def test_two_processes_extract_the_store_of_one_process_of_eight_devices(store, tmp_path):
+  """(2, 2, 2) mesh: batch rows over data x fsdp (the two processes hold rows 0-3 and 4-7),
+  vocabulary over tensor. Each process writes the rows it holds into its own blocks and
+  manifest; the store reads back with every example once, each field equal to the one
+  process's store. A rerun finds every example committed (whichever process wrote it)."""
+  root = store.parent
+  cmd = te._extract_cli(root, tmp_path / 'two', '--config.mesh.shape=(2,2,2)')
+  _run_processes(cmd, 2)
+  _run_processes(te._extract_cli(root, tmp_path / 'one', '--config.mesh.shape=(2,2,2)'), 1)
+  manifests = sorted(f for f in os.listdir(tmp_path / 'two' / 'train')
+                     if f.startswith('manifest.p'))
+  assert manifests == ['manifest.p00000.json', 'manifest.p00001.json']
+  a, b = te._records(tmp_path / 'one'), te._records(tmp_path / 'two')
+  assert sorted(a) == sorted(b) == list(range(48))
+  for index in a:
+    for field in ('tokens', 'labels', 'loss_mask', 'topk_ids', 'topk_logits', 'lse'):
+      np.testing.assert_array_equal(getattr(a[index], field), getattr(b[index], field),
+                                    err_msg=f'{index} {field}')
+  rerun = _run_processes(cmd, 2)
+  assert '0 new examples' in rerun[0] and '0 new examples' in rerun[1]
+  assert sorted(te._records(tmp_path / 'two')) == list(range(48))
+
+
+def test_incomplete_distributed_settings_are_a_one_line_cli_error():
+  """jkd.main resolves `distributed` before the backend starts and names the missing key."""
+  env = {k: v for k, v in os.environ.items() if k not in distributed.ENV.values()}
+  proc = subprocess.run([sys.executable, '-m', 'jkd.main', '--config', 'configs/base.py',
+                         '--config.distributed.num_processes=2'], cwd=tt.REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('jkd: error: distributed.coordinator_address is unset'), proc.stderr
