@@ -180,9 +180,9 @@ def test_launch_one_vm_runs_the_tutorial_config():
   assert 'JAX_' not in line, line
 
 
-def test_launch_multi_host_refused_until_jkd_joins_processes():
+def test_launch_multi_host_needs_the_shared_workdir_confirmation():
   proc = sh('scripts/gcp/launch.sh', '--zone', 'z', '--vms', '2', '--config', TUTORIAL)
-  assert proc.returncode == 2 and 'jax.distributed.initialize' in proc.stderr, proc.stderr
+  assert proc.returncode == 2 and 'must share' in proc.stderr, proc.stderr
 
 
 def test_launch_n_vms_passes_coordinator_env():

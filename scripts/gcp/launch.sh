@@ -7,8 +7,10 @@
 #       -- --config.workdir=results/kd_log_dir --config.train.max_steps=100
 #
 # With --vms N > 1 every process gets JAX_COORDINATOR_ADDRESS (VM 0's internal IP:PORT),
-# JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=I. jkd does not call jax.distributed.initialize yet
-# (multi-process support is an open issue), so such a run is refused unless --allow-multi-host.
+# JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=I, from which jkd joins the N processes into one job
+# (jax.distributed.initialize; docs/multihost.md). Every process must see the same workdir (the
+# logit store and orbax checkpoints), so N > 1 asks for --allow-multi-host: the confirmation that
+# the workdir is on storage all VMs share (a Filestore mount or similar).
 set -euo pipefail
 # shellcheck source=scripts/gcp/common.sh
 source "$(dirname "$0")/common.sh"
@@ -35,8 +37,8 @@ Options (or the environment variable in brackets):
                        nemotron8b_gpt2b-extract
   --port PORT          coordinator port on VM 0 (N > 1); default 8476 [JAX_PORT]
   --coordinator-ip IP  VM 0's internal IP; default: looked up with gcloud [COORDINATOR_IP]
-  --allow-multi-host   start N > 1 processes although jkd does not join them yet: each VM then
-                       runs the whole job on its own 8 GPUs
+  --allow-multi-host   start N > 1 processes (one job): confirms the workdir is on storage that
+                       every VM sees
   -- JKD_ARGS...       passed to jkd.main (config overrides such as --config.workdir=...)
 $COMMON_HELP
 EOF
@@ -67,9 +69,8 @@ if [[ -z $NAME ]]; then
 fi
 [[ $NAME =~ ^[A-Za-z0-9_.-]+$ ]] || die "--name '$NAME': use letters, digits, _ . - only"
 if ((NUM_VMS > 1 && !ALLOW_MULTI_HOST)); then
-  die "--vms $NUM_VMS: jkd does not call jax.distributed.initialize yet (open issue), so" \
-    "each VM would run the whole job alone. Use one VM, or pass --allow-multi-host to start" \
-    "the processes anyway (docs/gcp.md, 'Not done yet')."
+  die "--vms $NUM_VMS: the N processes form one job (jax.distributed.initialize) and must share" \
+    "the workdir. Put it on storage every VM sees and pass --allow-multi-host (docs/gcp.md)."
 fi
 
 if ((NUM_VMS > 1)) && [[ -z $COORDINATOR_IP ]]; then

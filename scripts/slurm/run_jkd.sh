@@ -26,9 +26,9 @@ cmdline() {
 
 [[ -n ${CONFIG:-} ]] || { echo "run_jkd.sh: error: CONFIG is not set" >&2; exit 2; }
 
-# Multi-node: JAX's coordinator is the first node of the job. These are the variables jkd will
-# read once it calls jax.distributed.initialize (docs/gcp.md, 'Not done yet'); today each node
-# would run alone, so use -N 1. JAX_LOCAL_DEVICE_IDS: without it JAX's Slurm auto-detection
+# Multi-node: JAX's coordinator is the first node of the job. jkd reads these variables and
+# joins the nodes with jax.distributed.initialize (docs/multihost.md); the workdir must be on a
+# file system every node sees. JAX_LOCAL_DEVICE_IDS: without it JAX's Slurm auto-detection
 # would give each task only GPU $SLURM_LOCALID (it assumes one task per GPU).
 if [[ -n ${SLURM_JOB_NODELIST:-} ]]; then
   coordinator=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) || true
