@@ -133,8 +133,6 @@ def get_config(arg=None):
   c.train.pack = False  # pack several examples per row (segment ids); False = one per row (NeMo)
   c.train.pad_to_max_length = True  # pad every batch to data.max_seq_length (one compiled shape)
   c.train.worker_count = 0  # Grain worker processes (0 = in-process reads)
-  c.train.profile_start_step = -1  # first step traced by the XLA profiler into <workdir>/profile
-  c.train.profile_steps = 3  # steps in the profiler trace
   c.train.wandb_project = ''  # also log to Weights & Biases under this project; '' = off
   c.train.save_nemo_on_train_end = False  # export <workdir>/student.nemo at the end (NeMo's key)
   c.train.export_nemo = ''  # .nemo path to export the student to at the end; '' = none
@@ -158,6 +156,16 @@ def get_config(arg=None):
   c.distill.fused_implementation = 'pallas'  # fused kernel backend: pallas | xla (chunked jnp)
   c.distill.teacher_source = 'store'  # store (train.store from mode=extract) | online (the step
   #   runs the extract.teacher itself on data.train_file with extract.top_k / vocab_tile / dtype)
+
+  # XLA profiler session over a window of steps (jkd/profiling.py, docs/profiling.md): train
+  # steps in mode=train, teacher batches in mode=extract, counting from 1.
+  c.profile = ConfigDict()
+  c.profile.start_step = -1  # first traced step; -1 = off
+  c.profile.steps = 3  # steps in the trace
+  c.profile.dir = ''  # trace directory (TensorBoard logdir); '' = <workdir>/profile
+  c.profile.host_tracer_level = 2  # host (TraceMe) events: 0 off, 1 user, 2 +framework, 3 verbose
+  c.profile.python_tracer = False  # also trace Python calls (slow; finds host-side gaps)
+  c.profile.create_perfetto_trace = False  # also <session>/perfetto_trace.json.gz for Perfetto UI
 
   # mode=export: a jkd model directory -> .nemo and/or Hugging Face (at least one).
   c.export = ConfigDict()

@@ -51,6 +51,7 @@ def validate(config) -> None:
   import jax  # deferred: the backend starts only once the config is known to be sane
   from jkd import sharding
   sharding.mesh_shape(mesh.shape, jax.device_count())
+  _validate_profile(config)
   if config.mode == 'pipeline':
     p = config.pipeline
     if p.teacher == 'random':
@@ -95,6 +96,17 @@ def validate(config) -> None:
       raise ValueError('export.nemo and export.hf are both empty: set at least one')
     if config.export.dtype not in ('bfloat16', 'float32'):
       raise ValueError(f'export.dtype={config.export.dtype!r}: expected bfloat16 or float32')
+
+
+def _validate_profile(config) -> None:
+  p = config.profile
+  if p.start_step != -1 and p.start_step < 1:
+    raise ValueError(f'profile.start_step={p.start_step}: must be -1 (off) or >= 1 (steps and '
+                     'batches count from 1)')
+  if p.start_step >= 1 and p.steps <= 0:
+    raise ValueError(f'profile.steps={p.steps}: must be positive when profile.start_step is set')
+  if not 0 <= p.host_tracer_level <= 3:
+    raise ValueError(f'profile.host_tracer_level={p.host_tracer_level}: expected 0..3')
 
 
 def _validate_extract(config) -> None:

@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 from jkd import config as jkd_config
-from jkd import model, sharding, tokenizer
+from jkd import model, profiling, sharding, tokenizer
 
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - _NEG) must not be NaN
 
@@ -209,8 +209,10 @@ class Settings:
 
 
 def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules,
-                  cfg: model.ModelConfig, params, tok) -> int:
-  """Extracts the examples of one split that the store lacks; returns how many were written."""
+                  cfg: model.ModelConfig, params, tok,
+                  profiler: profiling.Profiler | None = None) -> int:
+  """Extracts the examples of one split that the store lacks; returns how many were written.
+  `profiler` steps once per batch, its count running on over splits."""
   from jkd.data import logit_store
   last = len(examples) - 1 if s.end_idx < 0 else min(s.end_idx, len(examples) - 1)
   meta = logit_store.StoreMeta(k=s.top_k, vocab_size=cfg.vocab_size, values_dtype=s.values_dtype,
@@ -229,6 +231,8 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
   bar = tqdm(total=len(todo), desc=f'extract {split}', unit='ex',
              disable=jax.process_index() != 0)
   for length, indices in plan_batches(todo, s.batch_size, s.min_bucket, s.max_seq_length):
+    if profiler is not None:  # the previous batch is on the host already: nothing to wait for
+      profiler.step()
     tokens_BxT = np.zeros((n_rows, length), np.int32)  # padding rows and columns: token 0
     for r, index in enumerate(indices):
       tokens_BxT[r, :todo[index]] = by_index[index]['tokens']
@@ -283,12 +287,14 @@ def run(config) -> dict[str, int]:
       lambda: model.init(cfg, jax.random.key(0), boxed=True), mesh, mesh_cfg.rules)
   _, params = model.load(s.teacher, params_sharding, dtype=model.DTYPES[s.dtype])
   written = {}
-  for split, path in (('train', config.data.train_file),
-                      ('validation', config.data.validation_file)):
-    if not path:
-      continue
-    examples = chat.read_jsonl(path, tok, fmt=config.data.format,
-                               max_seq_length=s.max_seq_length)
-    written[split] = extract_split(examples, split, s, mesh, mesh_cfg.rules, cfg, params, tok)
-    print(f'[extract] {split}: {written[split]} new examples -> {s.output}/{split}')
+  with profiling.Profiler(profiling.settings(config)) as profiler:
+    for split, path in (('train', config.data.train_file),
+                        ('validation', config.data.validation_file)):
+      if not path:
+        continue
+      examples = chat.read_jsonl(path, tok, fmt=config.data.format,
+                                 max_seq_length=s.max_seq_length)
+      written[split] = extract_split(examples, split, s, mesh, mesh_cfg.rules, cfg, params, tok,
+                                     profiler)
+      print(f'[extract] {split}: {written[split]} new examples -> {s.output}/{split}')
   return written

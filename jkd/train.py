@@ -188,15 +188,20 @@ def _micro_sums(cfg, tc, mesh, rules, params, mb, wts_RxL):
     ids, t = ids[..., :tc.top_k], t[..., :tc.top_k]
   lse = mb['lse'] if tc.tail else None
   inputs = dict(segment_ids_BxT=mb['segment_ids'], positions_BxT=mb['positions'])
+  # Named scopes only label ops in profiles (docs/profiling.md); backward ops carry them too.
   if tc.loss_impl == 'reference':
-    logits = model.forward(cfg, params, mb['tokens'], **inputs)
-    _, m = losses.topk_kd_loss(logits, ids, t, mb['labels'], wts_RxL, teacher_lse_BxT=lse,
-                               logits_scale=tc.logits_scale, cross_tokenizer=tc.cross_tokenizer,
-                               **tc.loss_options)
+    with jax.named_scope('student_forward'):
+      logits = model.forward(cfg, params, mb['tokens'], **inputs)
+    with jax.named_scope('kd_loss'):
+      _, m = losses.topk_kd_loss(logits, ids, t, mb['labels'], wts_RxL, teacher_lse_BxT=lse,
+                                 logits_scale=tc.logits_scale,
+                                 cross_tokenizer=tc.cross_tokenizer, **tc.loss_options)
     return {k: s for k, (s, _) in m.items()}
-  h = model.hidden(cfg, params, mb['tokens'], **inputs)
-  return _fused_sums(cfg, tc, mesh, rules, h, model.output_weights(cfg, params), ids, t,
-                     mb['labels'], wts_RxL, lse)
+  with jax.named_scope('student_forward'):
+    h = model.hidden(cfg, params, mb['tokens'], **inputs)
+  with jax.named_scope('fused_loss'):
+    return _fused_sums(cfg, tc, mesh, rules, h, model.output_weights(cfg, params), ids, t,
+                       mb['labels'], wts_RxL, lse)
 
 
 def micro_split(x, micro_batch_size, mesh, rules):
@@ -267,18 +272,21 @@ def make_train_step(model_cfg, tc: TrainConfig, mesh, rules, state_shardings,
 
   def step(state: TrainState, batch, teacher_params=None):
     if teacher is not None:
-      batch = teacher.add_topk(mesh, rules, teacher_params, batch)
+      with jax.named_scope('teacher_topk'):
+        batch = teacher.add_topk(mesh, rules, teacher_params, batch)
     if batch['tokens'].shape[0] != tc.global_batch_size:
       raise ValueError(f'batch of {batch["tokens"].shape[0]} rows: expected '
                        f'train.global_batch_size={tc.global_batch_size}')
-    metrics, grads = _accumulate(cfg, tc, mesh, rules, state_shardings.params, state.params,
-                                 batch, with_grad=True)
-    grad_norm = optax.tree.norm(grads)
-    if tc.gradient_clip_val > 0:
-      scale = jnp.minimum(1.0, tc.gradient_clip_val / (grad_norm + 1e-6))
-      grads = jax.tree.map(lambda x: x * scale, grads)
-    updates, opt_state = opt.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope('micro_steps'):  # the lax.scan over micro-batches, fwd + bwd
+      metrics, grads = _accumulate(cfg, tc, mesh, rules, state_shardings.params, state.params,
+                                   batch, with_grad=True)
+    with jax.named_scope('optimizer'):
+      grad_norm = optax.tree.norm(grads)
+      if tc.gradient_clip_val > 0:
+        scale = jnp.minimum(1.0, tc.gradient_clip_val / (grad_norm + 1e-6))
+        grads = jax.tree.map(lambda x: x * scale, grads)
+      updates, opt_state = opt.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     metrics.update(grad_norm=grad_norm, lr=schedule(state.step))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

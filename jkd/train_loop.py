@@ -11,7 +11,8 @@ files are tokenized with the teacher's tokenizer and the step computes the teach
 stops with the step in the message when a loss or gradient norm is not finite. Metrics go to
 TensorBoard event files under `<workdir>/tensorboard`, to `<workdir>/metrics.jsonl` (one JSON
 object per logged step) and to a progress bar; W&B too when `train.wandb_project` is set.
-The teacher never enters a checkpoint.
+The teacher never enters a checkpoint. `config.profile` traces a window of steps
+(jkd/profiling.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jkd import config as jkd_config
-from jkd import model, sharding, tokenizer, train
+from jkd import model, profiling, sharding, tokenizer, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +38,6 @@ class LoopSettings:
   pack: bool
   pad_to_max_length: bool
   worker_count: int
-  profile_start_step: int  # first step traced by the XLA profiler; -1 = never
-  profile_steps: int
   wandb_project: str
   save_nemo_on_train_end: bool
   export_nemo: str
@@ -51,7 +50,6 @@ def loop_settings(config) -> LoopSettings:
   return LoopSettings(
       workdir=config.workdir, checkpoint_max_to_keep=t.checkpoint_max_to_keep, pack=t.pack,
       pad_to_max_length=t.pad_to_max_length, worker_count=t.worker_count,
-      profile_start_step=t.profile_start_step, profile_steps=t.profile_steps,
       wandb_project=t.wandb_project, save_nemo_on_train_end=t.save_nemo_on_train_end,
       export_nemo=t.export_nemo, export_hf=t.export_hf,
       max_seq_length=config.data.max_seq_length)
@@ -276,21 +274,18 @@ def run(config) -> dict[str, float]:
     last = values
     bar.set_postfix(loss=f'{values["train/loss"]:.4f}', lr=f'{values["train/lr"]:.2e}')
 
+  profiler = profiling.Profiler(profiling.settings(config))
   bar = tqdm(total=max_steps, initial=start, desc='train', unit='step',
              disable=jax.process_index() != 0)
   try:
     for step in range(start + 1, max_steps + 1):
-      if step == ls.profile_start_step:
-        jax.profiler.start_trace(os.path.join(ls.workdir, 'profile'))
+      profiler.step(step, wait=state)  # starts or stops the trace (config.profile)
       batch = next(train_it)
       tokens = float((batch['segment_ids'] > 0).sum()) * jax.process_count()  # real tokens
       t0 = time.perf_counter()
       state, metrics = step_fn(state, _global(batch, batch_shardings), *extra)
       settle()  # step n-1, while step n runs
       pending = (step, metrics, t0, tokens)
-      if ls.profile_start_step > 0 and step == ls.profile_start_step + ls.profile_steps - 1:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
       bar.update(1)
       boundary = step == max_steps
       if step % tc.val_check_interval == 0 or boundary:
@@ -306,6 +301,7 @@ def run(config) -> dict[str, float]:
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_it)))
     settle()
   finally:
+    profiler.close()  # a window reaching past max_steps ends with the run
     bar.close()
     mngr.wait_until_finished()
     mngr.close()

@@ -35,7 +35,7 @@ Steps (timeout in seconds, override with the variable):
   pytest       pytest -m gpu (JAX_PLATFORMS=cuda: conftest defaults to cpu) [T_PYTEST=$T_PYTEST]
   bench_loss   scripts/bench_loss.py (compiles and times on the GPU)  [T_BENCH_LOSS=$T_BENCH_LOSS]
   bench_train  scripts/bench_train.py --device gpu --preset 1b (MFU)  [T_BENCH_TRAIN=$T_BENCH_TRAIN]
-  smoke        configs/smoke.py with train.profile_start_step=5, profile_steps=3; a
+  smoke        configs/smoke.py with profile.start_step=5, profile.steps=3; a
                *.xplane.pb must appear under OUT/smoke/*/profile      [T_SMOKE=$T_SMOKE]
 
 Options:
@@ -132,8 +132,8 @@ if [[ " ${SKIP[*]-} " != *" smoke "* ]]; then
   run rm -rf "$OUT/smoke"
 fi
 step smoke "$T_SMOKE" bash -c "$(cmdline "$PYTHON" -m jkd.main --config configs/smoke.py \
-  "--config.workdir=$OUT/smoke" --config.train.profile_start_step=5 \
-  --config.train.profile_steps=3) && find $(quote "$OUT/smoke") -path '*/profile/*' -name '*.xplane.pb' | grep . || { echo 'no *.xplane.pb trace under $OUT/smoke' >&2; exit 1; }"
+  "--config.workdir=$OUT/smoke" --config.profile.start_step=5 \
+  --config.profile.steps=3) && find $(quote "$OUT/smoke") -path '*/profile/*' -name '*.xplane.pb' | grep . || { echo 'no *.xplane.pb trace under $OUT/smoke' >&2; exit 1; }"
 
 if [[ $DRY_RUN == 1 ]]; then
   exit 0

@@ -299,7 +299,7 @@ def test_gpu_check_commands_use_existing_flags_and_keys():
   assert any(w.endswith('scripts/bench_train.py --device gpu --preset 1b') for w in words)
   smoke = cmds[-1][-1]
   assert ('-m jkd.main --config configs/smoke.py --config.workdir=/tmp/gc/smoke '
-          '--config.train.profile_start_step=5 --config.train.profile_steps=3') in smoke
+          '--config.profile.start_step=5 --config.profile.steps=3') in smoke
   assert all(c[:2] == ['timeout', c[1]] and c[1].isdigit() for c in cmds if c[0] == 'timeout')
   assert sum(int(c[1]) for c in cmds if c[0] == 'timeout') <= 600  # the 10-minute budget
   # The flags exist in the benchmarks' argparse (--help exits before jax is imported) ...
@@ -310,7 +310,7 @@ def test_gpu_check_commands_use_existing_flags_and_keys():
   sys.path.insert(0, REPO)
   from configs import smoke
   c = smoke.get_config()
-  assert c.train.profile_start_step == -1 and c.train.max_steps >= 5 + 3
+  assert c.profile.start_step == -1 and c.train.max_steps >= 5 + 3
   assert shlex.split(words[-1])  # printable as shell words
 
 

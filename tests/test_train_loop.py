@@ -63,8 +63,6 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
                                    '--config.train.val_check_interval=2',
                                    '--config.train.save_interval=4',
                                    '--config.train.limit_val_batches=2',
-                                   '--config.train.profile_start_step=2',
-                                   '--config.train.profile_steps=2',
                                    '--config.train.save_nemo_on_train_end=True',
                                    f'--config.train.export_hf={tmp_path}/hf'))
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -77,13 +75,31 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   assert any(f.startswith('events.out.tfevents')
              for f in os.listdir(tmp_path / 'run' / 'tensorboard'))
   assert 'teacher' not in json.dumps(os.listdir(tmp_path / 'run' / 'checkpoints' / '6'))
-  traces = [f for _, _, fs in os.walk(tmp_path / 'run' / 'profile') for f in fs]
-  assert any(f.endswith('.xplane.pb') for f in traces), traces
+  assert not os.path.exists(tmp_path / 'run' / 'profile')  # profile.start_step=-1: no trace
   # save_nemo_on_train_end: the final student as a model dir, a .nemo and (asked) HF
   from third_party.convert import from_nemo
   cfg, params = from_nemo.load_nemo(str(tmp_path / 'run' / 'student.nemo'))
   assert cfg.num_layers == 2 and cfg.padded_vocab == 320  # no tokenizer here: V reads as P
   assert os.path.isfile(tmp_path / 'hf' / 'model.safetensors')
+
+
+def test_profile_traces_the_chosen_train_steps(store, tmp_path):
+  """config.profile on a smoke run: one session under profile.dir with an xplane and a
+  Perfetto trace, holding exactly profile.steps runs of the train step."""
+  from tests.test_profiling import executions
+  proc = _run(_train_cli(store, tmp_path / 'run', '--config.train.max_steps=5',
+                         '--config.train.val_check_interval=5', '--config.train.save_interval=5',
+                         '--config.profile.start_step=2', '--config.profile.steps=2',
+                         f'--config.profile.dir={tmp_path}/trace',
+                         '--config.profile.create_perfetto_trace=True'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'[profile] steps 2..3 -> {tmp_path}/trace' in proc.stdout
+  sessions = os.listdir(tmp_path / 'trace' / 'plugins' / 'profile')
+  assert len(sessions) == 1, sessions
+  files = os.listdir(tmp_path / 'trace' / 'plugins' / 'profile' / sessions[0])
+  assert any(f.endswith('.xplane.pb') for f in files) and 'perfetto_trace.json.gz' in files
+  assert executions(tmp_path / 'trace', 'step') == 2
+  assert not os.path.exists(tmp_path / 'run' / 'profile')  # profile.dir moved it
 
 
 def test_non_finite_loss_stops_with_the_step(store, tmp_path):

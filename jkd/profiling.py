@@ -1,0 +1,76 @@
+"""XLA profiler sessions over a window of loop steps: `config.profile` (docs/profiling.md).
+
+    python -m jkd.main --config configs/smoke.py --config.profile.start_step=5 \
+        --config.profile.steps=3 --config.profile.create_perfetto_trace=True
+
+Steps are train steps in mode=train and teacher batches in mode=extract, counting from 1. The
+session writes `<dir>/plugins/profile/<timestamp>/<host>.xplane.pb` (TensorBoard's profile
+plugin, XProf) and, with `create_perfetto_trace`, `perfetto_trace.json.gz` beside it
+(ui.perfetto.dev). Every process traces its own devices and host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileSettings:
+  start_step: int  # first traced step; -1 = off
+  steps: int  # steps in the trace
+  dir: str  # trace directory (resolved)
+  host_tracer_level: int  # 0 off .. 3 verbose host (TraceMe) events
+  python_tracer: bool  # trace Python function calls too (slow; for host-side gaps)
+  create_perfetto_trace: bool  # also perfetto_trace.json.gz
+
+
+def settings(config) -> ProfileSettings:
+  """config.profile (checked by jkd.config.validate) -> ProfileSettings; '' dir = workdir/profile."""
+  p = config.profile
+  return ProfileSettings(
+      start_step=p.start_step, steps=p.steps,
+      dir=p.dir or os.path.join(config.workdir, 'profile'),
+      host_tracer_level=p.host_tracer_level, python_tracer=p.python_tracer,
+      create_perfetto_trace=p.create_perfetto_trace)
+
+
+class Profiler:
+  """Traces steps [start_step, start_step + steps): call `step(n)` before step n's work and
+  `close()` after the loop (a `with` block does); a window past the loop's end is cut there."""
+
+  def __init__(self, s: ProfileSettings):
+    self.s, self.n, self.active = s, 0, False
+    self.done = s.start_step < 0
+
+  def step(self, n: int | None = None, wait=None) -> None:
+    """Before step n (the previous n + 1 when omitted); `wait`: arrays of the previous step,
+    finished before the trace stops so its device work lands in the trace."""
+    n = self.n + 1 if n is None else n
+    if self.active and n >= self.s.start_step + self.s.steps:
+      self.close(wait)  # self.n: the last traced step
+    self.n = n
+    if not self.done and not self.active and n == self.s.start_step:
+      options = jax.profiler.ProfileOptions()
+      options.host_tracer_level = self.s.host_tracer_level
+      options.python_tracer_level = int(self.s.python_tracer)
+      jax.profiler.start_trace(self.s.dir, create_perfetto_trace=self.s.create_perfetto_trace,
+                               profiler_options=options)
+      self.active = True
+
+  def close(self, wait=None) -> None:
+    if not self.active:
+      return
+    if wait is not None:
+      jax.block_until_ready(wait)
+    jax.profiler.stop_trace()
+    self.active, self.done = False, True
+    print(f'[profile] steps {self.s.start_step}..{self.n} -> {self.s.dir}')
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -1,0 +1,112 @@
+"""config.profile: the Profiler traces exactly its window of steps (counted by the executions
+of the jitted function in the trace), off writes nothing, bad keys raise naming the key, and
+extraction profiles the chosen teacher batches."""
+
+import glob
+import gzip
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import base
+from jkd import config as jkd_config
+from jkd import extract, model, profiling
+from jkd import tokenizer as jt
+from tests.test_extract import RULES, _mesh, make_teacher
+
+
+def executions(trace_dir, fn_name: str) -> int:
+  """Runs of jit(fn_name) in the trace sessions under trace_dir (host-side Execute events)."""
+  count = 0
+  for path in glob.glob(os.path.join(trace_dir, 'plugins', 'profile', '*', '*.trace.json.gz')):
+    with gzip.open(path) as f:
+      events = json.load(f)['traceEvents']
+    count += sum(1 for e in events if e.get('ph') == 'X' and not e['name'].startswith('[')
+                 and e['name'].endswith(f'Execute (jit_{fn_name})'))
+  return count
+
+
+def _settings(tmp_path, start_step, steps, perfetto=False):
+  return profiling.ProfileSettings(start_step=start_step, steps=steps, dir=str(tmp_path / 'p'),
+                                   host_tracer_level=2, python_tracer=False,
+                                   create_perfetto_trace=perfetto)
+
+
+@jax.jit
+def probe(x):
+  return jnp.sin(x) + 1
+
+
+def _loop(profiler, n_steps):
+  mesh = jax.sharding.Mesh(jax.devices(), ('d',))  # multi-device: one Execute event per run
+  x = jax.device_put(jnp.ones(16), jax.sharding.NamedSharding(mesh, jax.P('d')))
+  with profiler:
+    for step in range(1, n_steps + 1):
+      profiler.step(step, wait=x)
+      x = probe(x)
+
+
+def test_the_trace_holds_exactly_the_window_and_a_perfetto_file(devices8, tmp_path):
+  _loop(profiling.Profiler(_settings(tmp_path, 3, 2, perfetto=True)), 6)
+  assert executions(tmp_path / 'p', 'probe') == 2
+  sessions = glob.glob(str(tmp_path / 'p' / 'plugins' / 'profile' / '*'))
+  assert len(sessions) == 1
+  assert glob.glob(sessions[0] + '/*.xplane.pb')
+  with gzip.open(os.path.join(sessions[0], 'perfetto_trace.json.gz')) as f:
+    assert json.load(f)['traceEvents']
+
+
+def test_a_window_past_the_loop_end_stops_with_the_loop(devices8, tmp_path):
+  _loop(profiling.Profiler(_settings(tmp_path, 2, 10)), 3)
+  assert executions(tmp_path / 'p', 'probe') == 2
+
+
+def test_profiling_off_writes_nothing(devices8, tmp_path):
+  _loop(profiling.Profiler(_settings(tmp_path, -1, 3)), 4)
+  assert not os.path.exists(tmp_path / 'p')
+
+
+@pytest.mark.parametrize('key,value', [('start_step', 0), ('start_step', -2), ('steps', 0),
+                                       ('host_tracer_level', 4), ('host_tracer_level', -1)])
+def test_bad_profile_keys_raise_naming_the_key(key, value):
+  c = base.get_config()
+  c.profile.start_step = 1
+  c.profile[key] = value
+  with pytest.raises(ValueError, match=f'profile.{key}='):
+    jkd_config.validate(c)
+  c.profile.start_step, c.profile.steps, c.profile.host_tracer_level = -1, 0, 2
+  jkd_config._validate_profile(c)  # off: steps is not read
+
+
+def test_settings_default_dir_is_under_the_workdir():
+  c = base.get_config()
+  assert profiling.settings(c).dir == os.path.join(c.workdir, 'profile')
+  assert profiling.settings(c).start_step == -1  # off by default
+
+
+@pytest.fixture(scope='module')
+def teacher_dir(tmp_path_factory):
+  return make_teacher(tmp_path_factory.mktemp('teacher'))
+
+
+def test_extraction_profiles_the_chosen_batches(devices8, teacher_dir, tmp_path):
+  from jkd.data import chat
+  cfg, params = model.load(str(teacher_dir / 'teacher'))
+  tok = jt.load(str(teacher_dir / 'teacher'))
+  examples = chat.read_jsonl(str(teacher_dir / 'train.jsonl'), tok, fmt='plain',
+                             max_seq_length=256)
+  s = extract.Settings(teacher=str(teacher_dir / 'teacher'), output=str(tmp_path / 's'),
+                       top_k=8, batch_size=8, vocab_tile=64, min_bucket=16, max_seq_length=256,
+                       start_idx=0, end_idx=-1, values_dtype='float32', masked_only=False,
+                       codec='zstd', dtype='float32')
+  mesh = _mesh((2, 2, 2))
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.P()))
+  with profiling.Profiler(_settings(tmp_path, 2, 3)) as profiler:
+    assert extract.extract_split(examples, 'train', s, mesh, RULES, cfg, params, tok,
+                                 profiler) == 48
+  lengths = {e['index']: len(e['tokens']) for e in examples}
+  assert profiler.n == len(extract.plan_batches(lengths, 8, 16, 256)) >= 4  # one step a batch
+  assert executions(tmp_path / 'p', 'records') == 3
