@@ -36,23 +36,8 @@ die() {
   exit 2
 }
 
-# quote ARG: ARG as a shell word; quoted only when it has characters a shell would interpret.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-# cmdline ARG...: the arguments as one line of shell words.
-cmdline() {
-  local out='' arg
-  for arg in "$@"; do
-    out+="${out:+ }$(quote "$arg")"
-  done
-  printf '%s' "$out"
-}
+# shellcheck source=scripts/shell_words.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../shell_words.sh"
 
 # run CMD ARG...: print `+ CMD ARG...`, then run it unless DRY_RUN=1.
 run() {

@@ -8,21 +8,8 @@
 
 DRY_RUN=${DRY_RUN:-0}
 
-quote() {  # ARG as a shell word, quoted only when needed (same rule as scripts/gcp/common.sh)
-  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-cmdline() {
-  local out='' arg
-  for arg in "$@"; do
-    out+="${out:+ }$(quote "$arg")"
-  done
-  printf '%s' "$out"
-}
+# shellcheck source=scripts/shell_words.sh
+source "$REPO/scripts/shell_words.sh"  # quote, cmdline
 
 [[ -n ${CONFIG:-} ]] || { echo "run_jkd.sh: error: CONFIG is not set" >&2; exit 2; }
 
