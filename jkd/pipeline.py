@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -132,6 +133,7 @@ def _data(config, out_dir: str) -> None:
   p = config.pipeline
   corpus = assets.chatterbot_english() if p.corpus == 'chatterbot' else p.corpus
   tmp = out_dir + '.partial'
+  shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
   oasst.convert_chatterbot(corpus, tmp, system=p.system_prompt)
   for split, limit in (('train', p.max_train_examples), ('val', p.max_val_examples)):
     path = os.path.join(tmp, f'{split}.jsonl')
@@ -142,6 +144,7 @@ def _data(config, out_dir: str) -> None:
     with open(path, 'w', encoding='utf-8') as f:
       f.writelines(lines)
     print(f'[pipeline] data: {split}: {len(lines)} conversations')
+  shutil.rmtree(out_dir, ignore_errors=True)  # what is left of it: the stage is being redone
   os.replace(tmp, out_dir)  # the directory appears complete or not at all
 
 
