@@ -1,6 +1,8 @@
 """Every jkd config key, declared once with its meaning. Other configs start from this one.
 
-    python -m jkd.main --config configs/base.py        # the smoke pipeline on a tiny random model
+    python -m jkd.main --config configs/base.py --config.mode=... # any mode, every key overridable
+
+configs/demo.py (the demo) and configs/smoke.py (the demo on a tiny random teacher) start here.
 
 Mesh axis names appear only here: in `mesh.axes` and in the logical-axis rules below.
 """
@@ -52,8 +54,9 @@ def get_config(arg=None):
   c.mesh.shape = (1, -1, 1)  # devices per axis; one -1 takes the remaining devices
   c.mesh.rules = LOGICAL_AXIS_RULES  # logical axis -> mesh axes
 
-  # Architecture of a randomly initialised model (the smoke pipeline). Field names and
-  # meanings follow NeMo's model_config.yaml; converted models carry their own config.
+  # Architecture of a randomly initialised model (pipeline.teacher='random' as in configs/smoke.py,
+  # or mode=train without train.student). Field names and meanings follow NeMo's
+  # model_config.yaml; converted models carry their own config.
   c.model = ConfigDict()
   c.model.num_layers = 2  # transformer layers
   c.model.hidden_size = 64  # D
