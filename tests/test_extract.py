@@ -175,19 +175,27 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(teacher_dir, tm
                                     err_msg=f'{index} {field}')
 
 
-def test_start_and_inclusive_end_select_examples_as_nemo(teacher_dir, tmp_path):
-  """start_idx..end_idx (inclusive, NeMo's start_from_idx / end_at_idx); a second range run
-  adds to the same store; a rerun of a done range writes nothing."""
+def in_process(teacher_dir, output, **settings):
+  """(cfg, params, tok, train examples, Settings) of make_teacher's model and data, for calling
+  extract_split directly; `settings` override the small float32 defaults."""
   from jkd.data import chat
-  mesh = _mesh((1, 1, 1))
   cfg, params = model.load(str(teacher_dir / 'teacher'))
   tok = jt.load(str(teacher_dir / 'teacher'))
   examples = chat.read_jsonl(str(teacher_dir / 'train.jsonl'), tok, fmt='plain',
                              max_seq_length=256)
-  s = extract.Settings(teacher=str(teacher_dir / 'teacher'), output=str(tmp_path / 's'),
-                       top_k=8, batch_size=4, vocab_tile=64, min_bucket=16, max_seq_length=256,
-                       start_idx=10, end_idx=20, values_dtype='float32', masked_only=False,
-                       codec='zstd', dtype='float32')
+  s = extract.Settings(**{**dict(
+      teacher=str(teacher_dir / 'teacher'), output=str(output), top_k=8, batch_size=8,
+      vocab_tile=64, min_bucket=16, max_seq_length=256, start_idx=0, end_idx=-1,
+      values_dtype='float32', masked_only=False, codec='zstd', dtype='float32'), **settings})
+  return cfg, params, tok, examples, s
+
+
+def test_start_and_inclusive_end_select_examples_as_nemo(teacher_dir, tmp_path):
+  """start_idx..end_idx (inclusive, NeMo's start_from_idx / end_at_idx); a second range run
+  adds to the same store; a rerun of a done range writes nothing."""
+  mesh = _mesh((1, 1, 1))
+  cfg, params, tok, examples, s = in_process(teacher_dir, tmp_path / 's', batch_size=4,
+                                             start_idx=10, end_idx=20)
   assert extract.extract_split(examples, 'train', s, mesh, RULES, cfg, params, tok) == 11
   assert sorted(_records(tmp_path / 's')) == list(range(10, 21))
   s = dataclasses.replace(s, start_idx=18, end_idx=-1)

@@ -13,9 +13,8 @@ import pytest
 
 from configs import base
 from jkd import config as jkd_config
-from jkd import extract, model, profiling
-from jkd import tokenizer as jt
-from tests.test_extract import RULES, _mesh, make_teacher
+from jkd import extract, profiling
+from tests.test_extract import RULES, _mesh, in_process, make_teacher
 
 
 def executions(trace_dir, fn_name: str) -> int:
@@ -93,15 +92,7 @@ def teacher_dir(tmp_path_factory):
 
 
 def test_extraction_profiles_the_chosen_batches(devices8, teacher_dir, tmp_path):
-  from jkd.data import chat
-  cfg, params = model.load(str(teacher_dir / 'teacher'))
-  tok = jt.load(str(teacher_dir / 'teacher'))
-  examples = chat.read_jsonl(str(teacher_dir / 'train.jsonl'), tok, fmt='plain',
-                             max_seq_length=256)
-  s = extract.Settings(teacher=str(teacher_dir / 'teacher'), output=str(tmp_path / 's'),
-                       top_k=8, batch_size=8, vocab_tile=64, min_bucket=16, max_seq_length=256,
-                       start_idx=0, end_idx=-1, values_dtype='float32', masked_only=False,
-                       codec='zstd', dtype='float32')
+  cfg, params, tok, examples, s = in_process(teacher_dir, tmp_path / 's')
   mesh = _mesh((2, 2, 2))
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.P()))
   with profiling.Profiler(_settings(tmp_path, 2, 3)) as profiler:
