@@ -52,7 +52,8 @@ need_value() {
   [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value"
 }
 
-# common_opt "$@": consume one common option; sets SHIFT_BY (0 = not a common option).
+# common_opt "$@": consume one common option, setting SHIFT_BY (the words it takes); any other
+# argument is an error (ARG_HINT, if set, says where it belongs).
 # shellcheck disable=SC2034
 common_opt() {
   SHIFT_BY=2
@@ -64,7 +65,7 @@ common_opt() {
     --remote-dir) need_value "$@"; REMOTE_DIR=$2 ;;
     --dry-run) DRY_RUN=1; SHIFT_BY=1 ;;
     -h | --help) usage; exit 0 ;;
-    *) SHIFT_BY=0 ;;
+    *) die "unknown argument '$1' (${ARG_HINT:-see --help})" ;;
   esac
 }
 

@@ -58,7 +58,6 @@ while (($#)); do
     --reservation) need_value "$@"; RESERVATION=$2; shift 2 ;;
     *)
       common_opt "$@"
-      ((SHIFT_BY)) || die "unknown argument '$1' (see --help)"
       shift "$SHIFT_BY" ;;
   esac
 done

@@ -27,7 +27,6 @@ while (($#)); do
     --yes) YES=1; shift ;;
     *)
       common_opt "$@"
-      ((SHIFT_BY)) || die "unknown argument '$1' (see --help)"
       shift "$SHIFT_BY" ;;
   esac
 done

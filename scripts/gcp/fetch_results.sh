@@ -35,7 +35,6 @@ while (($#)); do
     --vm) need_value "$@"; VM_INDEX=$2; shift 2 ;;
     *)
       common_opt "$@"
-      ((SHIFT_BY)) || die "unknown argument '$1' (see --help)"
       shift "$SHIFT_BY" ;;
   esac
 done

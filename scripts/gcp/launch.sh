@@ -44,6 +44,7 @@ $COMMON_HELP
 EOF
 }
 
+ARG_HINT="jkd arguments go after --; see --help"
 while (($#)); do
   case $1 in
     --config) need_value "$@"; CONFIG=$2; shift 2 ;;
@@ -54,7 +55,6 @@ while (($#)); do
     --) shift; EXTRA=("$@"); break ;;
     *)
       common_opt "$@"
-      ((SHIFT_BY)) || die "unknown argument '$1' (jkd arguments go after --; see --help)"
       shift "$SHIFT_BY" ;;
   esac
 done

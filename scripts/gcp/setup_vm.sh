@@ -43,7 +43,6 @@ while (($#)); do
     --gpus) need_value "$@"; GPUS_PER_VM=$2; shift 2 ;;
     *)
       common_opt "$@"
-      ((SHIFT_BY)) || die "unknown argument '$1' (see --help)"
       shift "$SHIFT_BY" ;;
   esac
 done
