@@ -71,8 +71,7 @@ class _Stages:
                          if key.get(k) != done['settings'].get(k))
         raise ValueError(f'stage {name!r} finished in {os.path.dirname(self.file)} with other '
                          f'settings ({diff}); delete {home or " and ".join(outputs)} to redo '
-                         'it, or '
-                         'use another workdir')
+                         'it, or use another workdir')
     print(f'[pipeline] {name} ...')
     t0 = time.perf_counter()
     result = fn()
@@ -91,7 +90,8 @@ def _flat(config, *keys: str) -> dict:
   """{'section.key': value} of whole sections ('train') or single keys ('data.format')."""
   out = {}
   for key in keys:
-    value = config[key] if '.' not in key else config[key.split('.')[0]][key.split('.')[1]]
+    section, _, name = key.partition('.')
+    value = config[section][name] if name else config[section]
     if hasattr(value, 'to_dict'):
       out.update({f'{key}.{k}': v for k, v in value.to_dict().items()})
     else:
