@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 from jkd import config as jkd_config
-from jkd import model, profiling, sharding, tokenizer
+from jkd import faults, model, profiling, sharding, tokenizer
 
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - _NEG) must not be NaN
 
@@ -233,6 +233,7 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
   for length, indices in plan_batches(todo, s.batch_size, s.min_bucket, s.max_seq_length):
     if profiler is not None:  # the previous batch is on the host already: nothing to wait for
       profiler.step()
+    faults.point('extract.batch')
     tokens_BxT = np.zeros((n_rows, length), np.int32)  # padding rows and columns: token 0
     for r, index in enumerate(indices):
       tokens_BxT[r, :todo[index]] = by_index[index]['tokens']

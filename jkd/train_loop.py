@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jkd import config as jkd_config
-from jkd import model, profiling, sharding, tokenizer, train
+from jkd import faults, model, profiling, sharding, tokenizer, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,16 +56,26 @@ def loop_settings(config) -> LoopSettings:
 
 
 class _Metrics:
-  """TensorBoard + metrics.jsonl (+ W&B) on process 0; scalars only."""
+  """TensorBoard + metrics.jsonl (+ W&B) on process 0; scalars only. A run starting at step
+  `start` (0, or a resumed checkpoint's) first drops what was logged after it (steps it is about
+  to run again), so every step is logged once, as an uninterrupted run logs it."""
 
-  def __init__(self, ls: LoopSettings, config):
+  def __init__(self, ls: LoopSettings, config, start: int):
     self.on = jax.process_index() == 0
     self.tb = self.jsonl = self.wandb = None
     if not self.on:
       return
     import tensorboardX
-    self.tb = tensorboardX.SummaryWriter(os.path.join(ls.workdir, 'tensorboard'))
-    self.jsonl = open(os.path.join(ls.workdir, 'metrics.jsonl'), 'a')
+    self.tb = tensorboardX.SummaryWriter(os.path.join(ls.workdir, 'tensorboard'),
+                                         purge_step=start + 1)
+    path = os.path.join(ls.workdir, 'metrics.jsonl')
+    if os.path.exists(path):  # a fresh start (0) keeps nothing of a run killed before a save
+      with open(path) as f:
+        kept = [line for line in f if line.endswith('\n') and json.loads(line)['step'] <= start]
+      with open(path + '.tmp', 'w') as f:
+        f.writelines(kept)
+      os.replace(path + '.tmp', path)
+    self.jsonl = open(path, 'a')
     if ls.wandb_project:
       try:
         import wandb
@@ -232,7 +242,8 @@ def run(config) -> dict[str, float]:
   mngr = ocp.CheckpointManager(
       os.path.join(os.path.abspath(ls.workdir), 'checkpoints'),
       options=ocp.CheckpointManagerOptions(max_to_keep=ls.checkpoint_max_to_keep,
-                                           enable_async_checkpointing=True))
+                                           enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True))
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, state_shardings)
   start = 0
@@ -255,7 +266,7 @@ def run(config) -> dict[str, float]:
       mesh, rules, train.RAW_KEYS if online else train.BATCH_KEYS)
 
   # Loop.
-  metrics_out = _Metrics(ls, config)
+  metrics_out = _Metrics(ls, config, start)
   last: dict[str, float] = {}
   pending = None  # (step, metrics, dispatch time, real tokens) of the step in flight
 
@@ -287,6 +298,7 @@ def run(config) -> dict[str, float]:
       settle()  # step n-1, while step n runs
       pending = (step, metrics, t0, tokens)
       bar.update(1)
+      faults.point('train.step')
       boundary = step == max_steps
       if step % tc.val_check_interval == 0 or boundary:
         settle()
@@ -295,10 +307,12 @@ def run(config) -> dict[str, float]:
           _check_finite(values, step)
           metrics_out.write(step, values)
           last.update(values)
+          faults.point('train.validated')
       if step % tc.save_interval == 0 or boundary:
         settle()
         mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_it)))
+        faults.point('train.save_started')  # the write goes on in the background
     settle()
   finally:
     profiler.close()  # a window reaching past max_steps ends with the run
@@ -310,6 +324,7 @@ def run(config) -> dict[str, float]:
   # The student as a model directory (and .nemo / HF when asked).
   if ls.save_nemo_on_train_end or ls.export_nemo or ls.export_hf:
     final = os.path.join(ls.workdir, 'student')
+    faults.point('train.export')
     model.save(final, cfg, state.params)
     if tok is not None:
       tokenizer.save(tok, final)

@@ -1,15 +1,11 @@
-"""mode=train end to end on a smoke store: checkpoints, validation, metrics, NaN stop, and a
-SIGKILL after a checkpoint followed by a restart that reproduces the uninterrupted run."""
+"""mode=train end to end on a smoke store: checkpoints, validation, metrics, NaN stop, online
+teacher (kills and restarts: tests/faults/)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
-import jax
-import numpy as np
 import pytest
 
 from tests import test_extract as te
@@ -109,36 +105,6 @@ def test_non_finite_loss_stops_with_the_step(store, tmp_path):
                                    '--config.distill.logits_scale=1e38'))
   assert proc.returncode == 2
   assert 'jkd: error: train/' in proc.stderr and 'at step 1' in proc.stderr
-
-
-def test_sigkill_after_a_checkpoint_then_restart_reproduces_the_run(store, tmp_path):
-  args = ('--config.train.max_steps=24', '--config.train.val_check_interval=2',
-          '--config.train.save_interval=2', '--config.train.limit_val_batches=1')
-  whole = _run(_train_cli(store, tmp_path / 'whole', *args))
-  assert whole.returncode == 0, whole.stderr[-3000:]
-  ckpt = tmp_path / 'cut' / 'checkpoints'
-  victim = subprocess.Popen(_train_cli(store, tmp_path / 'cut', *args), cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while time.time() < deadline and victim.poll() is None:
-    if ckpt.is_dir() and any(d.isdigit() for d in os.listdir(ckpt)):
-      break
-    time.sleep(0.01)
-  os.kill(victim.pid, signal.SIGKILL)
-  victim.wait()
-  saved = [int(d) for d in os.listdir(ckpt) if d.isdigit()]
-  assert saved and max(saved) < 24, f'the kill landed outside the run (checkpoints {saved})'
-  resumed = _run(_train_cli(store, tmp_path / 'cut', *args))
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f'resumed from {tmp_path}/cut/checkpoints at step {max(saved)}' in resumed.stdout
-  a, b = _metrics(tmp_path / 'whole'), _metrics(tmp_path / 'cut')
-  assert sorted(a) == sorted(b) == list(range(1, 25))
-  for step in a:  # same data order and same arithmetic: identical losses, bit for bit
-    for key in ('train/loss', 'train/kd_loss', 'train/sft_loss', 'train/grad_norm'):
-      assert a[step][key] == b[step][key], (step, key)
-  (sa, pa), (sb, pb) = _final_params(tmp_path / 'whole'), _final_params(tmp_path / 'cut')
-  assert sa == sb == 24
-  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, pa, pb)))
 
 
 def test_online_teacher_equals_training_from_the_store(store, tmp_path):

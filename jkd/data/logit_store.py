@@ -25,6 +25,8 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from jkd import faults
+
 FORMAT = 'jkd-logit-store'
 SCHEMA_VERSION = 1
 VALUES_DTYPES = ('bfloat16', 'float32')
@@ -178,6 +180,7 @@ def _write_json(path, obj):
     json.dump(obj, f)
     f.flush()
     os.fsync(f.fileno())
+  faults.point('store.json_written')
   os.replace(tmp, path)
 
 
@@ -259,7 +262,7 @@ class Writer:
 
   def _create_or_check_meta(self):
     path = os.path.join(self.dir, 'manifest.json')
-    tmp = f'{path}.tmp-{uuid.uuid4().hex}'
+    tmp = f'{path}.tmp-p{self.process_index:05d}-{uuid.uuid4().hex}'
     with open(tmp, 'w') as f:
       json.dump(_meta_json(self.meta), f, indent=1)
     try:
@@ -275,12 +278,16 @@ class Writer:
       os.remove(tmp)
 
   def _remove_uncommitted(self):
-    """Blocks of this process that were never committed (a crash) are garbage: remove them."""
+    """What a crash of this process left half-written is garbage: blocks its manifest does not
+    name, and its temporary files (a manifest not yet renamed into place)."""
     names = {b['name'] for b in self._blocks}
     prefix = f'p{self.process_index:05d}-'
     for entry in os.listdir(os.path.join(self.dir, 'blocks')):
       if entry.startswith(f'.tmp-{prefix}') or (entry.startswith(prefix) and entry not in names):
         shutil.rmtree(os.path.join(self.dir, 'blocks', entry))
+    for tmp in (glob.glob(f'{self._manifest}.tmp-*') +
+                glob.glob(os.path.join(self.dir, f'manifest.json.tmp-{prefix}*'))):
+      os.remove(tmp)
 
   @property
   def committed(self) -> frozenset[int]:
@@ -316,13 +323,16 @@ class Writer:
     writes = [s.result().write(data[a].astype(dtypes[a])) for s, a in zip(stores, _ARRAYS)]
     for w in writes:
       w.result()
+    faults.point('store.block_arrays')
     block = {'indices': indices, 'num_tokens': [len(r.tokens) for r in recs],
              'num_rows': [len(r.lse[w]) for r, w in zip(recs, rows)]}
     _write_json(os.path.join(tmp, 'block.json'), block)
     if extras is not None:
-      with gzip.open(os.path.join(tmp, 'extras.json.gz'), 'wt') as f:
-        json.dump(extras, f)
+      with open(os.path.join(tmp, 'extras.json.gz'), 'wb') as raw:  # mtime 0: same bytes
+        with gzip.GzipFile(fileobj=raw, mode='wb', mtime=0) as f:
+          f.write(json.dumps(extras).encode())
     os.rename(tmp, os.path.join(self.dir, 'blocks', name))
+    faults.point('store.block_renamed')
     self._next += 1
     blocks = self._blocks + [{'name': name, 'indices': _runs(indices), 'num_examples': len(recs),
                               'num_tokens': int(sum(block['num_tokens'])),
@@ -332,6 +342,7 @@ class Writer:
     self._blocks = blocks  # committed: the manifest names it
     self._committed.update(indices)
     self._view = None
+    faults.point('store.block_committed')
 
   def close(self) -> None:
     """Nothing is buffered (every block commits in write_block); kept for symmetry."""

@@ -1,0 +1,60 @@
+"""Named fault points, where the fault suite (tests/faults/) kills a real jkd process.
+
+Code that commits state calls `point('stage.what')` at the moments a crash could land between
+two writes. Two environment variables drive it; with neither set (every real run), a point is
+one boolean test.
+
+- `JKD_FAULT_TRACE=FILE`: each point appends its name as one line to FILE, written straight to
+  the kernel (O_APPEND), so the trace survives a SIGKILL of the process.
+- `JKD_FAULT_KILL=[NAME@]N[:SECONDS]`: the N-th point this process passes (counting from 1,
+  after it is traced; only points called NAME when given) sends SIGKILL to the process, at once
+  or SECONDS later from a timer thread, so the kill lands inside whatever runs next (an
+  asynchronous checkpoint write, a block of store writes).
+
+The suite runs a job once with a trace to count its points, then kills it at seeded random
+points of that count, restarting it after each kill, and compares what the interrupted job
+wrote with the uninterrupted one's (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+_TRACE = os.environ.get('JKD_FAULT_TRACE', '')
+_KILL = os.environ.get('JKD_FAULT_KILL', '')
+_ON = bool(_TRACE or _KILL)
+_passed = 0
+
+
+def _kill_plan(spec: str) -> tuple[str, int, float]:
+  name, _, rest = spec.rpartition('@')
+  n, _, delay = rest.partition(':')
+  try:
+    return name, int(n), float(delay or 0)
+  except ValueError:
+    raise ValueError(f'JKD_FAULT_KILL={spec!r}: expected [NAME@]N[:SECONDS]') from None
+
+
+def point(name: str) -> None:
+  """A place where a crash must lose nothing; a no-op unless the fault suite is running."""
+  global _passed
+  if not _ON:
+    return
+  if _TRACE:
+    fd = os.open(_TRACE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      os.write(fd, f'{name}\n'.encode())
+    finally:
+      os.close(fd)
+  if _KILL:
+    only, n, delay = _kill_plan(_KILL)
+    if only and name != only:
+      return
+    _passed += 1
+    if _passed == n:
+      if delay > 0:
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+      else:
+        os.kill(os.getpid(), signal.SIGKILL)
