@@ -321,7 +321,8 @@ def run(config) -> dict[str, float]:
     mngr.close()
     metrics_out.close()
 
-  # The student as a model directory (and .nemo / HF when asked).
+  # The student as a model directory (and .nemo / HF when asked). A rerun (after a kill in here,
+  # or of a finished run) redoes them; a .nemo newer than the final checkpoint is this run's own.
   if ls.save_nemo_on_train_end or ls.export_nemo or ls.export_hf:
     final = os.path.join(ls.workdir, 'student')
     faults.point('train.export')
@@ -331,6 +332,9 @@ def run(config) -> dict[str, float]:
     from jkd import export
     nemo = ls.export_nemo or (os.path.join(ls.workdir, 'student.nemo')
                               if ls.save_nemo_on_train_end else '')
+    last_ckpt = os.path.join(ls.workdir, 'checkpoints', str(max_steps))
+    if nemo and os.path.isfile(nemo) and os.path.getmtime(nemo) >= os.path.getmtime(last_ckpt):
+      os.remove(nemo)  # anything else at that path is refused by the exporter
     export.export(final, nemo=nemo, hf=ls.export_hf, dtype='bfloat16')
   print(f'[train] {max_steps} steps; ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(last.items())
                                                     if k.endswith('loss')))

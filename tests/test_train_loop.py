@@ -55,12 +55,10 @@ def _final_params(workdir):
 
 
 def test_train_validates_checkpoints_and_logs(store, tmp_path):
-  proc = _run(_train_cli(store, tmp_path / 'run', '--config.train.max_steps=6',
-                                   '--config.train.val_check_interval=2',
-                                   '--config.train.save_interval=4',
-                                   '--config.train.limit_val_batches=2',
-                                   '--config.train.save_nemo_on_train_end=True',
-                                   f'--config.train.export_hf={tmp_path}/hf'))
+  args = ('--config.train.max_steps=6', '--config.train.val_check_interval=2',
+          '--config.train.save_interval=4', '--config.train.limit_val_batches=2',
+          '--config.train.save_nemo_on_train_end=True', f'--config.train.export_hf={tmp_path}/hf')
+  proc = _run(_train_cli(store, tmp_path / 'run', *args))
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = _metrics(tmp_path / 'run')
   assert sorted(rows) == [1, 2, 3, 4, 5, 6]
@@ -77,6 +75,14 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   cfg, params = from_nemo.load_nemo(str(tmp_path / 'run' / 'student.nemo'))
   assert cfg.num_layers == 2 and cfg.padded_vocab == 320  # no tokenizer here: V reads as P
   assert os.path.isfile(tmp_path / 'hf' / 'model.safetensors')
+  # A rerun of the finished run (as after a kill during the export) redoes only the exports; a
+  # .nemo older than the final checkpoint is not this run's, and is refused, not overwritten.
+  again = _run(_train_cli(store, tmp_path / 'run', *args))
+  assert again.returncode == 0 and 'at step 6' in again.stdout, again.stderr[-3000:]
+  os.utime(tmp_path / 'run' / 'student.nemo', (0, 0))
+  old = _run(_train_cli(store, tmp_path / 'run', *args))
+  assert old.returncode == 2 and 'student.nemo: already exists' in old.stderr, old.stderr
+  assert os.path.getmtime(tmp_path / 'run' / 'student.nemo') == 0
 
 
 def test_profile_traces_the_chosen_train_steps(store, tmp_path):
