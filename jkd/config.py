@@ -1,16 +1,28 @@
 """The edge between ml_collections ConfigDicts and the library's frozen dataclasses.
 
 Library functions take dataclasses or explicit keyword arguments, never a ConfigDict.
-Validation happens here, before any compile or I/O, and names the offending key.
+Validation happens here, before any compile or write, and names the offending key: first the
+config's keys and types against configs/base.py (`check_keys`), then values and their
+combinations (`validate`), which reads only the small metadata files of the inputs a run names
+(a model's model_config.json, a store's manifest.json).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
+import os
 from typing import Any
+
+from ml_collections import ConfigDict
 
 from jkd import model
 from jkd.data import chat
+
+# Declares every key; found next to the jkd package (a source checkout, `pip install -e .`).
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           'configs', 'base.py')
 
 MODES = ('pipeline', 'convert', 'extract', 'train', 'export')
 
@@ -41,8 +53,70 @@ def model_config(config) -> model.ModelConfig:
   return model.ModelConfig.from_dict(config.model.to_dict())
 
 
+@functools.cache
+def _base_module():
+  if not os.path.isfile(BASE_CONFIG):
+    raise ImportError(f'{BASE_CONFIG}: missing; jkd checks every config against the keys it '
+                      'declares, which a source checkout has (pip install -e .)')
+  spec = importlib.util.spec_from_file_location('jkd_configs_base', BASE_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def check_keys(config) -> None:
+  """Every key of configs/base.py present with its declared type, and no other key; one
+  ValueError naming them all. Ints pass for floats, lists for tuples, None only for keys whose
+  base value is None."""
+  problems = {'missing': [], 'wrong type': [], 'unknown': []}
+  _compare(_base_module().get_config(), config, '', problems)
+  found = [f'{what} {", ".join(keys)}' for what, keys in problems.items() if keys]
+  if found:
+    raise ValueError(f'config: {"; ".join(found)} (configs/base.py declares every key and its '
+                     'type)')
+
+
+def _compare(base, config, prefix, problems) -> None:
+  for key in base.keys():
+    name, want = prefix + key, base[key]
+    if key not in config:
+      problems['missing'].append(name)
+      continue
+    got = config[key]
+    if isinstance(want, ConfigDict):
+      if isinstance(got, ConfigDict):
+        _compare(want, got, name + '.', problems)
+      else:
+        problems['wrong type'].append(f'{name}={got!r} (a section in base)')
+      continue
+    declared = base.get_ref(key).get_type()  # a placeholder's type, though its value is None
+    if not _type_ok(declared, want, got):
+      problems['wrong type'].append(f'{name}={got!r} ({type(got).__name__}, base has '
+                                    f'{declared.__name__})')
+  problems['unknown'] += [prefix + k for k in config.keys() if k not in base]
+
+
+def _type_ok(declared, base_value, value) -> bool:
+  if value is None:
+    return base_value is None  # a placeholder
+  if declared is bool or isinstance(value, bool):  # a bool is an int: never mix them
+    return declared is bool and isinstance(value, bool)
+  if declared in (tuple, list):
+    return isinstance(value, (tuple, list))
+  if declared is float:
+    return isinstance(value, (int, float))
+  return isinstance(value, declared)
+
+
 def validate(config) -> None:
-  """Checks the whole config up front; raises ValueError naming the key."""
+  """Checks the whole config up front; raises ValueError naming the key.
+
+  Per mode, config-only checks come first, then the paths: inputs must exist, and no output
+  may be an input, lie inside one, or be another output. The model_config.json of a teacher or
+  student directory and a store's manifest.json are read for what they rule out (positions,
+  vocabulary, K); nothing is written or compiled.
+  """
+  check_keys(config)
   if config.mode not in MODES:
     raise ValueError(f'mode={config.mode!r}: unknown; expected one of {MODES}')
   from jkd import distributed
@@ -50,52 +124,170 @@ def validate(config) -> None:
   mesh = mesh_config(config)
   import jax  # deferred: the backend starts only once the config is known to be sane
   from jkd import sharding
-  sharding.mesh_shape(mesh.shape, jax.device_count())
+  shape = sharding.mesh_shape(mesh.shape, jax.device_count())
   _validate_profile(config)
-  if config.mode == 'pipeline':
-    p = config.pipeline
-    if p.teacher == 'random':
-      model_config(config)
-    for key in ('student_layers', 'num_samples', 'max_new_tokens'):
-      if p[key] <= 0:
-        raise ValueError(f'pipeline.{key}={p[key]}: must be positive')
-    if p.calibration_examples < 0:
-      raise ValueError(f'pipeline.calibration_examples={p.calibration_examples}: must be >= 0')
-    _validate_extract(config)  # the stages it runs, before any of them starts
-    from jkd import train
-    train.validate_config(config)
-  if config.mode == 'convert':
-    for key in ('source', 'output'):
-      if not config.convert[key]:
-        raise ValueError(f'convert.{key} is empty: set --config.convert.{key}=PATH')
-  if config.mode == 'extract':
-    for key in ('teacher', 'output'):
-      if not config.extract[key]:
-        raise ValueError(f'extract.{key} is empty: set --config.extract.{key}=PATH')
-    if not config.data.train_file and not config.data.validation_file:
-      raise ValueError('data.train_file and data.validation_file are both empty')
-    _validate_extract(config)
-  if config.mode == 'train':
-    if not config.train.student:  # random init: the model comes from config.model
-      model_config(config)
-    source = config.distill.teacher_source
-    if source not in ('store', 'online'):
-      raise ValueError(f'distill.teacher_source={source!r}: expected store or online')
-    if source == 'store' and not config.train.store:
-      raise ValueError('train.store is empty: set --config.train.store=STORE (from mode=extract)'
-                       " or distill.teacher_source='online'")
-    if source == 'online' and (not config.extract.teacher or not config.data.train_file):
-      raise ValueError("distill.teacher_source='online' needs extract.teacher and "
-                       'data.train_file')
-    from jkd import train  # the store's K is checked again by the loop once the store is open
-    train.validate_config(config)
-  if config.mode == 'export':
-    if not config.export.source:
-      raise ValueError('export.source is empty: set --config.export.source=MODEL_DIR')
-    if not config.export.nemo and not config.export.hf:
-      raise ValueError('export.nemo and export.hf are both empty: set at least one')
-    if config.export.dtype not in ('bfloat16', 'float32'):
-      raise ValueError(f'export.dtype={config.export.dtype!r}: expected bfloat16 or float32')
+  {'pipeline': _validate_pipeline, 'convert': _validate_convert, 'extract': _validate_extract,
+   'train': _validate_train, 'export': _validate_export}[config.mode](config, shape)
+
+
+def _validate_pipeline(config, mesh_shape) -> None:
+  p = config.pipeline
+  if p.teacher == 'random':
+    cfg = model_config(config)
+    _check_model(cfg, config, 'config.model')
+    if p.student_layers > cfg.num_layers:
+      raise ValueError(f'pipeline.student_layers={p.student_layers}: exceeds the random '
+                       f'teacher\'s model.num_layers={cfg.num_layers}')
+  for key in ('student_layers', 'num_samples', 'max_new_tokens'):
+    if p[key] <= 0:
+      raise ValueError(f'pipeline.{key}={p[key]}: must be positive')
+  if p.calibration_examples < 0:
+    raise ValueError(f'pipeline.calibration_examples={p.calibration_examples}: must be >= 0')
+  _extract_settings(config, mesh_shape)  # the stages it runs, before any of them starts
+  _train_settings(config, stored_k=config.extract.top_k)
+  _needs_torch('mode=pipeline', 'exporting .nemo')
+
+
+def _validate_convert(config, mesh_shape) -> None:
+  for key in ('source', 'output'):
+    if not config.convert[key]:
+      raise ValueError(f'convert.{key} is empty: set --config.convert.{key}=PATH')
+  _check_paths(config, ('convert.source',), ('convert.output',))
+
+
+def _validate_extract(config, mesh_shape) -> None:
+  for key in ('teacher', 'output'):
+    if not config.extract[key]:
+      raise ValueError(f'extract.{key} is empty: set --config.extract.{key}=PATH')
+  if not config.data.train_file and not config.data.validation_file:
+    raise ValueError('data.train_file and data.validation_file are both empty')
+  _extract_settings(config, mesh_shape)
+  _check_paths(config, ('extract.teacher', 'data.train_file', 'data.validation_file'),
+               ('extract.output',))
+  _check_teacher(config)
+
+
+def _validate_train(config, mesh_shape) -> None:
+  source = config.distill.teacher_source
+  if source not in ('store', 'online'):
+    raise ValueError(f'distill.teacher_source={source!r}: expected store or online')
+  online = source == 'online'
+  if not online and not config.train.store:
+    raise ValueError('train.store is empty: set --config.train.store=STORE (from mode=extract)'
+                     " or distill.teacher_source='online'")
+  if online and (not config.extract.teacher or not config.data.train_file):
+    raise ValueError("distill.teacher_source='online' needs extract.teacher and "
+                     'data.train_file')
+  if online and config.distill.cross_tokenizer:  # the student would read teacher token ids
+    raise ValueError("distill.cross_tokenizer=True: distill.teacher_source='online' feeds the "
+                     "student the teacher's tokens, so both need one tokenizer")
+  import jax
+  if jax.process_count() > 1 and not config.train.pad_to_max_length:  # rows share one L
+    raise ValueError(f'train.pad_to_max_length=False: needs one process '
+                     f'({jax.process_count()} would pad their rows to different lengths)')
+  _train_settings(config, stored_k=config.extract.top_k if online else None)
+  if config.train.save_nemo_on_train_end or config.train.export_nemo:
+    _needs_torch('train.export_nemo' if config.train.export_nemo
+                 else 'train.save_nemo_on_train_end', 'writing .nemo')
+  inputs = ('train.student', 'train.store', 'train.restore_from_path')
+  _check_paths(config, inputs + (('extract.teacher', 'data.train_file', 'data.validation_file')
+                                 if online else ()),
+               ('workdir', 'train.export_nemo', 'train.export_hf'))
+  student, where = model_config(config), 'config.model'  # random init
+  if config.train.student:
+    student = model.load_config(config.train.student)
+    where = os.path.join(config.train.student, model.CONFIG_FILE)
+  _check_model(student, config, where)
+  if online:
+    teacher_vocab = _check_teacher(config).vocab_size
+    teacher_where = os.path.join(config.extract.teacher, model.CONFIG_FILE)
+  else:  # the store's manifest (the loop checks the same once more when it opens the store)
+    from jkd.data import logit_store
+    split = os.path.join(config.train.store, 'train')
+    meta, teacher_where = logit_store.read_meta(split), os.path.join(split, 'manifest.json')
+    top_k, teacher_vocab = config.distill.top_k, meta.vocab_size
+    if top_k is not None and top_k > meta.k:
+      raise ValueError(f'distill.top_k={top_k}: exceeds k={meta.k} of {teacher_where}')
+  if student.vocab_size != teacher_vocab and not config.distill.cross_tokenizer:
+    raise ValueError(f'{teacher_where}: the teacher\'s vocab_size {teacher_vocab} differs from '
+                     f'the student\'s {student.vocab_size} ({where}); set '
+                     'distill.cross_tokenizer')
+
+
+def _validate_export(config, mesh_shape) -> None:
+  if not config.export.source:
+    raise ValueError('export.source is empty: set --config.export.source=MODEL_DIR')
+  if not config.export.nemo and not config.export.hf:
+    raise ValueError('export.nemo and export.hf are both empty: set at least one')
+  if config.export.dtype not in ('bfloat16', 'float32'):
+    raise ValueError(f'export.dtype={config.export.dtype!r}: expected bfloat16 or float32')
+  if config.export.nemo:
+    _needs_torch('export.nemo', 'writing .nemo')
+  _check_paths(config, ('export.source',), ('export.nemo', 'export.hf'))
+
+
+def _train_settings(config, stored_k) -> None:
+  """The training keys (jkd.train_config, then the loop's own); stored_k: the teacher's K."""
+  from jkd import train
+  from jkd.data import loader
+  train.validate_config(config, stored_k=stored_k)
+  n = config.data.max_seq_length
+  if n < loader.PAD_MULTIPLE or n % loader.PAD_MULTIPLE:
+    raise ValueError(f'data.max_seq_length={n}: training needs a positive multiple of '
+                     f'{loader.PAD_MULTIPLE} (rows are padded to multiples of it)')
+  for key, low in (('checkpoint_max_to_keep', 1), ('worker_count', 0)):
+    if config.train[key] < low:
+      raise ValueError(f'train.{key}={config.train[key]}: must be >= {low}')
+
+
+def _check_model(cfg: model.ModelConfig, config, where: str) -> None:
+  """What a model's architecture rules out: positions beyond a learned position table."""
+  n = config.data.max_seq_length
+  if cfg.position_embedding_type == 'learned_absolute' and n > cfg.max_position_embeddings:
+    raise ValueError(f'data.max_seq_length={n}: exceeds max_position_embeddings='
+                     f'{cfg.max_position_embeddings} of {where} (learned_absolute positions '
+                     'have no embedding beyond it)')
+
+
+def _check_teacher(config) -> model.ModelConfig:
+  """extract.teacher's model config, after what it rules out."""
+  path = os.path.join(config.extract.teacher, model.CONFIG_FILE)
+  cfg = model.load_config(config.extract.teacher)
+  _check_model(cfg, config, path)
+  if config.extract.top_k > cfg.vocab_size:
+    raise ValueError(f'extract.top_k={config.extract.top_k}: exceeds vocab_size={cfg.vocab_size}'
+                     f' of {path}')
+  return cfg
+
+
+def _needs_torch(key: str, what: str) -> None:
+  if importlib.util.find_spec('torch') is None:
+    raise ImportError(f'{key}: {what} needs torch (CPU is enough): pip install "jkd[convert]"')
+
+
+def _check_paths(config, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
+  """Set inputs exist; no set output is an input, lies inside one, or repeats an output."""
+  seen: dict[str, str] = {}  # real path -> key
+  for key in inputs + outputs:
+    path = _get(config, key)
+    if not path:
+      continue
+    real = os.path.realpath(path)
+    if key in inputs and not os.path.exists(path):
+      raise FileNotFoundError(f'{path}: no such file or directory ({key})')
+    for other, other_key in seen.items():
+      if key in outputs and (real == other or (other_key in inputs and real.startswith(
+          other + os.sep))):
+        raise ValueError(f'{key}={path!r}: {"is" if real == other else "lies inside"} '
+                         f'{other_key}={_get(config, other_key)!r}; outputs must not touch '
+                         'inputs or each other')
+    seen.setdefault(real, key)
+
+
+def _get(config, key: str):
+  for part in key.split('.'):
+    config = config[part]
+  return config
 
 
 def _validate_profile(config) -> None:
@@ -109,17 +301,30 @@ def _validate_profile(config) -> None:
     raise ValueError(f'profile.host_tracer_level={p.host_tracer_level}: expected 0..3')
 
 
-def _validate_extract(config) -> None:
-  """mode=extract's settings, paths aside."""
-  if config.extract.examples_per_chunk < 0 or config.extract.chunk_index < 0:
+def _extract_settings(config, mesh_shape: tuple[int, ...]) -> None:
+  """mode=extract's settings, paths aside; mesh_shape: config.mesh.shape resolved."""
+  e = config.extract
+  if e.examples_per_chunk < 0 or e.chunk_index < 0:
     raise ValueError('extract.examples_per_chunk and extract.chunk_index must be >= 0')
+  if e.start_idx < 0 or e.end_idx < -1 or 0 <= e.end_idx < e.start_idx:
+    raise ValueError(f'extract.start_idx={e.start_idx}, extract.end_idx={e.end_idx}: expected '
+                     '0 <= start_idx <= end_idx, or end_idx=-1 (to the end)')
   for key in ('top_k', 'batch_size', 'vocab_tile', 'min_bucket'):
-    if config.extract[key] <= 0:
-      raise ValueError(f'extract.{key}={config.extract[key]}: must be positive')
+    if e[key] <= 0:
+      raise ValueError(f'extract.{key}={e[key]}: must be positive')
+  if config.data.max_seq_length <= 0:
+    raise ValueError(f'data.max_seq_length={config.data.max_seq_length}: must be positive')
+  from jkd.train_config import data_parallel_size
+  mesh = mesh_config(config)
+  shards = data_parallel_size(dict(zip(mesh.axes, mesh_shape)), mesh.rules)
+  if e.batch_size % shards:  # every batch row lives on one data-parallel shard
+    raise ValueError(f'extract.batch_size={e.batch_size}: must be a multiple of the {shards} '
+                     f'devices the batch is split over (mesh.shape={mesh_shape})')
   if config.data.format not in chat.FORMATS:
     raise ValueError(f'data.format={config.data.format!r}: expected one of '
                      f'{", ".join(chat.FORMATS)}')
-  for key, allowed in (('values_dtype', ('bfloat16', 'float32')),
-                       ('dtype', ('bfloat16', 'float32'))):
-    if config.extract[key] not in allowed:
-      raise ValueError(f'extract.{key}={config.extract[key]!r}: expected one of {allowed}')
+  from jkd.data import logit_store
+  for key, allowed in (('values_dtype', logit_store.VALUES_DTYPES),
+                       ('dtype', tuple(model.DTYPES)), ('codec', logit_store.CODECS)):
+    if e[key] not in allowed:
+      raise ValueError(f'extract.{key}={e[key]!r}: expected one of {allowed}')

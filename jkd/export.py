@@ -45,8 +45,12 @@ def export(source: str, *, nemo: str = '', hf: str = '', dtype: str = 'bfloat16'
         tok_dir = os.path.join(tmp, 'tok')
         os.makedirs(tok_dir)
         for name, data in tok.files.items():
-          with open(os.path.join(tok_dir, name), 'wb') as f:
-            f.write(data)
+          path = os.path.join(tok_dir, name)
+          try:
+            with open(path, 'wb') as f:
+              f.write(data)
+          except OSError as e:  # a failed write (a full disk) does not name its file
+            raise OSError(e.errno, e.strerror, path) from None
       written.append(to_hf.export_hf(cfg, params, hf, dtype=dtype, tokenizer_dir=tok_dir,
                                      bos_token_id=tok.bos_id if tok else None,
                                      eos_token_id=tok.eos_id if tok else None))

@@ -16,6 +16,10 @@ from ml_collections import config_flags
 from jkd import config as jkd_config
 from jkd import distributed
 
+# Expected failures (bad config, bad input files, a full disk): one line, exit 2, no traceback.
+# FileNotFoundError and PermissionError are OSErrors; UnicodeDecodeError is a ValueError.
+ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                           lock_config=True)
 
@@ -33,19 +37,46 @@ def main(argv):
   if config is None:
     raise app.UsageError('--config is required, e.g. --config configs/smoke.py')
   try:
+    jkd_config.check_keys(config)  # a config lacking `distributed` fails here, not below
     distributed.initialize(config)  # before anything starts the backend (validate does)
     jkd_config.validate(config)
     import jax
     print(f'[jkd] mode={config.mode} process {jax.process_index()}/{jax.process_count()}, '
           f'{jax.device_count()} {jax.devices()[0].platform} devices')
     importlib.import_module(_MODES[config.mode]).run(config)
-  except (ValueError, FileNotFoundError, PermissionError, OSError, ImportError,
-          FloatingPointError) as e:
+  except ERRORS as e:
     if os.environ.get('JKD_TRACEBACK'):
       raise
-    print(f'jkd: error: {e}', file=sys.stderr)
+    print(error_line(e), file=sys.stderr)
+    sys.exit(2)
+
+
+def error_line(e: BaseException) -> str:
+  """'jkd: error: <file>: <problem>' on one line (an OSError of the system names its file)."""
+  if isinstance(e, OSError) and e.filename is not None and e.strerror:
+    files = e.filename if e.filename2 is None else f'{e.filename} -> {e.filename2}'
+    msg = f'{files}: {e.strerror}'
+  else:
+    msg = str(e)
+  return 'jkd: error: ' + ' '.join(msg.splitlines())
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad flag or a config file that fails to load (a syntax error,
+  an exception in get_config) as one line and exit 2, not absl's two lines or a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # flags.Error, or what loading the config file raised
+    if os.environ.get('JKD_TRACEBACK'):
+      raise
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError str is a repr
+    head, tb, rest = msg.partition('Traceback (most recent call last):')
+    if tb:  # config_flags quotes the config file's traceback: keep its last line
+      msg = f'{head.strip()} {rest.strip().splitlines()[-1]}'
+    print(error_line(ValueError(msg if isinstance(e, flags.Error) else f'--config: {msg}')),
+          file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -253,4 +253,11 @@ def load(model_dir: str) -> Tokenizer:
   if tok.vocab_size != meta['vocab_size']:
     raise ValueError(f'{meta_path}: vocab_size {meta["vocab_size"]} but the files give '
                      f'{tok.vocab_size}')
+  from jkd import model  # deferred: jax
+  config_path = os.path.join(model_dir, model.CONFIG_FILE)
+  if os.path.isfile(config_path):  # ids without a logit in the model would be clipped silently
+    vocab = model.load_config(model_dir).vocab_size
+    if tok.vocab_size > vocab:
+      raise ValueError(f'{folder}: the tokenizer has {tok.vocab_size} tokens, more than the '
+                       f'vocab_size {vocab} of {config_path}')
   return tok

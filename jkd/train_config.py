@@ -84,6 +84,10 @@ class TrainConfig:
       fail('min_lr', f'must be below lr={self.lr} (NeMo CosineAnnealing)')
     if self.max_steps == 0 or self.max_steps < -1:
       fail('max_steps', 'must be positive, or -1 to run max_epochs')
+    if self.limit_train_batches == 0 or self.limit_train_batches < -1:
+      fail('limit_train_batches', 'must be positive, or -1 for all')
+    if self.limit_val_batches < -1:
+      fail('limit_val_batches', 'must be >= 0, or -1 for the whole split')
     if self.max_steps == -1 and self.max_epochs <= 0:
       fail('max_epochs', 'must be positive when train.max_steps=-1')
     if self.max_steps > 0 and self.warmup_steps + self.constant_steps > self.max_steps:
@@ -155,5 +159,6 @@ def validate_config(config, stored_k: int | None = None, n_devices: int | None =
     raise ValueError(f'train.save_interval={tc.save_interval}: must be a multiple of '
                      f'val_check_interval={tc.val_check_interval} (NeMo asserts it)')
   if tc.top_k is not None and stored_k is not None and tc.top_k > stored_k:
-    raise ValueError(f'distill.top_k={tc.top_k}: exceeds the K={stored_k} in the logit store')
+    raise ValueError(f'distill.top_k={tc.top_k}: exceeds the teacher\'s K={stored_k} '
+                     '(extract.top_k, the K of the logit store)')
   return tc

@@ -375,15 +375,22 @@ def collate(examples: list[dict], pad_id: int, multiple: int = 8,
 def read_jsonl(path: str, tok, *, fmt: str = 'chat', max_seq_length: int | None,
                chat_tokens: ChatTokens = ChatTokens(), **plain_kwargs) -> list[dict]:
   """Examples (tokens, labels, loss_mask, index) of a chat, chatml or plain JSONL file, in file
-  order; `index` counts records (blank lines are skipped). `plain_kwargs` go to `encode_plain`."""
+  order; `index` counts records (blank lines are skipped). `plain_kwargs` go to `encode_plain`.
+
+  Examples longer than `max_seq_length` are cut on the right, as NeMo's collate cuts them
+  (the plain format first cuts its truncation field, as NeMo's dataset does). A record that
+  cannot be read (not UTF-8, not JSON, not the format) and a file without records are errors
+  naming the file and line.
+  """
   if fmt not in FORMATS:
     raise ValueError(f'format {fmt!r}: expected one of {", ".join(FORMATS)}')
   examples = []
-  with open(path, encoding='utf-8') as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
+  with open(path, 'rb') as f:
+    for lineno, raw in enumerate(f, 1):
       try:
+        line = raw.decode('utf-8')
+        if not line.strip():
+          continue
         record = json.loads(line)
         if fmt == 'chat':
           ids, mask = encode_chat(record, tok, tokens=chat_tokens)
@@ -391,9 +398,11 @@ def read_jsonl(path: str, tok, *, fmt: str = 'chat', max_seq_length: int | None,
           ids, mask = encode_chatml(record, tok)
         else:
           ids, mask = encode_plain(record, tok, max_seq_length=max_seq_length, **plain_kwargs)
-      except ValueError as e:  # json.JSONDecodeError is a ValueError too
+      except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f'{path}:{lineno}: {e}') from None
       example = to_example(ids, mask, max_seq_length)
       example['index'] = len(examples)
       examples.append(example)
+  if not examples:
+    raise ValueError(f'{path}: no records (an empty data file)')
   return examples

@@ -6,6 +6,12 @@ length), its reader ChunkedJsonl is spec §4: chunk c of `n_chunks` replaces the
 ChunkedJsonl does not (every chunk present, exact line counts, ids, order, finiteness) and
 raises one clear line; export writes chunks NeMo's trainer reads unchanged. Everything goes
 through logit_store's public API; the store layout stays in that module.
+
+    python -m jkd.data.nemo_jsonl import TEMPLATE STORE --split train --n-chunks N \
+        --n-examples-per-chunk M --k K --vocab-size V [--pad-id EOS] [--sort] ...
+    python -m jkd.data.nemo_jsonl export STORE TEMPLATE --split train [--n-examples-per-chunk M]
+
+(errors: one line naming the file, exit 2, as jkd.main).
 """
 
 from __future__ import annotations
@@ -70,7 +76,8 @@ def import_chunks(path_template: str, root: str, split: str, meta: StoreMeta, *,
   paths = chunk_paths(path_template, n_chunks)
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing:
-    raise FileNotFoundError(f'{len(missing)} of {n_chunks} NeMo chunk files missing: {", ".join(missing)}')
+    raise FileNotFoundError(f'{missing[0]}: no such file ({len(missing)} of {n_chunks} NeMo '
+                            f'chunk files missing: {", ".join(missing)})')
   for p in paths:
     if (n := _count_records(p)) != n_examples_per_chunk:
       raise ValueError(f'{p}: {n} records, but n_examples_per_chunk={n_examples_per_chunk}')
@@ -136,3 +143,54 @@ def export_chunks(root: str, split: str, path_template: str, *,
         f.write(json.dumps(_to_nemo(r[i], r.extras(i))) + '\n')
     os.replace(tmp, path)
   return len(paths)
+
+
+def main(argv=None) -> int:
+  import argparse
+  import sys
+
+  from jkd.main import ERRORS, error_line
+  p = argparse.ArgumentParser(prog='python -m jkd.data.nemo_jsonl',
+                              description='NeMo-Aligner KD chunks <-> a jkd logit store')
+  sub = p.add_subparsers(dest='command', required=True)
+  imp = sub.add_parser('import', help='NeMo chunks -> store split')
+  imp.add_argument('template', help=f'chunk path with the literal {CHUNK_ID}')
+  imp.add_argument('store')
+  imp.add_argument('--n-chunks', type=int, required=True)
+  imp.add_argument('--n-examples-per-chunk', type=int, required=True)
+  imp.add_argument('--k', type=int, required=True, help='top-K width of the records')
+  imp.add_argument('--vocab-size', type=int, required=True, help="the teacher's vocabulary")
+  imp.add_argument('--values-dtype', default='bfloat16', choices=('bfloat16', 'float32'))
+  imp.add_argument('--pad-id', type=int, help='eos id: strips the batch padding')
+  imp.add_argument('--sort', action='store_true', help='sort rows that are not descending')
+  imp.add_argument('--index', default='field', choices=('field', 'position'),
+                   help="key examples by the record's index, or by chunk * n + line")
+  imp.add_argument('--teacher-fingerprint', default='')
+  imp.add_argument('--tokenizer-fingerprint', default='')
+  exp = sub.add_parser('export', help='store split -> NeMo chunks')
+  exp.add_argument('store')
+  exp.add_argument('template')
+  exp.add_argument('--n-examples-per-chunk', type=int)
+  for q in (imp, exp):
+    q.add_argument('--split', default='train')
+  a = p.parse_args(argv)
+  try:
+    if a.command == 'import':
+      meta = StoreMeta(k=a.k, vocab_size=a.vocab_size, values_dtype=a.values_dtype,
+                       teacher_fingerprint=a.teacher_fingerprint,
+                       tokenizer_fingerprint=a.tokenizer_fingerprint)
+      n = import_chunks(a.template, a.store, a.split, meta, n_chunks=a.n_chunks,
+                        n_examples_per_chunk=a.n_examples_per_chunk, pad_id=a.pad_id,
+                        sort=a.sort, index=a.index)
+      print(f'[nemo_jsonl] imported {n} examples -> {a.store}/{a.split}')
+    else:
+      n = export_chunks(a.store, a.split, a.template, n_examples_per_chunk=a.n_examples_per_chunk)
+      print(f'[nemo_jsonl] {a.store}/{a.split} -> {n} chunks {a.template}')
+  except ERRORS as e:
+    print(error_line(e), file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())

@@ -365,8 +365,11 @@ def open_nemo(archive: nemo_archive.NemoArchive):
   if raw.get('tokenizer'):
     tok = tokenizer.from_nemo(archive, raw['tokenizer'], f'{archive.path}: model_config.yaml')
   if archive.exists('model_weights/metadata.json'):
-    meta = json.loads(archive.read_text('model_weights/metadata.json'))
-    backend = meta.get('sharded_backend')
+    try:
+      meta = json.loads(archive.read_text('model_weights/metadata.json'))
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{archive.path}: model_weights/metadata.json: invalid JSON ({e})') from None
+    backend = meta.get('sharded_backend') if isinstance(meta, dict) else None
     if backend not in _DIST_BACKENDS:
       raise ValueError(f'{archive.path}: model_weights/metadata.json: sharded_backend='
                        f'{backend!r} is not supported (supported: {sorted(_DIST_BACKENDS)})')

@@ -1,7 +1,8 @@
 """A `.nemo` checkpoint as a tar (uncompressed or gzip) or an extracted directory.
 
 Every member is checked before anything is read: no absolute paths, no `..`, no links
-leaving the archive, only regular files and directories. Uncompressed tars are read in
+leaving the archive, only regular files and directories, and the archive must end after its
+last member (tarfile stops quietly at a cut or garbled header). Uncompressed tars are read in
 place (members are seekable); gzip tars are extracted, after the same checks, into a
 temporary directory because random access into a gzip stream costs a full decompression.
 """
@@ -13,6 +14,7 @@ import posixpath
 import shutil
 import tarfile
 import tempfile
+import zlib
 from typing import IO
 
 
@@ -45,8 +47,13 @@ class NemoArchive:
         raise ValueError(f'{path}: not a .nemo tar archive ({e})') from None
     try:
       members = tar.getmembers()
-    except (tarfile.TarError, EOFError, OSError) as e:
+      ended = _ends_after(tar, members)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
       raise ValueError(f'{path}: truncated or corrupt tar ({e})') from None
+    if not ended:  # tarfile stops quietly at a cut or garbled header: members would be missing
+      last = repr(_normalise(members[-1].name)) if members else 'none'
+      raise ValueError(f'{path}: truncated or corrupt tar (no end-of-archive marker after the '
+                       f'last readable member, {last})')
     self._members = {}
     for m in members:
       self._check_member(m)
@@ -54,8 +61,13 @@ class NemoArchive:
         self._members[_normalise(m.name)] = m
     if _is_gzip(path):
       self._tmp = tempfile.mkdtemp(prefix='jkd-nemo-')
-      tar.extractall(self._tmp, members=[m for m in members if m.isfile() or m.isdir()],
-                     filter='data')
+      try:
+        tar.extractall(self._tmp, members=[m for m in members if m.isfile() or m.isdir()],
+                       filter='data')
+      except (tarfile.TarError, EOFError, zlib.error) as e:
+        tar.close()
+        self.close()
+        raise ValueError(f'{path}: corrupt gzip tar ({e})') from None
       tar.close()
       self._root = os.path.realpath(self._tmp)
     else:
@@ -171,6 +183,14 @@ class NemoArchive:
           with self._tar.extractfile(member) as src, open(out, 'wb') as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     return dest
+
+
+def _ends_after(tar: tarfile.TarFile, members: list[tarfile.TarInfo]) -> bool:
+  """Whether the two zero blocks that end a tar follow the last member's data."""
+  end = max((m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+             for m in members), default=0)
+  tar.fileobj.seek(end)
+  return tar.fileobj.read(2 * tarfile.BLOCKSIZE) == bytes(2 * tarfile.BLOCKSIZE)
 
 
 def _is_gzip(path: str) -> bool:

@@ -21,6 +21,7 @@ from typing import Callable
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from jkd import model
@@ -239,16 +240,22 @@ def export_hf(cfg: model.ModelConfig, params: model.Params, out_dir: str, *,
       tensors[name.format(i)] = np.ascontiguousarray(w.astype(DTYPES[dtype], copy=False))
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
+  config_path = os.path.join(out_dir, CONFIG_FILE)
+  if os.path.exists(config_path):  # an earlier export's: incomplete until the new one lands
+    os.remove(config_path)
   if tokenizer_dir is not None:
     _copy_tokenizer(tokenizer_dir, out_dir)
-  # transformers refuses safetensors files without a 'format' metadata entry.
-  save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={'format': 'pt'})
+  weights = os.path.join(out_dir, WEIGHTS_FILE)
+  try:  # transformers refuses safetensors files without a 'format' metadata entry
+    save_file(tensors, weights, metadata={'format': 'pt'})
+  except (OSError, SafetensorError) as e:  # a full disk, ...: neither names the file
+    raise OSError(f'{weights}: {getattr(e, "strerror", None) or e}') from None
   del tensors
   config = hf_config(cfg, dtype, bos_token_id, eos_token_id)
-  tmp = os.path.join(out_dir, CONFIG_FILE + '.tmp')
+  tmp = config_path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(config, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(out_dir, CONFIG_FILE))  # config last: marks the dir complete
+  os.replace(tmp, config_path)  # config last: marks the dir complete
   return out_dir
 
 

@@ -1,0 +1,174 @@
+"""jkd.config.validate rejects impossible configs at start-up: a ValueError naming the keys, with
+nothing written to disk and nothing compiled (jax's compile log stays empty)."""
+
+import importlib
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from ml_collections import ConfigDict
+
+from configs import base
+from jkd import config as jkd_config
+from jkd.data import logit_store
+
+
+def _config(tmp, mode, **keys):
+  """configs/base.py in `mode` with paths under tmp and `keys` ('section__key') overridden."""
+  c = base.get_config()
+  c.mode, c.workdir = mode, str(tmp / 'run')
+  c.extract.teacher, c.extract.output = str(tmp / 'teacher'), str(tmp / 'store')
+  c.train.store, c.data.train_file = str(tmp / 'store'), str(tmp / 'train.jsonl')
+  c.convert.source, c.convert.output = str(tmp / 'model.nemo'), str(tmp / 'out')
+  c.export.source, c.export.hf = str(tmp / 'model'), str(tmp / 'hf')
+  c.train.global_batch_size, c.data.max_seq_length = 8, 64
+  for key, value in keys.items():
+    section, _, name = key.rpartition('__')
+    (c[section] if section else c)[name] = value
+  return c
+
+
+def _inputs(tmp, vocab=512, k=100):
+  """What the modes read: a teacher dir with model_config.json, data, a store's train split."""
+  (tmp / 'teacher').mkdir()
+  cfg = jkd_config.model_config(base.get_config())
+  (tmp / 'teacher' / 'model_config.json').write_text(json.dumps(cfg.to_dict()))
+  (tmp / 'train.jsonl').write_text('{"input": "a", "output": "b"}\n')
+  (tmp / 'model.nemo').write_bytes(b'')
+  (tmp / 'model').mkdir()
+  logit_store.Writer(str(tmp / 'store'), 'train', logit_store.StoreMeta(k=k, vocab_size=vocab),
+                     process_index=0)
+
+
+def _missing(c):
+  c.unlock()
+  del c['distill']
+  return c
+
+
+def _wrong_type(c):
+  d = c.to_dict()
+  d['train']['lr'], d['mesh']['shape'] = 'fast', 8
+  return ConfigDict(d)
+
+
+def _unknown(c):
+  c.unlock()
+  c.train.learning_rate = 1e-4
+  return c
+
+
+CASES = {  # id: (mode, keys, change or None, keys the message must name)
+    'missing key': ('train', {}, _missing, ['distill']),
+    'wrong types': ('train', {}, _wrong_type, ['train.lr', 'mesh.shape']),
+    'unknown key': ('train', {}, _unknown, ['train.learning_rate']),
+    'extract batch vs mesh': ('extract', {'extract__batch_size': 6, 'mesh__shape': (2, 2, 2)},
+                              None, ['extract.batch_size', 'mesh.shape']),
+    'extract range': ('extract', {'extract__start_idx': 9, 'extract__end_idx': 3}, None,
+                      ['extract.start_idx', 'extract.end_idx']),
+    'extract codec': ('extract', {'extract__codec': 'lz4'}, None, ['extract.codec']),
+    'store inside the teacher': ('extract', {'extract__output': 'TMP/teacher/store'}, None,
+                                 ['extract.output', 'extract.teacher']),
+    'convert onto its source': ('convert', {'convert__output': 'TMP/model.nemo'}, None,
+                                ['convert.output', 'convert.source']),
+    'export twice to one path': ('export', {'export__nemo': 'TMP/hf'}, None,
+                                 ['export.hf', 'export.nemo']),
+    'workdir is the store': ('train', {'workdir': 'TMP/store'}, None, ['workdir', 'train.store']),
+    'top_k above the store K': ('train', {'distill__top_k': 101}, None,
+                                ['distill.top_k', 'store/train/manifest.json']),
+    'student vocab vs store': ('train', {'model__vocab_size': 300}, None,
+                               ['store/train/manifest.json', 'config.model',
+                                'distill.cross_tokenizer']),
+    'top_k above extract.top_k online': (
+        'train', {'distill__teacher_source': 'online', 'extract__top_k': 8, 'distill__top_k': 16},
+        None, ['distill.top_k', 'extract.top_k']),
+    'online with cross_tokenizer': (
+        'train', {'distill__teacher_source': 'online', 'distill__cross_tokenizer': True}, None,
+        ['distill.cross_tokenizer', 'distill.teacher_source']),
+    'seq length not a multiple of 8': ('train', {'data__max_seq_length': 60}, None,
+                                       ['data.max_seq_length']),
+    'seq beyond learned positions': (
+        'train', {'model__position_embedding_type': 'learned_absolute',
+                  'model__max_position_embeddings': 32}, None,
+        ['data.max_seq_length', 'max_position_embeddings', 'config.model']),
+    'teacher positions': ('extract', {'data__max_seq_length': 4096}, 'learned teacher',
+                          ['data.max_seq_length', 'teacher/model_config.json']),
+    'extract top_k above the teacher vocab': ('extract', {'extract__top_k': 1000}, None,
+                                              ['extract.top_k', 'teacher/model_config.json']),
+    'no train batches': ('train', {'train__limit_train_batches': 0}, None,
+                         ['train.limit_train_batches']),
+    'checkpoints kept': ('train', {'train__checkpoint_max_to_keep': 0}, None,
+                         ['train.checkpoint_max_to_keep']),
+    'pipeline prunes more layers than it has': ('pipeline', {'pipeline__teacher': 'random',
+                                                             'pipeline__student_layers': 3},
+                                                None, ['pipeline.student_layers',
+                                                       'model.num_layers']),
+    'restore path missing': ('train', {'train__restore_from_path': 'TMP/nope'}, None,
+                             ['train.restore_from_path', 'nope']),
+    'several processes without fixed padding': ('train', {'train__pad_to_max_length': False},
+                                                'two processes', ['train.pad_to_max_length']),
+    '.nemo without torch': ('export', {'export__nemo': 'TMP/m.nemo'}, 'no torch',
+                            ['export.nemo', 'torch']),
+}
+
+
+def _tree(root):
+  return sorted(os.path.relpath(os.path.join(d, f), root)
+                for d, dirs, files in os.walk(root) for f in dirs + files)
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_impossible_config_names_its_keys_before_any_write_or_compile(
+    name, tmp_path, caplog, monkeypatch, devices8):
+  mode, keys, change, named = CASES[name]
+  _inputs(tmp_path)
+  keys = {k: v.replace('TMP', str(tmp_path)) if isinstance(v, str) else v
+          for k, v in keys.items()}
+  c = _config(tmp_path, mode, **keys)
+  if change == 'learned teacher':
+    path = tmp_path / 'teacher' / 'model_config.json'
+    path.write_text(json.dumps({**json.loads(path.read_text()), 'max_position_embeddings': 64,
+                                'position_embedding_type': 'learned_absolute'}))
+  elif change == 'two processes':
+    monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  elif change == 'no torch':
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda m, *a: None if m == 'torch' else real(m, *a))
+  elif change:
+    c = change(c)
+  before = _tree(tmp_path)
+  with caplog.at_level(logging.DEBUG, 'jax'), jax.log_compiles():
+    with pytest.raises((ValueError, OSError, ImportError)) as e:
+      jkd_config.validate(c)
+  message = str(e.value)
+  assert all(key in message for key in named), message
+  assert '\n' not in message
+  assert _tree(tmp_path) == before
+  assert not [r for r in caplog.records if r.getMessage().startswith('Compiling ')]
+
+
+def test_the_compile_check_sees_a_compile(caplog):
+  """The no-compile assertion above can fail: a jitted call in the same window is logged."""
+  with caplog.at_level(logging.DEBUG, 'jax'), jax.log_compiles():
+    jax.jit(lambda x: x + 1)(jnp.ones(3))
+  assert [r for r in caplog.records if r.getMessage().startswith('Compiling ')]
+
+
+def test_every_shipped_config_has_exactly_the_base_keys():
+  """configs/*.py all start from base; check_keys accepts them (and the check finds base)."""
+  for name in ('base', 'convert', 'demo', 'export', 'extract', 'smoke', 'nemotron8b_gpt2b'):
+    jkd_config.check_keys(importlib.import_module(f'configs.{name}').get_config())
+
+
+def test_base_config_missing_is_said_not_skipped(monkeypatch, tmp_path):
+  monkeypatch.setattr(jkd_config, 'BASE_CONFIG', str(tmp_path / 'configs' / 'base.py'))
+  jkd_config._base_module.cache_clear()
+  try:
+    with pytest.raises(ImportError, match=r'configs/base\.py: missing'):
+      jkd_config.check_keys(base.get_config())
+  finally:
+    jkd_config._base_module.cache_clear()
