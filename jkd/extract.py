@@ -256,6 +256,9 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
   bar.close()
   writer.close()
   _barrier(f'extract {split}: done')  # the split is complete when any process returns
+  if jax.process_index() == 0:
+    logit_store.mark_finished(s.output, split, [e['index'] for e in examples
+                                                if s.start_idx <= e['index'] <= last])
   return len(todo)
 
 

@@ -188,7 +188,9 @@ def run(config) -> dict[str, float]:
   else:
     meta = logit_store.read_meta(os.path.join(tc.store, 'train'))
     stored_k, teacher_vocab = meta.k, meta.vocab_size
-    n_train = len(logit_store.Reader(tc.store, 'train', validate=False))
+    n_train = logit_store.check_finished(tc.store, 'train')
+    if os.path.isdir(os.path.join(tc.store, 'validation')):
+      logit_store.check_finished(tc.store, 'validation')
   train.validate_config(config, stored_k=stored_k, n_devices=jax.device_count())
   per_epoch = n_train // tc.global_batch_size
   if tc.limit_train_batches >= 0:

@@ -123,6 +123,23 @@ def test_resume_from_committed(tmp_path):
   assert len(ls.Reader(str(tmp_path), 'train')) == 6
 
 
+def test_only_finished_jobs_make_a_split_trainable(tmp_path):
+  """Committed blocks of a job that never finished (a killed extraction) are refused by
+  check_finished, naming how many examples; jobs of separate ranges add up."""
+  rng = np.random.default_rng(0)
+  recs = [make_record(rng, i, 5) for i in range(8)]
+  write_store(str(tmp_path), recs[:6], make_meta())
+  with pytest.raises(ValueError, match=r'train: 6 of 6 examples \(indices 0\.\.5\) are from an '
+                     'extraction or import that did not finish'):
+    ls.check_finished(str(tmp_path), 'train')
+  ls.mark_finished(str(tmp_path), 'train', range(4))  # job 1 asked for 0..3 only
+  with pytest.raises(ValueError, match=r'2 of 6 examples \(indices 4\.\.5\)'):
+    ls.check_finished(str(tmp_path), 'train')
+  ls.mark_finished(str(tmp_path), 'train', [4, 5])  # job 2: 4..5
+  assert ls.check_finished(str(tmp_path), 'train') == 6
+  assert json.load(open(tmp_path / 'train' / 'finished.json'))['indices'] == [[0, 6]]
+
+
 def test_process_manifests_merge(tmp_path):
   """Per-process writers never share a file; the reader merges their manifests."""
   rng = np.random.default_rng(0)

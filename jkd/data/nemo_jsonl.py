@@ -22,7 +22,8 @@ import uuid
 
 import numpy as np
 
-from jkd.data.logit_store import Reader, Record, StoreMeta, Writer, check_record
+from jkd.data.logit_store import (Reader, Record, StoreMeta, Writer, check_record,
+                                  mark_finished)
 
 NEMO_KD_KEYS = ('tokens', 'labels', 'loss_mask', 'topk_logits', 'topk_token_ids',
                 'log_sum_exp_logits', 'index')
@@ -106,6 +107,7 @@ def import_chunks(path_template: str, root: str, split: str, meta: StoreMeta, *,
           writer.write_block(recs, extras)
           count, recs, extras = count + len(recs), [], []
   writer.write_block(recs, extras)
+  mark_finished(root, split, seen)
   return count + len(recs)
 
 

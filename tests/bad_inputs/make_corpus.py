@@ -111,6 +111,7 @@ class Shared:
             np.stack([rng.choice(V, 8, replace=False) for _ in range(s)]),
             -np.cumsum(gaps, axis=1), rng.random(s).astype(np.float32) + 0.5))
       writer.write_block(records)
+    logit_store.mark_finished(str(self.root / 'store'), 'train', [e['index'] for e in examples])
     return self.root / 'store'
 
   def n_stored(self) -> int:
@@ -522,6 +523,18 @@ def store_block_missing(d: Path, shared) -> dict:
   return case(jkd('base.py', **{**TRAIN, 'train__store': 'store'}),
               r'jkd: error: store/train: block p00000-b000000 is listed in the manifest but '
               r'missing from blocks/', 'store/train', [('run/checkpoints', '')])
+
+
+@kind
+def store_unfinished(d: Path, shared) -> dict:
+  """A store whose extraction was killed: its committed blocks read fine, but no finished job
+  covers them (no finished.json), so it must not pass for a smaller complete store."""
+  shutil.copytree(shared.store, d / 'store')
+  os.remove(d / 'store' / 'train' / 'finished.json')
+  return case(jkd('base.py', **{**TRAIN, 'train__store': 'store'}),
+              r'jkd: error: store/train: 48 of 48 examples \(indices 0\.\.47\) are from an '
+              r'extraction or import that did not finish; rerun it with the same settings to '
+              r'complete the split', 'store/train', [('run/checkpoints', '')])
 
 
 # --- outputs ---------------------------------------------------------------------------------
