@@ -28,14 +28,19 @@ _MODES = {'pipeline': 'jkd.pipeline', 'convert': 'jkd.convert', 'extract': 'jkd.
           'train': 'jkd.train_loop', 'export': 'jkd.export'}
 
 
+def _fail(message: str):
+  print(error_line(ValueError(message)), file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    _fail(f'unexpected arguments {" ".join(argv[1:])} (settings go in as --config.KEY=VALUE)')
   if not flags.FLAGS['verbosity'].present:  # orbax logs every file at INFO
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError('--config is required, e.g. --config configs/smoke.py')
+    _fail('--config is required, e.g. --config configs/smoke.py')
   try:
     jkd_config.check_keys(config)  # a config lacking `distributed` fails here, not below
     distributed.initialize(config)  # before anything starts the backend (validate does)
@@ -64,6 +69,11 @@ def error_line(e: BaseException) -> str:
 def _parse_flags(argv):
   """absl's flag parsing, with a bad flag or a config file that fails to load (a syntax error,
   an exception in get_config) as one line and exit 2, not absl's two lines or a traceback."""
+  for i, arg in enumerate(argv):  # a missing config file, before ml_collections words it
+    path = arg.partition('=')[2] if arg.startswith('--config=') else (
+        argv[i + 1] if arg == '--config' and i + 1 < len(argv) else '')
+    if path and not os.path.isfile(path.split(':')[0]):
+      _fail(f'{path.split(":")[0]}: no such config file (--config)')
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # flags.Error, or what loading the config file raised

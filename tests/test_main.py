@@ -32,6 +32,18 @@ def test_bad_config_is_one_line_error_and_exit_2(override, message):
   assert 'Traceback' not in proc.stderr
 
 
+@pytest.mark.parametrize('args, line', [
+    (('--config', 'configs/nope.py'), 'jkd: error: configs/nope.py: no such config file (--config)'),
+    (('--config=configs/nope.py:quick',), 'jkd: error: configs/nope.py: no such config file'),
+    (('--config', 'configs/smoke.py', 'extra'), 'jkd: error: unexpected arguments extra'),
+    ((), 'jkd: error: --config is required'),
+])
+def test_bad_command_line_is_one_line(args, line):
+  proc = _run(*args)
+  assert proc.returncode == 2 and proc.stderr.startswith(line), proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_typo_in_override_key_fails_loudly():
   proc = _run('--config', 'configs/smoke.py', '--config.modle.hidden_size=3')
   assert proc.returncode != 0 and 'modle' in proc.stderr
