@@ -29,7 +29,7 @@ import time
 import jax
 from tqdm import tqdm
 
-from jkd import assets, convert, evaluate, export, model, prune, report, tokenizer
+from jkd import assets, convert, evaluate, export, faults, model, prune, report, tokenizer
 from jkd import config as jkd_config
 from jkd.data import chat, oasst
 
@@ -75,6 +75,7 @@ class _Stages:
     print(f'[pipeline] {name} ...')
     t0 = time.perf_counter()
     result = fn()
+    faults.point('pipeline.stage_done')  # its outputs are complete, the record not yet written
     seconds = time.perf_counter() - t0
     print(f'[pipeline] {name}: {seconds:.1f}s')
     self.timings.append({'stage': name, 'seconds': seconds, 'cached': False})
@@ -106,8 +107,12 @@ def _is_model_dir(path: str) -> bool:
 def _through_nemo(stages: _Stages, name: str, src_dir: str, nemo_path: str, dst_dir: str,
                   dtype: str) -> None:
   """model dir -> .nemo (Megatron-Core torch_dist) -> model dir: the real .nemo import path."""
-  stages(f'{name}: export .nemo', lambda: export.export(src_dir, nemo=nemo_path, dtype=dtype),
-         settings={'export.dtype': dtype}, outputs=[nemo_path])
+  def export_nemo():
+    if os.path.exists(nemo_path):  # unrecorded, so written by a run killed before its record
+      os.remove(nemo_path)
+    export.export(src_dir, nemo=nemo_path, dtype=dtype)
+  stages(f'{name}: export .nemo', export_nemo, settings={'export.dtype': dtype},
+         outputs=[nemo_path])
   stages(f'{name}: import .nemo', lambda: convert.convert(nemo_path, dst_dir),
          outputs=[os.path.join(dst_dir, model.CONFIG_FILE)])
 

@@ -1,6 +1,7 @@
 """mode=pipeline end to end on the smoke config (tiny random teacher and student, 12 steps):
 every artifact the report names exists and is well formed; a rerun reuses every stage; a
-finished workdir with other settings is refused."""
+finished workdir with other settings is refused; a run SIGKILLed at the ends of stages (outputs
+written, record not) restarts and ends with the same results."""
 
 import json
 import os
@@ -33,6 +34,25 @@ def test_smoke_pipeline_end_to_end(tmp_path):
   _check_results(workdir)
   _check_rerun_is_cached(workdir)
   _check_other_settings_refused(workdir)
+  _check_kills_at_stage_ends(workdir, tmp_path / 'cut')
+
+
+def _check_kills_at_stage_ends(whole, cut):
+  """4 seeded kills among the stage ends: each leaves a stage's outputs complete but
+  unrecorded, which the restart must redo over. Seed 17 kills after the teacher's `.nemo`, the
+  student's `.nemo`, the student's import and the KD + SFT training (a restart redoes the
+  killed stage first, so the n-th kill lands on the stage its count reaches from there)."""
+  from tests.faults import harness
+  argv = [sys.executable, '-m', 'jkd.main', '--config', 'configs/smoke.py',
+          f'--config.workdir={cut}']
+  n_stages = len(json.loads((whole / 'stages.json').read_text()))
+  cut.mkdir()
+  kills = harness.kill_chain(argv, harness.env(cut), cut, n_points=n_stages, kills=4, seed=17,
+                             only='pipeline.stage_done')
+  assert len(kills) == 4
+  a, b = (json.loads((d / 'results.json').read_text()) for d in (whole, cut))
+  for key in ('metrics', 'val', 'samples'):
+    assert a[key] == b[key], key
 
 
 def _check_artifacts(workdir):
