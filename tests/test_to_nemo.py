@@ -175,3 +175,16 @@ def test_export_refuses_to_overwrite(tmp_path):
   cfg, params = from_nemo.load_nemo(str(tmp_path / 'a.nemo'))
   with pytest.raises(FileExistsError, match='a.nemo: already exists'):
     to_nemo.export_nemo(cfg, params, str(tmp_path / 'a.nemo'))
+
+
+def test_export_after_a_killed_one_leaves_no_temporary_files(tmp_path):
+  """A killed export leaves `X.nemo.partial/` and `X.nemo.tmp`; the next one replaces both."""
+  fx.write_legacy(tmp_path / 'a.nemo', 'llama', _hf('llama'))
+  cfg, params = from_nemo.load_nemo(str(tmp_path / 'a.nemo'))
+  (tmp_path / 'b.nemo.partial').mkdir()
+  (tmp_path / 'b.nemo.partial' / 'stale').write_text('x')
+  (tmp_path / 'b.nemo.tmp').write_text('half a tar')
+  to_nemo.export_nemo(cfg, params, str(tmp_path / 'b.nemo'), dtype='float32')
+  assert sorted(os.listdir(tmp_path)) == ['a.nemo', 'b.nemo']
+  _, got = from_nemo.load_nemo(str(tmp_path / 'b.nemo'))
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, params)))

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 import uuid
 from typing import Callable
 
@@ -233,7 +232,9 @@ def export_nemo(cfg: model.ModelConfig, params: model.Params, out_path: str, *,
   out_path = os.path.abspath(out_path)
   if os.path.exists(out_path):
     raise FileExistsError(f'{out_path}: already exists; remove it or choose another path')
-  work = tempfile.mkdtemp(prefix='jkd-nemo-', dir=os.path.dirname(out_path))
+  work = out_path + '.partial'  # the files before they become a tar (or the directory)
+  shutil.rmtree(work, ignore_errors=True)  # left by a killed export
+  os.makedirs(work)
   try:
     section = dict(tokenizer_section or {})
     for name, data in (tokenizer_files or {}).items():
