@@ -433,7 +433,8 @@ def test_nemo_import_checks(tmp_path):
   with pytest.raises(ValueError, match=r'_1\.jsonl:1: index 5 repeats .*_0\.jsonl:6'):
     _import_with(tmp_path, recs, 6, lambda r: r.__setitem__('index', 5))
   with pytest.raises(ValueError, match=r'_0\.jsonl:1: NeMo KD record lacks log_sum_exp_logits'):
-    _import_with(tmp_path, recs, 0, lambda r: r.pop('log_sum_exp_logits'))
+    _import_with(tmp_path, recs, 0, lambda r: r.pop('log_sum_exp_logits'), name='first')
+  assert not os.path.exists(tmp_path / 'first' / 'store')  # refused before any block: no split
 
 
 def _import_with(tmp_path, recs, i, change, name=None, **kw):

@@ -82,8 +82,18 @@ def import_chunks(path_template: str, root: str, split: str, meta: StoreMeta, *,
   for p in paths:
     if (n := _count_records(p)) != n_examples_per_chunk:
       raise ValueError(f'{p}: {n} records, but n_examples_per_chunk={n_examples_per_chunk}')
-  writer = Writer(root, split, meta, sort=sort, process_index=process_index)
-  done, seen, recs, extras, count = writer.committed, {}, [], [], 0
+  writer = None  # opened at once on a rerun (resume, meta check), else with the first block,
+  #                so an import refused before then leaves no split behind
+
+  def write(recs, extras):
+    nonlocal writer
+    writer = writer or Writer(root, split, meta, sort=sort, process_index=process_index)
+    writer.write_block(recs, extras)
+
+  if os.path.isdir(os.path.join(root, split)):
+    writer = Writer(root, split, meta, sort=sort, process_index=process_index)
+  done = writer.committed if writer else frozenset()
+  seen, recs, extras, count = {}, [], [], 0
   for c, path in enumerate(paths):
     with open(path) as f:
       for line_no, line in enumerate(line for line in f if line.strip()):
@@ -104,9 +114,9 @@ def import_chunks(path_template: str, root: str, split: str, meta: StoreMeta, *,
         recs.append(check_record(rec, meta, sort=sort, where=f'{where} (example {i})'))
         extras.append(extra)
         if len(recs) == examples_per_block:
-          writer.write_block(recs, extras)
+          write(recs, extras)
           count, recs, extras = count + len(recs), [], []
-  writer.write_block(recs, extras)
+  write(recs, extras)
   mark_finished(root, split, seen)
   return count + len(recs)
 
