@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jkd import faults
+
 Params = dict[str, Any]
 
 # name -> (activation, gated). Gated ones read fc1 as [gate; up] and compute act(gate) * up.
@@ -402,10 +404,12 @@ def save_parts(directory: str, cfg: ModelConfig, parts: Iterable[Params]) -> Non
   with ctx:
     for part in parts:
       ocp.partial.save(params_dir, part)
+      faults.point('model.part_saved')
       _merge(written, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), part))
       del part  # before the next part is built: one part in memory at a time
     check_params(cfg, written, directory)
     ocp.partial.finalize(params_dir)
+    faults.point('model.params_finalized')  # complete, but not until the config lands
   tmp = config_path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)

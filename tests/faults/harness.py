@@ -65,6 +65,7 @@ def kill_chain(argv, environ, tmp, *, n_points: int, kills: int, seed: int, only
     if position <= done:  # a delayed kill ran past this point already
       continue
     trace_file = tmp / f'trace.{len(landed)}'
+    trace_file.unlink(missing_ok=True)  # another chain's, in the same directory
     delay = f':{rng.uniform(0, max_delay):.3f}' if max_delay else ''
     spec = f'{only}@{position - done}{delay}' if only else f'{position - done}{delay}'
     proc = _run(argv, {**environ, 'JKD_FAULT_TRACE': str(trace_file), 'JKD_FAULT_KILL': spec})
