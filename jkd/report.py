@@ -99,6 +99,13 @@ def plot_val_ce(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], pat
             transform=ax.transAxes, color='gray')
   if target is not None:
     ax.axhline(target, linestyle='--', color='gray', linewidth=1, label=target_label)
+  zoom = zoomed_range(curves, [v for v in (target, mark and mark[1]) if v is not None])
+  if zoom is not None:  # the step-0 CE would flatten every curve: cut it off, and say so
+    ax.set_ylim(*zoom)
+    step0, ce0 = min((s[0], c[0]) for s, c in curves.values() if len(s))
+    ax.text(0.01, 0.98, f'\u2191 step {step0}: {ce0:.2f}', transform=ax.transAxes, va='top',
+            ha='left', color='gray', zorder=6,
+            bbox={'facecolor': 'white', 'edgecolor': 'none', 'pad': 1})
   if mark is not None:
     ax.plot(*mark, marker='*', markersize=14, color='C3', zorder=5, linestyle='none',
             label=mark_label)
@@ -118,6 +125,20 @@ def plot_val_ce(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], pat
     ax.legend()
   fig.savefig(path, dpi=dpi)
   return path
+
+
+def zoomed_range(curves, extra=()) -> tuple[float, float] | None:
+  """Y limits without the first point of each curve, when those points lie so far above the
+  rest (a student at init) that the rest would fill under a third of the axis; else None."""
+  rest = [float(c) for _, ces in curves.values() for c in list(ces)[1:]] + list(extra)
+  firsts = [float(ces[0]) for _, ces in curves.values() if len(ces)]
+  if not rest or not firsts:
+    return None
+  lo, hi = min(rest), max(rest)
+  pad = 0.1 * max(hi - lo, 0.05)
+  if max(firsts) - lo < 3 * (hi - lo + 2 * pad):
+    return None
+  return lo - pad, hi + pad
 
 
 def _fmt(x) -> str:

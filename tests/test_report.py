@@ -81,6 +81,17 @@ def test_plot_writes_png_of_expected_size(tmp_path, mark):
     assert im.size == (700, 420)
 
 
+def test_zoom_leaves_out_a_far_initial_point_only():
+  """The demo's curves (init CE 13.13, then 4.5-6) zoom to the rest, the target included;
+  curves whose first point is not far above the rest keep matplotlib's own limits."""
+  kd = ([0, 10, 20, 100], [13.13, 5.84, 5.01, 4.62])
+  sft = ([0, 10, 20, 100], [13.13, 5.96, 5.04, 5.13])
+  lo, hi = report.zoomed_range({'kd': kd, 'sft': sft}, [4.4])
+  assert lo < 4.4 and 5.96 < hi < 7
+  assert report.zoomed_range({'kd': ([0, 10], [6.0, 5.0]), 'sft': ([0, 10], [6.0, 5.5])}) is None
+  assert report.zoomed_range({'kd': ([0], [6.0])}) is None  # nothing after the first point
+
+
 def test_plot_without_points(tmp_path):
   """No validation points at all still gives a valid PNG (dpi 120 default)."""
   path = str(tmp_path / 'empty.png')
