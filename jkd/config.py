@@ -181,10 +181,6 @@ def _validate_train(config, mesh_shape) -> None:
   if online and config.distill.cross_tokenizer:  # the student would read teacher token ids
     raise ValueError("distill.cross_tokenizer=True: distill.teacher_source='online' feeds the "
                      "student the teacher's tokens, so both need one tokenizer")
-  import jax
-  if jax.process_count() > 1 and not config.train.pad_to_max_length:  # rows share one L
-    raise ValueError(f'train.pad_to_max_length=False: needs one process '
-                     f'({jax.process_count()} would pad their rows to different lengths)')
   _train_settings(config, stored_k=config.extract.top_k if online else None)
   if config.train.save_nemo_on_train_end or config.train.export_nemo:
     _needs_torch('train.export_nemo' if config.train.export_nemo
@@ -238,6 +234,10 @@ def _train_settings(config, stored_k) -> None:
   for key, low in (('checkpoint_max_to_keep', 1), ('worker_count', 0)):
     if config.train[key] < low:
       raise ValueError(f'train.{key}={config.train[key]}: must be >= {low}')
+  import jax
+  if jax.process_count() > 1 and not config.train.pad_to_max_length:  # rows share one L
+    raise ValueError(f'train.pad_to_max_length=False: needs one process '
+                     f'({jax.process_count()} would pad their rows to different lengths)')
 
 
 def _check_model(cfg: model.ModelConfig, config, where: str) -> None:

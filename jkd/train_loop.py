@@ -162,10 +162,8 @@ def run(config) -> dict[str, float]:
   tc, ls = train.train_config(config), loop_settings(config)
   os.makedirs(ls.workdir, exist_ok=True)
 
-  # Mesh: over every process's devices; each process feeds the batch rows of its own.
-  if jax.process_count() > 1 and not ls.pad_to_max_length:  # local rows must share one L
-    raise ValueError(f'train.pad_to_max_length=False: needs one process ({jax.process_count()} '
-                     'processes would pad their rows to different lengths)')
+  # Mesh: over every process's devices; each process feeds the batch rows of its own (with
+  # one padded length: jkd.config refuses train.pad_to_max_length=False for several processes).
   mesh_cfg = jkd_config.mesh_config(config)
   mesh = sharding.make_mesh(mesh_cfg.axes, mesh_cfg.shape)
   rules = mesh_cfg.rules
