@@ -241,24 +241,28 @@ def _process_manifests(split_dir):
 FINISHED_FILE = 'finished.json'
 
 
+def _finished(split_dir: str) -> np.ndarray:
+  """The example indices finished jobs recorded in the split (none before the first)."""
+  path = os.path.join(split_dir, FINISHED_FILE)
+  return _unruns(_read_json(path, 'logit store')['indices']) if os.path.exists(path) else (
+      np.zeros(0, np.int64))
+
+
 def mark_finished(root: str, split: str, indices) -> None:
   """Records that a job (an extraction or import of `indices`) finished: every example it was
   asked for is committed. Blocks commit one by one, so without this a killed job's store would
   read as a smaller, complete one; training checks it (`check_finished`)."""
   split_dir = os.path.join(root, split)
-  path = os.path.join(split_dir, FINISHED_FILE)
-  old = _unruns(_read_json(path, 'logit store')['indices']) if os.path.exists(path) else []
-  _write_json(path, {'schema_version': SCHEMA_VERSION,
-                     'indices': _runs(sorted(set(indices) | set(np.asarray(old).tolist())))})
+  done = set(indices) | set(_finished(split_dir).tolist())
+  _write_json(os.path.join(split_dir, FINISHED_FILE),
+              {'schema_version': SCHEMA_VERSION, 'indices': _runs(sorted(done))})
 
 
 def check_finished(root: str, split: str) -> int:
   """The number of examples of the split, after checking that finished jobs wrote them all."""
   split_dir = os.path.join(root, split)
   indices = Reader(root, split, validate=False).indices
-  path = os.path.join(split_dir, FINISHED_FILE)
-  finished = _unruns(_read_json(path, 'logit store')['indices']) if os.path.exists(path) else []
-  stray = indices[~np.isin(indices, finished)]
+  stray = indices[~np.isin(indices, _finished(split_dir))]
   if len(stray):
     raise ValueError(f'{split_dir}: {len(stray)} of {len(indices)} examples (indices '
                      f'{stray[0]}..{stray[-1]}) are from an extraction or import that did not '
