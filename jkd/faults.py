@@ -22,19 +22,23 @@ import os
 import signal
 import threading
 
-_TRACE = os.environ.get('JKD_FAULT_TRACE', '')
-_KILL = os.environ.get('JKD_FAULT_KILL', '')
-_ON = bool(_TRACE or _KILL)
-_passed = 0
-
 
 def _kill_plan(spec: str) -> tuple[str, int, float]:
+  """'[NAME@]N[:SECONDS]' -> (NAME or '', N, SECONDS or 0); '' -> N = 0, never."""
+  if not spec:
+    return '', 0, 0.0
   name, _, rest = spec.rpartition('@')
   n, _, delay = rest.partition(':')
   try:
     return name, int(n), float(delay or 0)
   except ValueError:
     raise ValueError(f'JKD_FAULT_KILL={spec!r}: expected [NAME@]N[:SECONDS]') from None
+
+
+_TRACE = os.environ.get('JKD_FAULT_TRACE', '')
+_ONLY, _KILL_AT, _DELAY = _kill_plan(os.environ.get('JKD_FAULT_KILL', ''))
+_ON = bool(_TRACE or _KILL_AT)
+_passed = 0
 
 
 def point(name: str) -> None:
@@ -48,13 +52,11 @@ def point(name: str) -> None:
       os.write(fd, f'{name}\n'.encode())
     finally:
       os.close(fd)
-  if _KILL:
-    only, n, delay = _kill_plan(_KILL)
-    if only and name != only:
-      return
-    _passed += 1
-    if _passed == n:
-      if delay > 0:
-        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
-      else:
-        os.kill(os.getpid(), signal.SIGKILL)
+  if not _KILL_AT or (_ONLY and name != _ONLY):
+    return
+  _passed += 1
+  if _passed == _KILL_AT:
+    if _DELAY > 0:
+      threading.Timer(_DELAY, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    else:
+      os.kill(os.getpid(), signal.SIGKILL)
