@@ -156,7 +156,7 @@ def get_config(arg=None):
   c.distill.temperature = 1.0  # jkd: divides both sides' KD logits, KD scaled by temperature**2
   c.distill.reduction = 'nemo'  # nemo (mean of micro-batch token means) | global_token_mean
   c.distill.loss_impl = 'fused'  # fused (LM head + loss kernel, no [T, V] logits) | reference
-  c.distill.fused_implementation = 'pallas'  # fused kernel backend: pallas | xla (chunked jnp)
+  c.distill.fused_implementation = 'auto'  # auto (xla on CPU, pallas on GPU) | pallas | xla
   c.distill.teacher_source = 'store'  # store (train.store from mode=extract) | online (the step
   #   runs the extract.teacher itself on data.train_file with extract.top_k / vocab_tile / dtype)
 

@@ -60,7 +60,6 @@ def get_config(arg=None):
   c.distill.tail = True  # the teacher's mass outside its top-K as one more bucket (needs lse)
   c.distill.reduction = 'global_token_mean'  # validation CE is then a token mean, as evaluated
   c.distill.loss_impl = 'fused'
-  c.distill.fused_implementation = 'xla'  # Pallas runs interpreted on CPU
 
   if arg == 'quick':
     c.workdir = '/tmp/jkd/demo_quick'

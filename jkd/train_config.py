@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from jkd import losses, sharding
+from jkd.kernels import fused_topk_kd
 
 PRECISIONS = {'bf16': 'bfloat16', 'fp32': 'float32'}  # NeMo trainer.precision -> compute dtype
 REDUCTIONS = ('nemo', 'global_token_mean')
@@ -66,7 +67,7 @@ class TrainConfig:
   temperature: float = 1.0
   reduction: str = 'nemo'
   loss_impl: str = 'fused'
-  fused_implementation: str = 'pallas'
+  fused_implementation: str = 'auto'
 
   def __post_init__(self):
     def fail(field, msg):
@@ -103,8 +104,8 @@ class TrainConfig:
       fail('reduction', f'expected one of {REDUCTIONS}')
     if self.loss_impl not in LOSS_IMPLS:
       fail('loss_impl', f'expected one of {LOSS_IMPLS}')
-    if self.fused_implementation not in ('pallas', 'xla'):
-      fail('fused_implementation', "expected 'pallas' or 'xla'")
+    if self.fused_implementation not in fused_topk_kd.IMPLEMENTATIONS:
+      fail('fused_implementation', f'expected one of {fused_topk_kd.IMPLEMENTATIONS}')
     if self.top_k is not None and self.top_k <= 0:
       fail('top_k', 'must be positive (or None for the stored K)')
     if not self.logits_scale > 0:

@@ -1,5 +1,6 @@
 """jkd.kernels.fused_topk_kd against its full-logits oracle (`topk_kd_loss(h @ w)`), in value, in
-metrics and in both gradients, for every loss mode; the Pallas kernels run in interpret mode.
+metrics and in both gradients, for every loss mode; the Pallas kernels run in interpret mode
+(implementation='pallas'; the default, 'auto', takes the chunked jnp sweeps on CPU).
 
 Shapes are chosen so nothing is a multiple of a tile: N=37 tokens (block_n 16), D=40 (block_d
 16), P=300 stored columns of which V=290 are vocabulary (block_v 32, padding excluded), backward
@@ -18,7 +19,8 @@ from jkd import sharding
 from jkd.kernels import fused_topk_kd as fk
 
 N, D, P, V, K = 37, 40, 300, 290, 6
-TILES = dict(block_n=16, block_v=32, block_d=16, chunk_v=96, num_splits=3)
+TILES = dict(block_n=16, block_v=32, block_d=16, chunk_v=96, num_splits=3,
+             implementation='pallas')
 
 
 def make_batch(seed=0, *, n=N, d=D, p=P, v=V, k=K, mask='random'):
@@ -81,7 +83,7 @@ MODES = {
 
 @pytest.mark.parametrize('mode', MODES)
 def test_pallas_matches_full_logits(mode):
-  """The Pallas path (interpret mode, the default on CPU) equals the oracle, every mode."""
+  """The Pallas path (interpret mode on CPU) equals the oracle, every mode."""
   b = make_batch(1)
   want = value_and_grads(fk.fused_topk_kd_reference, b, **MODES[mode])
   got = value_and_grads(fk.fused_topk_kd, b, **TILES, **MODES[mode])
@@ -116,7 +118,7 @@ def test_bf16_compute(w_dtype):
   for opts in (dict(sft_loss_weight=0.5), dict(tail=True), dict()):
     kw = dict(h=h, w=w, compute_dtype=jnp.bfloat16, **opts)
     want = value_and_grads(fk.fused_topk_kd_reference, b, **kw)
-    got = value_and_grads(fk.fused_topk_kd, b, **kw)
+    got = value_and_grads(fk.fused_topk_kd, b, implementation='pallas', **kw)
     assert got[2].dtype == jnp.bfloat16 and got[3].dtype == w_dtype
     assert_close(got, want, 2e-2)
 
@@ -150,10 +152,50 @@ def test_no_token_by_vocab_array(mode, sweeps):
   assert (calls > 0) == sweeps
 
 
+def test_auto_takes_xla_on_cpu_and_pallas_elsewhere():
+  """implementation='auto' resolves per platform at lowering: 'xla' for cpu (Pallas would only
+  interpret), 'pallas' for cuda; on CPU it computes exactly what 'xla' computes."""
+  plan = fk._Plan(V, 1.0, (), False, jnp.dtype(jnp.float32), 16, 32, 16, 4, 3, None, 96, 'auto',
+                  None)
+  def probe():
+    return fk._on_platform(lambda p: jnp.int32(fk.IMPLEMENTATIONS.index(p.impl) + 10 * p.cpu),
+                           plan)
+  assert int(jax.jit(probe)()) == fk.IMPLEMENTATIONS.index('xla') + 10
+  cuda = jax.jit(probe).trace().lower(lowering_platforms=('cuda',)).as_text()
+  assert f'constant dense<{fk.IMPLEMENTATIONS.index("pallas")}>' in cuda
+  b = make_batch(10)
+  for mode in ('fwd_kl_sft', 'parity_fwd_kl'):
+    auto = value_and_grads(fk.fused_topk_kd, b, chunk_v=96, **MODES[mode])
+    xla = value_and_grads(fk.fused_topk_kd, b, chunk_v=96, implementation='xla', **MODES[mode])
+    for a, x in zip(jax.tree.leaves(auto), jax.tree.leaves(xla)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(x))
+
+
+def test_slab_rows():
+  """Rows of w_out per slab of the gathered-column work: ~1 MiB of [R, P] on CPU, [R, N, J]
+  gathers bounded elsewhere; a power of two, at least 1."""
+  assert fk._slab_rows(1024, 100, 32000, cpu=True) == 8
+  assert fk._slab_rows(4096, 101, 256000, cpu=True) == 1
+  assert fk._slab_rows(4096, 101, 256000, cpu=False) == 16
+  assert fk._slab_rows(1 << 20, 101, 32000, cpu=False) == 1
+
+
+@pytest.mark.parametrize('slab_bytes', [1, 8 * 4 * P, 1 << 30])
+@pytest.mark.parametrize('mode', ['parity_fwd_kl', 'jsd_temperature', 'cross_tokenizer_tail'])
+def test_gathered_columns_any_slab(monkeypatch, slab_bytes, mode):
+  """The gathered-column statistics and their backward (gathers for d_h, a scatter-add for d_w)
+  equal the oracle for slabs of 1 row, of 8 rows (D=40 padded to 48) and of all D rows."""
+  monkeypatch.setattr(fk, '_SLAB_BYTES', slab_bytes)
+  b = make_batch(11)
+  want = value_and_grads(fk.fused_topk_kd_reference, b, **MODES[mode])
+  assert_close(value_and_grads(fk.fused_topk_kd, b, chunk_v=96, **MODES[mode]), want, 2e-5)
+
+
 @pytest.mark.parametrize('d', [2048, 4096])
 def test_cuda_lowering_at_real_shapes(d):
   """Forward + backward lower to Triton for cuda at N=8192, V=256000, K=100 (bf16), default
-  tiles within H100 shared memory, and no [N, V] tensor appears in the lowered module."""
+  implementation and tiles within H100 shared memory, and no [N, V] tensor appears in the
+  lowered module."""
   n, v, k = 8192, 256000, 100  # N differs from D: a [N, V] tensor is recognisable
   for cdt, wdt in ((jnp.bfloat16, jnp.bfloat16), (jnp.bfloat16, jnp.float32),
                    (jnp.float32, jnp.float32)):
@@ -182,7 +224,7 @@ def test_vocab_parallel_equals_unsharded(devices8, impl, mode):
   combined by psum/pmax equal the unsharded result, and the logits are never all-gathered."""
   mesh = sharding.make_mesh(('data', 'fsdp', 'tensor'), (2, 1, 4), devices8)
   b = make_batch(6, p=320)
-  kw = dict(implementation=impl, **TILES, **MODES[mode])
+  kw = dict(TILES, implementation=impl, **MODES[mode])
   want = value_and_grads(fk.fused_topk_kd, b, **kw)
   got = value_and_grads(fk.fused_topk_kd, b, mesh=mesh, vocab_axis='tensor', **kw)
   assert_close(got, want, 2e-5)

@@ -253,7 +253,8 @@ GOLDEN_LOSS_0 = 2.716945
 
 
 def test_loss_decreases_golden_loss_and_lr_per_update(devices8):
-  """Default loss path (fused Pallas kernel, NeMo reduction) on smoke data at seed 0."""
+  """Default loss path (fused kernel, 'auto': its chunked jnp form on CPU; NeMo reduction) on
+  smoke data at seed 0."""
   tc = train.TrainConfig(global_batch_size=8, max_steps=10, warmup_steps=2, constant_steps=0,
                          lr=1e-2, min_lr=1e-3, sft_loss_weight=0.4, precision='fp32')
   _, hist, _ = run(tc, (2, 2, 2), [smoke_batch(8, seed=0)] * 6)

@@ -7,7 +7,8 @@ of a vocabulary chunk, S vocabulary splits of the forward grid.
 
 `fused_topk_kd` returns what `losses.topk_kd_loss(hidden @ w_out, ...)` returns: it computes the
 per-token statistics of x = logits_scale * hidden @ w_out that `losses.topk_kd_from_stats` takes,
-- sparse: x at the J ids, from gathered columns of w_out (N*J*D work, in token chunks);
+- sparse: x at the J ids, from gathered columns of w_out (N*J*D work, in slabs of R rows of
+  w_out: R rows of [P] fit in cache on CPU, the [R, N, J] gathers stay bounded on GPU);
 - logsumexp families over the V columns, as needed by the options: lse(x) (SFT; full or tail
   normalisation), lse(x / T) (student_norm='full' at T != 1), lse of x outside the K ids (tail).
   The forward kernel streams vocabulary tiles (each an fp32 accumulation of dots over D slices)
@@ -18,9 +19,11 @@ ids get sparse terms. Per vocabulary chunk, the backward kernel recomputes the t
 the dense dlogits [N, C] (compute dtype), the sparse terms are scattered into it, and XLA dots
 give d_hidden (fp32, accumulated) and that chunk of d_w (written once). The largest temporary is
 [N, C]. Without any family (NeMo parity, no SFT) nothing sweeps the vocabulary: gathered
-columns only, and a scatter-add for d_w.
-implementation='xla' runs the same sweeps in chunked jnp. cross_tokenizer takes the student's own
-top-K from a separate chunked jnp pass (running lax.top_k merge), then gathers as above.
+columns only, and a scatter-add for d_w, slab by slab.
+implementation='xla' runs the same sweeps in chunked jnp; 'auto' (the default) takes it on CPU,
+where Pallas only interprets, and the Pallas kernels elsewhere. cross_tokenizer takes the
+student's own top-K from a separate chunked jnp pass (running lax.top_k merge), then gathers as
+above.
 Vocab-parallel (mesh, vocab_axis): the same code per shard of w_out's columns in a shard_map;
 sparse statistics are psum-ed (0 off-shard), logsumexps combined with pmax + psum.
 """
@@ -42,9 +45,11 @@ from jkd import losses
 _NEG = -1e30  # log 0 stand-in, as in jkd.losses
 SMEM_LIMIT = 227 * 1024  # H100/H200 shared memory per block
 _TARGET_PROGRAMS = 264  # forward grid: ~2 waves over 132 SMs
-_GATHER_BYTES = 1 << 25  # gathered w_out columns [D, chunk of N, J] per step
+_GATHER_BYTES = 1 << 25  # gathered w_out columns [R, N, J] per slab (GPU)
+_SLAB_BYTES = 1 << 20  # w_out rows [R, P] per slab (CPU: a column touches R cache lines)
 _CHUNK_ELEMENTS = 1 << 24  # default backward chunk: [N, C] dlogits of ~16M elements
 _SPARSE = ('student_topk_BxTxK', 'label_logit_BxT')
+IMPLEMENTATIONS = ('auto', 'pallas', 'xla')
 
 
 class _Plan(NamedTuple):
@@ -61,8 +66,9 @@ class _Plan(NamedTuple):
   num_stages: int
   num_splits: int | None
   chunk_v: int
-  impl: str
+  impl: str  # 'pallas' | 'xla' | 'auto' until `_on_platform` resolves it
   interpret: bool | None
+  cpu: bool | None = None  # set by `_on_platform`
 
   @property
   def tail(self):  # a family excludes the K ids: the kernels need them
@@ -186,9 +192,7 @@ def _pallas(kernel, args, *, grid, in_specs, out_specs, out_shape, plan):
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
                           out_shape=out_shape, interpret=interpret,
                           compiler_params=params)(*args)
-  if plan.interpret is None:  # interpret mode on CPU, the Triton kernel on GPU
-    return lax.platform_dependent(cpu=lambda: run(True), default=lambda: run(False))
-  return run(plan.interpret)
+  return run(plan.cpu if plan.interpret is None else plan.interpret)  # interpreted on CPU
 
 
 def _operand_specs(plan, h, w, lids):
@@ -316,36 +320,50 @@ def _sweep_bwd(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
 
 # --- gathered columns: the sparse statistics, and the whole job without a sweep --------------
 
-def _token_chunks(arrays, d, j):
-  """Arrays [N, ...] as [chunks, Nc, ...], Nc bounding the gathered columns [D, Nc, J]."""
-  n = arrays[0].shape[0]
-  nc = max(1, min(n, _GATHER_BYTES // (4 * d * j)))
-  return [_pad_to(a, 0, _round_up(n, nc)).reshape(-1, nc, *a.shape[1:]) for a in arrays]
+def _slab_rows(n, j, p, cpu):
+  """Rows R of w_out per slab of the gathered-column work. CPU: the slab [R, P] stays in cache
+  (~1 MiB), since a column gather or scatter touches one cache line per row; elsewhere the
+  gathered columns [R, N, J] stay bounded (_GATHER_BYTES) and each step is large."""
+  budget, per_row = (_SLAB_BYTES, 4 * p) if cpu else (_GATHER_BYTES, 4 * n * j)
+  return 1 << max(0, (budget // per_row).bit_length() - 1)
+
+
+def _slabs(h, w, ids_NxJ, plan):
+  """h as [slabs, R, N] and w as [slabs, R, P] (D padded to whole slabs), and D."""
+  d = h.shape[1]
+  r = min(_slab_rows(h.shape[0], ids_NxJ.shape[1], w.shape[1], plan.cpu), d)
+  dp = _round_up(d, r)
+  return (_pad_to(h, 1, dp).T.reshape(dp // r, r, h.shape[0]),
+          _pad_to(w, 0, dp).reshape(dp // r, r, w.shape[1]), d)
+
+
+def _columns(w_RxP, ids_NxJ, plan):
+  """fp32 w[:, id] [R, N, J], rounded to the compute dtype as the matmuls round it."""
+  return jnp.take(w_RxP, ids_NxJ, axis=1).astype(plan.cdt).astype(jnp.float32)
 
 
 def _gather_x(h, w, ids_NxJ, plan):
-  """fp32 x = scale * h . w[:, id] at in-range ids."""
-  def one(args):
-    h_cxD, ids_cxJ = args  # multiply + reduce over D: XLA fuses the gather into it
-    w_DxcxJ = jnp.take(w, ids_cxJ, axis=1).astype(plan.cdt)
-    prod_DxcxJ = h_cxD.T[:, :, None].astype(jnp.float32) * w_DxcxJ.astype(jnp.float32)
-    return jnp.sum(prod_DxcxJ, axis=0)
-  x = lax.map(one, tuple(_token_chunks([h, ids_NxJ], h.shape[1], ids_NxJ.shape[1])))
-  return plan.scale * x.reshape(-1, ids_NxJ.shape[1])[:h.shape[0]]
+  """fp32 x = scale * h . w[:, id] at in-range ids, summed slab by slab over D."""
+  def one(x_NxJ, args):
+    h_RxN, w_RxP = args
+    return x_NxJ + jnp.einsum('rn,rnj->nj', h_RxN.astype(jnp.float32),
+                              _columns(w_RxP, ids_NxJ, plan)), None
+  h_SxRxN, w_SxRxP, _ = _slabs(h, w, ids_NxJ, plan)
+  x_NxJ, _ = lax.scan(one, jnp.zeros(ids_NxJ.shape, jnp.float32), (h_SxRxN, w_SxRxP))
+  return plan.scale * x_NxJ
 
 
 def _scatter_bwd(h, w, ids_NxJ, vals_NxJ, plan):
-  """(d_h, d_w fp32) of sum_j vals * (h . w[:, id]): gathers for d_h, scatter-adds for d_w
-  (an fp32 accumulator: the output itself for an fp32 w_out, a [D, P] temporary otherwise)."""
-  def one(d_w_DxP, args):
-    h_cxD, ids_cxJ, v_cxJ = args
-    w_DxcxJ = jnp.take(w, ids_cxJ, axis=1).astype(plan.cdt).astype(jnp.float32)
-    d_h_cxD = jnp.einsum('cj,dcj->cd', v_cxJ, w_DxcxJ)
-    upd_DxcxJ = jnp.einsum('cd,cj->dcj', h_cxD.astype(jnp.float32), v_cxJ)
-    return d_w_DxP.at[:, ids_cxJ].add(upd_DxcxJ), d_h_cxD
-  chunks = _token_chunks([h, ids_NxJ, vals_NxJ], h.shape[1], ids_NxJ.shape[1])
-  d_w, d_h = lax.scan(one, jnp.zeros(w.shape, jnp.float32), tuple(chunks))
-  return d_h.reshape(-1, h.shape[1])[:h.shape[0]], d_w
+  """(d_h, d_w fp32) of sum_j vals * (h . w[:, id]), slab by slab over D: gathered columns
+  give d_h's rows R, a scatter-add of the updates gives d_w's."""
+  def one(args):
+    h_RxN, w_RxP = args
+    d_h_RxN = jnp.einsum('nj,rnj->rn', vals_NxJ, _columns(w_RxP, ids_NxJ, plan))
+    upd_RxNxJ = h_RxN.astype(jnp.float32)[:, :, None] * vals_NxJ[None]
+    return d_h_RxN, jnp.zeros(w_RxP.shape, jnp.float32).at[:, ids_NxJ].add(upd_RxNxJ)
+  h_SxRxN, w_SxRxP, d = _slabs(h, w, ids_NxJ, plan)
+  d_h, d_w = lax.map(one, (h_SxRxN, w_SxRxP))
+  return d_h.reshape(-1, h.shape[0])[:d].T, d_w.reshape(-1, w.shape[1])[:d]
 
 
 # --- the statistics with their custom VJP ----------------------------------------------------
@@ -364,6 +382,24 @@ def _stats(h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, plan):
 
 
 def _stats_fwd(h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, plan):
+  return _on_platform(_fwd, plan, h_NxD, w_DxP, lids_NxK, llabels_N, n_valid)
+
+
+def _stats_bwd(plan, res, g):
+  return _on_platform(_bwd, plan, res, g)
+
+
+def _on_platform(fn, plan, *args):
+  """fn(plan, *args) with the platform in plan.cpu, and 'auto' resolved: the chunked jnp sweeps on
+  CPU (where Pallas is only the interpreter), the Pallas kernels elsewhere. lax.platform_dependent
+  lowers only the branch of the platform compiled for."""
+  def on(cpu):
+    impl = ('xla' if cpu else 'pallas') if plan.impl == 'auto' else plan.impl
+    return lambda *a: fn(plan._replace(cpu=cpu, impl=impl), *a)
+  return lax.platform_dependent(*args, cpu=on(True), default=on(False))
+
+
+def _fwd(plan, h_NxD, w_DxP, lids_NxK, llabels_N, n_valid):
   h = h_NxD.astype(plan.cdt)
   sp_NxJ, ok_NxJ = _sparse_ids(lids_NxK, llabels_N, n_valid, plan)
   x_NxJ, lses = (_sweep_fwd(h, w_DxP, lids_NxK, n_valid, sp_NxJ, plan) if plan.fams
@@ -375,7 +411,7 @@ def _stats_fwd(h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, plan):
   return out, (h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, lses)
 
 
-def _stats_bwd(plan, res, g):
+def _bwd(plan, res, g):
   h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, lses = res
   h = h_NxD.astype(plan.cdt)
   sp_NxJ, ok_NxJ = _sparse_ids(lids_NxK, llabels_N, n_valid, plan)
@@ -458,8 +494,8 @@ def _make_plan(h, w, ids, t, labels, mask, teacher_lse, *, vocab_size, options, 
     raise ValueError(f'teacher_ids_NxK: K={k} must lie in [1, V={v}]')
   if not logits_scale > 0:
     raise ValueError(f'logits_scale={logits_scale}: must be > 0')
-  if implementation not in ('pallas', 'xla'):
-    raise ValueError(f"implementation={implementation!r}: expected 'pallas' or 'xla'")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'implementation={implementation!r}: expected one of {IMPLEMENTATIONS}')
   norm = losses.resolve_options(**options, has_teacher_lse=teacher_lse is not None)
   temp, sft = options['temperature'], options['sft_loss_weight'] > 0
   fams = []  # the full-vocabulary statistics these options need (none: no sweep)
@@ -472,7 +508,7 @@ def _make_plan(h, w, ids, t, labels, mask, teacher_lse, *, vocab_size, options, 
   cdt = jnp.dtype(compute_dtype or jnp.promote_types(h.dtype, w.dtype))
   bn, bv, bd, warps, stages = [d if x is None else int(x)
                                for x, d in zip(tiles[:5], default_blocks(cdt, w.dtype))]
-  if implementation == 'pallas':
+  if implementation != 'xla':  # the Pallas kernels run (on GPU, for 'auto')
     for name, b in (('block_n', bn), ('block_v', bv), ('block_d', bd)):
       if b < 16 or b & (b - 1):
         raise ValueError(f'{name}={b}: must be a power of two >= 16 (Triton tiles)')
@@ -491,7 +527,7 @@ def fused_topk_kd(hidden_NxD, w_out_DxP, teacher_ids_NxK, teacher_logits_NxK, la
                   target_logits_scale=1.0, cross_tokenizer=False, tail=False, student_norm=None,
                   beta=0.5, temperature=1.0, compute_dtype=None, mesh=None, vocab_axis=None,
                   block_n=None, block_v=None, block_d=None, num_warps=None, num_stages=None,
-                  num_splits=None, chunk_v=None, implementation='pallas', interpret=None):
+                  num_splits=None, chunk_v=None, implementation='auto', interpret=None):
   """`losses.topk_kd_loss(hidden @ w_out[:, :V], ...)`, same options and (loss, metrics), without
   [N, V] logits; differentiable in hidden_NxD and w_out_DxP.
 
@@ -505,8 +541,9 @@ def fused_topk_kd(hidden_NxD, w_out_DxP, teacher_ids_NxK, teacher_logits_NxK, la
     (defaults for H100 by compute dtype, `default_blocks`; P and D not multiples are padded, a
     copy of w_out); num_splits vocabulary splits of the forward grid (None: ~2 waves of
     programs); chunk_v columns per backward chunk ([N, chunk_v] dlogits is the largest
-    temporary). implementation: 'pallas', or 'xla' (the same sweeps in chunked jnp).
-  interpret: None = interpret mode on CPU, the Triton kernel on GPU (lax.platform_dependent).
+    temporary). implementation: 'pallas', 'xla' (the same sweeps in chunked jnp), or 'auto':
+    'xla' on CPU, 'pallas' elsewhere (lax.platform_dependent).
+  interpret: for 'pallas', None = interpret mode on CPU, the Triton kernel on GPU.
   """
   options = dict(kd_loss=kd_loss, kd_loss_weight=kd_loss_weight, sft_loss_weight=sft_loss_weight,
                  target_logits_scale=target_logits_scale, tail=tail, student_norm=student_norm,
