@@ -77,7 +77,6 @@ def get_config(arg=None):
   c.model.share_embeddings_and_output_weights = False  # tied LM head
   c.model.init_method_std = 0.02  # std of the normal initialiser
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params are fp32 in memory)
-  c.model.remat_policy = 'none'  # none | full | dots | dots_no_batch
 
   # mode=convert: import a foreign checkpoint into a jkd model directory.
   c.convert = ConfigDict()
@@ -117,6 +116,8 @@ def get_config(arg=None):
   c.train.global_batch_size = 64  # sequences per optimizer step (GBS), over all devices
   c.train.micro_batch_size = 1  # sequences per data-parallel rank per forward/backward (MBS)
   c.train.precision = 'bf16'  # compute dtype: bf16 | fp32 (params, moments, losses stay fp32)
+  c.train.remat_policy = 'none'  # what the backward keeps: none | full | dots | dots_no_batch
+  c.train.attention = 'auto'  # auto (cuDNN flash attention on GPU in bf16, else XLA) | xla | cudnn
   c.train.lr = 3e-5  # peak learning rate
   c.train.min_lr = 9e-7  # CosineAnnealing floor
   c.train.warmup_steps = 10  # linear warmup updates

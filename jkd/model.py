@@ -54,6 +54,8 @@ REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.dots_saveable,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# jax.nn.dot_product_attention's implementation; 'auto' = `attention_implementation`'s choice.
+ATTENTIONS = ('auto', 'xla', 'cudnn')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,7 @@ class ModelConfig:
   init_method_std: float = 0.02
   dtype: str = 'float32'  # compute dtype; params are always fp32
   remat_policy: str = 'none'
+  attention: str = 'auto'  # auto | xla | cudnn (flash attention; GPU, bf16)
 
   def __post_init__(self):
     def fail(key, msg):
@@ -111,6 +114,8 @@ class ModelConfig:
       fail('dtype', f'unknown; expected one of {tuple(DTYPES)}')
     if self.remat_policy not in REMAT_POLICIES:
       fail('remat_policy', f'unknown; expected one of {tuple(REMAT_POLICIES)}')
+    if self.attention not in ATTENTIONS:
+      fail('attention', f'unknown; expected one of {ATTENTIONS}')
     if self.layernorm_epsilon <= 0:
       fail('layernorm_epsilon', 'must be positive')
 
@@ -215,6 +220,16 @@ def apply_rope(x_BxTxNxH, positions_BxT, rotary_dim: int, base: float):
   return jnp.concatenate([rot, passthrough], -1).astype(x_BxTxNxH.dtype)
 
 
+def attention_implementation(cfg: ModelConfig) -> str:
+  """'xla' or 'cudnn' for cfg.attention. 'auto' takes cuDNN's flash attention (no [T, T] scores
+  in memory; a segment mask becomes its bias input) when jax's backend is a GPU, the compute is
+  bf16 and the head dim one cuDNN takes (a multiple of 8, at most 128), XLA's otherwise."""
+  if cfg.attention != 'auto':
+    return cfg.attention
+  fits = cfg.dtype == 'bfloat16' and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
+  return 'cudnn' if fits and jax.default_backend() == 'gpu' else 'xla'
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -232,7 +247,7 @@ class Attention(nn.Module):
     # KV group n // (N/G), Megatron's grouping.
     ctx_BxTxNxH = jax.nn.dot_product_attention(
         q_BxTxNxH, k_BxTxGxH, v_BxTxGxH, mask=mask_Bx1xTxT, is_causal=True,
-        scale=1.0 / math.sqrt(h))
+        scale=1.0 / math.sqrt(h), implementation=attention_implementation(cfg))
     out_std = cfg.init_method_std / math.sqrt(2 * cfg.num_layers)
     return Dense(cfg, (cfg.hidden_size,), ('heads', 'head_dim', 'embed'), n_in=2,
                  std=out_std, name='o')(ctx_BxTxNxH)

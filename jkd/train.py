@@ -187,7 +187,10 @@ def _micro_sums(cfg, tc, mesh, rules, params, mb, wts_RxL):
       raise ValueError(f'distill.top_k={tc.top_k}: exceeds the batch K={ids.shape[-1]}')
     ids, t = ids[..., :tc.top_k], t[..., :tc.top_k]
   lse = mb['lse'] if tc.tail else None
-  inputs = dict(segment_ids_BxT=mb['segment_ids'], positions_BxT=mb['positions'])
+  # Unpacked rows hold one right-padded example: causal attention alone keeps real tokens off
+  # the padding, so they need no segment mask (and cuDNN then runs its plain causal kernel).
+  inputs = dict(segment_ids_BxT=mb['segment_ids'] if tc.pack else None,
+                positions_BxT=mb['positions'])
   # Named scopes only label ops in profiles (docs/profiling.md); backward ops carry them too.
   if tc.loss_impl == 'reference':
     with jax.named_scope('student_forward'):
@@ -257,8 +260,10 @@ def _accumulate(cfg, tc, mesh, rules, p_sh, params, batch, with_grad):
   return metrics, grads
 
 
-def _compute_cfg(model_cfg, tc):
-  return dataclasses.replace(model_cfg, dtype=PRECISIONS[tc.precision])
+def run_config(model_cfg, tc):
+  """The student as the step runs it: the run's precision, remat policy and attention."""
+  return dataclasses.replace(model_cfg, dtype=PRECISIONS[tc.precision],
+                             remat_policy=tc.remat_policy, attention=tc.attention)
 
 
 def make_train_step(model_cfg, tc: TrainConfig, mesh, rules, state_shardings,
@@ -268,7 +273,7 @@ def make_train_step(model_cfg, tc: TrainConfig, mesh, rules, state_shardings,
   batch: the global batch as a dict with BATCH_KEYS (other keys are ignored), G rows. With an
   online `teacher`: step_fn(state, batch, teacher_params), the batch without the top-K keys.
   """
-  cfg, opt, schedule = _compute_cfg(model_cfg, tc), make_optimizer(tc), make_schedule(tc)
+  cfg, opt, schedule = run_config(model_cfg, tc), make_optimizer(tc), make_schedule(tc)
 
   def step(state: TrainState, batch, teacher_params=None):
     if teacher is not None:
@@ -303,7 +308,7 @@ def make_eval_step(model_cfg, tc: TrainConfig, mesh, rules, state_shardings,
                    teacher: OnlineTeacher | None = None):
   """eval_fn(params, batch) -> metrics pairs, micro-batched and reduced as the train step
   (eval_fn(params, batch, teacher_params) with an online teacher)."""
-  cfg = _compute_cfg(model_cfg, tc)
+  cfg = run_config(model_cfg, tc)
 
   def evaluate(params, batch, teacher_params=None):
     if teacher is not None:

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
-from jkd import losses, sharding
+from jkd import losses, model, sharding
 from jkd.kernels import fused_topk_kd
 
 PRECISIONS = {'bf16': 'bfloat16', 'fp32': 'float32'}  # NeMo trainer.precision -> compute dtype
@@ -46,6 +46,9 @@ class TrainConfig:
   do_layer_norm_weight_decay: bool = False
   gradient_clip_val: float = 1.0
   precision: str = 'bf16'
+  remat_policy: str = 'none'
+  attention: str = 'auto'
+  pack: bool = False
   val_check_interval: int = 100
   save_interval: int = 100
   limit_val_batches: int = -1
@@ -100,6 +103,10 @@ class TrainConfig:
       fail('eps', 'must be > 0')
     if self.precision not in PRECISIONS:
       fail('precision', f'expected one of {tuple(PRECISIONS)}')
+    if self.remat_policy not in model.REMAT_POLICIES:
+      fail('remat_policy', f'expected one of {tuple(model.REMAT_POLICIES)}')
+    if self.attention not in model.ATTENTIONS:
+      fail('attention', f'expected one of {model.ATTENTIONS}')
     if self.reduction not in REDUCTIONS:
       fail('reduction', f'expected one of {REDUCTIONS}')
     if self.loss_impl not in LOSS_IMPLS:

@@ -74,6 +74,8 @@ def parse_flags(argv=None):
                  help='auto: pallas on GPU, xla on CPU (Pallas on CPU is the interpreter)')
   p.add_argument('--remat', choices=('none', 'full', 'dots', 'dots_no_batch'), default='none',
                  help="jkd remat policy; torch gets HF gradient checkpointing unless 'none'")
+  p.add_argument('--attention', choices=('auto', 'xla', 'cudnn'), default='auto',
+                 help='jkd attention: auto = cuDNN flash attention on GPU in bf16, else XLA')
   p.add_argument('--skip-torch', action='store_true')
   p.add_argument('--torch-compile', action='store_true', help='torch.compile the HF model')
   p.add_argument('--peak-tflops', type=float, default=None,
@@ -135,13 +137,13 @@ def make_batch(s, seed):
               positions=np.broadcast_to(np.arange(t, dtype=np.int32), (g, t)).copy())
 
 
-def student_config(s, remat):
+def student_config(s):
   return model.ModelConfig(
       num_layers=s['layers'], hidden_size=s['hidden'], ffn_hidden_size=s['ffn'],
       num_attention_heads=s['heads'], num_query_groups=s['kv_heads'], vocab_size=s['vocab'],
       normalization='rmsnorm', activation='swiglu', bias=False, position_embedding_type='rope',
       rotary_percentage=1.0, max_position_embeddings=s['seq_len'],
-      share_embeddings_and_output_weights=False, remat_policy=remat)
+      share_embeddings_and_output_weights=False)
 
 
 def model_flops(s):
@@ -198,8 +200,9 @@ def jkd_setup(s, np_batch, flags, remat, **overrides):
       train.TrainConfig(), global_batch_size=s['batch'], micro_batch_size=s['micro_batch'],
       max_steps=1000, warmup_steps=10, constant_steps=0, lr=LR, min_lr=LR / 10,
       kd_loss='fwd_kl', kd_loss_weight=KD_WEIGHT, sft_loss_weight=SFT_WEIGHT,
-      precision=flags.precision, seed=flags.seed, **overrides)
-  cfg, rules = student_config(s, remat), base.LOGICAL_AXIS_RULES
+      precision=flags.precision, seed=flags.seed, remat_policy=remat, attention=flags.attention,
+      **overrides)
+  cfg, rules = student_config(s), base.LOGICAL_AXIS_RULES
   mesh = sharding.make_mesh(('data', 'fsdp', 'tensor'), (1, -1, 1))
   state, state_sh = train.init_state(cfg, tc, None, mesh, rules)
   b_sh = train.batch_shardings(mesh, rules)
@@ -375,6 +378,10 @@ def main(flags):
   print(f"batch: G={s['batch']} rows x T={s['seq_len']} = {tokens} tokens/step, micro-batch "
         f"{s['micro_batch']}, K={s['top_k']}; loss fwd_kl x {KD_WEIGHT} + SFT x {SFT_WEIGHT}; "
         f"precision {flags.precision}, remat {flags.remat}")
+  run_cfg = train.run_config(student_config(s), dataclasses.replace(
+      train.TrainConfig(), precision=flags.precision, attention=flags.attention))
+  print(f"jkd attention: {model.attention_implementation(run_cfg)} (--attention "
+        f"{flags.attention}); rows unpacked, so no segment mask")
   print(f"jkd loss: loss_impl={flags.loss_impl}" +
         (f", fused_implementation={impl}" if flags.loss_impl == 'fused' else ''))
   print(f"timing: {s['warmup']} warmup steps dropped, {s['steps']} timed steps each")

@@ -79,6 +79,56 @@ def test_packed_segments_equal_separate_sequences():
     np.testing.assert_allclose(out[:, 10:], _forward(cfg, params, b), atol=1e-5)
 
 
+def _cudnn_lowered(cfg, params, tokens, **kw):
+  """StableHLO of forward + backward lowered for cuda. jax checks cuDNN's version and the GPU's
+  compute capability while tracing; on a machine without either the test stands in an H100
+  with cuDNN 9.10 (jax's private checks, test-only)."""
+  from jax._src.cudnn import fused_attention_stablehlo as fa
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(fa, 'check_cudnn_version', lambda: 91000)
+    mp.setattr(fa, 'check_compute_capability', lambda capability: True)
+    mp.setattr(fa, 'is_cuda_compute_capability_equal', lambda capability: False)
+    loss = lambda p: model.forward(cfg, p, tokens, **kw).sum()  # noqa: E731
+    return jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=('cuda',)).as_text()
+
+
+def test_attention_implementation():
+  """'auto' is XLA's attention on CPU (cuDNN only on a GPU backend, in bf16, for head dims it
+  takes); 'cudnn' lowers forward and backward to cuDNN's fused attention, a segment mask as
+  its bias input, and no [T, T] scores of XLA's own."""
+  cfg, params, _ = ref.llama()
+  cfg16 = dataclasses.replace(cfg, dtype='bfloat16')
+  assert model.attention_implementation(cfg16) == 'xla'  # the CPU backend
+  assert model.attention_implementation(dataclasses.replace(cfg, attention='cudnn')) == 'cudnn'
+  tokens = _tokens(2, 24)
+  text = _cudnn_lowered(dataclasses.replace(cfg16, attention='cudnn'), params, tokens)
+  assert '__cudnn$fmhaSoftmax(' in text and '__cudnn$fmhaSoftmaxBackward(' in text
+  assert 'x24x24x' not in text  # no [B, N, T, T] scores
+  segments = np.array([[0] * 14 + [1] * 10] * 2, np.int32)
+  text = _cudnn_lowered(dataclasses.replace(cfg16, attention='cudnn'), params, tokens,
+                        segment_ids_BxT=segments)
+  assert '__cudnn$fmhaScaleBiasSoftmax(' in text
+  assert '__cudnn$fmhaSoftmax(' not in _cudnn_lowered(cfg16, params, tokens)  # 'auto', CPU
+
+
+@pytest.mark.gpu
+def test_cudnn_attention_matches_xla_on_gpu():
+  """On a GPU 'auto' takes cuDNN for bf16; its logits and gradients match XLA's attention."""
+  cfg, params, _ = ref.llama()
+  cfg16 = dataclasses.replace(cfg, dtype='bfloat16')
+  assert model.attention_implementation(cfg16) == 'cudnn'
+  tokens = _tokens(2, 64)
+  segments = np.array([[0] * 40 + [1] * 24] * 2, np.int32)
+  for kw in (dict(), dict(segment_ids_BxT=segments)):
+    got = _forward(cfg16, params, tokens, **kw)
+    want = _forward(dataclasses.replace(cfg16, attention='xla'), params, tokens, **kw)
+    np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
+    grads = [jax.grad(lambda p, c=c: model.forward(c, p, tokens, **kw).mean())(params)
+             for c in (cfg16, dataclasses.replace(cfg16, attention='xla'))]
+    for a, b in zip(*map(jax.tree.leaves, grads)):
+      np.testing.assert_allclose(a, b, atol=0.05 * float(jnp.abs(b).max()) + 1e-6)
+
+
 def test_bf16_compute_returns_fp32_logits_close_to_fp32():
   cfg, params, _ = ref.gpt2b()
   tokens = _tokens()
@@ -151,6 +201,7 @@ _GOOD = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_hea
     (dict(padded_vocab_size=50), 'padded_vocab_size'),
     (dict(dtype='float16'), 'dtype'),
     (dict(remat_policy='sometimes'), 'remat_policy'),
+    (dict(attention='flash'), 'attention'),
     (dict(num_layers=0), 'num_layers'),
     (dict(position_embedding_type='rope', rotary_percentage=0.0), 'rotary_percentage'),
 ])

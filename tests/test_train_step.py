@@ -288,6 +288,31 @@ def test_eval_step_gives_the_train_step_metrics(devices8):
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
 
 
+def test_unpacked_rows_need_no_segment_mask(devices8):
+  """train.pack=False drops the segment mask (one right-padded example per row: causal attention
+  already keeps real tokens off the padding); the steps equal those with the mask."""
+  p_mask, m_mask, _ = cached_run((2, 2, 2), pack=True)
+  p, m, _ = cached_run((2, 2, 2))
+  assert_metrics_close(m, m_mask, rtol=1e-6)
+  assert_params_close(p, p_mask, atol=1e-7)
+  tc = train.TrainConfig(**{**BASE, 'global_batch_size': 8})
+  jaxpr = str(jax.make_jaxpr(lambda b: train._micro_sums(
+      CFG, tc, mesh_of((1, 1, 1)), RULES, initial_params(), b, b['loss_mask']))(smoke_batch(8)))
+  assert f'bool[8,1,{L},{L}]' not in jaxpr  # no [B, 1, T, T] mask built
+  tc = train.TrainConfig(**{**BASE, 'global_batch_size': 8, 'pack': True})
+  jaxpr = str(jax.make_jaxpr(lambda b: train._micro_sums(
+      CFG, tc, mesh_of((1, 1, 1)), RULES, initial_params(), b, b['loss_mask']))(smoke_batch(8)))
+  assert f'bool[8,1,{L},{L}]' in jaxpr
+
+
+def test_run_config_applies_the_run_settings():
+  """The step runs the student at train.precision, train.remat_policy and train.attention,
+  whatever its model_config.json says."""
+  tc = train.TrainConfig(precision='bf16', remat_policy='dots', attention='xla')
+  cfg = train.run_config(CFG, tc)
+  assert (cfg.dtype, cfg.remat_policy, cfg.attention) == ('bfloat16', 'dots', 'xla')
+
+
 def test_bf16_pallas_step_lowers_for_cuda(devices8):
   """The whole step (Triton kernel nested in the data-parallel shard_map, vocab-parallel over
   'tensor') lowers for GPU; CPU runs only the interpreter."""
@@ -311,7 +336,7 @@ def test_only_the_student_is_differentiated(devices8):
 
   def objective(params, teacher_logits, teacher_lse):
     b = dict(batch, topk_logits=teacher_logits, lse=teacher_lse)
-    m = train._accumulate(train._compute_cfg(CFG, tc), tc, mesh, RULES, sh.params, params, b,
+    m = train._accumulate(train.run_config(CFG, tc), tc, mesh, RULES, sh.params, params, b,
                           with_grad=False)[0]
     return m['loss'][0] / m['loss'][1]
 
@@ -339,6 +364,8 @@ def train_config(**overrides):
     ({'distill.kd_loss': 'kl'}, None, "distill.kd_loss='kl'"),
     ({'distill.reduction': 'sum'}, None, "distill.reduction='sum'"),
     ({'train.min_lr': 1e-4}, None, 'train.min_lr=0.0001'),
+    ({'train.attention': 'flash'}, None, "train.attention='flash'"),
+    ({'train.remat_policy': 'some'}, None, "train.remat_policy='some'"),
 ])
 
 
