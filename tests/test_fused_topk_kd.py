@@ -173,22 +173,39 @@ def test_auto_takes_xla_on_cpu_and_pallas_elsewhere():
 
 def test_slab_rows():
   """Rows of w_out per slab of the gathered-column work: ~1 MiB of [R, P] on CPU, [R, N, J]
-  gathers bounded elsewhere; a power of two, at least 1."""
-  assert fk._slab_rows(1024, 100, 32000, cpu=True) == 8
-  assert fk._slab_rows(4096, 101, 256000, cpu=True) == 1
-  assert fk._slab_rows(4096, 101, 256000, cpu=False) == 16
-  assert fk._slab_rows(1 << 20, 101, 32000, cpu=False) == 1
+  gathers bounded elsewhere; a power of two dividing D, at least 1."""
+  assert fk._slab_rows(1024, 100, 32000, 512, cpu=True) == 8
+  assert fk._slab_rows(4096, 101, 256000, 2048, cpu=True) == 1
+  assert fk._slab_rows(4096, 101, 256000, 2048, cpu=False) == 16
+  assert fk._slab_rows(4096, 101, 256000, 40, cpu=False) == 8
+  assert fk._slab_rows(1 << 20, 101, 32000, 2048, cpu=False) == 1
 
 
-@pytest.mark.parametrize('slab_bytes', [1, 8 * 4 * P, 1 << 30])
+@pytest.mark.parametrize('slab_bytes', [1, 4 * 4 * P, 1 << 30])
 @pytest.mark.parametrize('mode', ['parity_fwd_kl', 'jsd_temperature', 'cross_tokenizer_tail'])
 def test_gathered_columns_any_slab(monkeypatch, slab_bytes, mode):
   """The gathered-column statistics and their backward (gathers for d_h, a scatter-add for d_w)
-  equal the oracle for slabs of 1 row, of 8 rows (D=40 padded to 48) and of all D rows."""
+  equal the oracle for slabs of 1, 4 and 8 rows (the largest power of two dividing D=40)."""
   monkeypatch.setattr(fk, '_SLAB_BYTES', slab_bytes)
   b = make_batch(11)
   want = value_and_grads(fk.fused_topk_kd_reference, b, **MODES[mode])
   assert_close(value_and_grads(fk.fused_topk_kd, b, chunk_v=96, **MODES[mode]), want, 2e-5)
+
+
+@pytest.mark.parametrize('impl,mode', [('xla', 'parity_fwd_kl'), ('pallas', 'fwd_kl_sft'),
+                                       ('xla', 'tail_fwd_kl_sft')])
+def test_temp_memory_holds_no_copy_of_the_head(impl, mode):
+  """XLA's temp bytes of forward + backward (compiled for CPU) stay well under one [D, P] fp32
+  copy of w_out: loops slice the head in place (a reshaped head as loop input got copied)."""
+  n, d, p, k = 512, 256, 32768, 16
+  sd = jax.ShapeDtypeStruct
+  args = (sd((n, d), jnp.float32), sd((d, p), jnp.float32), sd((n, k), jnp.int32),
+          sd((n, k), jnp.float32), sd((n,), jnp.int32), sd((n,), jnp.int32), sd((n,), jnp.float32))
+  def f(h, w, ids, t, labels, mask, lse):
+    return fk.fused_topk_kd(h, w, ids, t, labels, mask, teacher_lse_N=lse, implementation=impl,
+                            chunk_v=1024, **MODES[mode])[0]
+  compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < d * p * 4 // 2
 
 
 @pytest.mark.parametrize('d', [2048, 4096])

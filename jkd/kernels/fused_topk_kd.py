@@ -320,21 +320,25 @@ def _sweep_bwd(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
 
 # --- gathered columns: the sparse statistics, and the whole job without a sweep --------------
 
-def _slab_rows(n, j, p, cpu):
-  """Rows R of w_out per slab of the gathered-column work. CPU: the slab [R, P] stays in cache
-  (~1 MiB), since a column gather or scatter touches one cache line per row; elsewhere the
-  gathered columns [R, N, J] stay bounded (_GATHER_BYTES) and each step is large."""
+def _slab_rows(n, j, p, d, cpu):
+  """Rows R of w_out per slab of the gathered-column work, a power of two dividing D. CPU: the
+  slab [R, P] stays in cache (~1 MiB), since a column gather or scatter touches one cache line
+  per row; elsewhere the gathered columns [R, N, J] stay bounded (_GATHER_BYTES)."""
   budget, per_row = (_SLAB_BYTES, 4 * p) if cpu else (_GATHER_BYTES, 4 * n * j)
-  return 1 << max(0, (budget // per_row).bit_length() - 1)
+  return min(1 << max(0, (budget // per_row).bit_length() - 1), d & -d)
 
 
-def _slabs(h, w, ids_NxJ, plan):
-  """h as [slabs, R, N] and w as [slabs, R, P] (D padded to whole slabs), and D."""
+def _over_slabs(h, w, ids_NxJ, plan, body, init):
+  """body(carry, d0, h[:, d0:d0+R], w[d0:d0+R]) over the slabs of D; h and w are read in place
+  (slicing, not reshaping, keeps XLA from copying w into the loop)."""
   d = h.shape[1]
-  r = min(_slab_rows(h.shape[0], ids_NxJ.shape[1], w.shape[1], plan.cpu), d)
-  dp = _round_up(d, r)
-  return (_pad_to(h, 1, dp).T.reshape(dp // r, r, h.shape[0]),
-          _pad_to(w, 0, dp).reshape(dp // r, r, w.shape[1]), d)
+  r = _slab_rows(h.shape[0], ids_NxJ.shape[1], w.shape[1], d, plan.cpu)
+
+  def step(i, carry):
+    d0 = i * r
+    return body(carry, d0, lax.dynamic_slice_in_dim(h, d0, r, 1),
+                lax.dynamic_slice_in_dim(w, d0, r, 0))
+  return lax.fori_loop(0, d // r, step, init)
 
 
 def _columns(w_RxP, ids_NxJ, plan):
@@ -344,26 +348,26 @@ def _columns(w_RxP, ids_NxJ, plan):
 
 def _gather_x(h, w, ids_NxJ, plan):
   """fp32 x = scale * h . w[:, id] at in-range ids, summed slab by slab over D."""
-  def one(x_NxJ, args):
-    h_RxN, w_RxP = args
-    return x_NxJ + jnp.einsum('rn,rnj->nj', h_RxN.astype(jnp.float32),
-                              _columns(w_RxP, ids_NxJ, plan)), None
-  h_SxRxN, w_SxRxP, _ = _slabs(h, w, ids_NxJ, plan)
-  x_NxJ, _ = lax.scan(one, jnp.zeros(ids_NxJ.shape, jnp.float32), (h_SxRxN, w_SxRxP))
-  return plan.scale * x_NxJ
+  def body(x_NxJ, d0, h_NxR, w_RxP):
+    return x_NxJ + jnp.einsum('nr,rnj->nj', h_NxR.astype(jnp.float32),
+                              _columns(w_RxP, ids_NxJ, plan))
+  return plan.scale * _over_slabs(h, w, ids_NxJ, plan, body,
+                                  jnp.zeros(ids_NxJ.shape, jnp.float32))
 
 
 def _scatter_bwd(h, w, ids_NxJ, vals_NxJ, plan):
   """(d_h, d_w fp32) of sum_j vals * (h . w[:, id]), slab by slab over D: gathered columns
-  give d_h's rows R, a scatter-add of the updates gives d_w's."""
-  def one(args):
-    h_RxN, w_RxP = args
-    d_h_RxN = jnp.einsum('nj,rnj->rn', vals_NxJ, _columns(w_RxP, ids_NxJ, plan))
-    upd_RxNxJ = h_RxN.astype(jnp.float32)[:, :, None] * vals_NxJ[None]
-    return d_h_RxN, jnp.zeros(w_RxP.shape, jnp.float32).at[:, ids_NxJ].add(upd_RxNxJ)
-  h_SxRxN, w_SxRxP, d = _slabs(h, w, ids_NxJ, plan)
-  d_h, d_w = lax.map(one, (h_SxRxN, w_SxRxP))
-  return d_h.reshape(-1, h.shape[0])[:d].T, d_w.reshape(-1, w.shape[1])[:d]
+  give d_h's columns R, a scatter-add of the updates d_w's rows (an fp32 [D, P] accumulator:
+  the output itself for an fp32 w_out)."""
+  def body(carry, d0, h_NxR, w_RxP):
+    d_h_NxD, d_w_DxP = carry
+    d_h_NxR = jnp.einsum('nj,rnj->nr', vals_NxJ, _columns(w_RxP, ids_NxJ, plan))
+    upd_RxNxJ = h_NxR.T.astype(jnp.float32)[:, :, None] * vals_NxJ[None]
+    d_w_RxP = jnp.zeros(w_RxP.shape, jnp.float32).at[:, ids_NxJ].add(upd_RxNxJ)
+    return (lax.dynamic_update_slice_in_dim(d_h_NxD, d_h_NxR, d0, 1),
+            lax.dynamic_update_slice_in_dim(d_w_DxP, d_w_RxP, d0, 0))
+  init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
+  return _over_slabs(h, w, ids_NxJ, plan, body, init)
 
 
 # --- the statistics with their custom VJP ----------------------------------------------------
