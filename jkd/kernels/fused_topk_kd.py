@@ -236,6 +236,12 @@ def _pallas_chunk_dl(h, w, lids, n_valid, lses, coefs, c0, width, plan):
 
 # --- sweep drivers (Pallas, or the same tile math in chunked jnp) ----------------------------
 
+def _materialized(x):
+  """x computed once, before the loops that read it: XLA folds a transpose into a dot's
+  dimension numbers otherwise, and XLA:CPU runs transposed-operand dots slower."""
+  return lax.optimization_barrier(x)
+
+
 def _loop_chunks(n_cols, width, step, carry):
   """step(carry, c0, width) over [0, n_cols): a loop of whole chunks, then the remainder."""
   width = min(width, n_cols)
@@ -296,6 +302,7 @@ def _sweep_bwd(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
     h, w, lids, sp_ids, sp_vals, *fam = _padded(plan, h, w, lids, sp_ids, sp_vals, *lses, *coefs)
     lses, coefs = fam[:len(lses)], fam[len(lses):]
   rows_Nx1 = jnp.arange(h.shape[0])[:, None]
+  h_DxN = _materialized(h.T)
 
   def step(carry, c0, width):
     d_h_NxD, d_w_DxP = carry
@@ -310,7 +317,7 @@ def _sweep_bwd(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
     dl_NxC = dl_NxC.at[rows_Nx1, rel_NxJ].add(sp_vals.astype(plan.cdt), mode='drop')
     w_DxC = lax.dynamic_slice_in_dim(w, c0, width, axis=1).astype(plan.cdt)
     d_h_NxD = d_h_NxD + jnp.dot(dl_NxC, w_DxC.T, preferred_element_type=jnp.float32)
-    d_w_DxC = jnp.dot(h.T, dl_NxC, preferred_element_type=jnp.float32).astype(w.dtype)
+    d_w_DxC = jnp.dot(h_DxN, dl_NxC, preferred_element_type=jnp.float32).astype(w.dtype)
     return d_h_NxD, lax.dynamic_update_slice_in_dim(d_w_DxP, d_w_DxC, c0, axis=1)
   chunk = plan.chunk_v if plan.impl == 'xla' else _round_up(plan.chunk_v, plan.block_v)
   d_h, d_w = _loop_chunks(w.shape[1], chunk, step,
