@@ -23,6 +23,17 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(skip)
 
 
+@pytest.fixture
+def cudnn_stand_in(monkeypatch):
+  """Lets cuDNN attention lower for cuda on a machine without CUDA: jax checks cuDNN's version
+  and the GPU's compute capability while tracing; this stands in cuDNN 9.10 on an H100 (jax's
+  private checks, test-only)."""
+  from jax._src.cudnn import fused_attention_stablehlo as fa
+  monkeypatch.setattr(fa, 'check_cudnn_version', lambda: 91000)
+  monkeypatch.setattr(fa, 'check_compute_capability', lambda capability: True)
+  monkeypatch.setattr(fa, 'is_cuda_compute_capability_equal', lambda capability: False)
+
+
 @pytest.fixture(scope='session')
 def devices8():
   assert jax.device_count() == 8, 'tests expect 8 simulated CPU devices'

@@ -80,19 +80,12 @@ def test_packed_segments_equal_separate_sequences():
 
 
 def _cudnn_lowered(cfg, params, tokens, **kw):
-  """StableHLO of forward + backward lowered for cuda. jax checks cuDNN's version and the GPU's
-  compute capability while tracing; on a machine without either the test stands in an H100
-  with cuDNN 9.10 (jax's private checks, test-only)."""
-  from jax._src.cudnn import fused_attention_stablehlo as fa
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(fa, 'check_cudnn_version', lambda: 91000)
-    mp.setattr(fa, 'check_compute_capability', lambda capability: True)
-    mp.setattr(fa, 'is_cuda_compute_capability_equal', lambda capability: False)
-    loss = lambda p: model.forward(cfg, p, tokens, **kw).sum()  # noqa: E731
-    return jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=('cuda',)).as_text()
+  """StableHLO of forward + backward lowered for cuda."""
+  loss = lambda p: model.forward(cfg, p, tokens, **kw).sum()  # noqa: E731
+  return jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=('cuda',)).as_text()
 
 
-def test_attention_implementation():
+def test_attention_implementation(cudnn_stand_in):
   """'auto' is XLA's attention on CPU (cuDNN only on a GPU backend, in bf16, for head dims it
   takes); 'cudnn' lowers forward and backward to cuDNN's fused attention, a segment mask as
   its bias input, and no [T, T] scores of XLA's own."""

@@ -313,16 +313,19 @@ def test_run_config_applies_the_run_settings():
   assert (cfg.dtype, cfg.remat_policy, cfg.attention) == ('bfloat16', 'dots', 'xla')
 
 
-def test_bf16_pallas_step_lowers_for_cuda(devices8):
+def test_bf16_pallas_step_lowers_for_cuda(devices8, cudnn_stand_in):
   """The whole step (Triton kernel nested in the data-parallel shard_map, vocab-parallel over
-  'tensor') lowers for GPU; CPU runs only the interpreter."""
+  'tensor'; cuDNN attention in the layer scan) lowers for GPU; CPU runs only the interpreter."""
   tc = train.TrainConfig(**{**BASE, 'global_batch_size': 8, 'fused_implementation': 'pallas',
-                            'precision': 'bf16'})
+                            'precision': 'bf16', 'attention': 'cudnn'})
   mesh = mesh_of((2, 2, 2))
   state, sh = train.init_state(CFG, tc, initial_params(), mesh, RULES)
   step = train.make_train_step(CFG, tc, mesh, RULES, sh)
   text = step.trace(state, smoke_batch(8)).lower(lowering_platforms=('cuda',)).as_text()
   assert 'triton' in text
+  # Sharded, jax's cuDNN attention is a custom-partitioned call (forward, backward) until XLA
+  # partitions it; XLA's own attention would hold [B, N, T, T] scores.
+  assert text.count('@CustomSPMDPartitioning(') == 2 and f'x{L}x{L}x' not in text
 
 
 def test_only_the_student_is_differentiated(devices8):
