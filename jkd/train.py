@@ -137,11 +137,11 @@ class OnlineTeacher:
   k: int
   vocab_tile: int
 
-  def add_topk(self, mesh, rules, teacher_params, batch):
+  def add_topk(self, mesh, rules, teacher_params, batch, segment_ids_BxT):
     from jkd import extract
     fn = extract.teacher_topk(self.cfg, mesh, rules, k=self.k, vocab_tile=self.vocab_tile)
-    ids, vals, lse = jax.lax.stop_gradient(fn(teacher_params, batch['tokens'],
-                                              batch['segment_ids'], batch['positions']))
+    ids, vals, lse = jax.lax.stop_gradient(fn(teacher_params, batch['tokens'], segment_ids_BxT,
+                                              batch['positions']))
     return {**batch, 'topk_ids': ids, 'topk_logits': vals, 'lse': lse}
 
 
@@ -179,6 +179,13 @@ def _fused_sums(cfg, tc, mesh, rules, h_RxLxD, w_DxP, ids, t, labels, wts, lse):
   return {k: jnp.sum(v) for k, v in sums.items()}
 
 
+def segment_ids(tc, batch):
+  """The rows' segment ids when train.pack; else None: a row then holds one right-padded
+  example, and causal attention alone keeps its tokens off the padding (no [T, T] mask, and
+  cuDNN runs its plain causal kernel)."""
+  return batch['segment_ids'] if tc.pack else None
+
+
 def _micro_sums(cfg, tc, mesh, rules, params, mb, wts_RxL):
   """Weighted loss sums of one micro-step: {'loss', 'kd_loss', 'sft_loss'} -> scalar."""
   ids, t = mb['topk_ids'], mb['topk_logits']
@@ -187,10 +194,7 @@ def _micro_sums(cfg, tc, mesh, rules, params, mb, wts_RxL):
       raise ValueError(f'distill.top_k={tc.top_k}: exceeds the batch K={ids.shape[-1]}')
     ids, t = ids[..., :tc.top_k], t[..., :tc.top_k]
   lse = mb['lse'] if tc.tail else None
-  # Unpacked rows hold one right-padded example: causal attention alone keeps real tokens off
-  # the padding, so they need no segment mask (and cuDNN then runs its plain causal kernel).
-  inputs = dict(segment_ids_BxT=mb['segment_ids'] if tc.pack else None,
-                positions_BxT=mb['positions'])
+  inputs = dict(segment_ids_BxT=segment_ids(tc, mb), positions_BxT=mb['positions'])
   # Named scopes only label ops in profiles (docs/profiling.md); backward ops carry them too.
   if tc.loss_impl == 'reference':
     with jax.named_scope('student_forward'):
@@ -278,7 +282,7 @@ def make_train_step(model_cfg, tc: TrainConfig, mesh, rules, state_shardings,
   def step(state: TrainState, batch, teacher_params=None):
     if teacher is not None:
       with jax.named_scope('teacher_topk'):
-        batch = teacher.add_topk(mesh, rules, teacher_params, batch)
+        batch = teacher.add_topk(mesh, rules, teacher_params, batch, segment_ids(tc, batch))
     if batch['tokens'].shape[0] != tc.global_batch_size:
       raise ValueError(f'batch of {batch["tokens"].shape[0]} rows: expected '
                        f'train.global_batch_size={tc.global_batch_size}')
@@ -312,7 +316,7 @@ def make_eval_step(model_cfg, tc: TrainConfig, mesh, rules, state_shardings,
 
   def evaluate(params, batch, teacher_params=None):
     if teacher is not None:
-      batch = teacher.add_topk(mesh, rules, teacher_params, batch)
+      batch = teacher.add_topk(mesh, rules, teacher_params, batch, segment_ids(tc, batch))
     return _accumulate(cfg, tc, mesh, rules, state_shardings.params, params, batch,
                        with_grad=False)[0]
 
