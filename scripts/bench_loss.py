@@ -95,28 +95,31 @@ def memory(n=4096, d=2048, v=256000, k=100):
             'compute_dtype=bf16 avoids)')
 
 
-def wall(fn, args, reps):
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  best = float('inf')
+def walls(fns, args, reps):
+  """Best wall time of each fn over `reps` rounds; a round runs every fn once, so a burst of
+  load from elsewhere hits all of them alike."""
+  for fn in fns:
+    jax.block_until_ready(fn(*args))  # compile + warm up
+  best = [float('inf')] * len(fns)
   for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
+    for i, fn in enumerate(fns):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      best[i] = min(best[i], time.perf_counter() - t0)
   return best
 
 
-def timing(n=1024, d=512, v=32000, k=100, reps=3):
-  print(f'\n(b) wall time (best of {reps}), value_and_grad(hidden, w_out), N={n} D={d} V={v} '
-        f'K={k}, fp32, {jax.default_backend()}')
+def timing(n=1024, d=512, v=32000, k=100, reps=5):
+  print(f'\n(b) wall time (best of {reps} interleaved rounds), value_and_grad(hidden, w_out), '
+        f'N={n} D={d} V={v} K={k}, fp32, {jax.default_backend()}')
   args = concrete_args(n, d, v, k, jnp.float32)
   print(f'{"mode":28s} {"full jnp":>10s} {"fused pallas":>13s} {"fused xla":>10s} '
         f'{"pallas/full":>12s} {"xla/full":>9s}')
   default = 'xla' if jax.default_backend() == 'cpu' else 'pallas'  # what 'auto' takes here
   worst = 0.0
   for name, opts in MODES.items():
-    full = wall(step(full_loss, **opts), args, reps)
-    pal = wall(step(fused_loss, impl='pallas', **opts), args, reps)
-    xla = wall(step(fused_loss, impl='xla', **opts), args, reps)
+    full, pal, xla = walls([step(full_loss, **opts), step(fused_loss, impl='pallas', **opts),
+                            step(fused_loss, impl='xla', **opts)], args, reps)
     print(f'{name:28s} {full * 1e3:7.0f} ms {pal * 1e3:10.0f} ms {xla * 1e3:7.0f} ms '
           f'{pal / full:11.2f}x {xla / full:8.2f}x')
     worst = max(worst, {'xla': xla, 'pallas': pal}[default] / full)

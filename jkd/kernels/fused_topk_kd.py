@@ -238,7 +238,7 @@ def _pallas_chunk_dl(h, w, lids, n_valid, lses, coefs, c0, width, plan):
 
 def _materialized(x):
   """x computed once, before the loops that read it: XLA folds a transpose into a dot's
-  dimension numbers otherwise, and XLA:CPU runs transposed-operand dots slower."""
+  dimension numbers otherwise, and XLA:CPU runs transposed-operand dots slower (GPUs do not)."""
   return lax.optimization_barrier(x)
 
 
@@ -302,7 +302,7 @@ def _sweep_bwd(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
     h, w, lids, sp_ids, sp_vals, *fam = _padded(plan, h, w, lids, sp_ids, sp_vals, *lses, *coefs)
     lses, coefs = fam[:len(lses)], fam[len(lses):]
   rows_Nx1 = jnp.arange(h.shape[0])[:, None]
-  h_DxN = _materialized(h.T)
+  h_DxN = _materialized(h.T) if plan.cpu else h.T
 
   def step(carry, c0, width):
     d_h_NxD, d_w_DxP = carry
