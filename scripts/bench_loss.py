@@ -115,7 +115,7 @@ def timing(n=1024, d=512, v=32000, k=100, reps=5):
   args = concrete_args(n, d, v, k, jnp.float32)
   print(f'{"mode":28s} {"full jnp":>10s} {"fused pallas":>13s} {"fused xla":>10s} '
         f'{"pallas/full":>12s} {"xla/full":>9s}')
-  default = 'xla' if jax.default_backend() == 'cpu' else 'pallas'  # what 'auto' takes here
+  default = fk.auto_implementation(cpu=jax.default_backend() == 'cpu')
   worst = 0.0
   for name, opts in MODES.items():
     full, pal, xla = walls([step(full_loss, **opts), step(fused_loss, impl='pallas', **opts),

@@ -99,6 +99,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 from configs import base  # noqa: E402
 from jkd import model, sharding, train  # noqa: E402
+from jkd.kernels import fused_topk_kd  # noqa: E402
 
 
 def resolve(flags):
@@ -113,7 +114,7 @@ def resolve(flags):
       shape[name] = getattr(flags, name)
   impl = flags.fused_implementation
   if impl == 'auto':
-    impl = 'pallas' if on_gpu else 'xla'
+    impl = fused_topk_kd.auto_implementation(cpu=jax.default_backend() == 'cpu')
   return shape, on_gpu, impl
 
 

@@ -295,14 +295,12 @@ def test_unpacked_rows_need_no_segment_mask(devices8):
   p, m, _ = cached_run((2, 2, 2))
   assert_metrics_close(m, m_mask, rtol=1e-6)
   assert_params_close(p, p_mask, atol=1e-7)
-  tc = train.TrainConfig(**{**BASE, 'global_batch_size': 8})
-  jaxpr = str(jax.make_jaxpr(lambda b: train._micro_sums(
-      CFG, tc, mesh_of((1, 1, 1)), RULES, initial_params(), b, b['loss_mask']))(smoke_batch(8)))
-  assert f'bool[8,1,{L},{L}]' not in jaxpr  # no [B, 1, T, T] mask built
-  tc = train.TrainConfig(**{**BASE, 'global_batch_size': 8, 'pack': True})
-  jaxpr = str(jax.make_jaxpr(lambda b: train._micro_sums(
-      CFG, tc, mesh_of((1, 1, 1)), RULES, initial_params(), b, b['loss_mask']))(smoke_batch(8)))
-  assert f'bool[8,1,{L},{L}]' in jaxpr
+  for pack in (False, True):  # a [B, 1, T, T] mask is built only for packed rows
+    tc = train.TrainConfig(**{**BASE, 'global_batch_size': 8, 'pack': pack})
+    jaxpr = str(jax.make_jaxpr(lambda b, tc=tc: train._micro_sums(
+        CFG, tc, mesh_of((1, 1, 1)), RULES, initial_params(), b, b['loss_mask']))(
+            smoke_batch(8)))
+    assert (f'bool[8,1,{L},{L}]' in jaxpr) == pack
 
 
 def test_run_config_applies_the_run_settings():

@@ -400,12 +400,17 @@ def _stats_bwd(plan, res, g):
   return _on_platform(_bwd, plan, res, g)
 
 
+def auto_implementation(cpu: bool) -> str:
+  """What implementation='auto' runs: the chunked jnp sweeps on CPU (where Pallas is only the
+  interpreter), the Pallas kernels elsewhere."""
+  return 'xla' if cpu else 'pallas'
+
+
 def _on_platform(fn, plan, *args):
-  """fn(plan, *args) with the platform in plan.cpu, and 'auto' resolved: the chunked jnp sweeps on
-  CPU (where Pallas is only the interpreter), the Pallas kernels elsewhere. lax.platform_dependent
-  lowers only the branch of the platform compiled for."""
+  """fn(plan, *args) with the platform in plan.cpu and 'auto' resolved (`auto_implementation`);
+  lax.platform_dependent lowers only the branch of the platform compiled for."""
   def on(cpu):
-    impl = ('xla' if cpu else 'pallas') if plan.impl == 'auto' else plan.impl
+    impl = auto_implementation(cpu) if plan.impl == 'auto' else plan.impl
     return lambda *a: fn(plan._replace(cpu=cpu, impl=impl), *a)
   return lax.platform_dependent(*args, cpu=on(True), default=on(False))
 
