@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -51,9 +52,13 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
-    'dots': jax.checkpoint_policies.dots_saveable,
-    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+    'dots': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable,
+        jax.checkpoint_policies.save_only_these_names('dense')),
+    'dots_no_batch': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names('dense')),
+}  # 'dense': Dense's products on CPU, which `dense_dot` computes inside a custom VJP
 # jax.nn.dot_product_attention's implementation; 'auto' = `attention_implementation`'s choice.
 ATTENTIONS = ('auto', 'xla', 'cudnn')
 
@@ -159,6 +164,50 @@ def _param(init, axes):
   return nn.with_logical_partitioning(init, axes)
 
 
+def _dense_dims(x_ndim, n_in):
+  return (tuple(range(x_ndim - n_in, x_ndim)), tuple(range(n_in))), ((), ())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dot_f32_accumulate(x, w, n_in):
+  """x . w accumulated in fp32 and rounded to x's dtype; the backward's two products too."""
+  return jax.lax.dot_general(x, w, _dense_dims(x.ndim, n_in),
+                             preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _dot_f32_accumulate_fwd(x, w, n_in):
+  return _dot_f32_accumulate(x, w, n_in), (x, w)
+
+
+def _dot_f32_accumulate_bwd(n_in, res, g):
+  x, w = res
+  batch = tuple(range(x.ndim - n_in))
+  d_x = jax.lax.dot_general(g, w, ((tuple(range(len(batch), g.ndim)), tuple(range(n_in, w.ndim))),
+                                   ((), ())), preferred_element_type=jnp.float32)
+  d_w = jax.lax.dot_general(x, g, ((batch, batch), ((), ())), preferred_element_type=jnp.float32)
+  return d_x.astype(x.dtype), d_w.astype(w.dtype)
+
+
+_dot_f32_accumulate.defvjp(_dot_f32_accumulate_fwd, _dot_f32_accumulate_bwd)
+
+
+def dense_dot(x, w, n_in=1):
+  """x . w over x's last n_in axes and w's first, in x's dtype (x and w alike).
+
+  On CPU a bf16 product is asked for as bf16 x bf16 -> fp32, rounded to bf16, forward and
+  backward: XLA:CPU runs a bf16 -> bf16 dot as an fp32 one (both operands upcast), at about half
+  the speed of its bf16 kernels. Elsewhere (GPUs accumulate bf16 products in fp32 anyway) it is
+  the plain dot. lax.platform_dependent lowers only the branch of the platform compiled for."""
+  def plain(x, w):
+    return jax.lax.dot_general(x, w, _dense_dims(x.ndim, n_in))
+  if x.dtype == jnp.float32:
+    return plain(x, w)
+
+  def cpu(x, w):
+    return checkpoint_name(_dot_f32_accumulate(x, w, n_in), 'dense')
+  return jax.lax.platform_dependent(x, w, cpu=cpu, default=plain)
+
+
 class Dense(nn.Module):
   """x @ kernel (+ bias) over the last `n_in` axes of x; fp32 params, compute in cfg.dtype."""
   cfg: ModelConfig
@@ -174,9 +223,7 @@ class Dense(nn.Module):
     init = nn.initializers.normal(self.std or cfg.init_method_std)
     kernel = self.param('kernel', _param(init, self.axes), in_shape + self.features, jnp.float32)
     dt = cfg.compute_dtype
-    y = jax.lax.dot_general(x.astype(dt), kernel.astype(dt),
-                            ((tuple(range(x.ndim - self.n_in, x.ndim)),
-                              tuple(range(self.n_in))), ((), ())))
+    y = dense_dot(x.astype(dt), kernel.astype(dt), self.n_in)
     if cfg.bias:
       bias = self.param('bias', _param(nn.initializers.zeros, self.axes[self.n_in:]),
                         self.features, jnp.float32)

@@ -1,6 +1,7 @@
 """jkd.model against Hugging Face on the same weights, plus the model's own invariants."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -132,9 +133,11 @@ def test_bf16_compute_returns_fp32_logits_close_to_fp32():
   assert np.abs(half - full).max() > 0.0  # really computed in bf16
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 @pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch'])
-def test_remat_policies_keep_values_and_gradients(policy):
+def test_remat_policies_keep_values_and_gradients(policy, dtype):
   cfg, params, _ = ref.llama()
+  cfg = dataclasses.replace(cfg, dtype=dtype)
   tokens = _tokens()
 
   def loss(p, c):
@@ -144,6 +147,68 @@ def test_remat_policies_keep_values_and_gradients(policy):
   g1 = jax.grad(loss)(params, dataclasses.replace(cfg, remat_policy=policy))
   for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('policy,saved', [('dots', True), ('dots_no_batch', True),
+                                          ('full', False)])
+def test_dots_policies_save_the_cpu_bf16_dense_products(policy, saved, capsys):
+  """On CPU a bf16 Dense product is a custom VJP, not a dot_general the dots policies see;
+  it is named 'dense' so that they still keep it (here: the MLP's fc1 output of every layer)
+  instead of recomputing it."""
+  cfg, params, _ = ref.llama()
+  cfg = dataclasses.replace(cfg, dtype='bfloat16', remat_policy=policy)
+  tokens = _tokens()
+  jax.ad_checkpoint.print_saved_residuals(lambda p: model.forward(cfg, p, tokens).std(), params)
+  fc1 = f'bf16[{cfg.num_layers},2,{ref.T},2,{cfg.ffn_hidden_size}]'
+  assert (fc1 in capsys.readouterr().out) == saved
+
+
+def _two_dense(dot, x, w1, w2):
+  return jnp.sin(dot(jax.nn.silu(dot(x, w1, 1)), w2, 2).astype(jnp.float32)).sum()
+
+
+def _plain_dot(x, w, n_in):
+  return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))),
+                                    ((), ())))
+
+
+def test_bf16_dense_products_on_cpu_are_bf16_dots():
+  """On CPU a bf16 Dense product and the two of its backward run as bf16 x bf16 -> fp32 dots
+  (XLA:CPU runs a bf16 -> bf16 dot as an fp32 one, operands upcast, at about half the speed);
+  values and gradients are the plain dot's to bf16 rounding."""
+  from tests.hlo import dot_dtypes
+  r = np.random.default_rng(0)
+  args = [jnp.asarray(r.normal(size=s) / np.sqrt(s[0]), jnp.bfloat16)
+          for s in ((4, 64, 96), (96, 2, 80), (2, 80, 96))]
+  grad = jax.jit(jax.grad(functools.partial(_two_dense, model.dense_dot), argnums=(0, 1, 2)))
+  dots = dot_dtypes(grad.lower(*args).compile().as_text())
+  assert len(dots) == 6 and all(d == ('bf16', 'bf16', 'f32') for d in dots), dots
+  plain_dots = dot_dtypes(jax.jit(jax.grad(functools.partial(_two_dense, _plain_dot),
+                                           argnums=(0, 1, 2))).lower(*args).compile().as_text())
+  assert ('f32', 'f32', 'f32') in plain_dots  # what the custom VJP avoids
+  y = np.asarray(model.dense_dot(args[0], args[1]), np.float32)
+  want = np.asarray(_plain_dot(args[0], args[1], 1), np.float32)
+  np.testing.assert_allclose(y, want, rtol=2 ** -7, atol=1e-6)
+  got = grad(*args)
+  want = jax.grad(functools.partial(_two_dense, _plain_dot), argnums=(0, 1, 2))(*args)
+  for g, e in zip(got, want):
+    g, e = np.asarray(g, np.float32), np.asarray(e, np.float32)
+    np.testing.assert_allclose(g, e, atol=0.02 * np.abs(e).max())
+
+
+def test_bf16_dense_products_lower_as_plain_dots_for_cuda():
+  """The fp32-accumulating custom VJP is CPU-only: lowered for cuda, forward and backward are
+  plain bf16 dot_generals, as before (GPUs accumulate bf16 products in fp32 anyway)."""
+  r = np.random.default_rng(0)
+  args = [jnp.asarray(r.normal(size=s), jnp.bfloat16)
+          for s in ((4, 64, 96), (96, 2, 80), (2, 80, 96))]
+  grad = jax.jit(jax.grad(functools.partial(_two_dense, model.dense_dot), argnums=(0, 1, 2)))
+  text = grad.trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+  dots = [line for line in text.splitlines() if 'stablehlo.dot_general' in line]
+  assert len(dots) == 6 and all(line.rstrip().endswith('bf16>') for line in dots), dots
+  cpu = grad.trace(*args).lower(lowering_platforms=('cpu',)).as_text()
+  assert any(line.rstrip().endswith('f32>') for line in cpu.splitlines()
+             if 'stablehlo.dot_general' in line)
 
 
 def test_save_load_round_trip(tmp_path):
