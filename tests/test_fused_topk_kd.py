@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.extend
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 
@@ -179,6 +180,48 @@ def test_slab_rows():
   assert fk._slab_rows(4096, 101, 256000, 2048, cpu=False) == 16
   assert fk._slab_rows(4096, 101, 256000, 40, cpu=False) == 8
   assert fk._slab_rows(1 << 20, 101, 32000, 2048, cpu=False) == 1
+
+
+@pytest.mark.parametrize('n_cols,width,align,chunks', [
+    (32000, 8192, 128, [6400] * 5),  # narrowed to a divisor: one loop body
+    (256000, 8192, 128, [6400] * 40),
+    (300, 96, 32, [96, 96, 96, 12]),  # no multiple of 32 in (48, 96] divides 300
+    (290, 96, 128, [96, 96, 96, 2]),  # width below align: kept
+    (60, 96, 128, [60]),
+    (4096, 1024, 256, [1024] * 4),
+])
+def test_loop_chunks_cover_every_column_once(n_cols, width, align, chunks):
+  """_loop_chunks visits [0, n_cols) once, in chunks of the width it picks: the widest multiple
+  of `align` in (width / 2, width] that divides n_cols, else whole chunks and a remainder."""
+  seen = []
+  def step(count_C, c0, w):
+    seen.append(w)
+    return lax.dynamic_update_slice_in_dim(
+        count_C, lax.dynamic_slice_in_dim(count_C, c0, w) + 1, c0, 0)
+  count = jax.jit(lambda c: fk._loop_chunks(n_cols, width, step, c, align))(
+      jnp.zeros(n_cols, jnp.int32))
+  np.testing.assert_array_equal(count, np.ones(n_cols, np.int32))
+  n_full = len(chunks) - (chunks[-1] != chunks[0])
+  assert seen[0] == chunks[0] and sum(chunks) == n_cols and len(seen) == 1 + (n_full < len(chunks))
+  if n_full < len(chunks):
+    assert seen[1] == chunks[-1]
+
+
+def test_cpu_bf16_backward_runs_bf16_dots():
+  """With compute_dtype=bf16 and a vocabulary that whole chunks cover, every dot of the
+  compiled CPU forward + backward takes bf16 operands. XLA:CPU had upcast to fp32 (half the
+  speed of its bf16 kernels) the d_h dot, whose w_out chunk came transposed, and both backward
+  dots of the remainder chunk; it still does so for the d_w dot of a remainder chunk."""
+  from tests.hlo import dot_dtypes
+  n, d, p, k = 512, 256, 5120, 16  # chunk_v 2048 narrows to 1280 x 4: no remainder
+  sd = jax.ShapeDtypeStruct
+  args = (sd((n, d), jnp.bfloat16), sd((d, p), jnp.float32), sd((n, k), jnp.int32),
+          sd((n, k), jnp.float32), sd((n,), jnp.int32), sd((n,), jnp.int32))
+  def f(h, w, ids, t, labels, mask):
+    return fk.fused_topk_kd(h, w, ids, t, labels, mask, compute_dtype=jnp.bfloat16,
+                            chunk_v=2048, **MODES['fwd_kl_sft'])[0]
+  dots = dot_dtypes(jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args).compile().as_text())
+  assert len(dots) >= 3 and all(x[:2] == ('bf16', 'bf16') for x in dots), dots
 
 
 @pytest.mark.parametrize('slab_bytes', [1, 4 * 4 * P, 1 << 30])
