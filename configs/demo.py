@@ -41,7 +41,7 @@ def get_config(arg=None):
   c.extract.dtype = 'bfloat16'
   c.export.dtype = 'bfloat16'
 
-  c.train.precision = 'fp32'  # CPU: bf16 compute is no faster there
+  c.train.precision = 'fp32'  # the figures in docs/demo.md come from fp32 training
   c.train.pack = True  # short conversations: several per 128-token row
   c.train.global_batch_size = 8
   c.train.micro_batch_size = 8
