@@ -18,6 +18,7 @@ import pytest
 
 from jkd import sharding
 from jkd.kernels import fused_topk_kd as fk
+from tests import hlo
 
 N, D, P, V, K = 37, 40, 300, 290, 6
 TILES = dict(block_n=16, block_v=32, block_d=16, chunk_v=96, num_splits=3,
@@ -212,7 +213,6 @@ def test_cpu_bf16_backward_runs_bf16_dots():
   compiled CPU forward + backward takes bf16 operands. XLA:CPU had upcast to fp32 (half the
   speed of its bf16 kernels) the d_h dot, whose w_out chunk came transposed, and both backward
   dots of the remainder chunk; it still does so for the d_w dot of a remainder chunk."""
-  from tests.hlo import dot_dtypes
   n, d, p, k = 512, 256, 5120, 16  # chunk_v 2048 narrows to 1280 x 4: no remainder
   sd = jax.ShapeDtypeStruct
   args = (sd((n, d), jnp.bfloat16), sd((d, p), jnp.float32), sd((n, k), jnp.int32),
@@ -220,7 +220,7 @@ def test_cpu_bf16_backward_runs_bf16_dots():
   def f(h, w, ids, t, labels, mask):
     return fk.fused_topk_kd(h, w, ids, t, labels, mask, compute_dtype=jnp.bfloat16,
                             chunk_v=2048, **MODES['fwd_kl_sft'])[0]
-  dots = dot_dtypes(jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args).compile().as_text())
+  dots = hlo.dot_dtypes(jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args).compile().as_text())
   assert len(dots) >= 3 and all(x[:2] == ('bf16', 'bf16') for x in dots), dots
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from jkd import model
 from tests import hf_reference as ref
+from tests import hlo
 
 
 def _tokens(b=2, t=ref.T, seed=0):
@@ -176,21 +177,20 @@ def test_bf16_dense_products_on_cpu_are_bf16_dots():
   """On CPU a bf16 Dense product and the two of its backward run as bf16 x bf16 -> fp32 dots
   (XLA:CPU runs a bf16 -> bf16 dot as an fp32 one, operands upcast, at about half the speed);
   values and gradients are the plain dot's to bf16 rounding."""
-  from tests.hlo import dot_dtypes
   r = np.random.default_rng(0)
   args = [jnp.asarray(r.normal(size=s) / np.sqrt(s[0]), jnp.bfloat16)
           for s in ((4, 64, 96), (96, 2, 80), (2, 80, 96))]
   grad = jax.jit(jax.grad(functools.partial(_two_dense, model.dense_dot), argnums=(0, 1, 2)))
-  dots = dot_dtypes(grad.lower(*args).compile().as_text())
+  dots = hlo.dot_dtypes(grad.lower(*args).compile().as_text())
   assert len(dots) == 6 and all(d == ('bf16', 'bf16', 'f32') for d in dots), dots
-  plain_dots = dot_dtypes(jax.jit(jax.grad(functools.partial(_two_dense, _plain_dot),
-                                           argnums=(0, 1, 2))).lower(*args).compile().as_text())
+  plain_grad = jax.jit(jax.grad(functools.partial(_two_dense, _plain_dot), argnums=(0, 1, 2)))
+  plain_dots = hlo.dot_dtypes(plain_grad.lower(*args).compile().as_text())
   assert ('f32', 'f32', 'f32') in plain_dots  # what the custom VJP avoids
   y = np.asarray(model.dense_dot(args[0], args[1]), np.float32)
   want = np.asarray(_plain_dot(args[0], args[1], 1), np.float32)
   np.testing.assert_allclose(y, want, rtol=2 ** -7, atol=1e-6)
   got = grad(*args)
-  want = jax.grad(functools.partial(_two_dense, _plain_dot), argnums=(0, 1, 2))(*args)
+  want = plain_grad(*args)
   for g, e in zip(got, want):
     g, e = np.asarray(g, np.float32), np.asarray(e, np.float32)
     np.testing.assert_allclose(g, e, atol=0.02 * np.abs(e).max())
