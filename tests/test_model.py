@@ -173,17 +173,26 @@ def _plain_dot(x, w, n_in):
                                     ((), ())))
 
 
+def _two_dense_args():
+  """bf16 x [4, 64, 96], w1 [96, 2, 80], w2 [2, 80, 96] (n_in=2), unit-scale products."""
+  r = np.random.default_rng(0)
+  return [jnp.asarray(r.normal(size=s) / np.sqrt(s[0]), jnp.bfloat16)
+          for s in ((4, 64, 96), (96, 2, 80), (2, 80, 96))]
+
+
+def _two_dense_grad(dot):
+  return jax.jit(jax.grad(functools.partial(_two_dense, dot), argnums=(0, 1, 2)))
+
+
 def test_bf16_dense_products_on_cpu_are_bf16_dots():
   """On CPU a bf16 Dense product and the two of its backward run as bf16 x bf16 -> fp32 dots
   (XLA:CPU runs a bf16 -> bf16 dot as an fp32 one, operands upcast, at about half the speed);
   values and gradients are the plain dot's to bf16 rounding."""
-  r = np.random.default_rng(0)
-  args = [jnp.asarray(r.normal(size=s) / np.sqrt(s[0]), jnp.bfloat16)
-          for s in ((4, 64, 96), (96, 2, 80), (2, 80, 96))]
-  grad = jax.jit(jax.grad(functools.partial(_two_dense, model.dense_dot), argnums=(0, 1, 2)))
+  args = _two_dense_args()
+  grad = _two_dense_grad(model.dense_dot)
   dots = hlo.dot_dtypes(grad.lower(*args).compile().as_text())
   assert len(dots) == 6 and all(d == ('bf16', 'bf16', 'f32') for d in dots), dots
-  plain_grad = jax.jit(jax.grad(functools.partial(_two_dense, _plain_dot), argnums=(0, 1, 2)))
+  plain_grad = _two_dense_grad(_plain_dot)
   plain_dots = hlo.dot_dtypes(plain_grad.lower(*args).compile().as_text())
   assert ('f32', 'f32', 'f32') in plain_dots  # what the custom VJP avoids
   y = np.asarray(model.dense_dot(args[0], args[1]), np.float32)
@@ -199,14 +208,11 @@ def test_bf16_dense_products_on_cpu_are_bf16_dots():
 def test_bf16_dense_products_lower_as_plain_dots_for_cuda():
   """The fp32-accumulating custom VJP is CPU-only: lowered for cuda, forward and backward are
   plain bf16 dot_generals, as before (GPUs accumulate bf16 products in fp32 anyway)."""
-  r = np.random.default_rng(0)
-  args = [jnp.asarray(r.normal(size=s), jnp.bfloat16)
-          for s in ((4, 64, 96), (96, 2, 80), (2, 80, 96))]
-  grad = jax.jit(jax.grad(functools.partial(_two_dense, model.dense_dot), argnums=(0, 1, 2)))
-  text = grad.trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+  traced = _two_dense_grad(model.dense_dot).trace(*_two_dense_args())
+  text = traced.lower(lowering_platforms=('cuda',)).as_text()
   dots = [line for line in text.splitlines() if 'stablehlo.dot_general' in line]
   assert len(dots) == 6 and all(line.rstrip().endswith('bf16>') for line in dots), dots
-  cpu = grad.trace(*args).lower(lowering_platforms=('cpu',)).as_text()
+  cpu = traced.lower(lowering_platforms=('cpu',)).as_text()
   assert any(line.rstrip().endswith('f32>') for line in cpu.splitlines()
              if 'stablehlo.dot_general' in line)
 
