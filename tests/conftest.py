@@ -34,6 +34,20 @@ def cudnn_stand_in(monkeypatch):
   monkeypatch.setattr(fa, 'is_cuda_compute_capability_equal', lambda capability: False)
 
 
+@pytest.fixture
+def triton_h100_stand_in(monkeypatch):
+  """Lets Triton kernels lower for cuda on a machine without a GPU under jax >= 0.11, whose
+  Triton lowering asks which GPU it compiles for; this answers an H100 (jax's private lookup,
+  test-only; jax 0.10, the pinned version, has no such lookup and needs no stand-in).
+  `jax.sharding.use_abstract_mesh` with an H100 `AbstractDevice` would do for a kernel at top
+  level, but a shard_map sets its own mesh, built from the CPU devices."""
+  try:
+    from jax._src.pallas.triton import gpu_info
+  except ImportError:
+    return
+  monkeypatch.setattr(gpu_info, 'get_device_kind', lambda: 'NVIDIA H100 80GB HBM3')
+
+
 @pytest.fixture(scope='session')
 def devices8():
   assert jax.device_count() == 8, 'tests expect 8 simulated CPU devices'

@@ -311,7 +311,7 @@ def test_run_config_applies_the_run_settings():
   assert (cfg.dtype, cfg.remat_policy, cfg.attention) == ('bfloat16', 'dots', 'xla')
 
 
-def test_bf16_pallas_step_lowers_for_cuda(devices8, cudnn_stand_in):
+def test_bf16_pallas_step_lowers_for_cuda(devices8, cudnn_stand_in, triton_h100_stand_in):
   """The whole step (Triton kernel nested in the data-parallel shard_map, vocab-parallel over
   'tensor'; cuDNN attention in the layer scan) lowers for GPU; CPU runs only the interpreter."""
   tc = train.TrainConfig(**{**BASE, 'global_batch_size': 8, 'fused_implementation': 'pallas',
