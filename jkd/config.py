@@ -132,6 +132,9 @@ def validate(config) -> None:
 
 def _validate_pipeline(config, mesh_shape) -> None:
   p = config.pipeline
+  fetched = {'teacher': ('smollm2', 'random'), 'corpus': ('chatterbot',)}  # names, not paths
+  _check_paths(config, tuple(f'pipeline.{key}' for key, names in fetched.items()
+                             if p[key] not in names), ())
   if p.teacher == 'random':
     cfg = model_config(config)
     _check_model(cfg, config, 'config.model')

@@ -130,6 +130,10 @@ def _teacher_source(config, out_dir: str) -> None:
   src = config.pipeline.teacher
   if src == 'random':
     return _random_teacher(config, out_dir)
+  if _is_model_dir(src):  # already imported: copied, so the run never writes into it
+    shutil.rmtree(out_dir, ignore_errors=True)  # what a killed copy left
+    shutil.copytree(src, out_dir)
+    return
   path = assets.smollm2_gguf() if src == 'smollm2' else src
   convert.convert(path, out_dir)
 

@@ -109,3 +109,26 @@ def _check_other_settings_refused(workdir):
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('jkd: error:') and 'train.lr: 0.0002 -> 0.5' in last and f'delete {workdir}/kd to redo' in last, proc.stderr[-2000:]
+
+
+def test_a_model_directory_teacher_is_copied(tmp_path):
+  """pipeline.teacher may be a jkd model directory (what mode=convert writes): the teacher stage
+  copies it whole, over whatever a killed copy left, and never writes into the source."""
+  import jax
+  from configs import base
+  from jkd import config as jkd_config, pipeline
+  c = base.get_config()
+  cfg = jkd_config.model_config(c)
+  source, out = tmp_path / 'teacher', tmp_path / 'run' / 'teacher_source'
+  model.save(str(source), cfg, model.init(cfg, jax.random.key(0)))
+  (source / 'tokenizer').mkdir()
+  (source / 'tokenizer' / 'vocab.txt').write_text('a\n')
+  out.mkdir(parents=True)
+  (out / 'left_by_a_killed_copy').write_text('')
+  before = sorted(p.relative_to(source) for p in source.rglob('*'))
+  c.pipeline.teacher = str(source)
+  pipeline._teacher_source(c, str(out))
+  assert sorted(p.relative_to(out) for p in out.rglob('*')) == before
+  assert sorted(p.relative_to(source) for p in source.rglob('*')) == before
+  (_, want), (_, got) = model.load(str(source)), model.load(str(out))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
