@@ -12,7 +12,8 @@ key by key in docs/nemo_to_jkd.md. On 8 GPUs, from the repository root:
     python -m jkd.data.oasst 2023-04-12_oasst_all.trees.jsonl.gz data/oasst
     # stage 1: the teacher's top-K logits for train (56,440 examples) and validation (2,938)
     python -m jkd.main --config configs/nemotron8b_gpt2b.py:extract
-    # stage 2: 100 steps of 128 sequences; validates on 5 batches at the last step
+    # stage 2: 100 steps of 128 sequences; validates on 5 batches at the last step, then
+    # writes the student as results/kd_log_dir/student.nemo
     python -m jkd.main --config configs/nemotron8b_gpt2b.py:train
 
 The tutorial stores K=4 ("in practice, k is usually set to something larger, such as 100"):
@@ -61,6 +62,8 @@ def get_config(arg=None):
   c.train.val_check_interval = 1000
   c.train.save_interval = 1000
   c.train.limit_val_batches = 5
+  c.train.save_nemo_on_train_end = True  # <workdir>/student.nemo at the end (needs torch)
+  # NeMo's W&B logger (project sft_knowledge_distillation): --config.train.wandb_project=...
   c.distill.kd_loss = 'fwd_kl'
   c.distill.kd_loss_weight = 1.0
   c.distill.sft_loss_weight = 0.4

@@ -399,6 +399,7 @@ def test_tutorial_config_has_the_tutorial_values():
   assert (tc.sft_loss_weight, tc.kd_loss_weight, tc.kd_loss, tc.logits_scale,
           tc.target_logits_scale) == (0.4, 1.0, 'fwd_kl', 1.0, 1.0)
   assert c.data.max_seq_length == 4096 and tuple(c.mesh.shape) == (1, 8, 1)
+  assert c.train.save_nemo_on_train_end
   assert nemotron8b_gpt2b.get_config('extract').extract.top_k == 4
 
 
