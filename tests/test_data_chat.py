@@ -172,6 +172,15 @@ def test_label_newline_merged_shifts_later_spans():
       'I say 3\n<extra_id_1>', 'Because.\n<extra_id_1>']
 
 
+def test_a_header_merged_into_the_first_turn_names_the_formats():
+  """A tokenizer without NeMo's tags as special tokens can merge the header's last newline into
+  the first turn's tag (SmolLM2's does): NeMo's masks would then be misplaced, so the record is
+  refused, naming data.format and the ChatML alternative."""
+  with pytest.raises(ValueError, match=r"data\.format='chat'.*data\.format='chatml'"):
+    chat.encode_chat(RECORD, char_tokenizer(merges=[('\n', '<')], special=()))
+  chat.encode_chat(RECORD, char_tokenizer(special=()))  # the same without the merge
+
+
 def test_custom_chat_tokens():
   """ChatTokens replace every tag; `mask` picks the masked role."""
   tok = char_tokenizer()

@@ -148,7 +148,9 @@ def encode_chat(record: dict, tok, *, tokens: ChatTokens = ChatTokens()
   ids = tok.encode(r.text)
   header_ids = tok.encode(r.header)
   if ids[:len(header_ids)] != header_ids:
-    raise ValueError('chat record: the header tokenises differently inside the conversation')
+    raise ValueError("chat record: the header tokenises differently inside the conversation: "
+                     "this tokenizer merges across NeMo's template (data.format='chat'); "
+                     "ChatML tokenizers such as SmolLM2's take data.format='chatml'")
   if r.mask_role not in r.speakers:
     raise ValueError(f'chat record: mask role {r.mask_role!r} is not a speaker')
   keep = np.ones(len(ids), bool)
