@@ -1,7 +1,8 @@
 """mode=pipeline end to end on the smoke config (tiny random teacher and student, 12 steps):
 every artifact the report names exists and is well formed; a rerun reuses every stage; a
 finished workdir with other settings is refused; a run SIGKILLed at the ends of stages (outputs
-written, record not) restarts and ends with the same results."""
+written, record not) restarts and ends with the same results; a jkd model directory as the
+teacher is copied whole."""
 
 import json
 import os
@@ -9,9 +10,12 @@ import subprocess
 import sys
 import tarfile
 
+import jax
 import numpy as np
 
-from jkd import model, report
+from configs import base
+from jkd import config as jkd_config
+from jkd import model, pipeline, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,9 +118,6 @@ def _check_other_settings_refused(workdir):
 def test_a_model_directory_teacher_is_copied(tmp_path):
   """pipeline.teacher may be a jkd model directory (what mode=convert writes): the teacher stage
   copies it whole, over whatever a killed copy left, and never writes into the source."""
-  import jax
-  from configs import base
-  from jkd import config as jkd_config, pipeline
   c = base.get_config()
   cfg = jkd_config.model_config(c)
   source, out = tmp_path / 'teacher', tmp_path / 'run' / 'teacher_source'
