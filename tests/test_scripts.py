@@ -161,6 +161,12 @@ def test_setup_vm_copies_checks_driver_builds_venv(tmp_path):
                          check=True).stdout.split()
   assert {'jkd/main.py', 'scripts/gcp/remote_run.sh', 'requirements.lock'} <= set(names)
   assert not any(n.startswith(('.venv', '.git/')) or '__pycache__' in n for n in names)
+  # The tutorial's checkpoints, data, models and runs in the repository root (docs/gcp.md) are
+  # ignored, so gigabytes of a local run are never packed.
+  tutorial = [f'{d}/x' for d in ('ckpt', 'data', 'models', 'results', 'logs')]
+  ignored = subprocess.run(['git', 'check-ignore', *tutorial], cwd=REPO, capture_output=True,
+                           text=True).stdout.split()
+  assert ignored == tutorial
 
 
 def test_remote_setup_pins_deps_and_checks_8_gpus():
