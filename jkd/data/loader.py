@@ -182,7 +182,7 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
   each, so a global batch holds the same examples whatever the number of processes (every
   example lands in exactly one shard). `num_epochs=None` repeats forever. `pack=True` packs
   several examples per row first-fit, `batch_size` rows per batch. `worker_count` > 0 reads in that many spawned
-  processes. The iterator's `get_state()` / `set_state()` resume exactly (same worker_count).
+  processes (packing stays in this one, so the rows are the same for any worker count). The iterator's `get_state()` / `set_state()` resume exactly (same worker_count).
   `source` replaces the store split (e.g. an `ExamplesSource` for online distillation; its
   batches carry only its fields plus segment_ids and positions).
   """
@@ -218,18 +218,19 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
                   batch_fn=_PadBatch(max_seq_length, pad_id, pad_to_max, fields))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=2 * read_threads))
-  else:
+  else:  # workers read examples; the packer below sees them as one stream
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=2 * batch_size))
+  if worker_count > 0:
+    from absl import flags  # grain 0.2.18 reads absl flags in workers (docs/environment.md)
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  if pack:  # in this process, so the rows do not depend on worker_count
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={f: max_seq_length for f in fields}, num_packing_bins=batch_size,
         shuffle_bins=False, padding_struct={f: v for f, v in _pad_values(pad_id).items()
                                             if f in fields})
     it = it.batch(batch_size, drop_remainder=drop_remainder,
                   batch_fn=_PackedBatch(max_seq_length, pad_to_max, fields))
-  if worker_count > 0:
-    from absl import flags  # grain 0.2.18 reads absl flags in workers (docs/environment.md)
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it)
