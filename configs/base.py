@@ -112,7 +112,8 @@ def get_config(arg=None):
   c.train = ConfigDict()
   c.train.student = ''  # student model directory (from mode=convert); '' = random init of c.model
   c.train.store = ''  # logit store root (extract.output): <store>/train, <store>/validation
-  c.train.restore_from_path = ''  # checkpoint to start from when the run dir has none; '' = none
+  c.train.restore_from_path = ''  # a checkpoint (<run>/checkpoints/N) whose params start a run
+  #   dir that has none, with a new optimizer and schedule (NeMo's meaning); '' = none
   c.train.global_batch_size = 64  # sequences per optimizer step (GBS), over all devices
   c.train.micro_batch_size = 1  # sequences per data-parallel rank per forward/backward (MBS)
   c.train.precision = 'bf16'  # compute dtype: bf16 | fp32 (params, moments, losses stay fp32)

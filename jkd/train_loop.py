@@ -254,10 +254,12 @@ def run(config) -> dict[str, float]:
             train_it)))
     state = restored.state
     print(f'[train] resumed from {ls.workdir}/checkpoints at step {start}')
-  elif tc.restore_from_path:
+  elif tc.restore_from_path:  # its weights, as NeMo restores a .nemo: optimizer and schedule new
     with ocp.StandardCheckpointer() as ckptr:
-      state = ckptr.restore(os.path.join(tc.restore_from_path, 'state'), abstract)
-    print(f'[train] started from {tc.restore_from_path}')
+      saved = ckptr.restore(os.path.join(tc.restore_from_path, 'state'), abstract)
+    state = state.replace(params=saved.params)
+    del saved
+    print(f'[train] started from the params of {tc.restore_from_path}')
 
   # Step functions.
   step_fn = train.make_train_step(cfg, tc, mesh, rules, state_shardings, teacher)

@@ -85,6 +85,24 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   assert os.path.getmtime(tmp_path / 'run' / 'student.nemo') == 0
 
 
+def test_restore_from_path_starts_from_its_params_with_a_new_schedule(store, tmp_path):
+  """A new run from another run's checkpoint takes its params only: step 1 has the first
+  step's learning rate (as the first run's step 1) but not its loss (same batch and seed,
+  other params), and the checkpoints count from 1."""
+  args = ('--config.train.val_check_interval=2', '--config.train.save_interval=2',
+          '--config.train.limit_val_batches=1')
+  first = _run(_train_cli(store, tmp_path / 'first', '--config.train.max_steps=2', *args))
+  assert first.returncode == 0, first.stderr[-3000:]
+  second = _run(_train_cli(store, tmp_path / 'second', '--config.train.max_steps=2', *args,
+                           f'--config.train.restore_from_path={tmp_path}/first/checkpoints/2'))
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'started from the params of' in second.stdout
+  a, b = _metrics(tmp_path / 'first'), _metrics(tmp_path / 'second')
+  assert [b[s]['train/lr'] for s in (1, 2)] == [a[s]['train/lr'] for s in (1, 2)]
+  assert b[1]['train/loss'] < a[1]['train/loss'] - 1e-4
+  assert sorted(os.listdir(tmp_path / 'second' / 'checkpoints')) == ['2']
+
+
 def test_profile_traces_the_chosen_train_steps(store, tmp_path):
   """config.profile on a smoke run: one session under profile.dir with an xplane and a
   Perfetto trace, holding exactly profile.steps runs of the train step."""
