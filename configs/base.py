@@ -132,10 +132,11 @@ def get_config(arg=None):
   c.train.max_epochs = 1  # passes over the train split; sets the steps when max_steps=-1
   c.train.val_check_interval = 100  # validate every this many steps (and at the last step)
   c.train.save_interval = 100  # checkpoint every this many steps; a multiple of val_check_interval
-  c.train.limit_val_batches = -1  # validation batches per validation; -1 = the whole split
+  c.train.limit_val_batches = -1  # full batches per validation; -1 = all; 0 = no validation
   c.train.limit_train_batches = -1  # train batches per epoch when max_steps=-1; -1 = all
   c.train.checkpoint_max_to_keep = 3  # orbax checkpoints kept in <workdir>/checkpoints
-  c.train.pack = False  # pack several examples per row (segment ids); False = one per row (NeMo)
+  c.train.pack = False  # pack several examples per row (segment ids); False = one per row (NeMo);
+  #   needs max_steps and one process
   c.train.pad_to_max_length = True  # pad every batch to data.max_seq_length (one compiled shape)
   c.train.worker_count = 0  # Grain worker processes (0 = in-process reads)
   c.train.wandb_project = ''  # also log to Weights & Biases under this project; '' = off

@@ -237,10 +237,17 @@ def _train_settings(config, stored_k) -> None:
   for key, low in (('checkpoint_max_to_keep', 1), ('worker_count', 0)):
     if config.train[key] < low:
       raise ValueError(f'train.{key}={config.train[key]}: must be >= {low}')
+  if config.train.pack and config.train.max_steps < 0:
+    raise ValueError('train.pack=True: needs train.max_steps (how many packed batches an epoch '
+                     'makes is known only once packed, so max_epochs cannot set the steps)')
   import jax
   if jax.process_count() > 1 and not config.train.pad_to_max_length:  # rows share one L
     raise ValueError(f'train.pad_to_max_length=False: needs one process '
                      f'({jax.process_count()} would pad their rows to different lengths)')
+  if jax.process_count() > 1 and config.train.pack:  # each packs its own examples
+    raise ValueError(f'train.pack=True: needs one process ({jax.process_count()} would pack '
+                     'their own examples into different numbers of batches, and wait on each '
+                     'other at the end of validation)')
 
 
 def _check_model(cfg: model.ModelConfig, config, where: str) -> None:

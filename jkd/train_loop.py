@@ -18,6 +18,7 @@ The teacher never enters a checkpoint. `config.profile` traces a window of steps
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -141,17 +142,20 @@ def _loader(tc, ls, split: str, *, shuffle: bool, num_epochs, pad_id: int, seed:
 
 
 def _validate(eval_fn, state, tc, ls, pad_id, shardings, sources, extra) -> dict[str, float]:
-  """Summed (sum, count) metrics over limit_val_batches batches of the validation split."""
+  """Summed (sum, count) metrics over the first limit_val_batches full batches of the
+  validation split (all of them when -1)."""
   from jkd import evaluate
   it = _loader(tc, ls, 'validation', shuffle=False, num_epochs=1, pad_id=pad_id, seed=0,
                sources=sources)
   total = None
-  for i, batch in enumerate(it):
-    if 0 <= tc.limit_val_batches <= i:
-      break
+  for batch in itertools.islice(it, tc.limit_val_batches if tc.limit_val_batches >= 0 else None):
     metrics = eval_fn(state.params, _global(batch, shardings), *extra)
     total = evaluate.add_pairs(total, jax.device_get(metrics))
-  return _scalars(total or {}, 'val')
+  if total is None:  # e.g. packed rows fewer than one batch: nothing to log would be a silent gap
+    raise ValueError(f'validation: the split gives no full batch of train.global_batch_size='
+                     f'{tc.global_batch_size} rows; use more validation examples or set '
+                     'train.limit_val_batches=0 (no validation)')
+  return _scalars(total, 'val')
 
 
 def run(config) -> dict[str, float]:
@@ -171,7 +175,7 @@ def run(config) -> dict[str, float]:
   # Data: the store's K and size (or, online, the teacher's K and the examples) are known
   # before anything compiles.
   online = config.distill.teacher_source == 'online'
-  sources, teacher = {}, None
+  sources, teacher, n_val = {}, None, None  # n_val: validation examples (None: no split)
   if online:
     from jkd.data import chat, loader
     ext = config.extract
@@ -183,12 +187,14 @@ def run(config) -> dict[str, float]:
         sources[split] = loader.ExamplesSource(chat.read_jsonl(
             path, teacher_tok, fmt=config.data.format, max_seq_length=ls.max_seq_length), path)
     stored_k, teacher_vocab, n_train = ext.top_k, teacher_cfg.vocab_size, len(sources['train'])
+    if 'validation' in sources:
+      n_val = len(sources['validation'])
   else:
     meta = logit_store.read_meta(os.path.join(tc.store, 'train'))
     stored_k, teacher_vocab = meta.k, meta.vocab_size
     n_train = logit_store.check_finished(tc.store, 'train')
     if os.path.isdir(os.path.join(tc.store, 'validation')):
-      logit_store.check_finished(tc.store, 'validation')
+      n_val = logit_store.check_finished(tc.store, 'validation')
   train.validate_config(config, stored_k=stored_k, n_devices=jax.device_count())
   per_epoch = n_train // tc.global_batch_size
   if tc.limit_train_batches >= 0:
@@ -198,8 +204,11 @@ def run(config) -> dict[str, float]:
     raise ValueError(f'train: nothing to do ({n_train} train examples, global_batch_size '
                      f'{tc.global_batch_size}, max_steps {tc.max_steps})')
   tc = dataclasses.replace(tc, max_steps=max_steps)
-  has_val = 'validation' in sources or (not online and os.path.isdir(
-      os.path.join(tc.store, 'validation')))
+  has_val = n_val is not None and tc.limit_val_batches != 0
+  if has_val and n_val < tc.global_batch_size:
+    raise ValueError(f'the validation split has {n_val} examples, fewer than one batch of '
+                     f'train.global_batch_size={tc.global_batch_size}: validation would log '
+                     'nothing; use more examples or set train.limit_val_batches=0 (no validation)')
 
   # Model and optimizer: the student's params, or a random init of config.model.
   tok = None

@@ -103,6 +103,27 @@ def test_restore_from_path_starts_from_its_params_with_a_new_schedule(store, tmp
   assert sorted(os.listdir(tmp_path / 'second' / 'checkpoints')) == ['2']
 
 
+def test_a_validation_split_without_a_full_batch_is_refused(store, tmp_path, monkeypatch):
+  """Validation runs on full global batches: a split smaller than one is refused before
+  training (48 examples, global batch 56), limit_val_batches=0 turns validation off, and a
+  validation that yields no batch at all (packed rows, say) raises instead of logging nothing."""
+  args = ('--config.train.global_batch_size=56', '--config.train.max_steps=1',
+          '--config.train.val_check_interval=1', '--config.train.save_interval=1')
+  small = _run(_train_cli(store, tmp_path / 'run', *args))
+  assert small.returncode == 2 and 'validation split has 48 examples' in small.stderr, (
+      small.stderr[-3000:])
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+  off = _run(_train_cli(store, tmp_path / 'off', *args, '--config.train.limit_val_batches=0'))
+  assert off.returncode == 0, off.stderr[-3000:]
+  assert not any('val/loss' in r for r in _metrics(tmp_path / 'off').values())
+
+  from jkd import train, train_loop
+  monkeypatch.setattr(train_loop, '_loader', lambda *a, **k: iter(()))
+  tc = train.TrainConfig(global_batch_size=8, limit_val_batches=-1)
+  with pytest.raises(ValueError, match='no full batch of train.global_batch_size=8'):
+    train_loop._validate(None, None, tc, None, 0, None, {}, ())
+
+
 def test_profile_traces_the_chosen_train_steps(store, tmp_path):
   """config.profile on a smoke run: one session under profile.dir with an xplane and a
   Perfetto trace, holding exactly profile.steps runs of the train step."""
