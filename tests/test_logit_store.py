@@ -123,6 +123,22 @@ def test_resume_from_committed(tmp_path):
   assert len(ls.Reader(str(tmp_path), 'train')) == 6
 
 
+def test_block_numbers_past_six_digits(tmp_path):
+  """Blocks are numbered per process with at least 6 digits; past 999999 a rerun still finds
+  the next number and the reader keeps the blocks in numeric order."""
+  rng = np.random.default_rng(0)
+  recs = [make_record(rng, i, 6) for i in range(4)]
+  w = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)
+  w._next = 999_999
+  w.write_block(recs[:2])
+  w.write_block(recs[2:3])
+  w2 = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)  # a rerun
+  assert w2.committed == {0, 1, 2} and w2._next == 1_000_001
+  w2.write_block(recs[3:])
+  assert [ls._block_key(b['name']) for b in ls.Reader(str(tmp_path), 'train')._entries] == [
+      (0, 999_999), (0, 1_000_000), (0, 1_000_001)]
+
+
 def test_only_finished_jobs_make_a_split_trainable(tmp_path):
   """Committed blocks of a job that never finished (a killed extraction) are refused by
   check_finished, naming how many examples; jobs of separate ranges add up."""

@@ -35,7 +35,15 @@ TOKENS_PER_CHUNK = 4096  # per-token arrays: one small chunk covers most example
 ROWS_PER_CHUNK = 64  # top-K arrays: a random example over-reads < 2 * 64 rows
 CACHE_BYTES = 64 << 20  # decoded-chunk cache per Reader (per Grain worker)
 _ARRAYS = ('tokens', 'labels', 'loss_mask', 'lse', 'topk_ids', 'topk_logits')
-_BLOCK_RE = re.compile(r'^p(\d{5})-b(\d{6})$')
+_BLOCK_RE = re.compile(r'^p(\d{5,})-b(\d{6,})$')  # the widths grow past 99999 / 999999
+
+
+def _block_key(name: str) -> tuple[int, int]:
+  """(process index, sequence number) of a block name: its order, past 6 digits too."""
+  m = _BLOCK_RE.match(name)
+  if m is None:
+    raise ValueError(f'logit store: {name!r} is not a block name (p<process>-b<sequence>)')
+  return int(m.group(1)), int(m.group(2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +297,7 @@ class Writer:
       for b in blocks:
         self._committed.update(_unruns(b['indices']).tolist())
     self._remove_uncommitted()
-    seqs = [int(_BLOCK_RE.match(b['name']).group(2)) for b in self._blocks]
+    seqs = [_block_key(b['name'])[1] for b in self._blocks]
     self._next = max(seqs, default=-1) + 1
 
   def _create_or_check_meta(self):
@@ -395,7 +403,7 @@ class Reader:
       raise FileNotFoundError(f'logit store: no split directory {self.dir}')
     self.meta = read_meta(self.dir)
     self._entries = sorted((b for bs in _process_manifests(self.dir).values() for b in bs),
-                           key=lambda b: b['name'])
+                           key=lambda b: _block_key(b['name']))
     owner, block_of, pos_of, idx = {}, [], [], []
     for n, b in enumerate(self._entries):
       if not os.path.isdir(os.path.join(self.dir, 'blocks', b['name'])):
