@@ -480,6 +480,31 @@ def test_nemo_import_sort_option_and_resume(tmp_path):
   assert sorted(zip(got.topk_logits[1].tolist(), got.topk_ids[1].tolist()), reverse=True) == want
 
 
+def test_nemo_import_names_physical_lines(tmp_path):
+  """Blank lines are skipped but counted: an error names the line an editor shows, while
+  index='position' keys records by their order."""
+  _, recs = write_nemo_chunks(tmp_path)
+  bad = json.loads(json.dumps(recs))
+  bad[2]['topk_logits'][1].reverse()
+  template = str(tmp_path / 'c_CHUNK_ID.jsonl')
+  for c, path in enumerate(nemo_jsonl.chunk_paths(template, 2)):
+    lines = [json.dumps(x) + '\n' for x in bad[c * 6:(c + 1) * 6]]
+    with open(path, 'w') as f:
+      f.writelines(lines[:1] + ['\n'] + lines[1:])
+  with pytest.raises(ValueError, match=r'_0\.jsonl:4 \(example 2\) position 1: topk_logits not'):
+    nemo_jsonl.import_chunks(template, str(tmp_path / 'store'), 'train', make_meta(), n_chunks=2,
+                             n_examples_per_chunk=6, index='position')
+
+
+def test_nemo_export_needs_a_finished_split(tmp_path):
+  """A split whose extraction or import did not finish is not exported as chunks."""
+  rng = np.random.default_rng(0)
+  write_store(str(tmp_path / 'store'), [make_record(rng, i, 5) for i in range(4)], make_meta())
+  with pytest.raises(ValueError, match='did not finish'):
+    nemo_jsonl.export_chunks(str(tmp_path / 'store'), 'train', str(tmp_path / 'o_CHUNK_ID'))
+  assert sorted(os.listdir(tmp_path)) == ['store']
+
+
 def test_nemo_export_needs_equal_chunks(tmp_path):
   template, _ = write_nemo_chunks(tmp_path)
   nemo_jsonl.import_chunks(template, str(tmp_path / 'store'), 'train', make_meta(), n_chunks=2,

@@ -22,8 +22,8 @@ import uuid
 
 import numpy as np
 
-from jkd.data.logit_store import (Reader, Record, StoreMeta, Writer, check_record,
-                                  mark_finished)
+from jkd.data.logit_store import (Reader, Record, StoreMeta, Writer, check_finished,
+                                  check_record, mark_finished)
 
 NEMO_KD_KEYS = ('tokens', 'labels', 'loss_mask', 'topk_logits', 'topk_token_ids',
                 'log_sum_exp_logits', 'index')
@@ -37,9 +37,14 @@ def chunk_paths(path_template: str, n_chunks: int) -> list[str]:
   return [path_template.replace(CHUNK_ID, str(c)) for c in range(n_chunks)]
 
 
+def _records(f):
+  """(physical line number, line) of the records of an open chunk file: its non-blank lines."""
+  return ((n, line) for n, line in enumerate(f, 1) if line.strip())
+
+
 def _count_records(path):
-  with open(path, 'rb') as f:
-    return sum(1 for line in f if line.strip())
+  with open(path) as f:
+    return sum(1 for _ in _records(f))
 
 
 def _from_nemo(obj, index, pad_id, where):
@@ -96,15 +101,15 @@ def import_chunks(path_template: str, root: str, split: str, meta: StoreMeta, *,
   seen, recs, extras, count = {}, [], [], 0
   for c, path in enumerate(paths):
     with open(path) as f:
-      for line_no, line in enumerate(line for line in f if line.strip()):
-        where = f'{path}:{line_no + 1}'
+      for position, (line_no, line) in enumerate(_records(f)):
+        where = f'{path}:{line_no}'
         try:
           obj = json.loads(line)
         except json.JSONDecodeError as e:
           raise ValueError(f'{where}: not valid JSON ({e})') from None
         if index == 'field' and 'index' not in obj:
           raise ValueError(f"{where}: no 'index' field; pass index='position'")
-        i = int(obj['index']) if index == 'field' else c * n_examples_per_chunk + line_no
+        i = int(obj['index']) if index == 'field' else c * n_examples_per_chunk + position
         if i in seen:
           raise ValueError(f"{where}: index {i} repeats {seen[i]}; pass index='position' to key by line")
         seen[i] = where
@@ -141,18 +146,27 @@ def _to_nemo(rec, extra):
 
 def export_chunks(root: str, split: str, path_template: str, *,
                       n_examples_per_chunk: int | None = None) -> int:
-  """Writes the split as NeMo-Aligner chunks in index order; returns n_chunks for the trainer."""
+  """Writes the split as NeMo-Aligner chunks in index order; returns n_chunks for the trainer.
+  Only a finished split is exported, and the chunk files appear together once all are written."""
+  check_finished(root, split)  # an unfinished extraction would export as complete-looking chunks
   r = Reader(root, split)
   n = n_examples_per_chunk or max(len(r), 1)
   if len(r) % n:
     raise ValueError(f'export_chunks: {len(r)} examples do not fill chunks of '
                      f'{n_examples_per_chunk} (NeMo ChunkedJsonl needs equal chunks)')
   paths = chunk_paths(path_template, len(r) // n)
-  for c, path in enumerate(paths):
-    tmp = f'{path}.tmp-{uuid.uuid4().hex[:8]}'
-    with open(tmp, 'w') as f:
-      for i in range(c * n, (c + 1) * n):
-        f.write(json.dumps(_to_nemo(r[i], r.extras(i))) + '\n')
+  tmps = [f'{path}.tmp-{uuid.uuid4().hex[:8]}' for path in paths]
+  try:
+    for c, tmp in enumerate(tmps):
+      with open(tmp, 'w') as f:
+        for i in range(c * n, (c + 1) * n):
+          f.write(json.dumps(_to_nemo(r[i], r.extras(i))) + '\n')
+  except BaseException:
+    for tmp in tmps:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+    raise
+  for tmp, path in zip(tmps, paths):
     os.replace(tmp, path)
   return len(paths)
 
