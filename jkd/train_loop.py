@@ -258,6 +258,10 @@ def run(config) -> dict[str, float]:
   start = 0
   if mngr.latest_step() is not None:
     start = mngr.latest_step()
+    if start > max_steps:  # would skip training and export a later state as this run's end
+      raise ValueError(f'{ls.workdir}/checkpoints: the latest checkpoint is at step {start}, '
+                       f'past train.max_steps={max_steps}; raise max_steps or use another '
+                       'workdir')
     restored = mngr.restore(start, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(
             train_it)))
@@ -269,6 +273,17 @@ def run(config) -> dict[str, float]:
     state = state.replace(params=saved.params)
     del saved
     print(f'[train] started from the params of {tc.restore_from_path}')
+
+  # A .nemo already at the export path is overwritten only if it is this run's own (newer than
+  # the checkpoint it resumed from): checked now, not after the training.
+  nemo = ls.export_nemo or (os.path.join(ls.workdir, 'student.nemo')
+                            if ls.save_nemo_on_train_end else '')
+  own_nemo = bool(nemo) and os.path.isfile(nemo) and start > 0 and os.path.getmtime(
+      nemo) >= os.path.getmtime(os.path.join(ls.workdir, 'checkpoints', str(start)))
+  if nemo and os.path.isfile(nemo) and not own_nemo:
+    raise FileExistsError(f'{nemo}: already exists and is not this run\'s export (older than '
+                          'its latest checkpoint, or no checkpoint); remove it or choose '
+                          'another train.export_nemo')
 
   # Step functions.
   step_fn = train.make_train_step(cfg, tc, mesh, rules, state_shardings, teacher)
@@ -333,7 +348,7 @@ def run(config) -> dict[str, float]:
     metrics_out.close()
 
   # The student as a model directory (and .nemo / HF when asked). A rerun (after a kill in here,
-  # or of a finished run) redoes them; a .nemo newer than the final checkpoint is this run's own.
+  # or of a finished or extended run) redoes them, over this run's own .nemo.
   if ls.save_nemo_on_train_end or ls.export_nemo or ls.export_hf:
     final = os.path.join(ls.workdir, 'student')
     faults.point('train.export')
@@ -341,11 +356,8 @@ def run(config) -> dict[str, float]:
     if tok is not None:
       tokenizer.save(tok, final)
     from jkd import export
-    nemo = ls.export_nemo or (os.path.join(ls.workdir, 'student.nemo')
-                              if ls.save_nemo_on_train_end else '')
-    last_ckpt = os.path.join(ls.workdir, 'checkpoints', str(max_steps))
-    if nemo and os.path.isfile(nemo) and os.path.getmtime(nemo) >= os.path.getmtime(last_ckpt):
-      os.remove(nemo)  # anything else at that path is refused by the exporter
+    if own_nemo and os.path.isfile(nemo):
+      os.remove(nemo)
     export.export(final, nemo=nemo, hf=ls.export_hf, dtype='bfloat16')
   print(f'[train] {max_steps} steps; ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(last.items())
                                                     if k.endswith('loss')))

@@ -75,14 +75,24 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   cfg, params = from_nemo.load_nemo(str(tmp_path / 'run' / 'student.nemo'))
   assert cfg.num_layers == 2 and cfg.padded_vocab == 320  # no tokenizer here: V reads as P
   assert os.path.isfile(tmp_path / 'hf' / 'model.safetensors')
-  # A rerun of the finished run (as after a kill during the export) redoes only the exports; a
-  # .nemo older than the final checkpoint is not this run's, and is refused, not overwritten.
+  # A rerun of the finished run (as after a kill during the export) redoes only the exports.
+  nemo = tmp_path / 'run' / 'student.nemo'
   again = _run(_train_cli(store, tmp_path / 'run', *args))
   assert again.returncode == 0 and 'at step 6' in again.stdout, again.stderr[-3000:]
-  os.utime(tmp_path / 'run' / 'student.nemo', (0, 0))
-  old = _run(_train_cli(store, tmp_path / 'run', *args))
+  # Extended to 8 steps, the run resumes at 6 and replaces its own export at the end.
+  before = os.path.getmtime(nemo)
+  longer = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8'))
+  assert longer.returncode == 0 and 'at step 6' in longer.stdout, longer.stderr[-3000:]
+  assert os.path.getmtime(nemo) > before and sorted(_metrics(tmp_path / 'run')) == list(
+      range(1, 9))
+  # A checkpoint past max_steps, and a .nemo older than the latest checkpoint (not this run's),
+  # are refused before training, and nothing is overwritten.
+  shorter = _run(_train_cli(store, tmp_path / 'run', *args))
+  assert shorter.returncode == 2 and 'past train.max_steps=6' in shorter.stderr, shorter.stderr
+  os.utime(nemo, (0, 0))
+  old = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8'))
   assert old.returncode == 2 and 'student.nemo: already exists' in old.stderr, old.stderr
-  assert os.path.getmtime(tmp_path / 'run' / 'student.nemo') == 0
+  assert os.path.getmtime(nemo) == 0 and 'train: ' not in old.stderr
 
 
 def test_restore_from_path_starts_from_its_params_with_a_new_schedule(store, tmp_path):
