@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+import uuid
 
 import jax
 import numpy as np
@@ -83,7 +84,15 @@ class _Metrics:
       except ImportError:
         raise ImportError('train.wandb_project is set but wandb is not installed: '
                           'pip install wandb') from None
-      self.wandb = wandb.init(project=ls.wandb_project, dir=ls.workdir,
+      # One W&B run per workdir: a resumed run continues it (its id kept in the workdir).
+      id_file = os.path.join(ls.workdir, 'wandb_id')
+      if not os.path.isfile(id_file):
+        with open(id_file + '.tmp', 'w') as f:
+          f.write(uuid.uuid4().hex[:16])
+        os.replace(id_file + '.tmp', id_file)
+      with open(id_file) as f:
+        run_id = f.read().strip()
+      self.wandb = wandb.init(project=ls.wandb_project, dir=ls.workdir, id=run_id,
                               config=config.to_dict(), resume='allow')
 
   def write(self, step: int, values: dict[str, float]) -> None:

@@ -187,3 +187,29 @@ def test_online_teacher_equals_training_from_the_store(store, tmp_path):
     for key in ('train/loss', 'train/kd_loss', 'train/sft_loss'):
       assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
   assert b[3]['val/loss'] == pytest.approx(a[3]['val/loss'], rel=1e-4)
+
+
+def test_wandb_run_continues_across_restarts(tmp_path, monkeypatch):
+  """With train.wandb_project set, every start of one workdir logs to one W&B run (its id is kept
+  in the workdir), as every step is logged once elsewhere."""
+  import types
+
+  from configs import base
+  from jkd import train_loop
+  calls = []
+
+  class Run:
+    def log(self, values, step):
+      pass
+
+    def finish(self):
+      pass
+
+  fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or Run())
+  monkeypatch.setitem(sys.modules, 'wandb', fake)
+  config = base.get_config()
+  config.workdir, config.train.wandb_project = str(tmp_path), 'kd'
+  for start in (0, 4):
+    train_loop._Metrics(train_loop.loop_settings(config), config, start).close()
+  assert [c['project'] for c in calls] == ['kd', 'kd'] and calls[0]['id'] == calls[1]['id']
+  assert (tmp_path / 'wandb_id').read_text() == calls[0]['id']
