@@ -133,7 +133,8 @@ def get_config(arg=None):
   c.train.val_check_interval = 100  # validate every this many steps (and at the last step)
   c.train.save_interval = 100  # checkpoint every this many steps; a multiple of val_check_interval
   c.train.limit_val_batches = -1  # full batches per validation; -1 = all; 0 = no validation
-  c.train.limit_train_batches = -1  # train batches per epoch when max_steps=-1; -1 = all
+  c.train.limit_train_batches = -1  # an epoch's batches, for max_epochs when max_steps=-1; -1 =
+  #   all (batches run on through the shuffled stream: the next epoch starts mid-batch)
   c.train.checkpoint_max_to_keep = 3  # orbax checkpoints kept in <workdir>/checkpoints
   c.train.pack = False  # pack several examples per row (segment ids); False = one per row (NeMo);
   #   needs max_steps and one process
