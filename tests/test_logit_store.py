@@ -402,6 +402,22 @@ def test_nemo_round_trip_is_byte_identical(tmp_path):
   assert _lines(out, 2) == _lines(template, 2)
 
 
+def test_nemo_round_trip_by_position_keeps_the_records_index(tmp_path):
+  """Keyed by position (the records' own indices repeat), export still writes each record's
+  own index: the lines come back byte-identical."""
+  _, recs = write_nemo_chunks(tmp_path)
+  template = str(tmp_path / 'rep_CHUNK_ID.jsonl')
+  for c, path in enumerate(nemo_jsonl.chunk_paths(template, 2)):
+    with open(path, 'w') as f:
+      f.writelines(json.dumps({**r, 'index': 0}) + '\n' for r in recs[c * 6:(c + 1) * 6])
+  nemo_jsonl.import_chunks(template, str(tmp_path / 'store'), 'train', make_meta(), n_chunks=2,
+                           n_examples_per_chunk=6, index='position')
+  assert ls.Reader(str(tmp_path / 'store'), 'train')[7].index == 7
+  out = str(tmp_path / 'out_CHUNK_ID.jsonl')
+  nemo_jsonl.export_chunks(str(tmp_path / 'store'), 'train', out, n_examples_per_chunk=6)
+  assert _lines(out, 2) == _lines(template, 2)
+
+
 def test_nemo_round_trip_without_padding(tmp_path):
   """pad_id strips the batch padding (stored tokens = real tokens); export restores the layout
   with NeMo collate's pad values; bf16 values are the records' values rounded to bf16."""

@@ -61,8 +61,11 @@ def _from_nemo(obj, index, pad_id, where):
     n = int(np.flatnonzero(~padlike)[-1]) + 1 if (~padlike).any() else 0
   rec = Record(index, a['tokens'][:n], a['labels'][:n], a['loss_mask'][:n],
                a['topk_token_ids'][:n], a['topk_logits'][:n], a['log_sum_exp_logits'][:n])
+  fields = {k: v for k, v in obj.items() if k not in NEMO_KD_KEYS}
+  if 'index' in obj and obj['index'] != index:  # keyed by position: export writes its own back
+    fields['index'] = obj['index']
   extra = {'keys': list(obj), 'padded_length': len(a['tokens']), 'pad_id': pad_id,
-           'fields': {k: v for k, v in obj.items() if k not in NEMO_KD_KEYS}}
+           'fields': fields}
   return rec, extra
 
 
