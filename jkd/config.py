@@ -132,6 +132,10 @@ def validate(config) -> None:
 
 def _validate_pipeline(config, mesh_shape) -> None:
   p = config.pipeline
+  import jax
+  if jax.process_count() > 1:  # its stages write one workdir's files and evaluate on one host
+    raise ValueError(f'mode=pipeline: runs in one process ({jax.process_count()} started); for '
+                     'several, run mode=extract and mode=train (docs/multihost.md)')
   fetched = {'teacher': ('smollm2', 'random'), 'corpus': ('chatterbot',)}  # names, not paths
   _check_paths(config, tuple(f'pipeline.{key}' for key, names in fetched.items()
                              if p[key] not in names), ())

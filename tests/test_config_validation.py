@@ -114,6 +114,8 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
                                   ['train.pack', 'train.max_steps']),
     'packing with several processes': ('train', {'train__pack': True, 'train__max_steps': 2000},
                                        'two processes', ['train.pack', 'one process']),
+    'pipeline with several processes': ('pipeline', {'pipeline__teacher': 'random'},
+                                        'two processes', ['mode=pipeline', 'one process']),
     'restore path missing': ('train', {'train__restore_from_path': 'TMP/nope'}, None,
                              ['train.restore_from_path', 'nope']),
     'several processes without fixed padding': ('train', {'train__pad_to_max_length': False},
