@@ -150,6 +150,35 @@ def _loader(tc, ls, split: str, *, shuffle: bool, num_epochs, pad_id: int, seed:
       pad_to_max=ls.pad_to_max_length, source=sources.get(split))
 
 
+RUN_FILE = 'run.json'  # in the workdir: the settings that fix the data order of its checkpoints
+
+
+def _check_data_order(ls, config, resumed: bool) -> None:
+  """A workdir's checkpoints continue only the data stream they were saved in: a resumed run
+  with another seed, batch size, packing, length or data would restore an iterator of a
+  different stream, so it is refused, naming the keys. A fresh run records its settings."""
+  online = config.distill.teacher_source == 'online'
+  data = config.data.train_file if online else config.train.store
+  now = {'seed': config.seed, 'train.global_batch_size': config.train.global_batch_size,
+         'train.pack': config.train.pack, 'data.max_seq_length': config.data.max_seq_length,
+         'data.train_file' if online else 'train.store': os.path.abspath(data)}
+  path = os.path.join(ls.workdir, RUN_FILE)
+  if resumed and os.path.isfile(path):
+    with open(path) as f:
+      saved = json.load(f)
+    changed = [k for k in sorted(set(now) | set(saved)) if now.get(k) != saved.get(k)]
+    if changed:
+      raise ValueError(f'{path}: this workdir\'s checkpoints were saved with '
+                       + ', '.join(f'{k}={saved.get(k)!r}' for k in changed) + ' (now '
+                       + ', '.join(f'{now.get(k)!r}' for k in changed) + '); set those back, '
+                       'or start another workdir with train.restore_from_path=<checkpoint>')
+    return
+  if jax.process_index() == 0:
+    with open(path + '.tmp', 'w') as f:
+      json.dump(now, f, indent=1, sort_keys=True)
+    os.replace(path + '.tmp', path)
+
+
 def _validate(eval_fn, state, tc, ls, pad_id, shardings, sources, extra) -> dict[str, float]:
   """Summed (sum, count) metrics over the first limit_val_batches full batches of the
   validation split (all of them when -1)."""
@@ -265,6 +294,7 @@ def run(config) -> dict[str, float]:
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, state_shardings)
   start = 0
+  _check_data_order(ls, config, resumed=mngr.latest_step() is not None)
   if mngr.latest_step() is not None:
     start = mngr.latest_step()
     if start > max_steps:  # would skip training and export a later state as this run's end

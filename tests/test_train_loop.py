@@ -89,6 +89,11 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   # are refused before training, and nothing is overwritten.
   shorter = _run(_train_cli(store, tmp_path / 'run', *args))
   assert shorter.returncode == 2 and 'past train.max_steps=6' in shorter.stderr, shorter.stderr
+  # Another seed would restore an iterator of another data stream: refused, named.
+  reseeded = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8',
+                             '--config.seed=1'))
+  assert reseeded.returncode == 2 and 'saved with seed=0 (now 1)' in reseeded.stderr, (
+      reseeded.stderr)
   os.utime(nemo, (0, 0))
   old = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8'))
   assert old.returncode == 2 and 'student.nemo: already exists' in old.stderr, old.stderr
