@@ -10,9 +10,9 @@ files are tokenized with the teacher's tokenizer and the step computes the teach
 (extract.* settings) itself. The loop dispatches step n before it reads the metrics of step n-1, and
 stops with the step in the message when a loss or gradient norm is not finite. Metrics go to
 TensorBoard event files under `<workdir>/tensorboard`, to `<workdir>/metrics.jsonl` (one JSON
-object per step, one more per validation) and to a progress bar; W&B too when `train.wandb_project` is set.
-The teacher never enters a checkpoint. `config.profile` traces a window of steps
-(jkd/profiling.py).
+object per step, one more per validation) and to a progress bar; W&B too when
+`train.wandb_project` is set. The teacher never enters a checkpoint. `config.profile` traces a
+window of steps (jkd/profiling.py).
 """
 
 from __future__ import annotations

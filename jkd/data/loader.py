@@ -181,8 +181,10 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
   `batch_size * shard_count` examples and shard i reads its `batch_size` consecutive rows of
   each, so a global batch holds the same examples whatever the number of processes (every
   example lands in exactly one shard). `num_epochs=None` repeats forever. `pack=True` packs
-  several examples per row first-fit, `batch_size` rows per batch. `worker_count` > 0 reads in that many spawned
-  processes (packing stays in this one, so the rows are the same for any worker count). The iterator's `get_state()` / `set_state()` resume exactly (same worker_count).
+  several examples per row first-fit, `batch_size` rows per batch. `worker_count` > 0 reads in
+  that many spawned processes (packing stays in this one, so the rows are the same for any
+  worker count). The iterator's `get_state()` / `set_state()` resume exactly (same
+  worker_count).
   `source` replaces the store split (e.g. an `ExamplesSource` for online distillation; its
   batches carry only its fields plus segment_ids and positions).
   """
