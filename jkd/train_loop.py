@@ -248,6 +248,30 @@ def run(config) -> dict[str, float]:
                      f'train.global_batch_size={tc.global_batch_size}: validation would log '
                      'nothing; use more examples or set train.limit_val_batches=0 (no validation)')
 
+  # This workdir's checkpoints, and what resuming them must agree with: checked before anything
+  # is loaded or compiled.
+  mngr = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(ls.workdir), 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(max_to_keep=ls.checkpoint_max_to_keep,
+                                           enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True))
+  start = mngr.latest_step() or 0  # steps count from 1
+  _check_data_order(ls, config, resumed=start > 0)
+  if start > max_steps:  # would skip training and export a later state as this run's end
+    raise ValueError(f'{ls.workdir}/checkpoints: the latest checkpoint is at step {start}, '
+                     f'past train.max_steps={max_steps}; raise max_steps or use another workdir')
+  # A .nemo already at the export path is overwritten only if it is this run's own (newer than
+  # the checkpoint it resumes from).
+  nemo = ls.export_nemo or (os.path.join(ls.workdir, 'student.nemo')
+                            if ls.save_nemo_on_train_end else '')
+  nemo_exists = bool(nemo) and os.path.isfile(nemo)
+  own_nemo = nemo_exists and start > 0 and os.path.getmtime(nemo) >= os.path.getmtime(
+      os.path.join(ls.workdir, 'checkpoints', str(start)))
+  if nemo_exists and not own_nemo:
+    raise FileExistsError(f'{nemo}: already exists and is not this run\'s export (older than '
+                          'its latest checkpoint, or no checkpoint); remove it or choose '
+                          'another train.export_nemo')
+
   # Model and optimizer: the student's params, or a random init of config.model.
   tok = None
   if tc.student:
@@ -286,21 +310,9 @@ def run(config) -> dict[str, float]:
   # Restore: this run's latest checkpoint > train.restore_from_path > the converted student.
   train_it = _loader(tc, ls, 'train', shuffle=True, num_epochs=None, pad_id=pad_id,
                      seed=tc.seed, sources=sources)
-  mngr = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(ls.workdir), 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=ls.checkpoint_max_to_keep,
-                                           enable_async_checkpointing=True,
-                                           cleanup_tmp_directories=True))
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, state_shardings)
-  start = 0
-  _check_data_order(ls, config, resumed=mngr.latest_step() is not None)
-  if mngr.latest_step() is not None:
-    start = mngr.latest_step()
-    if start > max_steps:  # would skip training and export a later state as this run's end
-      raise ValueError(f'{ls.workdir}/checkpoints: the latest checkpoint is at step {start}, '
-                       f'past train.max_steps={max_steps}; raise max_steps or use another '
-                       'workdir')
+  if start:
     restored = mngr.restore(start, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(
             train_it)))
@@ -312,17 +324,6 @@ def run(config) -> dict[str, float]:
     state = state.replace(params=saved.params)
     del saved
     print(f'[train] started from the params of {tc.restore_from_path}')
-
-  # A .nemo already at the export path is overwritten only if it is this run's own (newer than
-  # the checkpoint it resumed from): checked now, not after the training.
-  nemo = ls.export_nemo or (os.path.join(ls.workdir, 'student.nemo')
-                            if ls.save_nemo_on_train_end else '')
-  own_nemo = bool(nemo) and os.path.isfile(nemo) and start > 0 and os.path.getmtime(
-      nemo) >= os.path.getmtime(os.path.join(ls.workdir, 'checkpoints', str(start)))
-  if nemo and os.path.isfile(nemo) and not own_nemo:
-    raise FileExistsError(f'{nemo}: already exists and is not this run\'s export (older than '
-                          'its latest checkpoint, or no checkpoint); remove it or choose '
-                          'another train.export_nemo')
 
   # Step functions.
   step_fn = train.make_train_step(cfg, tc, mesh, rules, state_shardings, teacher)
