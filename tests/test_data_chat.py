@@ -442,3 +442,25 @@ def test_nemo_generation_prompt_ends_with_the_assistant_header(mistral):
   assert mistral.decode(ids).endswith('hi\n<extra_id_1>Assistant\n')
   with pytest.raises(ValueError, match="format 'plain' has no chat turns"):
     chat.generation_prompt(record, mistral, fmt='plain')
+
+
+def test_end_of_turn_is_the_single_turn_start_piece_of_a_sentencepiece_model():
+  """NeMo's SentencePiece vocabularies hold <extra_id_1> as one piece; encoded alone it gets a
+  leading '▁' piece, mid-string (where a reply meets it) it is that one id."""
+  import io
+
+  import sentencepiece as spm
+  out = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(['the assistant answers the user', 'hello world'] * 50),
+      model_writer=out, vocab_size=300, model_type='bpe', byte_fallback=True,
+      user_defined_symbols=SPECIAL[:3], minloglevel=2)
+  tok = jt._sentencepiece(out.getvalue())
+  turn_start = tok.token_to_id('<extra_id_1>')
+  assert len(tok.encode('<extra_id_1>')) == 2  # '▁', '<extra_id_1>': what the lookup must skip
+  assert chat.end_of_turn_id(tok, fmt='chat') == turn_start != tok.eos_id
+  ids, keep = chat.encode_chat({'system': 's', 'mask': 'User', 'conversations': [
+      {'from': 'User', 'value': 'hello'}, {'from': 'Assistant', 'value': 'world'}]}, tok)
+  assert ids[-1] == turn_start and keep[-1]  # the trained token that closes an answer
+  no_turn_piece = char_tokenizer(special=[t for t in SPECIAL if t != '<extra_id_1>'])
+  assert chat.end_of_turn_id(no_turn_piece, fmt='chat') == no_turn_piece.eos_id

@@ -259,11 +259,12 @@ def generation_prompt(record: dict, tok, *, fmt: str) -> list[int]:
 
 def end_of_turn_id(tok, *, fmt: str) -> int | None:
   """The id that ends a generated reply: <|im_end|> (chatml), NeMo's next-turn token
-  <extra_id_1> (chat, when the tokenizer has it as one token) or else EOS."""
+  <extra_id_1> (chat, when the tokenizer has it as one token mid-string, where replies meet it:
+  a SentencePiece model would prefix a leading '▁' at the start of a string) or else EOS."""
   if fmt == 'chatml':
     return _special_id(tok, CHATML_END)
   if fmt == 'chat':
-    ids = tok.encode(ChatTokens().turn_start)
+    ids = _tail_ids(tok, ChatTokens().turn_start)
     if len(ids) == 1:
       return ids[0]
   return tok.eos_id
