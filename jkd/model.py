@@ -363,9 +363,19 @@ class Decoder(nn.Module):
     return x_BxTxD
 
 
+def segment_positions(segment_ids_BxT):
+  """Positions that restart at 0 wherever the segment id changes along a row."""
+  t_BxT = jnp.broadcast_to(jnp.arange(segment_ids_BxT.shape[1]), segment_ids_BxT.shape)
+  starts_BxT = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], bool),
+                                segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  return t_BxT - jax.lax.cummax(jnp.where(starts_BxT, t_BxT, 0), axis=1)
+
+
 def _inputs(tokens_BxT, segment_ids_BxT, positions_BxT):
+  """(positions, attention mask); positions default to restarting at each segment."""
   if positions_BxT is None:
-    positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    positions_BxT = (jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+                     if segment_ids_BxT is None else segment_positions(segment_ids_BxT))
   mask_Bx1xTxT = None
   if segment_ids_BxT is not None:  # packed sequences: attend only within one segment
     mask_Bx1xTxT = (segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :])

@@ -79,6 +79,11 @@ def test_packed_segments_equal_separate_sequences():
     out = _forward(cfg, params, packed, segment_ids_BxT=segments, positions_BxT=positions)
     np.testing.assert_allclose(out[:, :10], _forward(cfg, params, a), atol=1e-5)
     np.testing.assert_allclose(out[:, 10:], _forward(cfg, params, b), atol=1e-5)
+    # Without positions they restart at each segment (learned positions, gpt3, would differ).
+    np.testing.assert_array_equal(_forward(cfg, params, packed, segment_ids_BxT=segments), out)
+  segments = jnp.asarray([[3, 3, 0, 0, 0, 5], [1] * 6])
+  np.testing.assert_array_equal(model.segment_positions(segments),
+                                [[0, 1, 0, 1, 2, 0], list(range(6))])
 
 
 def _cudnn_lowered(cfg, params, tokens, **kw):
