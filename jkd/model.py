@@ -97,6 +97,10 @@ class ModelConfig:
                 'vocab_size', 'max_position_embeddings'):
       if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
         fail(key, 'must be a positive integer')
+    for key in ('padded_vocab_size', 'num_query_groups', 'kv_channels'):
+      value = getattr(self, key)
+      if value is not None and (not isinstance(value, int) or value <= 0):
+        fail(key, 'must be None or a positive integer')
     if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
       fail('num_attention_heads',
            f'does not divide hidden_size={self.hidden_size} (set kv_channels to override)')
@@ -121,8 +125,10 @@ class ModelConfig:
       fail('remat_policy', f'unknown; expected one of {tuple(REMAT_POLICIES)}')
     if self.attention not in ATTENTIONS:
       fail('attention', f'unknown; expected one of {ATTENTIONS}')
-    if self.layernorm_epsilon <= 0:
+    if not self.layernorm_epsilon > 0:
       fail('layernorm_epsilon', 'must be positive')
+    if not self.rotary_base > 0:
+      fail('rotary_base', 'must be positive')
 
   @property
   def num_groups(self) -> int:

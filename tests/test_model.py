@@ -273,6 +273,11 @@ _GOOD = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_hea
     (dict(attention='flash'), 'attention'),
     (dict(num_layers=0), 'num_layers'),
     (dict(position_embedding_type='rope', rotary_percentage=0.0), 'rotary_percentage'),
+    (dict(kv_channels=0), 'kv_channels'),  # not taken as 'unset'
+    (dict(kv_channels=-8), 'kv_channels'),
+    (dict(num_query_groups=0), 'num_query_groups'),
+    (dict(padded_vocab_size=0), 'padded_vocab_size'),
+    (dict(position_embedding_type='rope', rotary_base=-1.0), 'rotary_base'),
 ])
 def test_bad_config_values_raise_naming_the_key(override, key):
   with pytest.raises(ValueError, match=rf'model\.{key}='):
