@@ -255,7 +255,14 @@ def _train_settings(config, stored_k) -> None:
 
 
 def _check_model(cfg: model.ModelConfig, config, where: str) -> None:
-  """What a model's architecture rules out: positions beyond a learned position table."""
+  """What a model's architecture rules out: positions beyond a learned position table, a mesh
+  that does not split its parameters evenly (heads or groups over the tensor axis, say)."""
+  import jax
+  from jkd import sharding
+  mesh = mesh_config(config)
+  sizes = dict(zip(mesh.axes, sharding.mesh_shape(mesh.shape, jax.device_count())))
+  sharding.check_divisible(lambda: model.init(cfg, jax.random.key(0), boxed=True), sizes,
+                           mesh.rules, where)
   n = config.data.max_seq_length
   if cfg.position_embedding_type == 'learned_absolute' and n > cfg.max_position_embeddings:
     raise ValueError(f'data.max_seq_length={n}: exceeds max_position_embeddings='

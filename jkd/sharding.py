@@ -67,6 +67,25 @@ def shardings_for(abstract_init: Callable[[], Any], mesh: Mesh, rules: Rules) ->
   return nn.logical_to_mesh_sharding(logical_specs(boxed), mesh, rules)
 
 
+def check_divisible(abstract_init: Callable[[], Any], mesh_sizes: dict[str, int], rules: Rules,
+                    where: str) -> None:
+  """ValueError naming the parameter, its logical axis and the mesh axes when a dimension of
+  the tree `abstract_init()` builds (boxed, as for `shardings_for`) does not split evenly."""
+  boxed = jax.eval_shape(abstract_init)
+  is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+  specs = jax.tree.leaves(logical_specs(boxed), is_leaf=is_spec)
+  for (path, leaf), logical in zip(jax.tree_util.tree_leaves_with_path(nn.meta.unbox(boxed)),
+                                   specs):
+    for size, name, axes in zip(leaf.shape, logical, nn.logical_to_mesh_axes(logical, rules)):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      n = math.prod(mesh_sizes[a] for a in axes)
+      if size % n:
+        raise ValueError(
+            f'{where}: parameter {jax.tree_util.keystr(path)} has {size} along {name!r}, which '
+            f'the mesh splits over {"x".join(axes)} = {n} devices (not a divisor); choose a '
+            f'mesh.shape whose {"x".join(axes)} size divides {size}')
+
+
 def mesh_specs(shardings) -> dict[str, PartitionSpec]:
   """{param path: PartitionSpec} for a tree of NamedShardings (the golden-table view)."""
   return {jax.tree_util.keystr(p): s.spec

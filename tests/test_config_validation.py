@@ -98,6 +98,12 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
                           ['data.max_seq_length', 'teacher/model_config.json']),
     'extract top_k above the teacher vocab': ('extract', {'extract__top_k': 1000}, None,
                                               ['extract.top_k', 'teacher/model_config.json']),
+    'heads not split by the tensor axis': ('train', {'mesh__shape': (1, 1, 8)}, None,
+                                           ['config.model', "'kv_heads'", 'tensor = 8',
+                                            'mesh.shape']),
+    'teacher heads not split by the tensor axis': (
+        'extract', {'mesh__shape': (1, 1, 8)}, None,
+        ['teacher/model_config.json', "'kv_heads'", 'tensor = 8', 'mesh.shape']),
     'no train batches': ('train', {'train__limit_train_batches': 0}, None,
                          ['train.limit_train_batches']),
     'checkpoints kept': ('train', {'train__checkpoint_max_to_keep': 0}, None,
