@@ -275,3 +275,47 @@ def test_convert_cli_imports_a_nemo(tmp_path):
   cfg, params = model.load(str(tmp_path / 'm'))
   ours = np.asarray(jax.jit(lambda p, t: model.forward(cfg, p, t))(params, TOKENS))
   assert np.abs(ours - ref.hf_logits(hf, TOKENS)).max() <= 1e-4
+
+
+def test_zero_centered_rmsnorm_is_refused(tmp_path):
+  """Megatron-Core applies 1 + gamma to a zero-centred RMSNorm; jkd has no such norm."""
+  with pytest.raises(ValueError, match=r'layernorm_zero_centered_gamma=True with '
+                                       r"normalization='rmsnorm'"):
+    from_nemo.load_nemo(_edit_config(tmp_path, 'llama', layernorm_zero_centered_gamma=True))
+
+
+def test_more_stored_layers_than_the_config_names_the_tensor(tmp_path):
+  with pytest.raises(ValueError, match=r'\(layer 1\): layer 1 is beyond num_layers=1'):
+    from_nemo.load_nemo(_edit_config(tmp_path, 'nemotron', num_layers=1))
+
+
+def test_a_tensor_its_config_cannot_reshape_names_the_tensor(tmp_path):
+  """GQA weights under an MHA config fail in the QKV split; the message names the tensor."""
+  with pytest.raises(ValueError, match=r'qkv\.weight \(layer 0\): shape \(\d+, \d+\) does not '
+                                       r'fit the model config \(cannot reshape'):
+    from_nemo.load_nemo(_edit_config(tmp_path, 'llama', num_query_groups=None))
+
+
+def test_a_missing_zarr_chunk_is_an_error_not_zeros(tmp_path):
+  path = _edit_config(tmp_path, 'nemotron')
+  qkv = os.path.join(path, 'model_weights', 'model.decoder.layers.self_attention.linear_qkv.weight')
+  for name in os.listdir(qkv):
+    if not name.startswith('.'):
+      os.remove(os.path.join(qkv, name))
+  with pytest.raises(ValueError, match=r'qkv\.weight \(layer 0\): unreadable .*is missing'):
+    from_nemo.load_nemo(path)
+
+
+@pytest.mark.parametrize('tp, pp, gone', [(2, 1, 'mp_rank_01'), (1, 2, 'tp_rank_00_pp_rank_001')])
+def test_a_missing_last_rank_folder_is_named(tmp_path, tp, pp, gone):
+  """Without its last rank folder a TP or PP checkpoint looks like a smaller one: the config's
+  parallel sizes tell."""
+  fx.write_legacy(tmp_path / 'm.nemo', 'gpt3', _hf('gpt3'), tp=tp, pp=pp)
+  with tarfile.open(tmp_path / 'm.nemo') as t:
+    files = {m.name[2:]: t.extractfile(m).read() for m in t.getmembers()
+             if m.isfile() and not m.name[2:].startswith(gone)}
+  fx._pack(tmp_path / 'm.nemo', files)
+  key = 'tensor' if tp == 2 else 'pipeline'
+  with pytest.raises(ValueError, match=rf'{key}_model_parallel_size=2 but the rank folders found '
+                                       'make 1'):
+    from_nemo.load_nemo(str(tmp_path / 'm.nemo'))

@@ -57,6 +57,9 @@ def _plan(cfg: model.ModelConfig, sources: list[Source],
   plan, dtypes, filled, slots = [], {}, dict.fromkeys(shapes, 0), set()
   layers_seen: dict[tuple, set] = {}
   for src in sources:
+    if src.layer is not None and not 0 <= src.layer < cfg.num_layers:
+      raise ValueError(f'{src.where}: layer {src.layer} is beyond num_layers={cfg.num_layers} '
+                       'of the model config')
     targets = targets_of(src)
     for t in targets:
       if t.path not in shapes:
@@ -124,13 +127,20 @@ def assemble(cfg: model.ModelConfig, sources: Iterable[Source],
       leaves: dict[tuple, np.ndarray] = {}
       for src, targets in sorted(group, key=lambda item: -1 if item[0].layer is None
                                  else item[0].layer):
-        tensor = src.read()
+        try:
+          tensor = src.read()
+        except ValueError as e:  # tensorstore and the torch readers: a missing or short file
+          raise ValueError(f'{src.where}: unreadable ({e})') from None
         if tuple(tensor.shape) != tuple(src.shape):
           raise ValueError(f'{src.where}: read shape {tensor.shape}, expected {src.shape}')
         for t in targets:
           if t.path not in leaves:
             leaves[t.path] = np.empty(shapes[t.path], dtypes[t.path])
-          value = t.transform(tensor)
+          try:
+            value = t.transform(tensor)
+          except ValueError as e:  # a reshape into the config's heads, groups or widths
+            raise ValueError(f'{src.where}: shape {tuple(src.shape)} does not fit the model '
+                             f'config ({e})') from None
           slot = leaves[t.path][t.index]
           if value.shape != slot.shape:
             raise ValueError(f'{src.where}: shape {tuple(src.shape)} does not fit the model '

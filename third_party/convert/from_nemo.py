@@ -56,7 +56,10 @@ def model_config(raw: dict, *, vocab_size: int | None, padded_vocab: int,
   if norm not in _NORMALIZATIONS:
     raise ValueError(f'{where}: unsupported setting normalization={norm!r}')
   norm = _NORMALIZATIONS[norm]
-  if raw.get('layernorm_zero_centered_gamma') and norm == 'layernorm':
+  if raw.get('layernorm_zero_centered_gamma'):  # the stored scale is gamma - 1
+    if norm != 'layernorm':
+      raise ValueError(f'{where}: unsupported setting layernorm_zero_centered_gamma=True with '
+                       f'normalization={raw.get("normalization")!r}')
     norm = 'layernorm1p'
   activation = raw.get('activation', 'gelu')
   if activation not in model.ACTIVATIONS:
@@ -257,8 +260,10 @@ def _merged_shape(name: str, shapes: list[tuple]) -> tuple:
   return tuple(merged)
 
 
-def _legacy_sources(archive, gated: bool, num_layers: int) -> list[Source]:
+def _legacy_sources(archive, raw: dict) -> list[Source]:
   """L1 or L2 files: TP shards merged on read, PP layers renumbered."""
+  gated = str(raw.get('activation', 'gelu')).endswith('glu')
+  num_layers = int(raw.get('num_layers') or 1)
   ranks = {}
   for name in archive.names():
     m = _RANK_DIR.fullmatch(name)
@@ -273,6 +278,12 @@ def _legacy_sources(archive, gated: bool, num_layers: int) -> list[Source]:
                      'tp_rank_XX_pp_rank_YYY/ or model_weights/)')
   tp_size = 1 + max(t for t, _ in ranks)
   pp_size = 1 + max(p for _, p in ranks)
+  for key, found in (('tensor_model_parallel_size', tp_size),
+                     ('pipeline_model_parallel_size', pp_size)):
+    if raw.get(key) is not None and (0, 0) in ranks and ranks[(0, 0)] != 'model_weights.ckpt' \
+        and int(raw[key]) != found:
+      raise ValueError(f'{archive.path}: model_config.yaml has {key}={raw[key]} but the rank '
+                       f'folders found make {found}: {sorted(ranks.values())}')
   if len(ranks) != tp_size * pp_size:
     raise ValueError(f'{archive.path}: rank files are incomplete: found {sorted(ranks)}')
   sources = []
@@ -331,7 +342,9 @@ def _zarr_sources(archive, weights_dir: str) -> list[Source]:
     if not os.path.isfile(os.path.join(path, '.zarray')):
       continue  # _extra_state directories, common.pt, metadata.json
     try:
-      arr = ts.open({'driver': 'zarr', 'kvstore': {'driver': 'file', 'path': path}}).result()
+      # A missing chunk file (an incomplete copy) is an error, not fill-value zeros.
+      arr = ts.open({'driver': 'zarr', 'kvstore': {'driver': 'file', 'path': path},
+                     'fill_missing_data_reads': False}).result()
     except ValueError as e:
       raise ValueError(f'{archive.path}: {weights_dir}/{key}: unreadable zarr array ({e})') from None
     sources += _dist_sources(archive, key, arr.shape, arr.dtype.numpy_dtype,
@@ -375,8 +388,7 @@ def open_nemo(archive: nemo_archive.NemoArchive):
                        f'{backend!r} is not supported (supported: {sorted(_DIST_BACKENDS)})')
     sources = _DIST_BACKENDS[backend](archive, 'model_weights')
   else:
-    gated = str(raw.get('activation', 'gelu')).endswith('glu')
-    sources = _legacy_sources(archive, gated, int(raw.get('num_layers') or 1))
+    sources = _legacy_sources(archive, raw)
   embedding = [s for s in sources if s.name == 'embedding']
   if not embedding:
     raise ValueError(f'{archive.path}: the word embedding tensor is missing')
