@@ -9,6 +9,7 @@ Dispatches on the source's format; each importer lives in third_party/convert/.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 from jkd import model, tokenizer
@@ -50,6 +51,8 @@ def _write(output: str, cfg: model.ModelConfig, tok, parts) -> None:
   if tok is not None:
     os.makedirs(output, exist_ok=True)
     tokenizer.save(tok, output)
+  else:  # an earlier conversion's tokenizer would be paired with these weights
+    shutil.rmtree(os.path.join(output, 'tokenizer'), ignore_errors=True)
   model.save_parts(output, cfg, parts)
 
 

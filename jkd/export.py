@@ -9,11 +9,16 @@ model directory travels with the weights (a `nemo:` artifact, or files beside th
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
 
 from jkd import model, tokenizer
+
+# Texts on which transformers' reading of an exported tokenizer must give the model's own ids.
+_PROBES = ('Hello world', 'two  spaces', ' leading space', 'line\nbreak\n', 'ünïcödé ½ 中文',
+           'x = f(1, 2)  # note')
 
 
 def _tokenizer(directory: str):
@@ -44,7 +49,10 @@ def export(source: str, *, nemo: str = '', hf: str = '', dtype: str = 'bfloat16'
       if tok is not None:
         tok_dir = os.path.join(tmp, 'tok')
         os.makedirs(tok_dir)
-        for name, data in tok.files.items():
+        files = dict(tok.files)
+        if tok.library == 'sentencepiece':  # else transformers picks a class by model_type
+          files['tokenizer_config.json'] = json.dumps(_sentencepiece_hf_config(tok)).encode()
+        for name, data in files.items():
           path = os.path.join(tok_dir, name)
           try:
             with open(path, 'wb') as f:
@@ -54,7 +62,44 @@ def export(source: str, *, nemo: str = '', hf: str = '', dtype: str = 'bfloat16'
       written.append(to_hf.export_hf(cfg, params, hf, dtype=dtype, tokenizer_dir=tok_dir,
                                      bos_token_id=tok.bos_id if tok else None,
                                      eos_token_id=tok.eos_id if tok else None))
+    if tok is not None:
+      _check_hf_tokenizer(tok, hf)
   return written
+
+
+def _sentencepiece_hf_config(tok) -> dict:
+  """tokenizer_config.json for a SentencePiece model: transformers' Llama tokenizer (legacy
+  prefix handling) with the model's special tokens, adding no BOS/EOS (as jkd encodes)."""
+  config = {'tokenizer_class': 'LlamaTokenizer', 'legacy': True, 'add_bos_token': False,
+            'add_eos_token': False}
+  for key, i in (('bos_token', tok.bos_id), ('eos_token', tok.eos_id), ('pad_token', tok.pad_id)):
+    if i is not None:
+      config[key] = tok.id_to_token(i)
+  return config
+
+
+def _check_hf_tokenizer(tok, hf_dir: str) -> None:
+  """Warns when transformers (if installed) reads the exported tokenizer into other ids than
+  the model's own on a few probe texts: its SentencePiece conversion ignores some of a model's
+  normalisation settings."""
+  try:
+    from transformers import AutoTokenizer
+  except ImportError:
+    return
+  try:
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+  except Exception as e:  # noqa: BLE001 - any failure is worth a warning, not a failed export
+    print(f'[export] warning: {hf_dir}: transformers cannot load the tokenizer '
+          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})')
+    return
+  for text in _PROBES:
+    want, got = tok.encode(text), list(hf_tok(text, add_special_tokens=False)['input_ids'])
+    if got != want:
+      exact = ('sentencepiece and tokenizer.model' if tok.library == 'sentencepiece'
+               else 'tokenizers and tokenizer.json')
+      print(f'[export] warning: {hf_dir}: transformers encodes {text!r} as {got}, the model\'s '
+            f'tokenizer as {want}; for the ids the model was trained on, encode with {exact}')
+      return
 
 
 def run(config) -> list[str]:

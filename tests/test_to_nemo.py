@@ -188,3 +188,30 @@ def test_export_after_a_killed_one_leaves_no_temporary_files(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['a.nemo', 'b.nemo']
   _, got = from_nemo.load_nemo(str(tmp_path / 'b.nemo'))
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, params)))
+
+
+def test_hf_export_of_a_sentencepiece_tokenizer_and_stale_tokenizers(tmp_path, capsys):
+  """A SentencePiece tokenizer exports with a tokenizer_config.json (Llama class, the model's
+  special tokens, no added BOS) and a warning when transformers' conversion of it encodes a
+  probe text otherwise; a rerun from a source without tokenizer leaves no earlier one behind,
+  neither in the model directory nor in the HF export."""
+  from transformers import AutoTokenizer
+
+  from jkd import convert, export
+  src, tok, _ = _with_tokenizer(tmp_path, 'gpt2b')
+  convert.convert(src, str(tmp_path / 'm'))
+  export.export(str(tmp_path / 'm'), hf=str(tmp_path / 'hf'), dtype='float32')
+  hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / 'hf'))
+  assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos_id, tok.eos_id)
+  # transformers rebuilds this model's BPE merges from its scores and merges otherwise: the
+  # export says so, naming the first probe text that differs.
+  assert tok.encode('Hello world') != hf_tok('Hello world', add_special_tokens=False)['input_ids']
+  assert "transformers encodes 'Hello world' as" in capsys.readouterr().out
+
+  (tmp_path / 'src' / 'model_config.yaml').write_text(yaml.safe_dump({'model': {
+      k: v for k, v in yaml.safe_load((tmp_path / 'src' / 'model_config.yaml').read_text())[
+          'model'].items() if k != 'tokenizer'}}))
+  convert.convert(src, str(tmp_path / 'm'))
+  assert not (tmp_path / 'm' / 'tokenizer').exists()
+  export.export(str(tmp_path / 'm'), hf=str(tmp_path / 'hf'), dtype='float32')
+  assert sorted(os.listdir(tmp_path / 'hf')) == ['config.json', 'model.safetensors']

@@ -28,6 +28,9 @@ from jkd import model
 
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
 WEIGHTS_FILE, CONFIG_FILE = 'model.safetensors', 'config.json'
+# What an export's tokenizer may have written: removed before each export.
+TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
+                   'special_tokens_map.json')
 _SWIGLU = ('swiglu', 'fast-swiglu')
 # HF name -> (one jkd path, or a tuple of paths for a packed tensor; transform(*arrays)).
 Table = dict[str, tuple[tuple, Callable[..., np.ndarray]]]
@@ -243,6 +246,9 @@ def export_hf(cfg: model.ModelConfig, params: model.Params, out_dir: str, *,
   config_path = os.path.join(out_dir, CONFIG_FILE)
   if os.path.exists(config_path):  # an earlier export's: incomplete until the new one lands
     os.remove(config_path)
+  for name in TOKENIZER_FILES:  # an earlier export's tokenizer must not outlive it
+    if os.path.isfile(os.path.join(out_dir, name)):
+      os.remove(os.path.join(out_dir, name))
   if tokenizer_dir is not None:
     _copy_tokenizer(tokenizer_dir, out_dir)
   weights = os.path.join(out_dir, WEIGHTS_FILE)
