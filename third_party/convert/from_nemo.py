@@ -57,10 +57,10 @@ def model_config(raw: dict, *, vocab_size: int | None, padded_vocab: int,
     raise ValueError(f'{where}: unsupported setting normalization={norm!r}')
   norm = _NORMALIZATIONS[norm]
   if raw.get('layernorm_zero_centered_gamma'):  # the stored scale is gamma - 1
-    if norm != 'layernorm':
+    if norm == 'rmsnorm':
       raise ValueError(f'{where}: unsupported setting layernorm_zero_centered_gamma=True with '
                        f'normalization={raw.get("normalization")!r}')
-    norm = 'layernorm1p'
+    norm = 'layernorm1p'  # layernorm1p says the same
   activation = raw.get('activation', 'gelu')
   if activation not in model.ACTIVATIONS:
     raise ValueError(f'{where}: unsupported setting activation={activation!r}')
