@@ -215,6 +215,8 @@ def _validate_train(config, mesh_shape) -> None:
     raise ValueError(f'{teacher_where}: the teacher\'s vocab_size {teacher_vocab} differs from '
                      f'the student\'s {student.vocab_size} ({where}); set '
                      'distill.cross_tokenizer')
+  from jkd import export  # the HF class now, not after training (the .nemo: train_loop)
+  export.check_targets(student, hf=config.train.export_hf, where=f'train.export_hf, {where}')
 
 
 def _validate_export(config, mesh_shape) -> None:
@@ -227,6 +229,10 @@ def _validate_export(config, mesh_shape) -> None:
   if config.export.nemo:
     _needs_torch('export.nemo', 'writing .nemo')
   _check_paths(config, ('export.source',), ('export.nemo', 'export.hf'))
+  from jkd import export
+  source = config.export.source
+  export.check_targets(model.load_config(source), nemo=config.export.nemo, hf=config.export.hf,
+                       where=f'export.hf, {os.path.join(source, model.CONFIG_FILE)}')
 
 
 def _train_settings(config, stored_k) -> None:

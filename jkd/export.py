@@ -28,10 +28,26 @@ def _tokenizer(directory: str):
   return tokenizer.load(directory)
 
 
+def check_targets(cfg: model.ModelConfig, *, nemo: str = '', hf: str = '',
+                  where: str = '') -> None:
+  """What would fail only after the weights are loaded (or a training run is over): a .nemo
+  path already taken, a model with no Hugging Face class. `where` names the config."""
+  if nemo and os.path.exists(nemo):
+    raise FileExistsError(f'{nemo}: already exists; remove it or choose another path')
+  if hf:
+    from third_party.convert import to_hf
+    try:
+      to_hf.architecture(cfg)
+    except ValueError as e:
+      raise ValueError(f'{hf}: {where + ": " if where else ""}{e}') from None
+
+
 def export(source: str, *, nemo: str = '', hf: str = '', dtype: str = 'bfloat16') -> list[str]:
   """Writes the requested exports of model directory `source`; returns their paths."""
   if not nemo and not hf:
     raise ValueError('export.nemo and export.hf are both empty: set at least one')
+  check_targets(model.load_config(source), nemo=nemo, hf=hf,
+                where=os.path.join(source, model.CONFIG_FILE))
   import jax
   cfg, params = model.load(source)
   params = jax.device_get(params)  # numpy on the host: both writers work tensor by tensor

@@ -39,6 +39,7 @@ def _inputs(tmp, vocab=512, k=100):
   (tmp / 'train.jsonl').write_text('{"input": "a", "output": "b"}\n')
   (tmp / 'model.nemo').write_bytes(b'')
   (tmp / 'model').mkdir()
+  (tmp / 'model' / 'model_config.json').write_text(json.dumps(cfg.to_dict()))
   logit_store.Writer(str(tmp / 'store'), 'train', logit_store.StoreMeta(k=k, vocab_size=vocab),
                      process_index=0)
 
@@ -104,6 +105,14 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
     'teacher heads not split by the tensor axis': (
         'extract', {'mesh__shape': (1, 1, 8)}, None,
         ['teacher/model_config.json', "'kv_heads'", 'tensor = 8', 'mesh.shape']),
+    'export .nemo path taken': ('export', {'export__nemo': 'TMP/taken.nemo'}, 'nemo taken',
+                                ['taken.nemo', 'already exists']),
+    'export to HF without a HF class': ('export', {}, 'gelu model',
+                                        ['export.hf', 'model/model_config.json',
+                                         'position_embedding_type']),
+    'train export to HF without a HF class': (
+        'train', {'train__export_hf': 'TMP/hf', 'model__activation': 'gelu'}, None,
+        ['train.export_hf', 'config.model', 'position_embedding_type']),
     'no train batches': ('train', {'train__limit_train_batches': 0}, None,
                          ['train.limit_train_batches']),
     'checkpoints kept': ('train', {'train__checkpoint_max_to_keep': 0}, None,
@@ -148,6 +157,11 @@ def test_impossible_config_names_its_keys_before_any_write_or_compile(
     path = tmp_path / 'teacher' / 'model_config.json'
     path.write_text(json.dumps({**json.loads(path.read_text()), 'max_position_embeddings': 64,
                                 'position_embedding_type': 'learned_absolute'}))
+  elif change == 'gelu model':
+    path = tmp_path / 'model' / 'model_config.json'
+    path.write_text(json.dumps({**json.loads(path.read_text()), 'activation': 'gelu'}))
+  elif change == 'nemo taken':
+    (tmp_path / 'taken.nemo').write_bytes(b'')
   elif change == 'two processes':
     monkeypatch.setattr(jax, 'process_count', lambda: 2)
   elif change == 'no torch':
