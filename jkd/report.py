@@ -162,7 +162,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def _headline(r: Results) -> tuple[str, int | None]:
   """The headline sentence and the step at which KD + SFT reached the target (or None)."""
-  (kd_steps, kd_ces), (sft_steps, sft_ces) = (r.val.get(k, ([], [])) for k in RUNS)
+  # Points after training began: a step-0 point is the init both runs share, reached by both.
+  (kd_steps, kd_ces), (sft_steps, sft_ces) = (
+      tuple(map(list, zip(*[(s, v) for s, v in zip(*r.val.get(k, ([], []))) if s > 0])))
+      or ([], []) for k in RUNS)
   goal = f'target ≤ {100 * r.target_fraction:.3g}%'
   if not len(sft_ces):
     return (f'The SFT-only run has no validation points, so there is no target CE; '
