@@ -145,14 +145,42 @@ def _validate_pipeline(config, mesh_shape) -> None:
     if p.student_layers > cfg.num_layers:
       raise ValueError(f'pipeline.student_layers={p.student_layers}: exceeds the random '
                        f'teacher\'s model.num_layers={cfg.num_layers}')
-  for key in ('student_layers', 'num_samples', 'max_new_tokens'):
-    if p[key] <= 0:
+  for key in ('student_layers', 'num_samples', 'max_new_tokens', 'sft_only_weight'):
+    if not p[key] > 0:
       raise ValueError(f'pipeline.{key}={p[key]}: must be positive')
   if p.calibration_examples < 0:
     raise ValueError(f'pipeline.calibration_examples={p.calibration_examples}: must be >= 0')
+  _pipeline_runs(config)
   _extract_settings(config, mesh_shape)  # the stages it runs, before any of them starts
   _train_settings(config, stored_k=config.extract.top_k)
   _needs_torch('mode=pipeline', 'exporting .nemo')
+
+
+def _pipeline_runs(config) -> None:
+  """What the pipeline's stages need of the train, distill and data keys."""
+  p, t, d = config.pipeline, config.train, config.distill
+  if d.teacher_source != 'store':
+    raise ValueError(f'distill.teacher_source={d.teacher_source!r}: mode=pipeline extracts the '
+                     "teacher's top-K into a store and trains from it ('store')")
+  if config.data.format not in ('chat', 'chatml'):
+    raise ValueError(f'data.format={config.data.format!r}: mode=pipeline trains and prompts on '
+                     "chat conversations ('chat' or 'chatml')")
+  # Each curve starts at the evaluated CE of the init (the whole split, a token mean); its
+  # later points are the runs' val/sft_loss, which measure the same only under these settings.
+  if not d.sft_loss_weight > 0:
+    raise ValueError(f'distill.sft_loss_weight={d.sft_loss_weight}: mode=pipeline plots the '
+                     'validation CE, which training logs (val/sft_loss) only with an SFT term')
+  if d.reduction != 'global_token_mean' or t.limit_val_batches not in (-1, 0):
+    raise ValueError(f'distill.reduction={d.reduction!r}, train.limit_val_batches='
+                     f'{t.limit_val_batches}: mode=pipeline needs global_token_mean and -1 (or 0, '
+                     'no curves), so that validation CE is the token mean over the whole split, '
+                     'as evaluated at step 0')
+  if p.max_train_examples == 0:
+    raise ValueError('pipeline.max_train_examples=0: no train conversations; -1 = all')
+  if t.limit_val_batches != 0 and 0 <= p.max_val_examples < t.global_batch_size:
+    raise ValueError(f'pipeline.max_val_examples={p.max_val_examples}: fewer than one batch '
+                     f'(train.global_batch_size={t.global_batch_size}) to validate on; set '
+                     'train.limit_val_batches=0 for no validation')
 
 
 def _validate_convert(config, mesh_shape) -> None:

@@ -42,7 +42,10 @@ class _Stages:
   A stage is cached when the record says it finished with the same settings (its own and
   every earlier stage's: what depends on a changed setting is redone) and its outputs exist.
   Finished outputs made with other settings are an error naming the keys and the outputs to
-  delete: the pipeline never writes over finished files. Stages without files just rerun.
+  delete: the pipeline never writes over finished files. A stage with files is recorded as
+  started before it runs: an interrupted one continues (extraction and training resume) with
+  the same settings only, since its partial files were made with those. Stages without files
+  just rerun.
   """
 
   def __init__(self, workdir: str):
@@ -60,18 +63,24 @@ class _Stages:
     self.settings.update(settings or {})
     key = json.loads(json.dumps(self.settings, sort_keys=True, default=str))
     done = self.record.get(name)
-    if done is not None and all(os.path.exists(o) for o in outputs):
+    finished = done is not None and done.get('finished', True)
+    if finished and all(os.path.exists(o) for o in outputs):
       if done['settings'] == key:
         print(f'[pipeline] {name}: cached ({", ".join(outputs) or self.file})')
         self.timings.append({'stage': name, 'seconds': 0.0, 'cached': True})
         return done.get('result')
       if outputs:  # never overwrite a finished stage's files made with other settings
-        diff = ', '.join(f'{k}: {done["settings"].get(k)!r} -> {key.get(k)!r}'
-                         for k in sorted(set(key) | set(done['settings']))
-                         if key.get(k) != done['settings'].get(k))
         raise ValueError(f'stage {name!r} finished in {os.path.dirname(self.file)} with other '
-                         f'settings ({diff}); delete {home or " and ".join(outputs)} to redo '
-                         'it, or use another workdir')
+                         f'settings ({_diff(done["settings"], key)}); delete '
+                         f'{home or " and ".join(outputs)} to redo it, or use another workdir')
+    partial = [o for o in ([home] if home else outputs) if os.path.exists(o)]
+    if done is not None and not finished and partial and done['settings'] != key:
+      raise ValueError(f'stage {name!r} was interrupted in {os.path.dirname(self.file)} with '
+                       f'other settings ({_diff(done["settings"], key)}); its partial files '
+                       f'would be continued with these: rerun with the old settings, or delete '
+                       f'{" and ".join(partial)} to redo it')
+    if outputs:
+      self._write(name, {'settings': key, 'finished': False})
     print(f'[pipeline] {name} ...')
     t0 = time.perf_counter()
     result = fn()
@@ -79,12 +88,20 @@ class _Stages:
     seconds = time.perf_counter() - t0
     print(f'[pipeline] {name}: {seconds:.1f}s')
     self.timings.append({'stage': name, 'seconds': seconds, 'cached': False})
-    self.record[name] = {'settings': key, 'seconds': seconds,
-                         'result': result if isinstance(result, dict) else None}
+    self._write(name, {'settings': key, 'seconds': seconds, 'finished': True,
+                       'result': result if isinstance(result, dict) else None})
+    return result
+
+  def _write(self, name: str, entry: dict) -> None:
+    self.record[name] = entry
     with open(self.file + '.tmp', 'w', encoding='utf-8') as f:
       json.dump(self.record, f, indent=1)
     os.replace(self.file + '.tmp', self.file)
-    return result
+
+
+def _diff(old: dict, new: dict) -> str:
+  return ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
+                   if old.get(k) != new.get(k))
 
 
 def _flat(config, *keys: str) -> dict:
@@ -202,17 +219,18 @@ def _count(jsonl: str) -> int:
     return sum(1 for line in f if line.strip())
 
 
-def _val_curve(workdir: str, init_ce: float) -> tuple[list[int], list[float]]:
-  """(steps, val CE) from a run's metrics.jsonl, from (0, init_ce); a step logged twice (a
-  resumed run) keeps its last value."""
-  by_step = {0: init_ce}
+def _val_curve(workdir: str, init_ce: float) -> tuple[tuple[list[int], list[float]], int]:
+  """((steps, val CE), steps trained) from a run's metrics.jsonl; the curve starts at
+  (0, init_ce), and a step logged twice (a resumed run) keeps its last value."""
+  by_step, last = {0: init_ce}, 0
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
     for line in f:
       row = json.loads(line)
+      last = max(last, row['step'])
       if 'val/sft_loss' in row:
         by_step[row['step']] = row['val/sft_loss']
   steps = sorted(by_step)
-  return steps, [by_step[s] for s in steps]
+  return (steps, [by_step[s] for s in steps]), last
 
 
 def _evaluate(config, store: str, model_dir: str, name: str) -> dict[str, float]:
@@ -246,9 +264,9 @@ def _generate(config, prompts, model_dirs: dict[str, str], eos_id) -> dict[str, 
   for name, directory in model_dirs.items():
     cfg, params = model.load(directory)
     tok = tokenizer.load(directory)
-    replies[name] = [
-        tok.decode(evaluate.generate(cfg, params, ids, eos_id=eos_id,
-                                     max_new_tokens=config.pipeline.max_new_tokens))
+    replies[name] = [  # a reply stops at the model's last position, if it comes first
+        tok.decode(evaluate.generate(cfg, params, ids, eos_id=eos_id, max_new_tokens=min(
+            config.pipeline.max_new_tokens, max(0, cfg.max_position_embeddings - len(ids)))))
         for _, ids in tqdm(prompts, desc=f'generate {name}', unit='reply')]
   return replies
 
@@ -321,7 +339,8 @@ def run(config) -> dict:
 
   # 8. Report: both curves start at the shared init (step 0).
   t_cfg, s_cfg = model.load_config(teacher), model.load_config(student)
-  curves = {r: _val_curve(_run_dirs(wd, r)['workdir'], metrics['init']['ce']) for r, _ in RUNS}
+  logged = {r: _val_curve(_run_dirs(wd, r)['workdir'], metrics['init']['ce']) for r, _ in RUNS}
+  curves = {r: curve for r, (curve, _) in logged.items()}
   how = 'by block importance' if pruned.get('importance') else 'evenly spaced'
   results = report.Results(
       teacher=f'{p.teacher} ({t_cfg.num_layers} layers, hidden {t_cfg.hidden_size}, vocab '
@@ -331,7 +350,7 @@ def run(config) -> dict:
       data=f'{p.corpus}: {_count(train_file)} train / {_count(val_file)} validation '
            'conversations, '
            f'{config.data.format} template, top-{config.extract.top_k} teacher logits',
-      steps=curves['kd'][0][-1], val=curves,
+      steps=logged['kd'][1], val=curves,
       metrics=metrics,
       samples=[{'prompt': text, **{name: replies[name][i] for name in replies}}
                for i, (text, _) in enumerate(prompts)],

@@ -62,6 +62,9 @@ def _unknown(c):
   return c
 
 
+# A pipeline on a random teacher that passes validation (each case below breaks one key).
+_PIPE = {'pipeline__teacher': 'random', 'pipeline__student_layers': 1, 'data__format': 'chatml',
+         'distill__reduction': 'global_token_mean', 'distill__sft_loss_weight': 0.4}
 CASES = {  # id: (mode, keys, change or None, keys the message must name)
     'missing key': ('train', {}, _missing, ['distill']),
     'wrong types': ('train', {}, _wrong_type, ['train.lr', 'mesh.shape']),
@@ -121,6 +124,20 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
                                                              'pipeline__student_layers': 3},
                                                 None, ['pipeline.student_layers',
                                                        'model.num_layers']),
+    'pipeline SFT-only weight': ('pipeline', {**_PIPE, 'pipeline__sft_only_weight': 0.0}, None,
+                                 ['pipeline.sft_only_weight']),
+    'pipeline online teacher': ('pipeline', {**_PIPE, 'distill__teacher_source': 'online'}, None,
+                                ['distill.teacher_source', 'store']),
+    'pipeline plain data': ('pipeline', {**_PIPE, 'data__format': 'plain'}, None,
+                            ['data.format', 'chatml']),
+    'pipeline pure KD': ('pipeline', {**_PIPE, 'distill__sft_loss_weight': 0.0}, None,
+                         ['distill.sft_loss_weight', 'val/sft_loss']),
+    'pipeline curve of another measure': ('pipeline', {**_PIPE, 'train__limit_val_batches': 1},
+                                          None, ['distill.reduction',
+                                                 'train.limit_val_batches']),
+    'pipeline validation split below a batch': (
+        'pipeline', {**_PIPE, 'pipeline__max_val_examples': 4}, None,
+        ['pipeline.max_val_examples', 'train.global_batch_size=8']),
     'pipeline teacher missing': ('pipeline', {'pipeline__teacher': 'TMP/nope.gguf'}, None,
                                  ['pipeline.teacher', 'nope.gguf']),
     'pipeline corpus missing': ('pipeline', {'pipeline__corpus': 'TMP/yaml'}, None,
@@ -202,3 +219,7 @@ def test_base_config_missing_is_said_not_skipped(monkeypatch, tmp_path):
       jkd_config.check_keys(base.get_config())
   finally:
     jkd_config._base_module.cache_clear()
+
+
+def test_the_pipeline_cases_break_one_key_of_a_valid_config(tmp_path, devices8):
+  jkd_config.validate(_config(tmp_path, 'pipeline', **_PIPE))

@@ -12,6 +12,7 @@ import tarfile
 
 import jax
 import numpy as np
+import pytest
 
 from configs import base
 from jkd import config as jkd_config
@@ -133,3 +134,36 @@ def test_a_model_directory_teacher_is_copied(tmp_path):
   assert sorted(p.relative_to(source) for p in source.rglob('*')) == before
   (_, want), (_, got) = model.load(str(source)), model.load(str(out))
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
+
+
+def test_an_interrupted_stage_continues_with_its_own_settings_only(tmp_path):
+  """A stage killed with partial files (an exception here) is recorded as started: a rerun with
+  other settings is refused naming them and the files, one with the same settings continues."""
+  out = tmp_path / 'out'
+
+  def crash():
+    out.mkdir(exist_ok=True)
+    (out / 'part').write_text('half')
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    pipeline._Stages(str(tmp_path))('train', crash, settings={'train.lr': 1e-4},
+                                    outputs=[str(out / 'done')], home=str(out))
+  stages = pipeline._Stages(str(tmp_path))  # the rerun
+  with pytest.raises(ValueError, match=rf'interrupted .*train\.lr: 0\.0001 -> 0\.001.*delete '
+                                       rf'{out} to redo'):
+    stages('train', lambda: None, settings={'train.lr': 1e-3}, outputs=[str(out / 'done')],
+           home=str(out))
+  ran = []
+  stages('train', lambda: ran.append((out / 'part').read_text()) or (out / 'done').touch(),
+         settings={'train.lr': 1e-4}, outputs=[str(out / 'done')], home=str(out))
+  assert ran == ['half']
+  assert json.loads((tmp_path / 'stages.json').read_text())['train']['finished']
+
+
+def test_the_trained_steps_come_from_the_metrics_not_the_curve(tmp_path):
+  """With validation off (limit_val_batches=0) the curve is the step-0 point alone; the report's
+  step count is still the steps trained."""
+  (tmp_path / 'metrics.jsonl').write_text(''.join(
+      json.dumps({'step': s, 'train/loss': 1.0}) + '\n' for s in (1, 2, 3)))
+  assert pipeline._val_curve(str(tmp_path), 5.0) == (([0], [5.0]), 3)
