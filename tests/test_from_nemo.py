@@ -243,9 +243,10 @@ def test_unknown_activation_names_the_key(tmp_path):
     from_nemo.load_nemo(_edit_config(tmp_path, 'llama', activation='swish'))
 
 
-def test_unsupported_setting_names_the_key(tmp_path):
-  with pytest.raises(ValueError, match=r'unsupported setting rotary_interleaved=True'):
-    from_nemo.load_nemo(_edit_config(tmp_path, 'llama', rotary_interleaved=True))
+@pytest.mark.parametrize('key, value', [('rotary_interleaved', True), ('window_size', [4096, 0])])
+def test_unsupported_setting_names_the_key(tmp_path, key, value):
+  with pytest.raises(ValueError, match=rf'unsupported setting {key}={value!r}'.replace('[', r'\[')):
+    from_nemo.load_nemo(_edit_config(tmp_path, 'llama', **{key: value}))
 
 
 def test_mismatched_tensor_shape_names_the_tensor(tmp_path):

@@ -38,6 +38,7 @@ _MUST_BE = {
     'scale_positional_embedding': (False, None), 'normalize_attention_scores': (True, None),
     'transformer_block_type': ('pre_ln', None), 'num_moe_experts': (None, 0, 1),
     'qkv_bias': (False, None), 'fp8': (False, None),
+    'window_size': (None, [-1, -1], [-1, 0]),  # sliding-window attention (Mistral)
 }
 _NORMALIZATIONS = {'layernorm': 'layernorm', 'layernorm1p': 'layernorm1p', 'rmsnorm': 'rmsnorm',
                    'low_precision_layernorm': 'layernorm'}
