@@ -2,9 +2,13 @@
 
 Every member is checked before anything is read: no absolute paths, no `..`, no links
 leaving the archive, only regular files and directories, and the archive must end after its
-last member (tarfile stops quietly at a cut or garbled header). Uncompressed tars are read in
-place (members are seekable); gzip tars are extracted, after the same checks, into a
-temporary directory because random access into a gzip stream costs a full decompression.
+last member (tarfile stops quietly at a cut or garbled header). Members of an uncompressed tar
+are read in place (they are seekable): the config, tokenizer and legacy weight pickles. A
+Megatron-Core `model_weights/` directory is read by tensorstore and torch's checkpoint reader
+from files, so `local_dir` copies it out first, into a temporary directory under $TMPDIR
+(removed on close; a killed run leaves it behind). Gzip tars are extracted whole, after the
+same checks, into such a directory: random access into a gzip stream costs a full
+decompression.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import tarfile
 import tempfile
 import zlib
 from typing import IO
+
+from tqdm import tqdm
 
 
 def _normalise(name: str) -> str:
@@ -176,12 +182,17 @@ class NemoArchive:
       self._tmp = tempfile.mkdtemp(prefix='jkd-nemo-')
     dest = os.path.join(self._tmp, prefix)
     if not os.path.isdir(dest):
-      for name, member in self._members.items():
-        if name.startswith(prefix.rstrip('/') + '/'):
+      members = [(name, m) for name, m in self._members.items()
+                 if name.startswith(prefix.rstrip('/') + '/')]
+      total = sum(m.size for _, m in members)
+      with tqdm(total=total, unit='B', unit_scale=True, desc=f'copy {prefix} to {self._tmp}',
+                disable=total < (256 << 20)) as bar:
+        for name, member in members:
           out = os.path.join(self._tmp, name)
           os.makedirs(os.path.dirname(out), exist_ok=True)
           with self._tar.extractfile(member) as src, open(out, 'wb') as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
+          bar.update(member.size)
     return dest
 
 
