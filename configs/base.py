@@ -69,6 +69,7 @@ def get_config(arg=None):
   c.model.normalization = 'layernorm1p'  # layernorm | layernorm1p | rmsnorm
   c.model.layernorm_epsilon = 1e-5  # norm epsilon
   c.model.activation = 'fast-swiglu'  # gelu | squared-relu | swiglu | fast-swiglu | geglu | reglu
+  c.model.gelu_tanh = False  # GELU in its tanh form (NeMo's fused bias-GELU); False = exact erf
   c.model.bias = False  # biases on linear layers
   c.model.position_embedding_type = 'rope'  # rope | learned_absolute
   c.model.rotary_percentage = 0.5  # fraction of each head's channels that RoPE rotates

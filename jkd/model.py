@@ -35,6 +35,7 @@ from jkd import faults
 Params = dict[str, Any]
 
 # name -> (activation, gated). Gated ones read fc1 as [gate; up] and compute act(gate) * up.
+# The GELU ones are exact (erf); ModelConfig.gelu_tanh selects the tanh form.
 ACTIVATIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], bool]] = {
     'gelu': (functools.partial(jax.nn.gelu, approximate=False), False),
     'squared-relu': (lambda x: jnp.square(jax.nn.relu(x)), False),
@@ -45,6 +46,7 @@ ACTIVATIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], bool]] = {
     'reglu': (jax.nn.relu, True),
     'fast-reglu': (jax.nn.relu, True),
 }
+GELUS = ('gelu', 'geglu', 'fast-geglu')
 NORMALIZATIONS = ('layernorm', 'layernorm1p', 'rmsnorm')
 POSITION_EMBEDDINGS = ('rope', 'learned_absolute')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -78,6 +80,9 @@ class ModelConfig:
   normalization: str = 'layernorm'
   layernorm_epsilon: float = 1e-5
   activation: str = 'gelu'
+  # GELU as 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))), not erf: what Megatron computes with
+  # NeMo's default bias_activation_fusion=True (its fused bias-GELU kernels), or openai_gelu.
+  gelu_tanh: bool = False
   bias: bool = True  # biases on every linear layer (norm biases follow the norm type)
   position_embedding_type: str = 'learned_absolute'
   rotary_percentage: float = 1.0
@@ -113,6 +118,8 @@ class ModelConfig:
       fail('normalization', f'unknown; expected one of {NORMALIZATIONS}')
     if self.activation not in ACTIVATIONS:
       fail('activation', f'unknown; expected one of {tuple(ACTIVATIONS)}')
+    if self.gelu_tanh and self.activation not in GELUS:
+      fail('gelu_tanh', f'needs a GELU activation {GELUS}, not {self.activation!r}')
     if self.position_embedding_type not in POSITION_EMBEDDINGS:
       fail('position_embedding_type', f'unknown; expected one of {POSITION_EMBEDDINGS}')
     if not 0.0 < self.rotary_percentage <= 1.0:
@@ -313,6 +320,8 @@ class Mlp(nn.Module):
   def __call__(self, x_BxTxD):
     cfg = self.cfg
     act, gated = ACTIVATIONS[cfg.activation]
+    if cfg.gelu_tanh:
+      act = functools.partial(jax.nn.gelu, approximate=True)
     f = cfg.ffn_hidden_size
     if gated:  # fc1 kernel [D, 2, F]: index 0 is the (activated) gate, 1 the linear up branch
       u_BxTx2xF = Dense(cfg, (2, f), ('embed', None, 'mlp'), name='fc1')(x_BxTxD)

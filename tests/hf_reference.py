@@ -148,17 +148,19 @@ def gpt2b(seed: int = 0):
   return cfg, params, hf
 
 
-def gpt3(seed: int = 0):
-  """Classic NeMo GPT-3: layernorm + exact GELU + learned positions + biases + tied (HF GPT-2)."""
+def gpt3(seed: int = 0, gelu_tanh: bool = False):
+  """Classic NeMo GPT-3: layernorm + GELU (exact; or tanh, NeMo's fused bias-GELU) + learned
+  positions + biases + tied (HF GPT-2)."""
   from transformers import GPT2Config, GPT2LMHeadModel
   hf_cfg = GPT2Config(vocab_size=V, n_embd=D, n_layer=L, n_head=N, n_inner=F, n_positions=64,
-                      activation_function='gelu', layer_norm_epsilon=1e-5,
+                      activation_function='gelu_new' if gelu_tanh else 'gelu',
+                      layer_norm_epsilon=1e-5,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
   hf = _randomise(GPT2LMHeadModel(hf_cfg), seed)
   sd = hf.state_dict()
   cfg = model.ModelConfig(
       num_layers=L, hidden_size=D, ffn_hidden_size=F, num_attention_heads=N, vocab_size=V,
-      normalization='layernorm', activation='gelu', bias=True,
+      normalization='layernorm', activation='gelu', gelu_tanh=gelu_tanh, bias=True,
       position_embedding_type='learned_absolute', max_position_embeddings=64,
       share_embeddings_and_output_weights=True)
   h, pre = D // N, 'transformer.h.{}.'

@@ -30,7 +30,9 @@ def canonical_state(arch: str, hf) -> tuple[dict, dict]:
   H = D // N
   out = {}
   if arch == 'gpt3':
+    # Exact GELU (HF's 'gelu'): NeMo computes it with the fused bias-GELU kernel off.
     cfg = dict(normalization='layernorm', activation='gelu', bias=True,
+               bias_activation_fusion=hf.config.activation_function != 'gelu',
                position_embedding_type='learned_absolute', share_embeddings_and_output_weights=True)
     out[(None, 'embedding')] = sd['transformer.wte.weight']
     out[(None, 'position_embedding')] = sd['transformer.wpe.weight']

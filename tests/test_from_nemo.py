@@ -320,3 +320,33 @@ def test_a_missing_last_rank_folder_is_named(tmp_path, tp, pp, gone):
   with pytest.raises(ValueError, match=rf'{key}_model_parallel_size=2 but the rank folders found '
                                        'make 1'):
     from_nemo.load_nemo(str(tmp_path / 'm.nemo'))
+
+
+@pytest.mark.parametrize('changes, tanh', [({}, False), ({'bias_activation_fusion': True}, True),
+                                           ({'openai_gelu': True}, True)])
+def test_the_gelu_form_is_the_one_nemo_computes(tmp_path, changes, tanh):
+  """NeMo's fused bias-GELU (bias_activation_fusion, its default) and openai_gelu are the tanh
+  GELU; with both off it is exact. The fixture's weights under each HF GELU: only the right one
+  matches."""
+  cfg, params = from_nemo.load_nemo(_edit_config(tmp_path, 'gpt3', **changes))
+  assert cfg.gelu_tanh == tanh
+  ours = np.asarray(jax.jit(lambda p, t: model.forward(cfg, p, t))(params, TOKENS))
+  diff = {form: float(np.abs(ours - ref.hf_logits(ref.gpt3(gelu_tanh=form)[2], TOKENS)).max())
+          for form in (False, True)}
+  assert diff[tanh] <= 2e-6 and diff[not tanh] > 1e-4, diff
+
+
+def test_gelu_settings_as_nemo_reads_them():
+  raw = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+             activation='gelu', bias=True)
+  read = lambda **kw: from_nemo.model_config({**raw, **kw}, vocab_size=None,  # noqa: E731
+                                             padded_vocab=128, where='m')
+  assert read().gelu_tanh  # the key's default is True
+  assert read(activation='geglu', bias=False).gelu_tanh  # gated: no bias needed
+  assert not read(activation='fast-swiglu', bias=False).gelu_tanh
+  with pytest.raises(ValueError, match='bias_activation_fusion=True with activation=gelu and '
+                                       'bias=False'):
+    read(bias=False)
+  assert read(bias=False, openai_gelu=True, bias_activation_fusion=False).gelu_tanh
+  with pytest.raises(ValueError, match="openai_gelu=True with activation='squared-relu'"):
+    read(activation='squared-relu', openai_gelu=True)

@@ -21,10 +21,11 @@ from tests import hf_reference as ref
 from third_party.convert import to_hf
 
 # Plain builders plus a tied head over a padded vocabulary (rows beyond V must be dropped).
-CASES = {**ref.ARCHITECTURES, 'llama-tied': lambda: ref.llama(tied=True)}
+CASES = {**ref.ARCHITECTURES, 'llama-tied': lambda: ref.llama(tied=True),
+         'gpt3-tanh': lambda: ref.gpt3(gelu_tanh=True)}  # NeMo's fused bias-GELU: gelu_new
 HF_CLASS = {'llama': 'LlamaForCausalLM', 'llama-tied': 'LlamaForCausalLM',
             'nemotron': 'NemotronForCausalLM', 'gpt2b': 'StableLmForCausalLM',
-            'gpt3': 'GPT2LMHeadModel'}
+            'gpt3': 'GPT2LMHeadModel', 'gpt3-tanh': 'GPT2LMHeadModel'}
 
 
 def _tokens(b=2, t=ref.T, seed=1):

@@ -1,5 +1,6 @@
 """The .nemo exporter: round trips, torch's own DCP reader as the oracle, tokenizer artifacts."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -43,6 +44,23 @@ def test_nemo_to_jkd_to_nemo_to_jkd_is_identical(tmp_path, arch):
   cfg2, params2 = from_nemo.load_nemo(str(tmp_path / 'b.nemo'))
   assert cfg2 == cfg
   assert _same(params, params2)
+
+
+def test_the_gelu_form_round_trips_through_the_nemo_flags(tmp_path):
+  """The tanh GELU exports as bias_activation_fusion (openai_gelu without a bias), the exact
+  one with both off, and each imports back as itself."""
+  cfg, params, _ = ref.gpt3(gelu_tanh=True)
+  to_nemo.export_nemo(cfg, params, str(tmp_path / 'b.nemo'), dtype='float32')
+  cfg2, params2 = from_nemo.load_nemo(str(tmp_path / 'b.nemo'))
+  assert cfg2 == dataclasses.replace(cfg, padded_vocab_size=cfg.padded_vocab) and cfg2.gelu_tanh
+  assert _same(params, params2)
+  for tanh, bias, flags in ((True, True, (True, False)), (True, False, (False, True)),
+                            (False, True, (False, False))):
+    c = dataclasses.replace(cfg, gelu_tanh=tanh, bias=bias)
+    raw = to_nemo.nemo_config(c, 'bf16', None)
+    assert (raw['bias_activation_fusion'], raw['openai_gelu']) == flags
+    assert from_nemo.model_config(raw, vocab_size=None, padded_vocab=c.padded_vocab,
+                                  where='m').gelu_tanh == tanh
 
 
 @pytest.mark.parametrize('arch', sorted(ref.ARCHITECTURES))

@@ -33,7 +33,7 @@ from third_party.convert.assemble import Source, Target, assemble, collect
 # Settings that change the forward pass in ways jkd does not implement: key -> allowed values.
 _MUST_BE = {
     'megatron_legacy': (False, None), 'apply_embedding_scaling': (False, None),
-    'headscale': (False, None), 'openai_gelu': (False, None), 'qk_layernorm': (False, None),
+    'headscale': (False, None), 'qk_layernorm': (False, None),
     'rotary_interleaved': (False, None), 'seq_len_interpolation_factor': (None, 1, 1.0),
     'scale_positional_embedding': (False, None), 'normalize_attention_scores': (True, None),
     'transformer_block_type': ('pre_ln', None), 'num_moe_experts': (None, 0, 1),
@@ -65,6 +65,7 @@ def model_config(raw: dict, *, vocab_size: int | None, padded_vocab: int,
   activation = raw.get('activation', 'gelu')
   if activation not in model.ACTIVATIONS:
     raise ValueError(f'{where}: unsupported setting activation={activation!r}')
+  gelu_tanh = _gelu_tanh(raw, activation, where)
   pos = raw.get('position_embedding_type', 'learned_absolute')
   if pos not in model.POSITION_EMBEDDINGS:
     raise ValueError(f'{where}: unsupported setting position_embedding_type={pos!r}')
@@ -75,7 +76,8 @@ def model_config(raw: dict, *, vocab_size: int | None, padded_vocab: int,
         num_query_groups=raw.get('num_query_groups'), kv_channels=raw.get('kv_channels'),
         vocab_size=vocab_size or padded_vocab, padded_vocab_size=padded_vocab,
         normalization=norm, layernorm_epsilon=float(raw.get('layernorm_epsilon', 1e-5)),
-        activation=activation, bias=bool(raw.get('bias', True)), position_embedding_type=pos,
+        activation=activation, gelu_tanh=gelu_tanh, bias=bool(raw.get('bias', True)),
+        position_embedding_type=pos,
         rotary_percentage=float(raw.get('rotary_percentage', 1.0)),
         rotary_base=float(raw.get('rotary_base', 10000)),
         max_position_embeddings=int(raw.get('max_position_embeddings')
@@ -84,6 +86,22 @@ def model_config(raw: dict, *, vocab_size: int | None, padded_vocab: int,
             raw.get('share_embeddings_and_output_weights', True)))
   except ValueError as e:
     raise ValueError(f'{where}: {e}') from None
+
+
+def _gelu_tanh(raw: dict, activation: str, where: str) -> bool:
+  """Whether NeMo computes this model's GELU in its tanh form. Both the legacy ParallelMLP and
+  Megatron-Core's MLP run the fused bias-GELU (-GeGLU) kernels, which are the tanh form, when
+  bias_activation_fusion is set (NeMo's default); openai_gelu asks for the tanh form too."""
+  if activation not in model.GELUS:
+    if raw.get('openai_gelu'):
+      raise ValueError(f'{where}: unsupported setting openai_gelu=True with '
+                       f'activation={activation!r}')
+    return False
+  if raw.get('bias_activation_fusion', True) and activation == 'gelu' and not raw.get(
+      'bias', True) and not raw.get('openai_gelu'):
+    raise ValueError(f'{where}: bias_activation_fusion=True with activation=gelu and bias=False'
+                     ' (NeMo refuses it: its fused kernel adds a bias)')
+  return bool(raw.get('bias_activation_fusion', True) or raw.get('openai_gelu'))
 
 
 def read_raw_config(archive: nemo_archive.NemoArchive) -> dict:

@@ -182,7 +182,7 @@ def hf_config(cfg: model.ModelConfig, dtype: str = 'float32', bos_token_id=None,
     return dict(architectures=['GPT2LMHeadModel'], model_type='gpt2', n_embd=cfg.hidden_size,
                 n_layer=cfg.num_layers, n_head=cfg.num_attention_heads,
                 n_inner=cfg.ffn_hidden_size, n_positions=cfg.max_position_embeddings,
-                activation_function='gelu',  # exact erf GELU; HF's default gelu_new is tanh
+                activation_function='gelu_new' if cfg.gelu_tanh else 'gelu',  # tanh | erf
                 layer_norm_epsilon=cfg.layernorm_epsilon, resid_pdrop=0.0, embd_pdrop=0.0,
                 attn_pdrop=0.0, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
                 reorder_and_upcast_attn=False, **common)

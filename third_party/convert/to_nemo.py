@@ -118,6 +118,10 @@ def nemo_config(cfg: model.ModelConfig, precision: str, tokenizer: dict | None) 
       'position_embedding_type': cfg.position_embedding_type,
       'rotary_percentage': cfg.rotary_percentage, 'rotary_base': cfg.rotary_base,
       'activation': cfg.activation, 'normalization': cfg.normalization,
+      # The tanh GELU is what NeMo's fused bias-GELU kernels compute (they need a bias unless
+      # gated); every other activation is exact with the fusion off.
+      'bias_activation_fusion': cfg.gelu_tanh and (cfg.bias or cfg.gated),
+      'openai_gelu': cfg.gelu_tanh and not (cfg.bias or cfg.gated),
       'layernorm_zero_centered_gamma': cfg.normalization == 'layernorm1p',
       'layernorm_epsilon': cfg.layernorm_epsilon, 'bias': cfg.bias,
       'share_embeddings_and_output_weights': cfg.share_embeddings_and_output_weights,
