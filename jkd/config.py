@@ -162,7 +162,7 @@ def _pipeline_runs(config) -> None:
   if d.teacher_source != 'store':
     raise ValueError(f'distill.teacher_source={d.teacher_source!r}: mode=pipeline extracts the '
                      "teacher's top-K into a store and trains from it ('store')")
-  if config.data.format not in ('chat', 'chatml'):
+  if config.data.format == 'plain':  # an unknown one: the training checks below name it
     raise ValueError(f'data.format={config.data.format!r}: mode=pipeline trains and prompts on '
                      "chat conversations ('chat' or 'chatml')")
   # Each curve starts at the evaluated CE of the init (the whole split, a token mean); its

@@ -23,6 +23,10 @@ ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                           lock_config=True)
 
+# `--config.KEY=None` overrides, applied after parsing: ml_collections would parse 'None' as
+# the key's type (an int placeholder fails, a str one becomes 'None').
+_NONE_KEYS: list[str] = []
+
 # mode -> module with run(config)
 _MODES = {'pipeline': 'jkd.pipeline', 'convert': 'jkd.convert', 'extract': 'jkd.extract',
           'train': 'jkd.train_loop', 'export': 'jkd.export'}
@@ -41,6 +45,14 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     _fail('--config is required, e.g. --config configs/smoke.py')
+  for key in _NONE_KEYS:  # check_keys below refuses None where the key is no placeholder
+    *parents, name = key.split('.')
+    node = config
+    for part in parents:
+      node = node.get(part) if hasattr(node, 'get') else None
+    if not hasattr(node, 'get') or name not in node:
+      _fail(f'--config.{key}=None: unknown key {key!r}')
+    node[name] = None
   try:
     jkd_config.check_keys(config)  # a config lacking `distributed` fails here, not below
     distributed.initialize(config)  # before anything starts the backend (validate does)
@@ -74,17 +86,31 @@ def _parse_flags(argv):
         argv[i + 1] if arg == '--config' and i + 1 < len(argv) else '')
     if path and not os.path.isfile(path.split(':')[0]):
       _fail(f'{path.split(":")[0]}: no such config file (--config)')
+  for i, arg in enumerate(argv):
+    key, eq, value = arg.removeprefix('--config.').partition('=')
+    later = [a.removeprefix('--config.').partition('=')[0] for a in argv[i + 1:]]
+    if arg.startswith('--config.') and eq and value == 'None' and key not in later:
+      _NONE_KEYS.append(key)
+  given = argv
+  argv = [a for a in argv if not (a.startswith('--config.') and a.endswith('=None'))]
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # flags.Error, or what loading the config file raised
     if os.environ.get('JKD_TRACEBACK'):
       raise
+    while e.args and isinstance(e.args[0], BaseException):  # ConfigDict wraps its KeyError
+      e = e.args[0]
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError str is a repr
+    if isinstance(e, KeyError):  # an override of a key the config lacks: name the flag
+      name = str(msg).splitlines()[0].strip("'\"")
+      flag = [a.partition('=')[0] for a in given if a.startswith('--config.')
+              and name in a.partition('=')[0].split('.')]
+      msg = f'{flag[0] if flag else "--config"}: unknown key {msg}'
     head, tb, rest = msg.partition('Traceback (most recent call last):')
     if tb:  # config_flags quotes the config file's traceback: keep its last line
       msg = f'{head.strip()} {rest.strip().splitlines()[-1]}'
-    print(error_line(ValueError(msg if isinstance(e, flags.Error) else f'--config: {msg}')),
-          file=sys.stderr)
+    print(error_line(ValueError(msg if isinstance(e, (flags.Error, KeyError))
+                                else f'--config: {msg}')), file=sys.stderr)
     sys.exit(2)
 
 

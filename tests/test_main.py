@@ -23,9 +23,16 @@ def _run(*args, timeout=300):
     ('--config.pipeline.student_layers=0', 'pipeline.student_layers=0: must be positive'),
     ('--config.train.save_interval=5', 'train.save_interval=5: must be a multiple of'),
     ('--config.data.format=yaml', "data.format='yaml': expected one of"),
+    # None resets a placeholder (an int one used to fail to parse, a str one became 'None');
+    # the run then stops at the next override, a bad mode.
+    ('--config.distill.top_k=None --config.mode=nope', "mode='nope': unknown"),
+    ('--config.distill.student_norm=None --config.mode=nope', "mode='nope': unknown"),
+    ('--config.train.lr=None', 'wrong type train.lr=None'),  # not a placeholder
+    ('--config.train.lrr=1', '--config.train.lrr: unknown key \'lrr\' Did you mean "lr"'),
+    ('--config.nonexistent=None', "--config.nonexistent: unknown key 'nonexistent'"),
 ])
 def test_bad_config_is_one_line_error_and_exit_2(override, message):
-  proc = _run('--config', 'configs/smoke.py', override)
+  proc = _run('--config', 'configs/smoke.py', *override.split())
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('jkd: error:') and message in last, proc.stderr[-2000:]
