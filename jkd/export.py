@@ -48,9 +48,8 @@ def export(source: str, *, nemo: str = '', hf: str = '', dtype: str = 'bfloat16'
     raise ValueError('export.nemo and export.hf are both empty: set at least one')
   check_targets(model.load_config(source), nemo=nemo, hf=hf,
                 where=os.path.join(source, model.CONFIG_FILE))
-  import jax
-  cfg, params = model.load(source)
-  params = jax.device_get(params)  # numpy on the host: both writers work tensor by tensor
+  cfg, params = model.load(source, dtype=None)  # as stored: the writers cast tensor by tensor
+  # No device_get: the writers take numpy views (a copy each off a GPU) one tensor at a time.
   tok = _tokenizer(source)
   written = []
   if nemo:

@@ -527,14 +527,24 @@ def load_config(directory: str) -> ModelConfig:
 
 
 def load(directory: str, shardings=None, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
-  """Reads a model directory -> (ModelConfig, params in `dtype`), placed with `shardings`."""
+  """Reads a model directory -> (ModelConfig, params in `dtype`), placed with `shardings`;
+  dtype=None keeps each leaf's stored dtype (no fp32 copy of a bf16 model)."""
   from orbax.checkpoint import v1 as ocp
   directory = os.path.abspath(directory)
+  path = os.path.join(directory, PARAMS_DIR)
   cfg = load_config(directory)
   abstract = jax.eval_shape(lambda: init(cfg, jax.random.key(0)))
   if shardings is None:
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
                              abstract)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s),
-                          abstract, shardings)
-  return cfg, ocp.load(os.path.join(directory, PARAMS_DIR), abstract)
+  if dtype is None:
+    stored = jax.tree_util.tree_leaves_with_path(
+        ocp.metadata(path).metadata, is_leaf=lambda x: hasattr(x, 'dtype'))
+    stored = {jax.tree_util.keystr(p): m.dtype for p, m in stored}
+    dtypes = jax.tree_util.tree_map_with_path(lambda p, _: stored[jax.tree_util.keystr(p)],
+                                              abstract)
+  else:
+    dtypes = jax.tree.map(lambda _: dtype, abstract)
+  abstract = jax.tree.map(lambda a, s, d: jax.ShapeDtypeStruct(a.shape, d, sharding=s),
+                          abstract, shardings, dtypes)
+  return cfg, ocp.load(path, abstract)

@@ -231,6 +231,19 @@ def test_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(x, np.asarray(y))
 
 
+def test_load_in_the_stored_dtypes(tmp_path):
+  """dtype=None keeps what each leaf was saved as (mixed here); the default casts to fp32."""
+  cfg, params, _ = ref.gpt3()
+  params = {**jax.tree.map(lambda x: np.asarray(x, jnp.bfloat16), params),
+            'final_norm': params['final_norm']}
+  model.save(str(tmp_path / 'm'), cfg, params)
+  for dtype, want in ((None, params), (jnp.float32, jax.tree.map(
+      lambda x: np.asarray(x, np.float32), params))):
+    _, got = model.load(str(tmp_path / 'm'), dtype=dtype)
+    assert jax.tree.map(lambda x: x.dtype, got) == jax.tree.map(lambda x: x.dtype, want)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, want)))
+
+
 def test_save_over_a_killed_partial_write(tmp_path):
   """A conversion killed mid-write leaves orbax's params.partial_save; the next save starts
   clean (no 'replacement' error, no stale leaves) and the directory reads back."""

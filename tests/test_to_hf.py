@@ -175,3 +175,20 @@ def test_tokenizer_files_are_copied_but_not_configs(tmp_path):
   assert (tmp_path / 'out' / 'tokenizer_config.json').exists()
   assert json.loads((tmp_path / 'out' / to_hf.CONFIG_FILE).read_text())['model_type'] == 'gpt2'
   assert out == str(tmp_path / 'out')
+
+
+def test_sharded_export_loads_and_a_rerun_replaces_it(tmp_path):
+  """Past max_shard_bytes the weights go into transformers' numbered shards with an index (the
+  export holds one shard at a time); a later single-file export leaves no shard behind."""
+  cfg, params, hf = ref.llama()
+  out = to_hf.export_hf(cfg, params, str(tmp_path), max_shard_bytes=100_000)
+  index = json.loads((tmp_path / to_hf.INDEX_FILE).read_text())
+  files = sorted(set(index['weight_map'].values()))
+  assert len(files) > 2 and files[0] == f'model-00001-of-{len(files):05d}.safetensors'
+  assert sorted(p.name for p in tmp_path.glob('*.safetensors')) == files
+  tokens = _tokens()
+  want = ref.hf_logits(hf, tokens)[..., :cfg.vocab_size]
+  assert _max_diff(ref.hf_logits(_load(out, dtype=torch.float32), tokens), want) <= 1e-4
+  to_hf.export_hf(cfg, params, str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', 'model.safetensors']
+  assert _max_diff(ref.hf_logits(_load(out, dtype=torch.float32), tokens), want) <= 1e-4

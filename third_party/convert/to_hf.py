@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from typing import Callable
 
@@ -28,6 +29,9 @@ from jkd import model
 
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
 WEIGHTS_FILE, CONFIG_FILE = 'model.safetensors', 'config.json'
+INDEX_FILE = 'model.safetensors.index.json'  # the shards' weight map, when there are several
+_WEIGHT_FILE = re.compile(r'model(-\d{5}-of-\d{5}|-\d{5})?\.safetensors(\.partial)?')
+MAX_SHARD_BYTES = 2 << 30  # per safetensors file: the export holds one such shard at a time
 # What an export's tokenizer may have written: removed before each export.
 TOKENIZER_FILES = ('tokenizer.model', 'tokenizer.json', 'tokenizer_config.json',
                    'special_tokens_map.json')
@@ -215,54 +219,83 @@ def _leaf(params, path: tuple[str, ...]) -> np.ndarray:
   node = params
   for key in path:
     node = node[key]
-  return np.asarray(node, np.float32)  # no copy for fp32 numpy; one host copy for jax
+  return np.asarray(node)  # as stored: cast to fp32 one layer's slice at a time
 
 
 def export_hf(cfg: model.ModelConfig, params: model.Params, out_dir: str, *,
               dtype: str = 'float32', tokenizer_dir: str | None = None,
-              bos_token_id: int | None = None, eos_token_id: int | None = None) -> str:
+              bos_token_id: int | None = None, eos_token_id: int | None = None,
+              max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
   """Writes `out_dir/model.safetensors` + `config.json` (+ tokenizer files); returns out_dir.
 
   `params` are jkd fp32 params (numpy or jax arrays), `dtype` the stored weight type.
   Only the first V = cfg.vocab_size embedding / head rows are written: jkd's logits (and so
   its softmax) cover V only, and the padded rows are ids no tokenizer produces. With V rows
   HF's vocab_size matches the tokenizer and HF sampling cannot emit a padded id.
+  Tensors are converted one at a time and written in shards of at most `max_shard_bytes` (a
+  tensor larger than that gets a shard of its own): more than one shard gives transformers'
+  `model-0000i-of-0000n.safetensors` files and `model.safetensors.index.json`. Memory beyond
+  `params` is one shard.
   """
   if dtype not in DTYPES:
     raise ValueError(f'dtype={dtype!r}: expected one of {tuple(DTYPES)}')
   architecture(cfg)  # fail on an unsupported config before the params are even looked at
   model.check_params(cfg, params)
-  tensors: dict[str, np.ndarray] = {}
-  # The converted tensors (in `dtype`) are the one extra copy of the params held here.
-  for name, (paths, transform) in table(cfg).items():
-    paths = (paths,) if isinstance(paths[0], str) else paths
-    sources = [_leaf(params, path) for path in paths]
-    layers = range(cfg.num_layers) if '{}' in name else [None]
-    for i in layers:
-      w = transform(*[s if i is None else s[i] for s in sources])
-      tensors[name.format(i)] = np.ascontiguousarray(w.astype(DTYPES[dtype], copy=False))
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   config_path = os.path.join(out_dir, CONFIG_FILE)
   if os.path.exists(config_path):  # an earlier export's: incomplete until the new one lands
     os.remove(config_path)
-  for name in TOKENIZER_FILES:  # an earlier export's tokenizer must not outlive it
-    if os.path.isfile(os.path.join(out_dir, name)):
+  for name in os.listdir(out_dir):  # an earlier export's weights and tokenizer
+    if name in TOKENIZER_FILES or name == INDEX_FILE or _WEIGHT_FILE.fullmatch(name):
       os.remove(os.path.join(out_dir, name))
   if tokenizer_dir is not None:
     _copy_tokenizer(tokenizer_dir, out_dir)
-  weights = os.path.join(out_dir, WEIGHTS_FILE)
-  try:  # transformers refuses safetensors files without a 'format' metadata entry
-    save_file(tensors, weights, metadata={'format': 'pt'})
-  except (OSError, SafetensorError) as e:  # a full disk, ...: neither names the file
-    raise OSError(f'{weights}: {getattr(e, "strerror", None) or e}') from None
-  del tensors
-  config = hf_config(cfg, dtype, bos_token_id, eos_token_id)
-  tmp = config_path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  os.replace(tmp, config_path)  # config last: marks the dir complete
+  shards = []  # (temporary file name, tensor names, bytes)
+  pending: dict[str, np.ndarray] = {}
+
+  def flush():
+    path = os.path.join(out_dir, f'model-{len(shards) + 1:05d}.safetensors.partial')
+    try:  # transformers refuses safetensors files without a 'format' metadata entry
+      save_file(pending, path, metadata={'format': 'pt'})
+    except (OSError, SafetensorError) as e:  # a full disk, ...: neither names the file
+      raise OSError(f'{path}: {getattr(e, "strerror", None) or e}') from None
+    shards.append((path, list(pending), sum(t.nbytes for t in pending.values())))
+    pending.clear()
+
+  for name, tensor in _tensors(cfg, params, DTYPES[dtype]):
+    if pending and sum(t.nbytes for t in pending.values()) + tensor.nbytes > max_shard_bytes:
+      flush()
+    pending[name] = tensor
+  flush()
+  if len(shards) == 1:
+    os.replace(shards[0][0], os.path.join(out_dir, WEIGHTS_FILE))
+  else:
+    weight_map = {}
+    for i, (path, names, _) in enumerate(shards, 1):
+      final = f'model-{i:05d}-of-{len(shards):05d}.safetensors'
+      os.replace(path, os.path.join(out_dir, final))
+      weight_map.update(dict.fromkeys(names, final))
+    _write_json(os.path.join(out_dir, INDEX_FILE), {
+        'metadata': {'total_size': sum(n for _, _, n in shards)}, 'weight_map': weight_map})
+  _write_json(config_path, hf_config(cfg, dtype, bos_token_id, eos_token_id))  # last: complete
   return out_dir
+
+
+def _tensors(cfg: model.ModelConfig, params: model.Params, np_dtype):
+  """(HF name, tensor in `np_dtype`) for every HF weight, computed one at a time."""
+  for name, (paths, transform) in table(cfg).items():
+    paths = (paths,) if isinstance(paths[0], str) else paths
+    sources = [_leaf(params, path) for path in paths]
+    for i in range(cfg.num_layers) if '{}' in name else [None]:
+      w = transform(*[np.asarray(s if i is None else s[i], np.float32) for s in sources])
+      yield name.format(i), np.ascontiguousarray(w.astype(np_dtype, copy=False))
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path + '.tmp', 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(path + '.tmp', path)
 
 
 def _copy_tokenizer(tokenizer_dir: str, out_dir: str) -> None:
