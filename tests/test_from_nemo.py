@@ -350,3 +350,11 @@ def test_gelu_settings_as_nemo_reads_them():
   assert read(bias=False, openai_gelu=True, bias_activation_fusion=False).gelu_tanh
   with pytest.raises(ValueError, match="openai_gelu=True with activation='squared-relu'"):
     read(activation='squared-relu', openai_gelu=True)
+
+
+def test_the_learned_position_table_sets_its_own_size(tmp_path):
+  """Megatron-Core sizes the table by encoder_seq_length, legacy NeMo by
+  max_position_embeddings: a config where they differ reads the size off the stored table."""
+  path = _edit_config(tmp_path, 'gpt3', max_position_embeddings=4096, encoder_seq_length=64)
+  cfg, _ = from_nemo.load_nemo(path)
+  assert cfg.max_position_embeddings == 64

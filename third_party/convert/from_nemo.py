@@ -44,9 +44,11 @@ _NORMALIZATIONS = {'layernorm': 'layernorm', 'layernorm1p': 'layernorm1p', 'rmsn
                    'low_precision_layernorm': 'layernorm'}
 
 
-def model_config(raw: dict, *, vocab_size: int | None, padded_vocab: int,
-                 where: str) -> model.ModelConfig:
-  """Maps NeMo's model section (code defaults of megatron_gpt_model.py) to a ModelConfig."""
+def model_config(raw: dict, *, vocab_size: int | None, padded_vocab: int, where: str,
+                 positions: int | None = None) -> model.ModelConfig:
+  """Maps NeMo's model section (code defaults of megatron_gpt_model.py) to a ModelConfig;
+  `positions`: the rows of a stored learned position table, which win over the config's keys
+  (legacy NeMo sizes it by max_position_embeddings, Megatron-Core by encoder_seq_length)."""
   for key, allowed in _MUST_BE.items():
     if raw.get(key) not in allowed:
       raise ValueError(f'{where}: unsupported setting {key}={raw.get(key)!r}')
@@ -80,7 +82,7 @@ def model_config(raw: dict, *, vocab_size: int | None, padded_vocab: int,
         position_embedding_type=pos,
         rotary_percentage=float(raw.get('rotary_percentage', 1.0)),
         rotary_base=float(raw.get('rotary_base', 10000)),
-        max_position_embeddings=int(raw.get('max_position_embeddings')
+        max_position_embeddings=int(positions or raw.get('max_position_embeddings')
                                     or raw.get('encoder_seq_length', 512)),
         share_embeddings_and_output_weights=bool(
             raw.get('share_embeddings_and_output_weights', True)))
@@ -411,8 +413,10 @@ def open_nemo(archive: nemo_archive.NemoArchive):
   embedding = [s for s in sources if s.name == 'embedding']
   if not embedding:
     raise ValueError(f'{archive.path}: the word embedding tensor is missing')
+  table = [s.shape[0] for s in sources if s.name == 'position_embedding']
   cfg = model_config(raw, vocab_size=tok.vocab_size if tok else None,
-                     padded_vocab=embedding[0].shape[0], where=f'{archive.path}: model_config.yaml')
+                     padded_vocab=embedding[0].shape[0], where=f'{archive.path}: model_config.yaml',
+                     positions=table[0] if table else None)
   return cfg, tok, assemble(cfg, sources, functools.partial(_targets, cfg), archive.path)
 
 
