@@ -303,7 +303,7 @@ def test_a_missing_zarr_chunk_is_an_error_not_zeros(tmp_path):
   for name in os.listdir(qkv):
     if not name.startswith('.'):
       os.remove(os.path.join(qkv, name))
-  with pytest.raises(ValueError, match=r'qkv\.weight \(layer 0\): unreadable .*is missing'):
+  with pytest.raises(ValueError, match=r'qkv\.weight \(layer 0\): NOT_FOUND: .*is missing'):
     from_nemo.load_nemo(path)
 
 
@@ -358,3 +358,20 @@ def test_the_learned_position_table_sets_its_own_size(tmp_path):
   path = _edit_config(tmp_path, 'gpt3', max_position_embeddings=4096, encoder_seq_length=64)
   cfg, _ = from_nemo.load_nemo(path)
   assert cfg.max_position_embeddings == 64
+
+
+def test_tensor_parallel_ranks_must_agree_on_a_replicated_tensor(tmp_path):
+  """Norms are replicated over TP ranks: rank 0's copy is taken only if every rank agrees."""
+  import torch
+  fx.write_legacy(tmp_path / 'm.nemo', 'nemotron', _hf('nemotron'), tp=2)
+  with tarfile.open(tmp_path / 'm.nemo') as t:
+    files = {m.name[2:]: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+  state = torch.load(io.BytesIO(files['mp_rank_01/model_weights.ckpt']), weights_only=True)
+  key = next(k for k in state if k.endswith('input_layernorm.weight'))
+  state[key] = state[key] + 1e-3
+  buf = io.BytesIO()
+  torch.save(state, buf)
+  fx._pack(tmp_path / 'm.nemo', {**files, 'mp_rank_01/model_weights.ckpt': buf.getvalue()})
+  with pytest.raises(ValueError, match=r'input_norm\.weight \(layer 0\): the tensor-parallel '
+                                       'ranks hold different values'):
+    from_nemo.load_nemo(str(tmp_path / 'm.nemo'))

@@ -129,8 +129,8 @@ def assemble(cfg: model.ModelConfig, sources: Iterable[Source],
                                  else item[0].layer):
         try:
           tensor = src.read()
-        except ValueError as e:  # tensorstore and the torch readers: a missing or short file
-          raise ValueError(f'{src.where}: unreadable ({e})') from None
+        except ValueError as e:  # a missing or short file, ranks that disagree
+          raise ValueError(f'{src.where}: {e}') from None
         if tuple(tensor.shape) != tuple(src.shape):
           raise ValueError(f'{src.where}: read shape {tensor.shape}, expected {src.shape}')
         for t in targets:

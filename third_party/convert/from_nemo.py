@@ -188,6 +188,9 @@ def merge_tp(name: str, shards: list[np.ndarray], fused_glu: bool) -> np.ndarray
     return shards[0]
   axis = _TP_CONCAT_AXIS.get(name)
   if axis is None:  # replicated: norms, row-parallel biases, position embeddings
+    if not all(np.array_equal(shards[0], s) for s in shards[1:]):
+      raise ValueError('the tensor-parallel ranks hold different values of this replicated '
+                       'tensor')
     return shards[0]
   if fused_glu and name in ('fc1.weight', 'fc1.bias'):
     halves = [np.split(s, 2, axis=0) for s in shards]
