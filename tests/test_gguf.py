@@ -34,6 +34,9 @@ def write_llama_gguf(path, hf):
   w.add_head_count(c.num_attention_heads)
   w.add_head_count_kv(c.num_key_value_heads)
   w.add_rope_freq_base(c.rope_parameters['rope_theta'])
+  if c.head_dim != c.hidden_size // c.num_attention_heads:  # as llama.cpp writes it
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
   w.add_layer_norm_rms_eps(c.rms_norm_eps)
   w.add_vocab_size(c.vocab_size)
   w.add_tensor('token_embd.weight', sd['model.embed_tokens.weight'])
@@ -76,6 +79,22 @@ def test_synthetic_gguf_matches_hf(tiny_gguf):
   path, hf = tiny_gguf
   cfg, params = from_gguf.load_gguf(str(path))
   assert (cfg.num_query_groups, cfg.share_embeddings_and_output_weights) == (ref.G, False)
+  tokens = np.random.default_rng(0).integers(0, ref.V, (2, ref.T), dtype=np.int32)
+  assert np.abs(_logits(cfg, params, tokens) - ref.hf_logits(hf, tokens)).max() <= 1e-4
+
+
+def test_a_head_dim_apart_from_hidden_over_heads_rotates_whole_heads(tmp_path):
+  """key_length != D / N without rope.dimension_count: RoPE covers the key length, as in
+  llama.cpp (it used to take D / N, a partial rotation)."""
+  from transformers import LlamaConfig, LlamaForCausalLM
+  hf = ref._randomise(LlamaForCausalLM(LlamaConfig(
+      vocab_size=ref.V, hidden_size=ref.D, intermediate_size=ref.F, num_hidden_layers=ref.L,
+      num_attention_heads=ref.N, num_key_value_heads=ref.G, head_dim=8, rms_norm_eps=1e-5,
+      max_position_embeddings=64, rope_parameters={'rope_type': 'default', 'rope_theta': 5e3})),
+      seed=3)
+  write_llama_gguf(tmp_path / 'm.gguf', hf)
+  cfg, params = from_gguf.load_gguf(str(tmp_path / 'm.gguf'))
+  assert (cfg.head_dim, cfg.rotary_percentage) == (8, 1.0)
   tokens = np.random.default_rng(0).integers(0, ref.V, (2, ref.T), dtype=np.int32)
   assert np.abs(_logits(cfg, params, tokens) - ref.hf_logits(hf, tokens)).max() <= 1e-4
 

@@ -94,10 +94,10 @@ def read_config(reader: gguf.GGUFReader, path: str) -> model.ModelConfig:
   if embd is None:
     raise ValueError(f'{path}: tensor token_embd.weight is missing')
   head_dim = kwargs['hidden_size'] // kwargs['num_attention_heads']
-  rope_dim = _field(reader, 'llama.rope.dimension_count') or head_dim
   key_length = _field(reader, 'llama.attention.key_length')
   if key_length is not None and key_length != head_dim:
     kwargs['kv_channels'] = head_dim = key_length
+  rope_dim = _field(reader, 'llama.rope.dimension_count') or head_dim  # llama.cpp: key length
   return model.ModelConfig(
       **{k: (float(v) if isinstance(v, float) else int(v)) for k, v in kwargs.items()},
       vocab_size=int(vocab or embd.shape[1]),
