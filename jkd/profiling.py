@@ -42,7 +42,7 @@ class Profiler:
   `close()` after the loop (a `with` block does); a window past the loop's end is cut there."""
 
   def __init__(self, s: ProfileSettings):
-    self.s, self.n, self.active = s, 0, False
+    self.s, self.n, self.first, self.active = s, 0, None, False
     self.done = s.start_step < 0
 
   def step(self, n: int | None = None, wait=None) -> None:
@@ -52,13 +52,18 @@ class Profiler:
     if self.active and n >= self.s.start_step + self.s.steps:
       self.close(wait)  # self.n: the last traced step
     self.n = n
-    if not self.done and not self.active and n == self.s.start_step:
+    end = self.s.start_step + self.s.steps
+    if not self.done and not self.active and n >= end:  # a run resumed past the window
+      print(f'[profile] steps {self.s.start_step}..{end - 1} ran before step {n}, where this '
+            'run starts: nothing traced')
+      self.done = True
+    if not self.done and not self.active and self.s.start_step <= n < end:  # n > start: resumed
       options = jax.profiler.ProfileOptions()
       options.host_tracer_level = self.s.host_tracer_level
       options.python_tracer_level = int(self.s.python_tracer)
       jax.profiler.start_trace(self.s.dir, create_perfetto_trace=self.s.create_perfetto_trace,
                                profiler_options=options)
-      self.active = True
+      self.active, self.first = True, n
 
   def close(self, wait=None) -> None:
     if not self.active:
@@ -67,7 +72,7 @@ class Profiler:
       jax.block_until_ready(wait)
     jax.profiler.stop_trace()
     self.active, self.done = False, True
-    print(f'[profile] steps {self.s.start_step}..{self.n} -> {self.s.dir}')
+    print(f'[profile] steps {self.first}..{self.n} -> {self.s.dir}')
 
   def __enter__(self):
     return self

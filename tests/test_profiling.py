@@ -39,11 +39,11 @@ def probe(x):
   return jnp.sin(x) + 1
 
 
-def _loop(profiler, n_steps):
+def _loop(profiler, n_steps, first=1):
   mesh = jax.sharding.Mesh(jax.devices(), ('d',))  # multi-device: one Execute event per run
   x = jax.device_put(jnp.ones(16), jax.sharding.NamedSharding(mesh, jax.P('d')))
   with profiler:
-    for step in range(1, n_steps + 1):
+    for step in range(first, n_steps + 1):
       profiler.step(step, wait=x)
       x = probe(x)
 
@@ -61,6 +61,18 @@ def test_the_trace_holds_exactly_the_window_and_a_perfetto_file(devices8, tmp_pa
 def test_a_window_past_the_loop_end_stops_with_the_loop(devices8, tmp_path):
   _loop(profiling.Profiler(_settings(tmp_path, 2, 10)), 3)
   assert executions(tmp_path / 'p', 'probe') == 2
+
+
+def test_a_run_resumed_inside_or_past_the_window(devices8, tmp_path, capsys):
+  """Resumed at step 4 of window 3..5: steps 4 and 5 are traced; resumed at step 7: nothing,
+  and the run says so."""
+  _loop(profiling.Profiler(_settings(tmp_path, 3, 3)), 6, first=4)
+  assert executions(tmp_path / 'p', 'probe') == 2
+  assert '[profile] steps 4..5 ->' in capsys.readouterr().out
+  _loop(profiling.Profiler(_settings(tmp_path / 'b', 3, 3)), 9, first=7)
+  assert not os.path.exists(tmp_path / 'b' / 'p')
+  assert 'steps 3..5 ran before step 7, where this run starts: nothing traced' in (
+      capsys.readouterr().out)
 
 
 def test_profiling_off_writes_nothing(devices8, tmp_path):
