@@ -45,7 +45,7 @@ class _Stages:
   delete: the pipeline never writes over finished files. A stage with files is recorded as
   started before it runs: an interrupted one continues (extraction and training resume) with
   the same settings only, since its partial files were made with those. Stages without files
-  just rerun.
+  just rerun. The _NEUTRAL keys (how a stage runs, not what it writes) are not compared.
   """
 
   def __init__(self, workdir: str):
@@ -63,6 +63,10 @@ class _Stages:
     self.settings.update(settings or {})
     key = json.loads(json.dumps(self.settings, sort_keys=True, default=str))
     done = self.record.get(name)
+    if done is not None:  # compared without the keys that do not change what stages write
+      done = {**done, 'settings': {k: v for k, v in done['settings'].items()
+                                   if k not in _NEUTRAL}}
+    key = {k: v for k, v in key.items() if k not in _NEUTRAL}
     finished = done is not None and done.get('finished', True)
     if finished and all(os.path.exists(o) for o in outputs):
       if done['settings'] == key:
@@ -102,6 +106,11 @@ class _Stages:
 def _diff(old: dict, new: dict) -> str:
   return ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
                    if old.get(k) != new.get(k))
+
+
+# Keys that change how a stage runs but not what it writes: a change leaves its cache valid.
+_NEUTRAL = ('train.worker_count', 'train.wandb_project', 'train.checkpoint_max_to_keep',
+            'train.save_interval')
 
 
 def _flat(config, *keys: str) -> dict:

@@ -99,8 +99,9 @@ def _check_results(workdir):
 
 
 def _check_rerun_is_cached(workdir):
+  """Cached whole, also with settings that change how a stage runs, not what it writes."""
   before = (workdir / 'results.json').read_text()
-  proc = _run(workdir)
+  proc = _run(workdir, '--config.train.checkpoint_max_to_keep=7', '--config.train.worker_count=1')
   assert proc.returncode == 0, proc.stderr[-3000:]
   cached = [line for line in proc.stdout.splitlines() if line.endswith(')') and ': cached (' in line]
   results = json.loads((workdir / 'results.json').read_text())
