@@ -140,8 +140,8 @@ def _validate_pipeline(config, mesh_shape) -> None:
   _check_paths(config, tuple(f'pipeline.{key}' for key, names in fetched.items()
                              if p[key] not in names), ())
   if p.teacher == 'random':
-    cfg = model_config(config)
-    _check_model(cfg, config, 'config.model')
+    cfg = model_config(config)  # its vocabulary becomes SmolLM2's, padded to fit the mesh
+    _check_model(cfg, config, 'config.model', mesh_shape, vocab_padded=True)
     if p.student_layers > cfg.num_layers:
       raise ValueError(f'pipeline.student_layers={p.student_layers}: exceeds the random '
                        f'teacher\'s model.num_layers={cfg.num_layers}')
@@ -160,8 +160,9 @@ def _pipeline_runs(config) -> None:
   """What the pipeline's stages need of the train, distill and data keys."""
   p, t, d = config.pipeline, config.train, config.distill
   if d.teacher_source != 'store':
-    raise ValueError(f'distill.teacher_source={d.teacher_source!r}: mode=pipeline extracts the '
-                     "teacher's top-K into a store and trains from it ('store')")
+    raise ValueError(f'distill.teacher_source={d.teacher_source!r}: ' + (
+        "mode=pipeline extracts the teacher's top-K into a store and trains from it ('store')"
+        if d.teacher_source == 'online' else 'expected store or online'))
   if config.data.format == 'plain':  # an unknown one: the training checks below name it
     raise ValueError(f'data.format={config.data.format!r}: mode=pipeline trains and prompts on '
                      "chat conversations ('chat' or 'chatml')")
@@ -170,11 +171,12 @@ def _pipeline_runs(config) -> None:
   if not d.sft_loss_weight > 0:
     raise ValueError(f'distill.sft_loss_weight={d.sft_loss_weight}: mode=pipeline plots the '
                      'validation CE, which training logs (val/sft_loss) only with an SFT term')
-  if d.reduction != 'global_token_mean' or t.limit_val_batches not in (-1, 0):
-    raise ValueError(f'distill.reduction={d.reduction!r}, train.limit_val_batches='
-                     f'{t.limit_val_batches}: mode=pipeline needs global_token_mean and -1 (or 0, '
-                     'no curves), so that validation CE is the token mean over the whole split, '
-                     'as evaluated at step 0')
+  if d.reduction == 'nemo':  # an unknown one: the training checks below name it
+    raise ValueError("distill.reduction='nemo': mode=pipeline needs 'global_token_mean', so "
+                     'that validation CE is a token mean over the split, as evaluated at step 0')
+  if t.limit_val_batches not in (-1, 0):
+    raise ValueError(f'train.limit_val_batches={t.limit_val_batches}: mode=pipeline needs -1 '
+                     '(the whole split, as evaluated at step 0) or 0 (no validation curves)')
   if p.max_train_examples == 0:
     raise ValueError('pipeline.max_train_examples=0: no train conversations; -1 = all')
   if t.limit_val_batches != 0 and 0 <= p.max_val_examples < t.global_batch_size:
@@ -199,7 +201,7 @@ def _validate_extract(config, mesh_shape) -> None:
   _extract_settings(config, mesh_shape)
   _check_paths(config, ('extract.teacher', 'data.train_file', 'data.validation_file'),
                ('extract.output',))
-  _check_teacher(config)
+  _check_teacher(config, mesh_shape)
 
 
 def _validate_train(config, mesh_shape) -> None:
@@ -228,9 +230,9 @@ def _validate_train(config, mesh_shape) -> None:
   if config.train.student:
     student = model.load_config(config.train.student)
     where = os.path.join(config.train.student, model.CONFIG_FILE)
-  _check_model(student, config, where)
+  _check_model(student, config, where, mesh_shape)
   if online:
-    teacher_vocab = _check_teacher(config).vocab_size
+    teacher_vocab = _check_teacher(config, mesh_shape).vocab_size
     teacher_where = os.path.join(config.extract.teacher, model.CONFIG_FILE)
   else:  # the store's manifest (the loop checks the same once more when it opens the store)
     from jkd.data import logit_store
@@ -288,15 +290,17 @@ def _train_settings(config, stored_k) -> None:
                      'other at the end of validation)')
 
 
-def _check_model(cfg: model.ModelConfig, config, where: str) -> None:
+def _check_model(cfg: model.ModelConfig, config, where: str, mesh_shape,
+                 vocab_padded: bool = False) -> None:
   """What a model's architecture rules out: positions beyond a learned position table, a mesh
-  that does not split its parameters evenly (heads or groups over the tensor axis, say)."""
+  that does not split its parameters evenly (heads or groups over the tensor axis, say; not
+  the vocabulary when it is yet to be padded to fit, `vocab_padded`)."""
   import jax
   from jkd import sharding
   mesh = mesh_config(config)
-  sizes = dict(zip(mesh.axes, sharding.mesh_shape(mesh.shape, jax.device_count())))
-  sharding.check_divisible(lambda: model.init(cfg, jax.random.key(0), boxed=True), sizes,
-                           mesh.rules, where)
+  sharding.check_divisible(lambda: model.init(cfg, jax.random.key(0), boxed=True),
+                           dict(zip(mesh.axes, mesh_shape)), mesh.rules, where,
+                           skip=('vocab',) if vocab_padded else ())
   n = config.data.max_seq_length
   if cfg.position_embedding_type == 'learned_absolute' and n > cfg.max_position_embeddings:
     raise ValueError(f'data.max_seq_length={n}: exceeds max_position_embeddings='
@@ -304,11 +308,11 @@ def _check_model(cfg: model.ModelConfig, config, where: str) -> None:
                      'have no embedding beyond it)')
 
 
-def _check_teacher(config) -> model.ModelConfig:
+def _check_teacher(config, mesh_shape) -> model.ModelConfig:
   """extract.teacher's model config, after what it rules out."""
   path = os.path.join(config.extract.teacher, model.CONFIG_FILE)
   cfg = model.load_config(config.extract.teacher)
-  _check_model(cfg, config, path)
+  _check_model(cfg, config, path, mesh_shape)
   if config.extract.top_k > cfg.vocab_size:
     raise ValueError(f'extract.top_k={config.extract.top_k}: exceeds vocab_size={cfg.vocab_size}'
                      f' of {path}')

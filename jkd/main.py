@@ -46,12 +46,10 @@ def main(argv):
   if config is None:
     _fail('--config is required, e.g. --config configs/smoke.py')
   for key in _NONE_KEYS:  # check_keys below refuses None where the key is no placeholder
-    *parents, name = key.split('.')
+    *parents, name = key.split('.')  # the key exists: ml_collections read its name off argv
     node = config
     for part in parents:
-      node = node.get(part) if hasattr(node, 'get') else None
-    if not hasattr(node, 'get') or name not in node:
-      _fail(f'--config.{key}=None: unknown key {key!r}')
+      node = node[part]
     node[name] = None
   try:
     jkd_config.check_keys(config)  # a config lacking `distributed` fails here, not below
@@ -86,13 +84,14 @@ def _parse_flags(argv):
         argv[i + 1] if arg == '--config' and i + 1 < len(argv) else '')
     if path and not os.path.isfile(path.split(':')[0]):
       _fail(f'{path.split(":")[0]}: no such config file (--config)')
+  given, none_args = argv, set()
   for i, arg in enumerate(argv):
     key, eq, value = arg.removeprefix('--config.').partition('=')
-    later = [a.removeprefix('--config.').partition('=')[0] for a in argv[i + 1:]]
-    if arg.startswith('--config.') and eq and value == 'None' and key not in later:
-      _NONE_KEYS.append(key)
-  given = argv
-  argv = [a for a in argv if not (a.startswith('--config.') and a.endswith('=None'))]
+    if arg.startswith('--config.') and eq and value == 'None':
+      none_args.add(i)
+      if key not in [a.removeprefix('--config.').partition('=')[0] for a in argv[i + 1:]]:
+        _NONE_KEYS.append(key)  # unless a later override of the key wins
+  argv = [a for i, a in enumerate(argv) if i not in none_args]
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # flags.Error, or what loading the config file raised

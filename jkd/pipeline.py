@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -146,8 +147,14 @@ def _through_nemo(stages: _Stages, name: str, src_dir: str, nemo_path: str, dst_
 def _random_teacher(config, out_dir: str) -> None:
   """config.model with random weights and SmolLM2's tokenizer (tests and the smoke run)."""
   tok = tokenizer.from_gguf(assets.smollm2_gguf())
+  from jkd import sharding, train_config
+  mesh = jkd_config.mesh_config(config)
+  sizes = dict(zip(mesh.axes, sharding.mesh_shape(mesh.shape, jax.device_count())))
+  split = math.prod(sizes[a] for a in train_config.rule_axes(mesh.rules, 'vocab'))
+  padded = None if tok.vocab_size % split == 0 else -(-tok.vocab_size // (128 * split)) * (
+      128 * split)  # as NeMo pads: to a multiple of 128 x the tensor-parallel size
   cfg = dataclasses.replace(jkd_config.model_config(config), vocab_size=tok.vocab_size,
-                            padded_vocab_size=None)
+                            padded_vocab_size=padded)
   model.save(out_dir, cfg, model.init(cfg, jax.random.key(config.seed)))
   tokenizer.save(tok, out_dir)
 

@@ -160,12 +160,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
   return lines + ['| ' + ' | '.join(row) + ' |' for row in rows]
 
 
+def _trained(r: Results, run: str) -> tuple[list[int], list[float]]:
+  """A run's validation points after training began: a step-0 point is the initial model
+  both runs share, which both 'reach'."""
+  points = [(s, v) for s, v in zip(*r.val.get(run, ([], []))) if s > 0]
+  return [s for s, _ in points], [v for _, v in points]
+
+
 def _headline(r: Results) -> tuple[str, int | None]:
   """The headline sentence and the step at which KD + SFT reached the target (or None)."""
-  # Points after training began: a step-0 point is the init both runs share, reached by both.
-  (kd_steps, kd_ces), (sft_steps, sft_ces) = (
-      tuple(map(list, zip(*[(s, v) for s, v in zip(*r.val.get(k, ([], []))) if s > 0])))
-      or ([], []) for k in RUNS)
+  (kd_steps, kd_ces), (_, sft_ces) = _trained(r, 'kd'), _trained(r, 'sft')
   goal = f'target ≤ {100 * r.target_fraction:.3g}%'
   if not len(sft_ces):
     return (f'The SFT-only run has no validation points, so there is no target CE; '
@@ -191,8 +195,8 @@ def write_report(path: str, results: Results) -> None:
   val = {k: r.val.get(k, ([], [])) for k in RUNS}
   headline, step = _headline(r)
   plot_path = os.path.abspath(os.path.join(os.path.dirname(path), PLOT_NAME))
-  sft_ces, (kd_steps, kd_ces) = val['sft'][1], val['kd']
-  target = sft_ces[-1] if len(sft_ces) else None
+  sft_ces, (kd_steps, kd_ces) = _trained(r, 'sft')[1], val['kd']
+  target = sft_ces[-1] if sft_ces else None  # as in the headline: none without trained points
   mark = None if step is None else (step, kd_ces[list(kd_steps).index(step)])
   plot_val_ce({RUNS[k]: v for k, v in val.items()}, plot_path, target=target,
               target_label='SFT only: final CE', mark=mark, mark_label='KD + SFT reaches it')

@@ -68,9 +68,10 @@ def shardings_for(abstract_init: Callable[[], Any], mesh: Mesh, rules: Rules) ->
 
 
 def check_divisible(abstract_init: Callable[[], Any], mesh_sizes: dict[str, int], rules: Rules,
-                    where: str) -> None:
+                    where: str, skip: tuple[str, ...] = ()) -> None:
   """ValueError naming the parameter, its logical axis and the mesh axes when a dimension of
-  the tree `abstract_init()` builds (boxed, as for `shardings_for`) does not split evenly."""
+  the tree `abstract_init()` builds (boxed, as for `shardings_for`) does not split evenly;
+  logical axes in `skip` are not checked."""
   boxed = jax.eval_shape(abstract_init)
   is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
   specs = jax.tree.leaves(logical_specs(boxed), is_leaf=is_spec)
@@ -79,7 +80,7 @@ def check_divisible(abstract_init: Callable[[], Any], mesh_sizes: dict[str, int]
     for size, name, axes in zip(leaf.shape, logical, nn.logical_to_mesh_axes(logical, rules)):
       axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
       n = math.prod(mesh_sizes[a] for a in axes)
-      if size % n:
+      if size % n and name not in skip:
         raise ValueError(
             f'{where}: parameter {jax.tree_util.keystr(path)} has {size} along {name!r}, which '
             f'the mesh splits over {"x".join(axes)} = {n} devices (not a divisor); choose a '

@@ -132,9 +132,12 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
                             ['data.format', 'chatml']),
     'pipeline pure KD': ('pipeline', {**_PIPE, 'distill__sft_loss_weight': 0.0}, None,
                          ['distill.sft_loss_weight', 'val/sft_loss']),
-    'pipeline curve of another measure': ('pipeline', {**_PIPE, 'train__limit_val_batches': 1},
-                                          None, ['distill.reduction',
-                                                 'train.limit_val_batches']),
+    'pipeline curve of part of the split': ('pipeline', {**_PIPE, 'train__limit_val_batches': 1},
+                                            None, ['train.limit_val_batches', 'step 0']),
+    'pipeline curve of micro-batch means': ('pipeline', {**_PIPE, 'distill__reduction': 'nemo'},
+                                            None, ['distill.reduction', 'global_token_mean']),
+    'pipeline unknown teacher source': ('pipeline', {**_PIPE, 'distill__teacher_source': 'x'},
+                                        None, ['distill.teacher_source', 'expected store']),
     'pipeline validation split below a batch': (
         'pipeline', {**_PIPE, 'pipeline__max_val_examples': 4}, None,
         ['pipeline.max_val_examples', 'train.global_batch_size=8']),
@@ -223,3 +226,21 @@ def test_base_config_missing_is_said_not_skipped(monkeypatch, tmp_path):
 
 def test_the_pipeline_cases_break_one_key_of_a_valid_config(tmp_path, devices8):
   jkd_config.validate(_config(tmp_path, 'pipeline', **_PIPE))
+
+
+def test_a_random_teacher_vocabulary_is_padded_to_fit_the_mesh(tmp_path, devices8, monkeypatch):
+  """The random teacher takes SmolLM2's vocabulary, unknown at validation: the mesh check
+  leaves it out, and the teacher pads it as NeMo does (128 x the tensor-parallel size)."""
+  from jkd import model, pipeline, tokenizer
+  from tests.test_data_chat import char_tokenizer
+  _inputs(tmp_path)
+  c = _config(tmp_path, 'pipeline', **_PIPE, mesh__shape=(1, 4, 2), model__vocab_size=511)
+  jkd_config.validate(c)  # 511 rows would not split over tensor = 2; the teacher's will
+  with pytest.raises(ValueError, match="'vocab'.*tensor = 2"):
+    jkd_config.validate(_config(tmp_path, 'train', mesh__shape=(1, 4, 2), model__vocab_size=511))
+  tok = char_tokenizer()
+  monkeypatch.setattr(tokenizer, 'from_gguf', lambda path: tok)
+  monkeypatch.setattr(pipeline.assets, 'smollm2_gguf', lambda: 'unused.gguf')
+  pipeline._random_teacher(c, str(tmp_path / 'teacher_random'))
+  cfg = model.load_config(str(tmp_path / 'teacher_random'))
+  assert tok.vocab_size % 2 and (cfg.vocab_size, cfg.padded_vocab) == (tok.vocab_size, 256)

@@ -348,6 +348,10 @@ def test_gelu_settings_as_nemo_reads_them():
                                        'bias=False'):
     read(bias=False)
   assert read(bias=False, openai_gelu=True, bias_activation_fusion=False).gelu_tanh
+  with pytest.raises(ValueError, match='bias_activation_fusion=True'):  # openai_gelu or not
+    read(bias=False, openai_gelu=True)
+  assert read(activation='fast-geglu', openai_gelu=True).gelu_tanh
+  assert not read(activation='geglu', bias_activation_fusion=False).gelu_tanh
   with pytest.raises(ValueError, match="openai_gelu=True with activation='squared-relu'"):
     read(activation='squared-relu', openai_gelu=True)
 

@@ -30,6 +30,8 @@ def _run(*args, timeout=300):
     ('--config.train.lr=None', 'wrong type train.lr=None'),  # not a placeholder
     ('--config.train.lrr=1', '--config.train.lrr: unknown key \'lrr\' Did you mean "lr"'),
     ('--config.nonexistent=None', "--config.nonexistent: unknown key 'nonexistent'"),
+    # Only the value None resets: a value ending in '=None' is a string like any other.
+    ('--config.mode=x=None', "mode='x=None': unknown"),
 ])
 def test_bad_config_is_one_line_error_and_exit_2(override, message):
   proc = _run('--config', 'configs/smoke.py', *override.split())

@@ -154,14 +154,18 @@ def test_headline_never_reached(tmp_path):
   assert (tmp_path / 'val_ce.png').exists()
 
 
-def test_headline_does_not_count_the_shared_initial_point(tmp_path):
+def test_headline_does_not_count_the_shared_initial_point(tmp_path, monkeypatch):
   """Both curves start at the init's CE (step 0): SFT-only ending above it is not reached by
-  KD + SFT at step 0, and curves with the step-0 point alone have no validation points."""
+  KD + SFT at step 0, and curves with the step-0 point alone have no validation points, so
+  the plot has no target line either."""
   kd, sft = [11.0, 11.5, 11.6, 11.7, 11.8, 11.9], [11.0, 11.2, 11.3, 11.2, 11.1, 11.05]
   text = section(write(tmp_path, val={'kd': (STEPS, kd), 'sft': (STEPS, sft)}), 'Summary')
   assert "KD + SFT never reached SFT-only's final validation CE (11.05)" in text
+  plotted = []
+  monkeypatch.setattr(report, 'plot_val_ce', lambda *a, **kw: plotted.append(kw))
   text = write(tmp_path, val={'kd': ([0], [11.0]), 'sft': ([0], [11.0])})
   assert 'The SFT-only run has no validation points' in text
+  assert plotted[-1]['target'] is None and plotted[-1]['mark'] is None
 
 
 @pytest.mark.parametrize('val,expected', [

@@ -94,16 +94,16 @@ def _gelu_tanh(raw: dict, activation: str, where: str) -> bool:
   """Whether NeMo computes this model's GELU in its tanh form. Both the legacy ParallelMLP and
   Megatron-Core's MLP run the fused bias-GELU (-GeGLU) kernels, which are the tanh form, when
   bias_activation_fusion is set (NeMo's default); openai_gelu asks for the tanh form too."""
+  fusion, openai = raw.get('bias_activation_fusion', True), raw.get('openai_gelu')
   if activation not in model.GELUS:
-    if raw.get('openai_gelu'):
+    if openai:
       raise ValueError(f'{where}: unsupported setting openai_gelu=True with '
                        f'activation={activation!r}')
     return False
-  if raw.get('bias_activation_fusion', True) and activation == 'gelu' and not raw.get(
-      'bias', True) and not raw.get('openai_gelu'):
+  if fusion and activation == 'gelu' and not raw.get('bias', True):
     raise ValueError(f'{where}: bias_activation_fusion=True with activation=gelu and bias=False'
                      ' (NeMo refuses it: its fused kernel adds a bias)')
-  return bool(raw.get('bias_activation_fusion', True) or raw.get('openai_gelu'))
+  return bool(fusion or openai)
 
 
 def read_raw_config(archive: nemo_archive.NemoArchive) -> dict:
