@@ -541,6 +541,11 @@ def load(directory: str, shardings=None, dtype=jnp.float32) -> tuple[ModelConfig
     stored = jax.tree_util.tree_leaves_with_path(
         ocp.metadata(path).metadata, is_leaf=lambda x: hasattr(x, 'dtype'))
     stored = {jax.tree_util.keystr(p): m.dtype for p, m in stored}
+    wanted = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract)}
+    if wanted != set(stored):
+      missing, extra = sorted(wanted - set(stored))[:8], sorted(set(stored) - wanted)[:8]
+      raise ValueError(f'{path}: its parameters do not match {CONFIG_FILE} (missing {missing}, '
+                       f'extra {extra})')
     dtypes = jax.tree_util.tree_map_with_path(lambda p, _: stored[jax.tree_util.keystr(p)],
                                               abstract)
   else:

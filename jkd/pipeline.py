@@ -78,11 +78,14 @@ class _Stages:
         raise ValueError(f'stage {name!r} finished in {os.path.dirname(self.file)} with other '
                          f'settings ({_diff(done["settings"], key)}); delete '
                          f'{home or " and ".join(outputs)} to redo it, or use another workdir')
+    # Files left by an interrupted run, or by a finished one whose outputs are partly gone:
+    # extraction and training would continue them, under the settings they were made with.
     partial = [o for o in ([home] if home else outputs) if os.path.exists(o)]
-    if done is not None and not finished and partial and done['settings'] != key:
-      raise ValueError(f'stage {name!r} was interrupted in {os.path.dirname(self.file)} with '
-                       f'other settings ({_diff(done["settings"], key)}); its partial files '
-                       f'would be continued with these: rerun with the old settings, or delete '
+    if done is not None and partial and done['settings'] != key:
+      raise ValueError(f'stage {name!r} {"finished" if finished else "was interrupted"} in '
+                       f'{os.path.dirname(self.file)} with other settings '
+                       f'({_diff(done["settings"], key)}) and its files would be continued '
+                       f'with these: rerun with the old settings, or delete '
                        f'{" and ".join(partial)} to redo it')
     if outputs:
       self._write(name, {'settings': key, 'finished': False})

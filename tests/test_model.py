@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -242,6 +243,11 @@ def test_load_in_the_stored_dtypes(tmp_path):
     _, got = model.load(str(tmp_path / 'm'), dtype=dtype)
     assert jax.tree.map(lambda x: x.dtype, got) == jax.tree.map(lambda x: x.dtype, want)
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, want)))
+  other = dataclasses.replace(cfg, position_embedding_type='rope')  # no pos_embed
+  (tmp_path / 'm' / model.CONFIG_FILE).write_text(json.dumps(other.to_dict()))
+  with pytest.raises(ValueError, match=r"do not match model_config.json \(missing \[\], extra "
+                                       r"\[\"\['pos_embed'\]\"\]"):
+    model.load(str(tmp_path / 'm'), dtype=None)
 
 
 def test_save_over_a_killed_partial_write(tmp_path):

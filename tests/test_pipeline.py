@@ -160,6 +160,10 @@ def test_an_interrupted_stage_continues_with_its_own_settings_only(tmp_path):
          settings={'train.lr': 1e-4}, outputs=[str(out / 'done')], home=str(out))
   assert ran == ['half']
   assert json.loads((tmp_path / 'stages.json').read_text())['train']['finished']
+  (out / 'done').unlink()  # a finished stage's output gone, its checkpoints still there
+  with pytest.raises(ValueError, match=rf'finished .*train\.lr: 0\.0001 -> 0\.001.*delete {out}'):
+    pipeline._Stages(str(tmp_path))('train', lambda: None, settings={'train.lr': 1e-3},
+                                    outputs=[str(out / 'done')], home=str(out))
 
 
 def test_the_trained_steps_come_from_the_metrics_not_the_curve(tmp_path):
