@@ -49,7 +49,8 @@ def export(source: str, *, nemo: str = '', hf: str = '', dtype: str = 'bfloat16'
   check_targets(model.load_config(source), nemo=nemo, hf=hf,
                 where=os.path.join(source, model.CONFIG_FILE))
   cfg, params = model.load(source, dtype=None)  # as stored: the writers cast tensor by tensor
-  # No device_get: the writers take numpy views (a copy each off a GPU) one tensor at a time.
+  # No device_get of the whole tree: the HF writer takes each tensor to the host as it converts
+  # it (a numpy view on CPU); the .nemo writer takes the tree, in its stored dtypes.
   tok = _tokenizer(source)
   written = []
   if nemo:

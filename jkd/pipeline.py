@@ -13,7 +13,8 @@ Stages, each timed, each skipped when its output is already in `workdir` (and sa
   4. extract    the teacher's top-K of every train and validation token -> `store/`
   5. train      two students from the same init, same data order and steps: KD + SFT
                 (`kd/`, the distill.* weights) and SFT only (`sft/`); each exported to .nemo and HF
-  6. evaluate   teacher, initial student and both students on the validation split
+  6. evaluate   teacher, initial student and both students on the validation split (and the
+                initial student on the full batches training validates on: the curves' step 0)
   7. generate   greedy replies of the teacher and both students to validation prompts
   8. report     `report.md` + `val_ce.png` (+ `results.json`, every number of the report)
 """
@@ -38,7 +39,8 @@ RUNS = tuple(report.RUNS.items())  # (run dir name, label): ('kd', 'KD + SFT'), 
 
 
 class _Stages:
-  """Runs the stages in order, timing each, and records the finished ones in stages.json.
+  """Runs the stages in order, timing each, and records in stages.json each stage with files
+  as started, and every stage once finished.
 
   A stage is cached when the record says it finished with the same settings (its own and
   every earlier stage's: what depends on a changed setting is redone) and its outputs exist.
@@ -138,7 +140,7 @@ def _through_nemo(stages: _Stages, name: str, src_dir: str, nemo_path: str, dst_
                   dtype: str) -> None:
   """model dir -> .nemo (Megatron-Core torch_dist) -> model dir: the real .nemo import path."""
   def export_nemo():
-    if os.path.exists(nemo_path):  # unrecorded, so written by a run killed before its record
+    if os.path.exists(nemo_path):  # not recorded as finished: a run killed before its record
       os.remove(nemo_path)
     export.export(src_dir, nemo=nemo_path, dtype=dtype)
   stages(f'{name}: export .nemo', export_nemo, settings={'export.dtype': dtype},
@@ -252,14 +254,17 @@ def _val_curve(workdir: str, init_ce: float) -> tuple[tuple[list[int], list[floa
   return (steps, [by_step[s] for s in steps]), last
 
 
-def _evaluate(config, store: str, model_dir: str, name: str) -> dict[str, float]:
+def _evaluate(config, store: str, model_dir: str, name: str,
+              full_batches: bool = False) -> dict[str, float]:
+  """Metrics over the validation split; `full_batches`: only the rows training validates on
+  (it drops a last partial batch, as NeMo does)."""
   from jkd.data import loader
   cfg, params = model.load(model_dir)
   cfg = dataclasses.replace(cfg, dtype='float32')
   batches = loader.make_loader(
       store, 'validation', batch_size=config.train.global_batch_size, seed=0, shuffle=False,
       num_epochs=1, max_seq_length=config.data.max_seq_length, pad_id=0, pack=config.train.pack,
-      pad_to_max=config.train.pad_to_max_length)
+      pad_to_max=config.train.pad_to_max_length, drop_remainder=full_batches)
   bar = tqdm(batches, desc=f'evaluate {name}', unit='batch')
   return evaluate.evaluate(cfg, params, bar)
 
@@ -347,6 +352,9 @@ def run(config) -> dict:
   models = {'teacher': teacher, 'init': student, **{r: _run_dirs(wd, r)['model'] for r, _ in RUNS}}
   metrics = stages('evaluate', lambda: {name: _evaluate(config, path('store'), d, name)
                                         for name, d in models.items()})
+  # The curves' step-0 point: the init on the rows training validates on (full batches).
+  init_ce = stages('evaluate: init on full batches', lambda: _evaluate(
+      config, path('store'), student, 'init (full batches)', full_batches=True))['ce']
 
   # 7. Replies to the same prompts.
   tok = tokenizer.load(teacher)
@@ -358,7 +366,7 @@ def run(config) -> dict:
 
   # 8. Report: both curves start at the shared init (step 0).
   t_cfg, s_cfg = model.load_config(teacher), model.load_config(student)
-  logged = {r: _val_curve(_run_dirs(wd, r)['workdir'], metrics['init']['ce']) for r, _ in RUNS}
+  logged = {r: _val_curve(_run_dirs(wd, r)['workdir'], init_ce) for r, _ in RUNS}
   curves = {r: curve for r, (curve, _) in logged.items()}
   how = 'by block importance' if pruned.get('importance') else 'evenly spaced'
   results = report.Results(

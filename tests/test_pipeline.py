@@ -44,9 +44,10 @@ def test_smoke_pipeline_end_to_end(tmp_path):
 
 def _check_kills_at_stage_ends(whole, cut):
   """4 seeded kills among the stage ends: each leaves a stage's outputs complete but
-  unrecorded, which the restart must redo over. Seed 17 kills after the teacher's `.nemo`, the
-  student's `.nemo`, the student's import and the KD + SFT training (a restart redoes the
-  killed stage first, so the n-th kill lands on the stage its count reaches from there)."""
+  unrecorded, which the restart must redo over. Seed 17 picks the 2nd, 3rd, 8th and 10th stage
+  ends of the chain, counted across the restarts (a restart redoes the killed stage first, so
+  the n-th kill lands on the stage its count reaches from there): with 13 stages, after the
+  teacher's `.nemo` twice, then the student's `.nemo` and the student's import."""
   from tests.faults import harness
   argv = [sys.executable, '-m', 'jkd.main', '--config', 'configs/smoke.py',
           f'--config.workdir={cut}']
@@ -84,7 +85,9 @@ def _check_results(workdir):
   teacher_cfg = model.load_config(str(workdir / 'teacher'))
   student_cfg = model.load_config(str(workdir / 'student_init'))
   assert (teacher_cfg.num_layers, student_cfg.num_layers) == (4, 2)
-  init_ce = results['metrics']['init']['ce']
+  # The curves start at the init's CE on the rows training validates on (full batches).
+  init_ce = json.loads((workdir / 'stages.json').read_text())[
+      'evaluate: init on full batches']['result']['ce']
   for run in ('kd', 'sft'):
     steps, ces = results['val'][run]
     assert steps == [0, 4, 8, 12] and ces[0] == init_ce and all(np.isfinite(ces))

@@ -226,9 +226,11 @@ def export_hf(cfg: model.ModelConfig, params: model.Params, out_dir: str, *,
               dtype: str = 'float32', tokenizer_dir: str | None = None,
               bos_token_id: int | None = None, eos_token_id: int | None = None,
               max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
-  """Writes `out_dir/model.safetensors` + `config.json` (+ tokenizer files); returns out_dir.
+  """Writes `out_dir/model.safetensors` (or shards) + `config.json` (+ tokenizer files);
+  returns out_dir.
 
-  `params` are jkd fp32 params (numpy or jax arrays), `dtype` the stored weight type.
+  `params` are jkd params (numpy or jax arrays, any float dtype; each tensor is converted in
+  fp32), `dtype` the stored weight type.
   Only the first V = cfg.vocab_size embedding / head rows are written: jkd's logits (and so
   its softmax) cover V only, and the padded rows are ids no tokenizer produces. With V rows
   HF's vocab_size matches the tokenizer and HF sampling cannot emit a padded id.
@@ -254,20 +256,23 @@ def export_hf(cfg: model.ModelConfig, params: model.Params, out_dir: str, *,
   shards = []  # (temporary file name, tensor names, bytes)
   pending: dict[str, np.ndarray] = {}
 
-  def flush():
+  def flush(nbytes):
     path = os.path.join(out_dir, f'model-{len(shards) + 1:05d}.safetensors.partial')
     try:  # transformers refuses safetensors files without a 'format' metadata entry
       save_file(pending, path, metadata={'format': 'pt'})
     except (OSError, SafetensorError) as e:  # a full disk, ...: neither names the file
       raise OSError(f'{path}: {getattr(e, "strerror", None) or e}') from None
-    shards.append((path, list(pending), sum(t.nbytes for t in pending.values())))
+    shards.append((path, list(pending), nbytes))
     pending.clear()
 
+  nbytes = 0  # of the pending shard
   for name, tensor in _tensors(cfg, params, DTYPES[dtype]):
-    if pending and sum(t.nbytes for t in pending.values()) + tensor.nbytes > max_shard_bytes:
-      flush()
+    if pending and nbytes + tensor.nbytes > max_shard_bytes:
+      flush(nbytes)
+      nbytes = 0
     pending[name] = tensor
-  flush()
+    nbytes += tensor.nbytes
+  flush(nbytes)
   if len(shards) == 1:
     os.replace(shards[0][0], os.path.join(out_dir, WEIGHTS_FILE))
   else:
