@@ -560,7 +560,8 @@ def disk_full(d: Path, shared) -> dict:
   (d / 'hf').mkdir()
   (d / 'hf' / 'config.json').write_text('{"model_type": "stablelm"}')  # the earlier export's
   return case(jkd('export.py', export__source='model', export__hf='hf', export__dtype='float32'),
-              r'jkd: error: .*hf/model\.safetensors: .*File too large.*', 'hf/model.safetensors',
+              r'jkd: error: .*hf/model-00001\.safetensors\.partial: .*File too large.*',
+              'hf/model-00001.safetensors.partial',
               [('hf', 'config.json')], limits={'fsize': 16 << 10})
 
 
