@@ -91,7 +91,10 @@ def initialize(config) -> Settings | None:
     jax.distributed.initialize(
         coordinator_address=s.coordinator_address, num_processes=s.num_processes,
         process_id=s.process_id, local_device_ids=None if s.local_device_ids is None
-        else list(s.local_device_ids), initialization_timeout=s.initialization_timeout)
+        else list(s.local_device_ids), initialization_timeout=s.initialization_timeout,
+        # Without auto, JAX's cluster detection stays off: inside a Slurm step or an MPI job it
+        # would fill the unset local_device_ids with the local rank (one GPU per process).
+        cluster_detection_method=None if s.auto else 'deactivate')
   except ValueError as e:  # JAX's detection found no cluster for the unset values
     raise ValueError(f'distributed: jax.distributed.initialize failed ({e})') from None
   return s

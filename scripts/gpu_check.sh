@@ -19,6 +19,7 @@ source scripts/gcp/common.sh  # run, quote, die
 OUT=${GPU_CHECK_DIR:-/tmp/jkd/gpu_check}
 PYTHON=${PYTHON:-.venv/bin/python}
 SKIP=()
+NEEDS_SKIP=()  # steps `needs` skipped (a missing module), reported by `needs` itself
 # Per-step limits in seconds; they sum to 600, so the whole check ends within 10 minutes.
 T_DEVICES=${T_DEVICES:-30}
 T_PYTEST=${T_PYTEST:-150}
@@ -71,6 +72,9 @@ failed=0
 step() {
   local name=$1 limit=$2
   shift 2
+  if [[ " ${NEEDS_SKIP[*]-} " == *" $name "* ]]; then
+    return  # `needs` has said why
+  fi
   if [[ " ${SKIP[*]-} " == *" $name "* ]]; then
     results+=("$name: skipped (--skip)")
     return
@@ -103,7 +107,7 @@ needs() {
   for m in "$@"; do
     if ! "$PYTHON" -c "import $m" 2> /dev/null; then
       results+=("$name: skipped, no module $m in $PYTHON (install -e '.[gpu,test]')")
-      SKIP+=("$name")
+      NEEDS_SKIP+=("$name")
       return 0
     fi
   done
@@ -128,12 +132,13 @@ step bench_train "$T_BENCH_TRAIN" "$PYTHON" scripts/bench_train.py --device gpu 
 # 12-step trains (KD + SFT, SFT only) each trace steps 5-7 into <run>/profile. A fresh workdir:
 # the pipeline reuses finished stages and would not train (or trace) again.
 needs smoke torch
-if [[ " ${SKIP[*]-} " != *" smoke "* ]]; then
+if [[ " ${SKIP[*]-} ${NEEDS_SKIP[*]-} " != *" smoke "* ]]; then
   run rm -rf "$OUT/smoke"
 fi
+# A failed run keeps its exit status; only a run that ended well is asked for its trace.
 step smoke "$T_SMOKE" bash -c "$(cmdline "$PYTHON" -m jkd.main --config configs/smoke.py \
   "--config.workdir=$OUT/smoke" --config.profile.start_step=5 \
-  --config.profile.steps=3) && find $(quote "$OUT/smoke") -path '*/profile/*' -name '*.xplane.pb' | grep . || { echo 'no *.xplane.pb trace under $OUT/smoke' >&2; exit 1; }"
+  --config.profile.steps=3) || exit \$?; find $(quote "$OUT/smoke") -path '*/profile/*' -name '*.xplane.pb' | grep . || { echo 'no *.xplane.pb trace under $OUT/smoke' >&2; exit 1; }"
 
 if [[ $DRY_RUN == 1 ]]; then
   exit 0

@@ -141,3 +141,29 @@ def test_incomplete_distributed_settings_are_a_one_line_cli_error():
   assert proc.returncode == 2
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('jkd: error: distributed.coordinator_address is unset'), proc.stderr
+
+
+def test_a_slurm_step_does_not_narrow_the_devices_of_an_explicit_run():
+  """Inside an srun step with one task per node, JAX's cluster detection would set the unset
+  local_device_ids to the local rank: one GPU per process. Without distributed.auto jkd turns
+  detection off, so every process keeps all of its devices (read: jax_cuda_visible_devices)."""
+  snippet = ('from configs import base; from jkd import distributed; import jax; '
+             'distributed.initialize(base.get_config()); '
+             'print("visible", jax.config.read("jax_cuda_visible_devices")); '
+             'jax.distributed.shutdown()')
+  address, procs = f'127.0.0.1:{_free_port()}', []
+  for i in range(2):
+    env = {k: v for k, v in os.environ.items() if k not in distributed.ENV.values()}
+    env.update(JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(i), SLURM_JOB_ID='7', SLURM_STEP_NODELIST='node[0-1]',
+               SLURM_NTASKS='2', SLURM_PROCID=str(i), SLURM_LOCALID='0')
+    procs.append(subprocess.Popen([sys.executable, '-c', snippet], cwd=tt.REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  try:
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0 and 'visible all' in out, out[-2000:]

@@ -354,3 +354,23 @@ def test_gcloud_accepts_the_flags(tmp_path):
                           timeout=120, stdin=subprocess.DEVNULL)
     parsed = 'do not currently have an active account' in proc.stderr
     assert proc.returncode != 0 and parsed == ('--no-such-flag' not in cmd), (cmd, proc.stderr)
+
+
+def _gpu_check_summary(tmp_path, fake_python_body: str) -> str:
+  fake = tmp_path / 'python'
+  fake.write_text('#!/bin/bash\n' + fake_python_body)
+  fake.chmod(0o755)
+  proc = subprocess.run(['bash', 'scripts/gpu_check.sh', '--out', str(tmp_path / 'out')],
+                        cwd=REPO, env={**os.environ, 'PYTHON': str(fake)}, capture_output=True,
+                        text=True, timeout=120)
+  return proc.stdout[proc.stdout.index('gpu_check summary'):]
+
+
+def test_gpu_check_summary_says_why_each_step_did_not_pass(tmp_path):
+  """A stand-in python: without torch, the torch steps are skipped once each, saying why (not
+  also as '--skip'); a crashing smoke run keeps its exit status (not 'no trace')."""
+  summary = _gpu_check_summary(tmp_path, 'if [[ "$*" == *"import torch"* ]]; then exit 1; fi\n')
+  assert summary.count('pytest: ') == summary.count('smoke: ') == 1, summary
+  assert 'smoke: skipped, no module torch' in summary and '(--skip)' not in summary
+  summary = _gpu_check_summary(tmp_path, 'if [[ "$*" == *jkd.main* ]]; then exit 3; fi\n')
+  assert 'smoke: FAILED, exit status 3' in summary, summary
