@@ -117,7 +117,7 @@ def summarize(pairs: Pairs) -> dict[str, float]:
   total = count_N.sum()
   # sum_b (n_b / N) |acc_b / n_b - conf_b / n_b| = sum_b |acc_sum_b - conf_sum_b| / N
   ece = float(np.abs(acc_N - conf_N).sum() / total) if total > 0 else math.nan
-  return {'ce': ce, 'perplexity': math.exp(ce) if not math.isnan(ce) else math.nan,
+  return {'ce': ce, 'perplexity': math.inf if ce > 709 else math.exp(ce),  # exp overflows
           'agreement': mean('teacher_top1_agreement'), 'kl_topk': mean('kl_topk'), 'ece': ece}
 
 

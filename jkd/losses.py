@@ -32,6 +32,9 @@ NeMo numerics vs jkd (spec §3.4):
 - NeMo's bwd_kl backward takes log(p) of teacher probabilities: an underflowed p gives inf/NaN
   gradients. jkd works with log-probs from log-softmax, so log p stays finite and p = 0 terms
   are exactly 0; gradients are autodiff of that form.
+- A teacher logit of -inf (a masked vocabulary entry, or an overflow under temperature) has
+  p = 0: forward KL and JSD count its term as 0 log 0 = 0; reverse KL is +inf there, as its
+  definition says, and the train loop stops on the non-finite loss.
 - NeMo's teacher logsumexp over K has no shift (safe only because stored logits have max 0);
   jkd shifts. NeMo's `squeeze()` of the stored logsumexp breaks S=1; jkd never squeezes.
 - NeMo treats any kd_loss other than "bwd_kl" as forward KL; jkd raises ValueError.
@@ -101,7 +104,9 @@ def resolve_options(*, kd_loss, kd_loss_weight, sft_loss_weight, target_logits_s
 
 
 def _kl(p_BxTxC, logp_BxTxC, logq_BxTxC):
-  """sum_c p (log p - log q); p is passed apart from log p so a floored log p keeps p = 0."""
+  """sum_c p (log p - log q); p is passed apart from log p so a floored log p keeps p = 0,
+  and a term with p = 0 is 0 (0 log 0), also where log p is -inf (a -inf teacher logit)."""
+  logp_BxTxC = jnp.where(p_BxTxC > 0, logp_BxTxC, 0.0)
   return jnp.sum(p_BxTxC * (logp_BxTxC - logq_BxTxC), axis=-1)
 
 

@@ -120,6 +120,16 @@ def test_student_equal_to_teacher_agrees_fully():
   assert got['kl_topk'] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_diverged_model_summarizes_to_infinite_perplexity():
+  """CE past ~709 nats: exp overflows; the summary says inf rather than raising."""
+  z, labels, mask, ids, t = random_inputs(7)
+  z = np.zeros_like(z)
+  z[..., 1] = 1000.0
+  labels = np.zeros_like(labels)  # every label far below the winning logit: CE = 1000
+  got = metrics(z, labels, mask, ids, t)
+  assert got['ce'] == pytest.approx(1000.0) and got['perplexity'] == math.inf
+
+
 def test_empty_mask_summarizes_to_nan():
   z, labels, mask, ids, t = random_inputs(5)
   got = metrics(z, labels, np.zeros_like(mask), ids, t)

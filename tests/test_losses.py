@@ -399,6 +399,24 @@ def test_finite_when_teacher_probabilities_underflow(name):
     np.testing.assert_allclose(g, ref['grad'], rtol=1e-5, atol=1e-5 * np.abs(ref['grad']).max())
 
 
+@pytest.mark.parametrize('name', ['fwd_kl', 'jsd', 'temperature', 'bwd_kl'])
+def test_a_minus_inf_teacher_logit_is_probability_zero(name):
+  """-inf (a masked vocabulary entry; -3e38 overflows to it at temperature 0.5) has p = 0:
+  forward KL and JSD equal the result with the entry at -200 (p = 0 in fp32 too), gradients
+  included; reverse KL is +inf, its value where the teacher has no mass."""
+  opts = {'temperature': dict(temperature=0.5)}.get(name, dict(kd_loss=name))
+  batch = make_batch(14)
+  batch['t'][..., -1] = -200.0
+  want = run_jkd(batch, **opts)
+  batch['t'][..., -1] = -3e38 if name == 'temperature' else -np.inf
+  got = run_jkd(batch, **opts)
+  if name == 'bwd_kl':
+    assert got[0] == np.inf
+    return
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  np.testing.assert_allclose(got[2], want[2], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize('kd_loss', losses.KD_LOSSES)
 def test_tail_finite_when_teacher_has_no_tail(kd_loss):
   """Protects reverse KL/JSD with tail=True when the stored lse leaves the teacher no tail mass.
