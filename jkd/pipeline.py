@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -64,12 +63,10 @@ class _Stages:
     """`outputs` exist once the stage finished; `home` (default: outputs) is what to delete
     to redo it."""
     self.settings.update(settings or {})
-    key = json.loads(json.dumps(self.settings, sort_keys=True, default=str))
+    key = _compared(json.loads(json.dumps(self.settings, sort_keys=True, default=str)))
     done = self.record.get(name)
-    if done is not None:  # compared without the keys that do not change what stages write
-      done = {**done, 'settings': {k: v for k, v in done['settings'].items()
-                                   if k not in _NEUTRAL}}
-    key = {k: v for k, v in key.items() if k not in _NEUTRAL}
+    if done is not None:
+      done = {**done, 'settings': _compared(done['settings'])}
     finished = done is not None and done.get('finished', True)
     if finished and all(os.path.exists(o) for o in outputs):
       if done['settings'] == key:
@@ -119,6 +116,11 @@ _NEUTRAL = ('train.worker_count', 'train.wandb_project', 'train.checkpoint_max_t
             'train.save_interval')
 
 
+def _compared(settings: dict) -> dict:
+  """The settings a stage's record is compared on: all but the _NEUTRAL keys."""
+  return {k: v for k, v in settings.items() if k not in _NEUTRAL}
+
+
 def _flat(config, *keys: str) -> dict:
   """{'section.key': value} of whole sections ('train') or single keys ('data.format')."""
   out = {}
@@ -155,7 +157,7 @@ def _random_teacher(config, out_dir: str) -> None:
   from jkd import sharding, train_config
   mesh = jkd_config.mesh_config(config)
   sizes = dict(zip(mesh.axes, sharding.mesh_shape(mesh.shape, jax.device_count())))
-  split = math.prod(sizes[a] for a in train_config.rule_axes(mesh.rules, 'vocab'))
+  split = train_config.logical_axis_size(sizes, mesh.rules, 'vocab')
   padded = None if tok.vocab_size % split == 0 else -(-tok.vocab_size // (128 * split)) * (
       128 * split)  # as NeMo pads: to a multiple of 128 x the tensor-parallel size
   cfg = dataclasses.replace(jkd_config.model_config(config), vocab_size=tok.vocab_size,

@@ -49,10 +49,10 @@ class Profiler:
     """Before step n (the previous n + 1 when omitted); `wait`: arrays of the previous step,
     finished before the trace stops so its device work lands in the trace."""
     n = self.n + 1 if n is None else n
-    if self.active and n >= self.s.start_step + self.s.steps:
+    end = self.s.start_step + self.s.steps  # the first step past the window
+    if self.active and n >= end:
       self.close(wait)  # self.n: the last traced step
     self.n = n
-    end = self.s.start_step + self.s.steps
     if not self.done and not self.active and n >= end:  # a run resumed past the window
       print(f'[profile] steps {self.s.start_step}..{end - 1} ran before step {n}, where this '
             'run starts: nothing traced')

@@ -146,8 +146,13 @@ def rule_axes(rules, logical) -> tuple[str, ...]:
   return ()
 
 
+def logical_axis_size(mesh_shape: dict[str, int], rules, logical: str) -> int:
+  """Into how many parts the mesh splits a logical axis (its mesh axes' sizes multiplied)."""
+  return math.prod(mesh_shape[a] for a in rule_axes(rules, logical))
+
+
 def data_parallel_size(mesh_shape: dict[str, int], rules) -> int:
-  return math.prod(mesh_shape[a] for a in rule_axes(rules, 'act_batch'))
+  return logical_axis_size(mesh_shape, rules, 'act_batch')
 
 
 def validate_config(config, stored_k: int | None = None, n_devices: int | None = None):
