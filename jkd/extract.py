@@ -210,16 +210,19 @@ class Settings:
 
 def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules,
                   cfg: model.ModelConfig, params, tok,
-                  profiler: profiling.Profiler | None = None) -> int:
+                  profiler: profiling.Profiler | None = None, source: str = 'the data') -> int:
   """Extracts the examples of one split that the store lacks; returns how many were written.
-  `profiler` steps once per batch, its count running on over splits."""
+  `profiler` steps once per batch, its count running on over splits; `source` names where
+  `examples` came from, for the error when the store's blocks were made from other data."""
   from jkd.data import logit_store
   last = len(examples) - 1 if s.end_idx < 0 else min(s.end_idx, len(examples) - 1)
   meta = logit_store.StoreMeta(k=s.top_k, vocab_size=cfg.vocab_size, values_dtype=s.values_dtype,
                                teacher_fingerprint=fingerprint(s.teacher),
                                tokenizer_fingerprint=tok.fingerprint if tok else '',
-                               masked_only=s.masked_only, codec=s.codec)
+                               masked_only=s.masked_only, codec=s.codec, teacher_dtype=s.dtype)
   writer = logit_store.Writer(s.output, split=split, meta=meta)
+  writer.check_inputs({e['index']: (e['tokens'], e['labels'], e['loss_mask']) for e in examples},
+                      source)
   _barrier(f'extract {split}: writers open')  # every process plans from the same committed set
   todo = {e['index']: len(e['tokens']) for e in examples
           if s.start_idx <= e['index'] <= last and e['index'] not in writer.committed}
@@ -294,6 +297,6 @@ def run(config) -> dict[str, int]:
       examples = chat.read_jsonl(path, tok, fmt=config.data.format,
                                  max_seq_length=s.max_seq_length)
       written[split] = extract_split(examples, split, s, mesh, mesh_cfg.rules, cfg, params, tok,
-                                     profiler)
+                                     profiler, source=f'data.{split}_file={path}')
       print(f'[extract] {split}: {written[split]} new examples -> {s.output}/{split}')
   return written

@@ -165,6 +165,49 @@ def test_start_and_inclusive_end_select_examples_as_nemo(teacher_dir, tmp_path):
   assert sorted(_records(tmp_path / 's')) == list(range(10, 48))
 
 
+def test_resume_refuses_other_inputs_or_teacher_dtype(teacher_dir, tmp_path):
+  """A resumed extraction adds to a split only from the inputs and teacher precision that made
+  its blocks: another data file, format or length limit (tokens, labels or loss mask differ),
+  an example the data no longer has, or another extract.dtype would mix records silently."""
+  from jkd.data import chat
+  mesh = _mesh((1, 1, 1))
+  cfg, params, tok, examples, s = in_process(teacher_dir, tmp_path / 's', batch_size=4,
+                                             start_idx=0, end_idx=11)
+  assert extract.extract_split(examples, 'train', s, mesh, RULES, cfg, params, tok) == 12
+  rest = dataclasses.replace(s, start_idx=12, end_idx=-1)
+
+  def resume(examples, settings=rest):
+    return extract.extract_split(examples, 'train', settings, mesh, RULES, cfg, params, tok,
+                                 source='data.train_file=X')
+
+  with open(tmp_path / 's' / 'train' / 'manifest.p00000.json') as f:
+    block_of = {i: b['name'] for b in json.load(f)['blocks']
+                for a, z in b['indices'] for i in range(a, z)}
+
+  def changed(index, **fields):
+    return [{**e, **fields} if e['index'] == index else e for e in examples]
+
+  tokens = examples[5]['tokens']
+  with pytest.raises(ValueError, match=rf'block {block_of[5]} \(examples \d+\.\.\d+\) was made '
+                     r'from other tokens, labels or loss masks than data.train_file=X gives now'):
+    resume(changed(5, tokens=[*tokens[:-1], tokens[-1] ^ 1]))
+  with pytest.raises(ValueError, match=rf'block {block_of[0]} .* was made from other'):
+    resume(changed(0, loss_mask=[1] * len(examples[0]['loss_mask'])))
+  with pytest.raises(ValueError, match=rf'block {block_of[11]} .* was made from other'):
+    resume(changed(11, labels=[*examples[11]['labels'][1:], 0]))
+  cut = chat.read_jsonl(str(teacher_dir / 'train.jsonl'), tok, fmt='plain', max_seq_length=16)
+  assert any(len(a['tokens']) != len(b['tokens']) for a, b in zip(cut[:12], examples))
+  with pytest.raises(ValueError, match='was made from other tokens'):
+    resume(cut)
+  with pytest.raises(ValueError, match='holds example 8, which data.train_file=X does not give'):
+    resume([e for e in examples if e['index'] != 8])
+  with pytest.raises(ValueError, match="existing store has teacher_dtype='float32', writer "
+                     "asked teacher_dtype='bfloat16'"):
+    resume(examples, dataclasses.replace(rest, dtype='bfloat16'))
+  assert sorted(_records(tmp_path / 's')) == list(range(12))  # the refusals wrote nothing
+  assert resume(examples) == 48 - 12  # the same inputs resume
+
+
 def test_chunk_index_selects_nemo_style_chunks():
   """extract.examples_per_chunk / chunk_index: chunk i is indices [i*n, (i+1)*n - 1]."""
   c = base.get_config()

@@ -106,6 +106,32 @@ def test_meta_mismatch_names_the_field(tmp_path):
     make_meta(values_dtype='float16')
 
 
+def test_store_from_before_teacher_dtype_and_digests_still_reads_and_resumes(tmp_path):
+  """A manifest without teacher_dtype reads as unrecorded (''), and blocks without
+  inputs_sha256 are not checked; new blocks record the digest of what they were made from."""
+  rng = np.random.default_rng(0)
+  recs = [make_record(rng, i, 5) for i in range(4)]
+  write_store(str(tmp_path), recs[:2], make_meta(), block_size=1)
+  split = tmp_path / 'train'
+  manifest = json.loads((split / 'manifest.p00000.json').read_text())
+  assert [b['inputs_sha256'] for b in manifest['blocks']] == [
+      ls.inputs_digest([(r.index, r.tokens, r.labels, r.loss_mask)]) for r in recs[:2]]
+  meta = json.loads((split / 'manifest.json').read_text())
+  del meta['teacher_dtype']
+  (split / 'manifest.json').write_text(json.dumps(meta))
+  del manifest['blocks'][0]['inputs_sha256']
+  (split / 'manifest.p00000.json').write_text(json.dumps(manifest))
+  assert ls.read_meta(str(split)).teacher_dtype == ''
+  w = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)
+  other = {r.index: (r.tokens + 1, r.labels, r.loss_mask) for r in recs}
+  with pytest.raises(ValueError, match=r'block p00000-b000001 \(examples 1\.\.1\) was made from '
+                     'other tokens, labels or loss masks than the test data gives now'):
+    w.check_inputs(other, 'the test data')
+  w.check_inputs({**other, 1: (recs[1].tokens, recs[1].labels, recs[1].loss_mask)}, 'x')
+  with pytest.raises(ValueError, match="teacher_dtype=''"):
+    ls.Writer(str(tmp_path), 'train', make_meta(teacher_dtype='float32'), process_index=0)
+
+
 def test_resume_from_committed(tmp_path):
   rng = np.random.default_rng(0)
   recs = [make_record(rng, i, 6) for i in range(6)]

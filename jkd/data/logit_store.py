@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -56,6 +57,7 @@ class StoreMeta:
   tokenizer_fingerprint: str = ''
   masked_only: bool = False
   codec: str = 'zstd'
+  teacher_dtype: str = ''  # the teacher forward's compute dtype; '' not recorded (an import)
 
   def __post_init__(self):
     if self.k < 1 or self.vocab_size < 1:
@@ -223,6 +225,22 @@ def _meta_json(meta):
           'rows_per_chunk': ROWS_PER_CHUNK, 'tokens_per_chunk': TOKENS_PER_CHUNK}
 
 
+_ADDED_LATER = {'teacher_dtype': ''}  # fields a store written before them reads as unrecorded
+
+
+def inputs_digest(examples) -> str:
+  """sha256 of [(index, tokens, labels, loss_mask)] in stored dtypes: what a block was made
+  from, so that a resumed job can tell whether its data still gives the same examples."""
+  digest = hashlib.sha256()
+  for index, tokens, labels, loss_mask in examples:
+    arrays = (np.asarray(tokens, np.int32), np.asarray(labels, np.int32),
+              np.asarray(loss_mask, np.uint8))
+    digest.update(np.array([index, len(arrays[0])], '<i8').tobytes())
+    for a in arrays:
+      digest.update(a.astype(a.dtype.newbyteorder('<')).tobytes())
+  return digest.hexdigest()
+
+
 def read_meta(split_dir: str) -> StoreMeta:
   """The split's StoreMeta from manifest.json, after checking format and schema version."""
   m = _read_json(os.path.join(split_dir, 'manifest.json'), 'logit store')
@@ -230,7 +248,8 @@ def read_meta(split_dir: str) -> StoreMeta:
     raise ValueError(f'{split_dir}/manifest.json: format {m.get("format")!r} schema '
                      f'{m.get("schema_version")!r}, this jkd reads {FORMAT!r} schema {SCHEMA_VERSION}')
   try:
-    return StoreMeta(**{f.name: m[f.name] for f in dataclasses.fields(StoreMeta)})
+    fields = {**_ADDED_LATER, **m}
+    return StoreMeta(**{f.name: fields[f.name] for f in dataclasses.fields(StoreMeta)})
   except KeyError as e:
     raise ValueError(f'{split_dir}/manifest.json: field {e} missing') from None
 
@@ -292,10 +311,10 @@ class Writer:
     self._manifest = os.path.join(self.dir, f'manifest.p{process_index:05d}.json')
     manifests = _process_manifests(self.dir)
     self._blocks = manifests.get(self._manifest, [])
+    self._opened = [b for blocks in manifests.values() for b in blocks]  # every process's
     self._committed, self._view = set(), None
-    for blocks in manifests.values():
-      for b in blocks:
-        self._committed.update(_unruns(b['indices']).tolist())
+    for b in self._opened:
+      self._committed.update(_unruns(b['indices']).tolist())
     self._remove_uncommitted()
     seqs = [_block_key(b['name'])[1] for b in self._blocks]
     self._next = max(seqs, default=-1) + 1
@@ -328,6 +347,26 @@ class Writer:
     for tmp in (glob.glob(f'{self._manifest}.tmp-*') +
                 glob.glob(os.path.join(self.dir, f'manifest.json.tmp-{prefix}*'))):
       os.remove(tmp)
+
+  def check_inputs(self, examples, source: str) -> None:
+    """Refuses to add to a split whose committed blocks were made from other inputs than
+    `examples` ({index: (tokens, labels, loss_mask)}, what `source` gives now): a resumed job
+    with another data file, format, template or length limit would mix the two. Blocks written
+    before the digest existed are not checked."""
+    for b in self._opened:
+      if 'inputs_sha256' not in b:
+        continue
+      indices = _unruns(b['indices']).tolist()
+      missing = [i for i in indices if i not in examples]
+      if missing:
+        raise ValueError(f'{self.dir}: block {b["name"]} holds example {missing[0]}, which '
+                         f'{source} does not give; this split was made from other data')
+      if inputs_digest((i, *examples[i]) for i in indices) != b['inputs_sha256']:
+        raise ValueError(
+            f'{self.dir}: block {b["name"]} (examples {indices[0]}..{indices[-1]}) was made '
+            f'from other tokens, labels or loss masks than {source} gives now (another data '
+            'file, data format, chat template or data.max_seq_length?); extract into a new '
+            'store, or rerun with the settings that made it')
 
   @property
   def committed(self) -> frozenset[int]:
@@ -376,7 +415,9 @@ class Writer:
     self._next += 1
     blocks = self._blocks + [{'name': name, 'indices': _runs(indices), 'num_examples': len(recs),
                               'num_tokens': int(sum(block['num_tokens'])),
-                              'num_rows': int(sum(block['num_rows']))}]
+                              'num_rows': int(sum(block['num_rows'])),
+                              'inputs_sha256': inputs_digest(
+                                  (r.index, r.tokens, r.labels, r.loss_mask) for r in recs)}]
     _write_json(self._manifest, {'schema_version': SCHEMA_VERSION,
                                  'process_index': self.process_index, 'blocks': blocks})
     self._blocks = blocks  # committed: the manifest names it
