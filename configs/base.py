@@ -128,6 +128,9 @@ def get_config(arg=None):
   c.train.betas = (0.9, 0.98)  # Adam beta1, beta2
   c.train.eps = 1e-8  # Adam epsilon
   c.train.do_layer_norm_weight_decay = False  # also decay norm parameters and biases
+  # NeMo's rule exempts biases and apex's norm classes, which only legacy models build; the
+  # norms of Megatron-Core students (NeMo-Aligner's) are other classes, so their scales decay.
+  c.train.decay_norm_scales = True  # decay norm scales (never biases); False: exempt norms too
   c.train.gradient_clip_val = 1.0  # max global L2 gradient norm; 0 = no clipping
   c.train.max_steps = -1  # optimizer steps (also the schedule's length); -1 = max_epochs
   c.train.max_epochs = 1  # passes over the train split; sets the steps when max_steps=-1

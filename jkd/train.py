@@ -7,8 +7,12 @@ micro-step = micro_batch_size * DP, L row length, K teacher top-K, D hidden, P p
 What it reproduces from NeMo-Aligner (spec §2, §3.1), and where it differs:
 - AdamW with decoupled weight decay (apex distributed_fused_adam: p -= lr * (adam + wd * p)),
   fp32 master params and moments sharded like the params (fsdp + tensor), compute in
-  `precision`. No decay on biases and norm parameters (NeMo's
-  get_params_for_weight_decay_optimization; do_layer_norm_weight_decay=True decays all).
+  `precision`. NeMo's groups (get_params_for_weight_decay_optimization): no decay on biases,
+  nor on the parameters of apex's norm classes, which only legacy (non-Megatron-Core) models
+  build. NeMo-Aligner's students are Megatron-Core models, whose norms (Transformer Engine's,
+  Megatron's own) are not those classes: their scales are decayed. So `decay_norm_scales`
+  (default) decays norm scales and no bias; False exempts norms too (legacy NeMo, and
+  Megatron-Core's own optimizer); do_layer_norm_weight_decay=True decays everything.
 - NeMo's CosineAnnealing (nemo/core/optim/lr_scheduler.py) over max_steps updates; update n
   (0-based) uses lr(n), as NeMo steps the scheduler after the optimizer. constant_steps are
   held at min_lr *after* the decay (Megatron's form), not at the peak.
@@ -75,19 +79,21 @@ def make_schedule(tc: TrainConfig) -> optax.Schedule:
   return schedule
 
 
-def _decay_mask(params):
-  """True where weight decay applies: not biases, not norm parameters."""
+def decay_mask(params, *, norms: bool):
+  """True where weight decay applies: not biases, and norm parameters only if `norms`."""
   def decays(path, _):
     names = [getattr(p, 'key', None) for p in path]
-    return names[-1] != 'bias' and not any(str(n).endswith('norm') for n in names[:-1])
+    in_norm = any(str(n).endswith('norm') for n in names[:-1])
+    return names[-1] != 'bias' and (norms or not in_norm)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
   """AdamW on the schedule; clipping happens in the step (Megatron's formula)."""
+  mask = None if tc.do_layer_norm_weight_decay else functools.partial(
+      decay_mask, norms=tc.decay_norm_scales)
   return optax.adamw(make_schedule(tc), b1=tc.betas[0], b2=tc.betas[1], eps=tc.eps,
-                     weight_decay=tc.weight_decay,
-                     mask=None if tc.do_layer_norm_weight_decay else _decay_mask)
+                     weight_decay=tc.weight_decay, mask=mask)
 
 
 class TrainState(flax.struct.PyTreeNode):

@@ -44,6 +44,7 @@ class TrainConfig:
   betas: tuple[float, float] = (0.9, 0.98)
   eps: float = 1e-8
   do_layer_norm_weight_decay: bool = False
+  decay_norm_scales: bool = True
   gradient_clip_val: float = 1.0
   precision: str = 'bf16'
   remat_policy: str = 'none'

@@ -6,12 +6,14 @@ apart), NeMo's CosineAnnealing values (a plain-Python transcription), donation, 
 gradients, bf16 compute, a golden loss, and the config checks that must fail before compiling.
 """
 
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import base, nemotron8b_gpt2b
@@ -403,12 +405,37 @@ def test_tutorial_config_has_the_tutorial_values():
   assert nemotron8b_gpt2b.get_config('extract').extract.top_k == 4
 
 
-def test_weight_decay_skips_biases_and_norms():
-  """NeMo's groups: decay on weight matrices and embeddings, none on biases and norm params."""
+def test_weight_decay_groups_as_nemo():
+  """NeMo's groups: decay on weight matrices and embeddings, none on biases; norm scales decay
+  as in a Megatron-Core student (decay_norm_scales, the default), not as legacy apex norms."""
   cfg = model.ModelConfig.from_dict({**CFG.to_dict(), 'bias': True})
-  mask = train._decay_mask(jax.eval_shape(lambda: model.init(cfg, jax.random.key(0))))
-  flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
-  assert flat["['embed']"] and flat["['lm_head']"] and flat["['layers']['attn']['q']['kernel']"]
-  assert not flat["['layers']['attn']['q']['bias']"] and not flat["['final_norm']['scale']"]
-  assert not flat["['layers']['mlp_norm']['bias']"]
-  assert sum(flat.values()) == 8  # embed, lm_head and the six kernels (q, k, v, o, fc1, fc2)
+  params = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+  for norms in (True, False):
+    mask = train.decay_mask(params, norms=norms)
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+    assert flat["['embed']"] and flat["['lm_head']"] and flat["['layers']['attn']['q']['kernel']"]
+    assert not flat["['layers']['attn']['q']['bias']"]
+    assert not flat["['layers']['mlp_norm']['bias']"]
+    scales = [k for k in flat if k.endswith("norm']['scale']")]
+    assert len(scales) == 3 and all(flat[k] == norms for k in scales)  # two per layer, final
+    # embed, lm_head and the six kernels (q, k, v, o, fc1, fc2), then the three norm scales
+    assert sum(flat.values()) == 8 + 3 * norms
+
+
+@pytest.mark.parametrize('decay_norm_scales', [True, False])
+def test_optimizer_decays_norm_scales_by_lr_times_wd(decay_norm_scales):
+  """With zero gradients AdamW's update is the decay alone, p -= lr * wd * p (apex's
+  ADAM_MODE_1): on norm scales exactly when decay_norm_scales, never on biases."""
+  cfg = model.ModelConfig.from_dict({**CFG.to_dict(), 'bias': True})
+  params = jax.tree.map(lambda x: x + 0.5, model.init(cfg, jax.random.key(0)))
+  tc = dataclasses.replace(train.TrainConfig(), lr=0.1, min_lr=0.01, warmup_steps=0,
+                           constant_steps=0, weight_decay=0.25, max_steps=10,
+                           decay_norm_scales=decay_norm_scales)
+  assert float(train.make_schedule(tc)(0)) == pytest.approx(0.1)  # update 0 runs at the peak
+  opt = train.make_optimizer(tc)
+  updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new['final_norm']['scale'], params['final_norm']['scale'] * (
+      1 - 0.1 * 0.25 if decay_norm_scales else 1.0), rtol=1e-6)
+  np.testing.assert_array_equal(new['final_norm']['bias'], params['final_norm']['bias'])
+  np.testing.assert_allclose(new['embed'], params['embed'] * (1 - 0.1 * 0.25), rtol=1e-6)
