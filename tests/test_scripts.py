@@ -1,4 +1,4 @@
-"""Operator scripts (scripts/gcp, scripts/slurm, scripts/gpu_check.sh): syntax, shellcheck, the
+"""Operator scripts (scripts/gcp, scripts/slurm, scripts/*.sh): syntax and shellcheck (all), the
 exact commands their dry runs print for the seed tutorial, and, with stand-ins for gcloud's ssh
 and for srun, that the arguments reach `python -m jkd.main` unchanged."""
 
@@ -15,8 +15,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, 'scripts', 'gcp', '*.sh')) +
                  glob.glob(os.path.join(REPO, 'scripts', 'slurm', '*')) +
-                 [os.path.join(REPO, 'scripts', 'gpu_check.sh')])
-SOURCED = {'common.sh', 'xla_flags.sh', 'run_jkd.sh'}  # libraries: no shebang, no set -e
+                 glob.glob(os.path.join(REPO, 'scripts', '*.sh')))  # gpu_check, gpu_bundle*
+SOURCED = {'common.sh', 'xla_flags.sh', 'run_jkd.sh', 'shell_words.sh'}  # no shebang, no set -e
 # Settings the scripts read from the environment: the tests start without them.
 SETTINGS = {'DRY_RUN', 'GCP_PROJECT', 'GCP_ZONE', 'VM_PREFIX', 'NUM_VMS', 'REMOTE_DIR', 'JAX_PORT',
             'COORDINATOR_IP', 'MACHINE_TYPE', 'ACCELERATOR', 'IMAGE_FAMILY', 'IMAGE_PROJECT',
