@@ -233,11 +233,10 @@ def inputs_digest(examples) -> str:
   from, so that a resumed job can tell whether its data still gives the same examples."""
   digest = hashlib.sha256()
   for index, tokens, labels, loss_mask in examples:
-    arrays = (np.asarray(tokens, np.int32), np.asarray(labels, np.int32),
-              np.asarray(loss_mask, np.uint8))
+    arrays = (np.asarray(tokens, '<i4'), np.asarray(labels, '<i4'), np.asarray(loss_mask, 'u1'))
     digest.update(np.array([index, len(arrays[0])], '<i8').tobytes())
     for a in arrays:
-      digest.update(a.astype(a.dtype.newbyteorder('<')).tobytes())
+      digest.update(a.tobytes())
   return digest.hexdigest()
 
 
