@@ -31,7 +31,9 @@ LOGICAL_AXIS_RULES = (
 def get_config(arg=None):
   del arg
   c = ConfigDict()
-  c.mode = 'pipeline'  # stage to run: pipeline | convert | extract | train | export
+  # Stage to run: train | extract | convert | export | pipeline. The defaults below are NeMo-
+  # Aligner's training settings; mode=pipeline wants others (configs/demo.py sets them).
+  c.mode = 'train'
   c.seed = 0  # PRNG seed for initialisation and data order
   c.workdir = '/tmp/jkd/run'  # run directory: models, stores, checkpoints, reports land here
 

@@ -214,6 +214,15 @@ def test_every_shipped_config_has_exactly_the_base_keys():
     jkd_config.check_keys(importlib.import_module(f'configs.{name}').get_config())
 
 
+def test_base_config_as_shipped_asks_for_what_training_needs(devices8):
+  """configs/base.py runs mode=train (its defaults are NeMo-Aligner's training settings); alone
+  it stops at the one thing it cannot default, the teacher's store."""
+  c = base.get_config()
+  assert c.mode == 'train'
+  with pytest.raises(ValueError, match=r'train\.store is empty'):
+    jkd_config.validate(c)
+
+
 def test_base_config_missing_is_said_not_skipped(monkeypatch, tmp_path):
   monkeypatch.setattr(jkd_config, 'BASE_CONFIG', str(tmp_path / 'configs' / 'base.py'))
   jkd_config._base_module.cache_clear()
