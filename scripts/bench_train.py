@@ -20,9 +20,11 @@ Steady state: `--warmup` steps (compile included) are dropped, then `--steps` ti
 (alternating which goes first), so load from other processes hits both alike; tokens are all
 G x T positions of a step. On CPU both libraries get all schedulable cores: XLA:CPU sizes its
 intra-op pool to them and torch.set_num_threads is set to the same number; the "cores busy" row
-(process CPU time / wall time over the timed steps) shows what each really used. On GPU, torch
-runs first and frees its memory before jax allocates (jax's allocator set to grow on demand);
-without CUDA in torch the PyTorch column is skipped.
+(process CPU time / wall time over the timed steps) shows what each really used. The "cpu" line
+names the CPU and its bf16 matrix units: torch's oneDNN uses AMX tiles where the CPU has them,
+XLA:CPU does not, so the ratio moves with the CPU. On GPU, torch runs first and frees its
+memory before jax allocates (jax's allocator set to grow on demand); without CUDA in torch the
+PyTorch column is skipped.
 
 Model FLOPs per step (PaLM's convention: causal attention counted as full; recomputation, by
 rematerialisation or by the fused head's backward, not counted):
@@ -368,6 +370,23 @@ def peak_flops(device_kind, override_tflops):
   return None
 
 
+def host_cpu(cpuinfo='/proc/cpuinfo'):
+  """'model name | bf16 matrix units' of this host's CPU, from /proc/cpuinfo ('' where absent).
+  torch's oneDNN runs bf16 matmuls on AMX tiles where the CPU has them; XLA:CPU's kernels (jax
+  0.10) do not, so the ratio of the two columns depends on this line."""
+  try:
+    with open(cpuinfo, encoding='utf-8', errors='replace') as f:
+      text = f.read()
+  except OSError:
+    return ''
+  fields = dict(line.split(':', 1) for line in text.splitlines()[:64] if ':' in line)
+  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  flags = set(fields.get('flags', '').split())
+  units = [u for u in ('amx_bf16', 'avx512_bf16') if u in flags]
+  return (f"{fields.get('model name', 'unknown')} | bf16 units: {', '.join(units) or 'none'}"
+          + ('' if 'amx_bf16' in flags else ' (no AMX)'))
+
+
 def main(flags):
   s, on_gpu, impl = resolve(flags)
   if s['batch'] % s['micro_batch']:
@@ -395,6 +414,8 @@ def main(flags):
   np_batch = make_batch(s, flags.seed)
 
   torch, why = (None, '--skip-torch') if flags.skip_torch else torch_status(on_gpu)
+  if not on_gpu and host_cpu():
+    print(f'cpu: {host_cpu()}')
   if torch is not None and not on_gpu:
     print(f'threads: XLA:CPU intra-op pool = {threads} schedulable CPUs; '
           f'torch.set_num_threads({threads})')

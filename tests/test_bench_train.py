@@ -1,0 +1,67 @@
+"""scripts/bench_train.py end to end at a tiny shape (both columns), and its CPU line."""
+
+import os
+import re
+import runpy
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, 'scripts', 'bench_train.py')
+TINY = ['--device', 'cpu', '--layers', '1', '--hidden', '64', '--ffn', '128', '--heads', '2',
+        '--kv-heads', '1', '--vocab', '512', '--seq-len', '32', '--batch', '2',
+        '--micro-batch', '2', '--top-k', '4', '--steps', '1', '--warmup', '1']
+
+
+@pytest.fixture(scope='module')
+def bench():
+  old = sys.argv
+  sys.argv = [SCRIPT]  # the script parses its flags at import
+  try:
+    return runpy.run_path(SCRIPT, run_name='bench_train')
+  finally:
+    sys.argv = old
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse avx512f avx512_bf16 amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+"""
+
+
+def test_host_cpu_names_the_model_and_its_bf16_units(bench, tmp_path):
+  path = tmp_path / 'cpuinfo'
+  path.write_text(CPUINFO)
+  assert bench['host_cpu'](str(path)) == (
+      'Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz | bf16 units: amx_bf16, avx512_bf16')
+  path.write_text(CPUINFO.replace(' avx512_bf16 amx_bf16 amx_tile amx_int8', ''))
+  assert bench['host_cpu'](str(path)).endswith('| bf16 units: none (no AMX)')
+  assert bench['host_cpu'](str(tmp_path / 'absent')) == ''
+
+
+def test_tiny_run_prints_both_columns_and_the_ratio():
+  torch = pytest.importorskip('torch')
+  proc = subprocess.run([sys.executable, SCRIPT, *TINY, '--skip-flops-check'], cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        env={**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+                             'JAX_PLATFORMS': 'cpu'})  # one CPU device, as a user runs it
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = proc.stdout
+  assert re.search(rf'jkd \(JAX\)\s+PyTorch {re.escape(torch.__version__)}', out), out
+  losses = re.search(r'first-step loss\s+([0-9.]+)\s+([0-9.]+)', out)
+  # Both start near log(512) = 6.24 less the fixed teacher part: same objective, own random init
+  assert losses and abs(float(losses[1]) - float(losses[2])) < 0.5, out
+  ratio = re.search(r'jkd / PyTorch tokens/s: ([0-9.]+)x \(best\), ([0-9.]+)x \(median\)', out)
+  assert ratio and float(ratio[1]) > 0, out
+  if os.path.exists('/proc/cpuinfo'):
+    with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
+      model = next((line.split(':', 1)[1].strip() for line in f
+                    if line.startswith('model name')), None)
+    if model:
+      assert f'cpu: {model} | bf16 units: ' in out, out
