@@ -379,8 +379,8 @@ def host_cpu(cpuinfo='/proc/cpuinfo'):
       text = f.read()
   except OSError:
     return ''
-  fields = dict(line.split(':', 1) for line in text.splitlines()[:64] if ':' in line)
-  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  fields = {k.strip(): v.strip() for k, v in (line.split(':', 1) for line in
+                                              text.splitlines()[:64] if ':' in line)}
   flags = set(fields.get('flags', '').split())
   units = [u for u in ('amx_bf16', 'avx512_bf16') if u in flags]
   return (f"{fields.get('model name', 'unknown')} | bf16 units: {', '.join(units) or 'none'}"
@@ -414,8 +414,9 @@ def main(flags):
   np_batch = make_batch(s, flags.seed)
 
   torch, why = (None, '--skip-torch') if flags.skip_torch else torch_status(on_gpu)
-  if not on_gpu and host_cpu():
-    print(f'cpu: {host_cpu()}')
+  cpu = '' if on_gpu else host_cpu()
+  if cpu:
+    print(f'cpu: {cpu}')
   if torch is not None and not on_gpu:
     print(f'threads: XLA:CPU intra-op pool = {threads} schedulable CPUs; '
           f'torch.set_num_threads({threads})')
