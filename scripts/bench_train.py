@@ -22,7 +22,11 @@ G x T positions of a step. On CPU both libraries get all schedulable cores: XLA:
 intra-op pool to them and torch.set_num_threads is set to the same number; the "cores busy" row
 (process CPU time / wall time over the timed steps) shows what each really used. The "cpu" line
 names the CPU and its bf16 matrix units: torch's oneDNN uses AMX tiles where the CPU has them,
-XLA:CPU does not, so the ratio moves with the CPU. On GPU, torch runs first and frees its
+XLA:CPU does not, so the ratio moves with the CPU. The "malloc" line records the allocator
+settings, which both columns share: XLA:CPU maps a fresh temp buffer (about 1 GB at the cpu
+preset) every execution and pays its page faults each step; `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
+(glibc >= 2.35, THP in madvise mode) removes nearly all of them and speeds jkd up, but slows the
+torch column down, so defaults are the fair comparison. On GPU, torch runs first and frees its
 memory before jax allocates (jax's allocator set to grow on demand); without CUDA in torch the
 PyTorch column is skipped.
 
@@ -370,6 +374,13 @@ def peak_flops(device_kind, override_tflops):
   return None
 
 
+def malloc_env(environ=os.environ):
+  """The allocator settings both columns run under (they share one process), for the record."""
+  tuned = [f'{k}={v}' for k, v in sorted(environ.items())
+           if k == 'GLIBC_TUNABLES' or k.startswith('MALLOC_') or k == 'LD_PRELOAD']
+  return ' '.join(tuned) or 'allocator defaults (no GLIBC_TUNABLES, MALLOC_* or LD_PRELOAD)'
+
+
 def host_cpu(cpuinfo='/proc/cpuinfo'):
   """'model name | bf16 matrix units' of this host's CPU, from /proc/cpuinfo ('' where absent).
   torch's oneDNN runs bf16 matmuls on AMX tiles where the CPU has them; XLA:CPU's kernels (jax
@@ -417,6 +428,7 @@ def main(flags):
   cpu = '' if on_gpu else host_cpu()
   if cpu:
     print(f'cpu: {cpu}')
+    print(f'malloc: {malloc_env()}')
   if torch is not None and not on_gpu:
     print(f'threads: XLA:CPU intra-op pool = {threads} schedulable CPUs; '
           f'torch.set_num_threads({threads})')

@@ -45,6 +45,12 @@ def test_host_cpu_names_the_model_and_its_bf16_units(bench, tmp_path):
   assert bench['host_cpu'](str(tmp_path / 'absent')) == ''
 
 
+def test_malloc_env_records_only_allocator_settings(bench):
+  env = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1', 'MALLOC_ARENA_MAX': '1', 'HOME': '/root'}
+  assert bench['malloc_env'](env) == 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_ARENA_MAX=1'
+  assert bench['malloc_env']({'HOME': '/root'}).startswith('allocator defaults')
+
+
 def test_tiny_run_prints_both_columns_and_the_ratio():
   torch = pytest.importorskip('torch')
   proc = subprocess.run([sys.executable, SCRIPT, *TINY, '--skip-flops-check'], cwd=REPO,
@@ -65,3 +71,4 @@ def test_tiny_run_prints_both_columns_and_the_ratio():
                     if line.startswith('model name')), None)
     if model:
       assert f'cpu: {model} | bf16 units: ' in out, out
+      assert '\nmalloc: ' in out, out
