@@ -377,7 +377,7 @@ def peak_flops(device_kind, override_tflops):
 def malloc_env(environ=os.environ):
   """The allocator settings both columns run under (they share one process), for the record."""
   tuned = [f'{k}={v}' for k, v in sorted(environ.items())
-           if k == 'GLIBC_TUNABLES' or k.startswith('MALLOC_') or k == 'LD_PRELOAD']
+           if k in ('GLIBC_TUNABLES', 'LD_PRELOAD') or k.startswith('MALLOC_')]
   return ' '.join(tuned) or 'allocator defaults (no GLIBC_TUNABLES, MALLOC_* or LD_PRELOAD)'
 
 
@@ -428,6 +428,7 @@ def main(flags):
   cpu = '' if on_gpu else host_cpu()
   if cpu:
     print(f'cpu: {cpu}')
+  if not on_gpu:
     print(f'malloc: {malloc_env()}')
   if torch is not None and not on_gpu:
     print(f'threads: XLA:CPU intra-op pool = {threads} schedulable CPUs; '

@@ -65,10 +65,10 @@ def test_tiny_run_prints_both_columns_and_the_ratio():
   assert losses and abs(float(losses[1]) - float(losses[2])) < 0.5, out
   ratio = re.search(r'jkd / PyTorch tokens/s: ([0-9.]+)x \(best\), ([0-9.]+)x \(median\)', out)
   assert ratio and float(ratio[1]) > 0, out
+  assert '\nmalloc: ' in out, out
   if os.path.exists('/proc/cpuinfo'):
     with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
       model = next((line.split(':', 1)[1].strip() for line in f
                     if line.startswith('model name')), None)
     if model:
       assert f'cpu: {model} | bf16 units: ' in out, out
-      assert '\nmalloc: ' in out, out
