@@ -271,9 +271,11 @@ def _accumulate(cfg, tc, mesh, rules, p_sh, params, batch, with_grad):
 
 
 def run_config(model_cfg, tc):
-  """The student as the step runs it: the run's precision, remat policy and attention."""
+  """The student as the step runs it: the run's precision, remat policy, attention and layer
+  scan unrolling."""
   return dataclasses.replace(model_cfg, dtype=PRECISIONS[tc.precision],
-                             remat_policy=tc.remat_policy, attention=tc.attention)
+                             remat_policy=tc.remat_policy, attention=tc.attention,
+                             scan_unroll=tc.scan_unroll)
 
 
 def make_train_step(model_cfg, tc: TrainConfig, mesh, rules, state_shardings,

@@ -49,6 +49,7 @@ class TrainConfig:
   precision: str = 'bf16'
   remat_policy: str = 'none'
   attention: str = 'auto'
+  scan_unroll: int = 1
   pack: bool = False
   val_check_interval: int = 100
   save_interval: int = 100
@@ -108,6 +109,8 @@ class TrainConfig:
       fail('remat_policy', f'expected one of {tuple(model.REMAT_POLICIES)}')
     if self.attention not in model.ATTENTIONS:
       fail('attention', f'expected one of {model.ATTENTIONS}')
+    if self.scan_unroll < 0:
+      fail('scan_unroll', 'must be >= 0 (0 unrolls every layer)')
     if self.reduction not in REDUCTIONS:
       fail('reduction', f'expected one of {REDUCTIONS}')
     if self.loss_impl not in LOSS_IMPLS:

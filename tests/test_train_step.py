@@ -306,11 +306,12 @@ def test_unpacked_rows_need_no_segment_mask(devices8):
 
 
 def test_run_config_applies_the_run_settings():
-  """The step runs the student at train.precision, train.remat_policy and train.attention,
-  whatever its model_config.json says."""
-  tc = train.TrainConfig(precision='bf16', remat_policy='dots', attention='xla')
+  """The step runs the student at train.precision, train.remat_policy, train.attention and
+  train.scan_unroll, whatever its model_config.json says."""
+  tc = train.TrainConfig(precision='bf16', remat_policy='dots', attention='xla', scan_unroll=0)
   cfg = train.run_config(CFG, tc)
-  assert (cfg.dtype, cfg.remat_policy, cfg.attention) == ('bfloat16', 'dots', 'xla')
+  assert (cfg.dtype, cfg.remat_policy, cfg.attention, cfg.scan_unroll) == (
+      'bfloat16', 'dots', 'xla', 0)
 
 
 def test_bf16_pallas_step_lowers_for_cuda(devices8, cudnn_stand_in, triton_h100_stand_in):
@@ -369,6 +370,7 @@ def train_config(**overrides):
     ({'train.min_lr': 1e-4}, None, 'train.min_lr=0.0001'),
     ({'train.attention': 'flash'}, None, "train.attention='flash'"),
     ({'train.remat_policy': 'some'}, None, "train.remat_policy='some'"),
+    ({'train.scan_unroll': -1}, None, 'train.scan_unroll=-1'),
 ])
 
 
