@@ -9,7 +9,8 @@ Both sides train the same Llama-shaped student (RMSNorm, SwiGLU, RoPE, GQA, no b
 head; random init, same shapes) on the same batch with the same objective and optimizer:
 - jkd: `train.make_train_step` (fp32 master params, `--precision` compute, KD fwd_kl x 1.0 +
   SFT x 0.4, NeMo reduction, AdamW (0.9, 0.98) wd 0.01, clipping 1.0, micro-batches in one
-  lax.scan), compiled once; the loss is the fused LM head + top-K kernel or full logits.
+  lax.scan; the layer scan unrolled on CPU, `--scan-unroll`), compiled once; the loss is the
+  fused LM head + top-K kernel or full logits.
 - PyTorch: `transformers.LlamaForCausalLM` (sdpa attention) -> full logits -> NeMo-Aligner's
   `_TopKLogitsCrossEntropy` forward written in plain torch (global max shift, teacher and student
   softmax over the K ids, forward KL, + 0.4 x full-vocab CE, masked token mean per micro-batch,
@@ -23,10 +24,14 @@ intra-op pool to them and torch.set_num_threads is set to the same number; the "
 (process CPU time / wall time over the timed steps) shows what each really used. The "cpu" line
 names the CPU and its bf16 matrix units: torch's oneDNN uses AMX tiles where the CPU has them,
 XLA:CPU does not, so the ratio moves with the CPU. The "malloc" line records the allocator
-settings, which both columns share: XLA:CPU maps a fresh temp buffer (about 1 GB at the cpu
-preset) every execution and pays its page faults each step; `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
-(glibc >= 2.35, THP in madvise mode) removes nearly all of them and speeds jkd up, but slows the
-torch column down, so defaults are the fair comparison. On GPU, torch runs first and frees its
+settings, which both columns share, and the ratio moves with them. Both sides page-fault on
+fresh memory every step (XLA:CPU maps a new temp buffer, about 0.7 GB at the cpu preset, per
+execution; torch allocates its full-vocabulary logits and activations anew).
+`MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>` keeps freed memory in glibc's
+heap and removes the faults of both, which speeds torch up more than jkd (about 1.0x at the cpu
+preset); `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35, THP in madvise mode) speeds jkd
+up and slows torch. Defaults are what users of either library get, so the benchmark runs with
+them. On GPU, torch runs first and frees its
 memory before jax allocates (jax's allocator set to grow on demand); without CUDA in torch the
 PyTorch column is skipped.
 

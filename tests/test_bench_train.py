@@ -66,6 +66,7 @@ def test_tiny_run_prints_both_columns_and_the_ratio():
   ratio = re.search(r'jkd / PyTorch tokens/s: ([0-9.]+)x \(best\), ([0-9.]+)x \(median\)', out)
   assert ratio and float(ratio[1]) > 0, out
   assert '\nmalloc: ' in out, out
+  assert '\njkd layer scan: train.scan_unroll=0 (all layers unrolled, no loop)' in out, out
   if os.path.exists('/proc/cpuinfo'):
     with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
       model = next((line.split(':', 1)[1].strip() for line in f
