@@ -153,6 +153,11 @@ class ModelConfig:
     return int(self.head_dim * self.rotary_percentage)
 
   @property
+  def layers_per_scan_step(self) -> int:
+    """Layers one iteration of the layer scan runs (scan_unroll; 0 and >= num_layers: all)."""
+    return min(self.scan_unroll or self.num_layers, self.num_layers)
+
+  @property
   def padded_vocab(self) -> int:
     return self.padded_vocab_size or self.vocab_size
 
@@ -396,7 +401,7 @@ class Decoder(nn.Module):
     layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: 'layers'},
-                     unroll=min(cfg.scan_unroll or cfg.num_layers, cfg.num_layers))
+                     unroll=cfg.layers_per_scan_step)
     x_BxTxD, _ = layers(cfg, name='layers')(x_BxTxD, positions_BxT, mask_Bx1xTxT)
     x_BxTxD = Norm(cfg, name='final_norm')(x_BxTxD)
     if not cfg.share_embeddings_and_output_weights:

@@ -430,12 +430,13 @@ def main(flags):
         f"{s['micro_batch']}, K={s['top_k']}; loss fwd_kl x {KD_WEIGHT} + SFT x {SFT_WEIGHT}; "
         f"precision {flags.precision}, remat {flags.remat}")
   run_cfg = train.run_config(student_config(s), dataclasses.replace(
-      train.TrainConfig(), precision=flags.precision, attention=flags.attention))
+      train.TrainConfig(), precision=flags.precision, attention=flags.attention,
+      scan_unroll=scan_unroll(flags)))
   print(f"jkd attention: {model.attention_implementation(run_cfg)} (--attention "
         f"{flags.attention}); rows unpacked, so no segment mask")
-  unroll = scan_unroll(flags)
-  print(f"jkd layer scan: train.scan_unroll={unroll} ("
-        f"{'all layers unrolled, no loop' if unroll == 0 or unroll >= s['layers'] else 'a loop'})")
+  unrolled = run_cfg.layers_per_scan_step == run_cfg.num_layers
+  print(f"jkd layer scan: train.scan_unroll={run_cfg.scan_unroll} ("
+        f"{'all layers unrolled, no loop' if unrolled else 'a loop'})")
   print(f"jkd loss: loss_impl={flags.loss_impl}" +
         (f", fused_implementation={impl}" if flags.loss_impl == 'fused' else ''))
   print(f"timing: {s['warmup']} warmup steps dropped, {s['steps']} timed steps each")
