@@ -41,8 +41,8 @@ rematerialisation or by the fused head's backward, not counted):
 with N_mm the matmul parameters (q, k, v, o, fc1, fc2 of every layer + the D x V head; not the
 input embedding, a gather). MFU = model FLOP/s / the device's dense bf16 peak (`PEAK_BF16`).
 XLA's `cost_analysis()` flops of the compiled jkd step are printed as a cross-check; XLA counts a
-while-loop body once, so with the layer scan, the micro-batch scan and the fused loss's vocabulary
-loops that count is a lower bound. A loop-free variant of the step (1 layer, reference loss, one
+while-loop body once, so with the layer scan (unless unrolled), the micro-batch scan and the fused
+loss's vocabulary loops that count is a lower bound. A loop-free variant of the step (1 layer, reference loss, one
 micro-step; compiled, never run) is therefore compared with the formula as well.
 """
 
@@ -493,7 +493,8 @@ def main(flags):
   print(f"{'jkd compile':30s}{res_j['compile_s']:21.1f}s")
   print(f"{'jkd XLA cost_analysis flops':30s}{tf(res_j['xla_flops']):>21s} "
         f"({res_j['xla_flops'] / flops:.2f}x the model FLOPs; XLA counts each while-loop body "
-        f"once: layer scan, micro-batch scan, fused-loss vocabulary chunks)")
+        f"once: {'' if unrolled else 'layer scan, '}micro-batch scan, fused-loss vocabulary "
+        f"chunks)")
   if not flags.skip_flops_check:
     xla1, model1 = xla_flops_loop_free(s, np_batch, flags)
     print(f"{'  same, loop-free variant':30s}{tf(xla1):>21s} vs formula {tf(model1)} "
