@@ -31,9 +31,8 @@ execution; torch allocates its full-vocabulary logits and activations anew).
 heap and removes the faults of both, which speeds torch up more than jkd (about 1.0x at the cpu
 preset); `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35, THP in madvise mode) speeds jkd
 up and slows torch. Defaults are what users of either library get, so the benchmark runs with
-them. On GPU, torch runs first and frees its
-memory before jax allocates (jax's allocator set to grow on demand); without CUDA in torch the
-PyTorch column is skipped.
+them. On GPU, torch runs first and frees its memory before jax allocates (jax's allocator set to
+grow on demand); without CUDA in torch the PyTorch column is skipped.
 
 Model FLOPs per step (PaLM's convention: causal attention counted as full; recomputation, by
 rematerialisation or by the fused head's backward, not counted):
@@ -42,8 +41,8 @@ with N_mm the matmul parameters (q, k, v, o, fc1, fc2 of every layer + the D x V
 input embedding, a gather). MFU = model FLOP/s / the device's dense bf16 peak (`PEAK_BF16`).
 XLA's `cost_analysis()` flops of the compiled jkd step are printed as a cross-check; XLA counts a
 while-loop body once, so with the layer scan (unless unrolled), the micro-batch scan and the fused
-loss's vocabulary loops that count is a lower bound. A loop-free variant of the step (1 layer, reference loss, one
-micro-step; compiled, never run) is therefore compared with the formula as well.
+loss's vocabulary loops that count is a lower bound. A loop-free variant of the step (1 layer,
+reference loss, one micro-step; compiled, never run) is therefore compared with the formula too.
 """
 
 from __future__ import annotations

@@ -178,12 +178,12 @@ def test_gated_activation_backward_matches_autodiff(activation):
   np.testing.assert_array_equal(y, y_ref)
   np.testing.assert_allclose(du, du_ref, rtol=1e-6, atol=1e-7)
   assert np.abs(du_ref).min() < 0.1 < np.abs(du_ref).max()  # both halves really vary
-  y16, du16 = vjp(ours, u.astype(jnp.bfloat16))
+  u16 = u.astype(jnp.bfloat16)
+  y16, du16 = vjp(ours, u16)
   assert du16.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(y16, plain(u.astype(jnp.bfloat16)))
-  np.testing.assert_allclose(np.asarray(du16, np.float32), vjp(plain, u.astype(jnp.bfloat16)
-                                                                .astype(jnp.float32))[1],
-                             rtol=2 ** -7, atol=1e-6)
+  np.testing.assert_array_equal(y16, plain(u16))
+  du16_ref = vjp(plain, u16.astype(jnp.float32))[1]  # fp32 autodiff at the same bf16 inputs
+  np.testing.assert_allclose(np.asarray(du16, np.float32), du16_ref, rtol=2 ** -7, atol=1e-6)
 
 
 @pytest.mark.parametrize('unroll', [0, 2])
