@@ -9,10 +9,13 @@ prints `memory_analysis().temp_size_in_bytes` of each; target: fused <= 1/20 of 
 (b) times both, forward + backward, at CPU-runnable shapes; target: fused <= 1.0x of full.
 `fused_topk_kd`'s default, implementation='auto', is `fused xla` on CPU (the chunked jnp sweeps)
 and `fused pallas` on GPU; on CPU the Pallas kernels only run in interpret mode, so `fused
-pallas` there is the interpreter's time, printed for reference. The sweeps recompute the logits
-in the backward (4 head matmuls against the full version's 3), which pays off where the full
-version is bound by memory traffic over [N, V] (GPUs); on a matmul-bound CPU the sweep modes
-sit near 1.0x, and the parity mode, which sweeps nothing, far below.
+pallas` there is the interpreter's time, printed for reference. The Pallas sweeps go by
+vocabulary columns and recompute the logits for the backward (4 head matmuls against the full
+version's 3), which pays off where the full version is bound by memory traffic over [N, V]
+(GPUs). `fused xla` goes by blocks of rows over all columns and forms the gradient in the
+forward: 3 head matmuls, like the full version, without its [N, V] passes, and an fp32 [D, P]
+accumulator for d_w in its temp bytes. The parity mode sweeps nothing in either (gathered
+columns only).
 """
 
 import argparse

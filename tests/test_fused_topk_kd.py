@@ -223,6 +223,59 @@ def test_cpu_bf16_backward_runs_bf16_dots():
   assert len(dots) >= 3 and all(x[:2] == ('bf16', 'bf16') for x in dots), dots
 
 
+@pytest.mark.parametrize('impl,mode', [('xla', 'fwd_kl_sft'), ('xla', 'tail_bwd_kl'),
+                                       ('xla', 'parity_fwd_kl'), ('pallas', 'jsd_sft')])
+def test_other_cotangents_take_autodiff_through_the_statistics(impl, mode):
+  """The gradient formed in the forward serves the loss and the weighted loss sum; a cotangent
+  on the kd_loss or sft_loss sums, or a differentiated mask (per-token weights), takes autodiff
+  through the statistics' VJP instead. Both equal the oracle."""
+  b = make_batch(12)
+  mask_w = np.asarray(b['mask'], np.float32) * np.linspace(0.5, 1.0, N, dtype=np.float32)
+
+  def objective(fn, **kw):
+    def f(h, w, m):
+      loss, mt = fn(h, w, b['ids'], b['t'], b['labels'], m, teacher_lse_N=b['lse'],
+                    vocab_size=V, **kw)
+      return loss + 0.3 * mt['kd_loss'][0] + 0.7 * mt['sft_loss'][0] - 0.2 * mt['loss'][0]
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(b['h'], b['w'], mask_w)
+  kw = dict(MODES[mode], **(TILES if impl == 'pallas' else dict(implementation=impl)))
+  kw.update(chunk_v=96)
+  want = objective(fk.fused_topk_kd_reference, **MODES[mode])
+  assert_close(objective(fk.fused_topk_kd, **kw), want, 2e-5)
+
+
+@pytest.mark.parametrize('impl', ['xla', 'pallas'])
+def test_loss_gradient_is_formed_in_the_forward(monkeypatch, devices8, impl):
+  """Differentiating the loss or the weighted loss sum, unsharded and vocab-parallel, scales the
+  gradient formed in the forward: autodiff through the statistics (`_loss_by_stats`) is never
+  traced."""
+  def fail(*a, **k):
+    raise AssertionError('the backward took autodiff through the statistics')
+  monkeypatch.setattr(fk, '_loss_by_stats', fail)
+  b = make_batch(13, p=320)
+  mesh = sharding.make_mesh(('data', 'fsdp', 'tensor'), (2, 1, 4), devices8)
+  for sharded in ({}, dict(mesh=mesh, vocab_axis='tensor')):
+    kw = dict(TILES, implementation=impl, **MODES['fwd_kl_sft'], **sharded)
+    value_and_grads(fk.fused_topk_kd, b, **kw)  # the loss
+    jax.jit(jax.grad(lambda h, w, kw=kw: fk.fused_topk_kd(  # the weighted sum, as train.py
+        h, w, b['ids'], b['t'], b['labels'], b['mask'], vocab_size=V, **kw)[1]['loss'][0],
+        argnums=(0, 1)))(b['h'], b['w'])
+
+
+def test_row_blocks_run_three_dots():
+  """The CPU sweep (xla with SFT) runs three dots per row block, x = h_R @ w, d_h and d_w, and
+  none more for the backward: the column sweeps ran four (their backward recomputed x)."""
+  n, d, p, k = 512, 256, 5120, 16  # chunk_v 2048: blocks of 128 rows, one loop body
+  sd = jax.ShapeDtypeStruct
+  args = (sd((n, d), jnp.float32), sd((d, p), jnp.float32), sd((n, k), jnp.int32),
+          sd((n, k), jnp.float32), sd((n,), jnp.int32), sd((n,), jnp.int32))
+  def f(h, w, ids, t, labels, mask):
+    return fk.fused_topk_kd(h, w, ids, t, labels, mask, chunk_v=2048, implementation='xla',
+                            **MODES['fwd_kl_sft'])[0]
+  text = jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args).compile().as_text()
+  assert len(hlo.dot_dtypes(text)) == 3
+
+
 @pytest.mark.parametrize('slab_bytes', [1, 4 * 4 * P, 1 << 30])
 @pytest.mark.parametrize('mode', ['parity_fwd_kl', 'jsd_temperature', 'cross_tokenizer_tail'])
 def test_gathered_columns_any_slab(monkeypatch, slab_bytes, mode):
@@ -237,8 +290,11 @@ def test_gathered_columns_any_slab(monkeypatch, slab_bytes, mode):
 @pytest.mark.parametrize('impl,mode', [('xla', 'parity_fwd_kl'), ('pallas', 'fwd_kl_sft'),
                                        ('xla', 'tail_fwd_kl_sft')])
 def test_temp_memory_holds_no_copy_of_the_head(impl, mode):
-  """XLA's temp bytes of forward + backward (compiled for CPU) stay well under one [D, P] fp32
-  copy of w_out: loops slice the head in place (a reshaped head as loop input got copied)."""
+  """XLA's temp bytes of forward + backward (compiled for CPU) hold no [D, P] copy of w_out:
+  loops slice the head in place (a reshaped head as loop input got copied). The column sweeps
+  write d_w chunk by chunk into the gradient itself: well under one [D, P] fp32. The row-block
+  sweep (xla with a vocabulary sweep) forms d_w in the forward: its fp32 accumulator is one
+  [D, P], and a copy of the head on top of it would pass 1.5 of them."""
   n, d, p, k = 512, 256, 32768, 16
   sd = jax.ShapeDtypeStruct
   args = (sd((n, d), jnp.float32), sd((d, p), jnp.float32), sd((n, k), jnp.int32),
@@ -247,7 +303,9 @@ def test_temp_memory_holds_no_copy_of_the_head(impl, mode):
     return fk.fused_topk_kd(h, w, ids, t, labels, mask, teacher_lse_N=lse, implementation=impl,
                             chunk_v=1024, **MODES[mode])[0]
   compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(*args).compile()
-  assert compiled.memory_analysis().temp_size_in_bytes < d * p * 4 // 2
+  head = d * p * 4
+  limit = head * 3 // 2 if impl == 'xla' and mode != 'parity_fwd_kl' else head // 2
+  assert compiled.memory_analysis().temp_size_in_bytes < limit
 
 
 @pytest.mark.parametrize('d', [2048, 4096])

@@ -19,6 +19,7 @@ import pytest
 from configs import base, nemotron8b_gpt2b
 from jkd import config as jkd_config
 from jkd import losses, model, sharding, train
+from jkd.kernels import fused_topk_kd as fk
 
 AXES = ('data', 'fsdp', 'tensor')
 RULES = base.LOGICAL_AXIS_RULES
@@ -167,6 +168,20 @@ def test_fused_loss_gives_the_reference_step(devices8, impl):
   pr, mr, _ = cached_run((2, 2, 2), loss_impl='reference')
   assert_metrics_close(mf, mr)
   assert_params_close(pf, pr)
+
+
+@pytest.mark.parametrize('impl', ['xla', 'pallas'])
+def test_step_scales_the_gradient_formed_in_the_forward(devices8, monkeypatch, impl):
+  """The step differentiates the fused loss's weighted sum (nested in the data-parallel
+  shard_map, vocab-parallel over 'tensor', in the micro-step scan): its backward scales the
+  head's gradient formed in the forward and never traces autodiff through the statistics."""
+  def fail(*a, **k):
+    raise AssertionError('the backward took autodiff through the statistics')
+  monkeypatch.setattr(fk, '_loss_by_stats', fail)
+  tc = train.TrainConfig(**{**BASE, 'global_batch_size': 8, 'fused_implementation': impl})
+  mesh = mesh_of((2, 2, 2))
+  state, sh = train.init_state(CFG, tc, initial_params(), mesh, RULES)
+  train.make_train_step(CFG, tc, mesh, RULES, sh).trace(state, smoke_batch(8))
 
 
 def test_state_is_donated(devices8):

@@ -20,10 +20,19 @@ the dense dlogits [N, C] (compute dtype), the sparse terms are scattered into it
 give d_hidden (fp32, accumulated) and that chunk of d_w (written once). The largest temporary is
 [N, C]. Without any family (NeMo parity, no SFT) nothing sweeps the vocabulary: gathered
 columns only, and a scatter-add for d_w, slab by slab.
-implementation='xla' runs the same sweeps in chunked jnp; 'auto' (the default) takes it on CPU,
-where Pallas only interprets, and the Pallas kernels elsewhere. cross_tokenizer takes the
-student's own top-K from a separate chunked jnp pass (running lax.top_k merge), then gathers as
-above.
+The loss itself (`_loss`) is a custom_vjp too: its forward, when differentiated, also forms the
+gradient of the weighted loss sum (metrics['loss'][0], what train.py differentiates; the loss is
+that over the count), and its backward scales it. The per-token cotangents of the statistics are
+known once a token's statistics are (the loss is a sum over tokens), so the column sweeps run
+their backward right after the forward, and implementation='xla' with a vocabulary sweep
+(`_rows_sweep`) goes by blocks of rows over all columns: x_RxP once, the cotangents, then d_h and
+d_w from the same block, three dots where the column sweeps need four (their backward recomputes
+x, since the dense part needs the finished logsumexps), at the cost of an fp32 [D, P] d_w
+accumulator. A cotangent on the kd_loss or sft_loss sums, or a differentiated mask or teacher
+input, takes autodiff through `_stats` instead (`_loss_by_stats`).
+implementation='xla' runs chunked jnp; 'auto' (the default) takes it on CPU, where Pallas only
+interprets, and the Pallas kernels elsewhere. cross_tokenizer takes the student's own top-K from
+a separate chunked jnp pass (running lax.top_k merge), then gathers as above.
 Vocab-parallel (mesh, vocab_axis): the same code per shard of w_out's columns in a shard_map;
 sparse statistics are psum-ed (0 off-shard), logsumexps combined with pmax + psum.
 """
@@ -36,6 +45,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 from jax.sharding import PartitionSpec
@@ -334,6 +344,50 @@ def _sweep_bwd(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
   return d_h[:n, :d], d_w[:d, :p]
 
 
+def _rows_sweep(h, w, lids, n_valid, sp_ids, ok, plan, axis_name, cotangents=None):
+  """CPU, with a vocabulary sweep: blocks of R rows over all P columns, x_RxP computed once.
+  Returns the per-token statistics (combined over vocabulary shards) and, given
+  cotangents(stats_R, r0, R) -> d objective / d stats_R (per row, so a block's own statistics
+  suffice), that objective's (d_h, d_w) in fp32 from the same block: d_h rows written once, d_w
+  accumulated over blocks. Three dots per block against the column sweeps' four (their
+  backward recomputes x, since a dense cotangent needs the finished logsumexps)."""
+  n, p = h.shape[0], w.shape[1]
+  w_c = w.astype(plan.cdt)
+  h_DxN = _materialized(h.T)
+  k = lids.shape[1]
+
+  def step(carry, r0, rows):
+    stats, d_h_NxD, d_w_DxP = carry
+    take = lambda a: lax.dynamic_slice_in_dim(a, r0, rows, 0)  # noqa: E731
+    sp_RxJ, ok_RxJ = take(sp_ids), take(ok)
+    x_RxP = plan.scale * jnp.dot(take(h), w_c, preferred_element_type=jnp.float32)
+    keeps = _xla_keeps(take(lids), n_valid, 0, p, plan)
+    x_sp_RxJ = jnp.where(ok_RxJ, jnp.take_along_axis(x_RxP, sp_RxJ, 1), 0.0)
+    lses = [_finish(m_R, l_R) for m_R, l_R in
+            _online_update(_init_state(rows, plan), x_RxP, keeps, plan)]
+    st = _combine(_named_stats(x_sp_RxJ, k, lses, plan), axis_name)
+    stats = {name: lax.dynamic_update_slice_in_dim(stats[name], v, r0, 0)
+             for name, v in st.items()}
+    if cotangents is None:
+      return stats, d_h_NxD, d_w_DxP
+    g = cotangents(st, r0, rows)
+    coefs = [g[name] * (plan.scale / div) for name, div, _ in plan.fams]
+    dl_RxP = _dense_dl(x_RxP, keeps, [st[name] for name, _, _ in plan.fams], coefs, plan)
+    vals_RxJ = jnp.where(ok_RxJ, plan.scale * _sparse_cotangent(g, plan), 0.0)
+    dl_RxP = dl_RxP.at[jnp.arange(rows)[:, None], sp_RxJ].add(vals_RxJ).astype(plan.cdt)
+    d_h_RxD = lax.dot_general(dl_RxP, w_c, (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    d_w_DxP = d_w_DxP + jnp.dot(lax.dynamic_slice_in_dim(h_DxN, r0, rows, 1), dl_RxP,
+                                preferred_element_type=jnp.float32)
+    return stats, lax.dynamic_update_slice_in_dim(d_h_NxD, d_h_RxD, r0, 0), d_w_DxP
+  shapes = _named_stats(jnp.zeros(sp_ids.shape, jnp.float32), k,
+                        [jnp.zeros((n,), jnp.float32)] * len(plan.fams), plan)
+  grads = ((jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
+           if cotangents is not None else (None, None))
+  rows = max(1, n * plan.chunk_v // p)  # [R, P] blocks of a column chunk's [N, chunk_v] size
+  return _loop_chunks(n, rows, step, (shapes, *grads), align=8)
+
+
 # --- gathered columns: the sparse statistics, and the whole job without a sweep --------------
 
 def _slab_rows(n, j, p, d, cpu):
@@ -394,6 +448,36 @@ def _sparse_ids(lids_NxK, llabels_N, n_valid, plan):
   return jnp.where(ok_NxJ, sp_NxJ, 0), ok_NxJ
 
 
+def _named_stats(x_sp_NxJ, k, lses, plan):
+  """The statistics by name (as losses.topk_kd_per_token takes them): x at the K ids, at the
+  label (SFT), and each family's logsumexp."""
+  out = dict(zip(_SPARSE, (x_sp_NxJ[:, :k], x_sp_NxJ[:, -1])[:1 + plan.label]))
+  out.update({name: lse_N for (name, _, _), lse_N in zip(plan.fams, lses)})
+  return out
+
+
+def _sparse_cotangent(g, plan):
+  """[N, J] cotangent of x at the sparse ids (the K, then the label) from the named ones."""
+  if not plan.label:
+    return g[_SPARSE[0]]
+  return jnp.concatenate([g[_SPARSE[0]], g[_SPARSE[1]][:, None]], 1)
+
+
+def _combine(stats, axis_name):
+  """Per-shard statistics -> the full vocabulary's: sparse x psum-ed (0 off-shard), logsumexps
+  combined with pmax + psum. Unsharded (axis_name None): unchanged."""
+  if axis_name is None:
+    return stats
+  out = {}
+  for name, v_N in stats.items():
+    if name in _SPARSE:
+      out[name] = lax.psum(v_N, axis_name)
+    else:
+      m_N = lax.pmax(lax.stop_gradient(v_N), axis_name)
+      out[name] = m_N + jnp.log(lax.psum(jnp.exp(v_N - m_N), axis_name))
+  return out
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _stats(h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, plan):
   """Per-token statistics (names as in losses.topk_kd_per_token) over this w's columns; ids
@@ -429,28 +513,28 @@ def _fwd(plan, h_NxD, w_DxP, lids_NxK, llabels_N, n_valid):
   sp_NxJ, ok_NxJ = _sparse_ids(lids_NxK, llabels_N, n_valid, plan)
   x_NxJ, lses = (_sweep_fwd(h, w_DxP, lids_NxK, n_valid, sp_NxJ, plan) if plan.fams
                  else (_gather_x(h, w_DxP, sp_NxJ, plan), ()))
-  x_NxJ = jnp.where(ok_NxJ, x_NxJ, 0.0)
-  out = dict(zip(_SPARSE, (x_NxJ[:, :lids_NxK.shape[1]], x_NxJ[:, -1])[:1 + plan.label]))
-  lses = tuple(lses)
-  out.update({name: lse_N for (name, _, _), lse_N in zip(plan.fams, lses)})
-  return out, (h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, lses)
+  out = _named_stats(jnp.where(ok_NxJ, x_NxJ, 0.0), lids_NxK.shape[1], lses, plan)
+  return out, (h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, tuple(lses))
 
 
 def _bwd(plan, res, g):
+  d_h, d_w = _grads(plan, res, g)
+  return d_h.astype(res[0].dtype), d_w.astype(res[1].dtype), None, None, None
+
+
+def _grads(plan, res, g):
+  """(d_h fp32, d_w) from the statistics' cotangents g."""
   h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, lses = res
   h = h_NxD.astype(plan.cdt)
   sp_NxJ, ok_NxJ = _sparse_ids(lids_NxK, llabels_N, n_valid, plan)
-  g_NxJ = g[_SPARSE[0]]
-  if plan.label:
-    g_NxJ = jnp.concatenate([g_NxJ, g[_SPARSE[1]][:, None]], 1)
-  vals_NxJ = jnp.where(ok_NxJ, plan.scale * g_NxJ, 0.0)
+  vals_NxJ = jnp.where(ok_NxJ, plan.scale * _sparse_cotangent(g, plan), 0.0)
   if plan.fams:
     coefs = [g[name] * (plan.scale / div) for name, div, _ in plan.fams]
     d_h, d_w = _sweep_bwd(h, w_DxP, lids_NxK, n_valid, lses, coefs,
                           jnp.where(ok_NxJ, sp_NxJ, -1), vals_NxJ, plan)
   else:
     d_h, d_w = _scatter_bwd(h, w_DxP, sp_NxJ, vals_NxJ, plan)
-  return d_h.astype(h_NxD.dtype), d_w.astype(w_DxP.dtype), None, None, None
+  return d_h, d_w
 
 
 _stats.defvjp(_stats_fwd, _stats_bwd)
@@ -480,6 +564,108 @@ def _student_topk_ids(h, w, n_valid, offset, k, plan, axis_name):
   return ids_NxK
 
 
+class _Loss(NamedTuple):
+  """Static parts of the loss (the custom_vjp's non-diff argument)."""
+  plan: _Plan
+  options: tuple  # (name, value) pairs: losses.topk_kd_per_token's options
+  axis_name: Any  # the vocabulary's mesh axis, None unsharded
+
+
+def _objective(options, stats, t_NxK, mask_N, lse_N):
+  """(loss, metrics) from the combined statistics; metrics['loss'][0], the weighted loss sum,
+  is the objective whose gradient the forward forms."""
+  stats = dict(stats)
+  topk = stats.pop(_SPARSE[0])
+  return losses.topk_kd_from_stats(topk, t_NxK, mask_N, teacher_lse_BxT=lse_N, **stats,
+                                   **dict(options))
+
+
+def _stats_and_grads(ctx, with_grad, plan, h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, t_NxK,
+                     mask_N, lse_N):
+  """(combined statistics, fp32 d_h, d_w of the weighted loss sum or None): the CPU sweep by
+  row blocks (`_rows_sweep`); otherwise the statistics' forward, then their backward with the
+  objective's cotangents, run at once (the same sweeps the autodiff of `_stats` runs)."""
+  def cotangents(stats, r0, rows):
+    take = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, r0, rows, 0)  # noqa
+    return jax.grad(lambda st: _objective(ctx.options, st, take(t_NxK), take(mask_N),
+                                          take(lse_N))[1]['loss'][0])(stats)
+  if plan.impl == 'xla' and plan.fams:
+    sp_NxJ, ok_NxJ = _sparse_ids(lids_NxK, llabels_N, n_valid, plan)
+    return _rows_sweep(h_NxD.astype(plan.cdt), w_DxP, lids_NxK, n_valid, sp_NxJ, ok_NxJ, plan,
+                       ctx.axis_name, cotangents if with_grad else None)
+  stats, res = _fwd(plan, h_NxD, w_DxP, lids_NxK, llabels_N, n_valid)
+  stats = _combine(stats, ctx.axis_name)
+  if not with_grad:
+    return stats, None, None
+  # The backward sweeps with the combined logsumexps give each shard its share of the dense part.
+  res = res[:-1] + (tuple(stats[name] for name, _, _ in plan.fams),)
+  d_h, d_w = _grads(plan, res, cotangents(stats, 0, h_NxD.shape[0]))
+  return stats, d_h, d_w.astype(jnp.float32)
+
+
+def _loss_by_stats(ctx, h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, t_NxK, mask_N, lse_N):
+  """The same (loss, metrics) through `_stats` and autodiff: any cotangent, any input."""
+  stats = _stats(h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, ctx.plan)
+  return _objective(ctx.options, _combine(stats, ctx.axis_name), t_NxK, mask_N, lse_N)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _loss(ctx, h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, t_NxK, mask_N, lse_N):
+  """(loss, metrics) of one shard's columns (ids local); its VJP scales a gradient formed in
+  the forward when only the loss or the weighted loss sum is differentiated."""
+  stats = _on_platform(functools.partial(_stats_and_grads, ctx, False), ctx.plan, h_NxD, w_DxP,
+                       lids_NxK, llabels_N, n_valid, t_NxK, mask_N, lse_N)[0]
+  return _objective(ctx.options, stats, t_NxK, mask_N, lse_N)
+
+
+def _loss_fwd(ctx, *primals):
+  args = [None if p is None else p.value for p in primals]
+  t_NxK, mask_N, lse_N = args[-3:]
+  if any(p is not None and p.perturbed for p in primals[-3:]):  # teacher or mask differentiated
+    return _loss(ctx, *args), (args, None)
+  stats, d_h, d_w = _on_platform(functools.partial(_stats_and_grads, ctx, True), ctx.plan,
+                                 *args)
+  out = _objective(ctx.options, stats, t_NxK, mask_N, lse_N)
+  return out, (args, (d_h, d_w, out[1]['loss'][1]))
+
+
+def _loss_bwd(ctx, res, ct):
+  args, formed = res
+  ct_loss, ct_metrics = ct
+  zero = lambda c: isinstance(c, SymbolicZero)  # noqa: E731 (not differentiated)
+  if formed is not None and zero(ct_metrics['kd_loss'][0]) and zero(ct_metrics['sft_loss'][0]):
+    d_h, d_w, count = formed  # loss = sum / max(count, 1); the count has no cotangent path
+    scale = sum(c for c in (None if zero(ct_loss) else ct_loss / jnp.maximum(count, 1.0),
+                            None if zero(ct_metrics['loss'][0]) else ct_metrics['loss'][0])
+                if c is not None)
+    if ctx.axis_name is not None:  # shard_map hands each shard 1/S of a replicated output's
+      scale = lax.psum(scale, ctx.axis_name)  # cotangent (the psum in `_combine` transposes so)
+    return ((scale * d_h).astype(args[0].dtype), (scale * d_w).astype(args[1].dtype),
+            None, None, None, None, None, None)
+  # Any other cotangent (kd_loss or sft_loss sums, the mask's weights): autodiff through the
+  # statistics' own VJP, whose backward recomputes the logits.
+  h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, t_NxK, mask_N, lse_N = args
+  diff = [i for i, a in enumerate((t_NxK, mask_N, lse_N))
+          if a is not None and jnp.issubdtype(a.dtype, jnp.inexact)]
+
+  def f(h, w, *floats):
+    teacher = [t_NxK, mask_N, lse_N]
+    for i, a in zip(diff, floats):
+      teacher[i] = a
+    return _loss_by_stats(ctx, h, w, lids_NxK, llabels_N, n_valid, *teacher)
+  _, vjp = jax.vjp(f, h_NxD, w_DxP, *[(t_NxK, mask_N, lse_N)[i] for i in diff])
+  ct = jax.tree.map(lambda c: jnp.zeros(c.aval.shape, c.aval.dtype) if zero(c) else c, ct,
+                    is_leaf=zero)
+  d_h, d_w, *d_floats = vjp(ct)
+  d_teacher = [None, None, None]
+  for i, d in zip(diff, d_floats):
+    d_teacher[i] = d
+  return (d_h, d_w, None, None, None, *d_teacher)
+
+
+_loss.defvjp(_loss_fwd, _loss_bwd, symbolic_zeros=True)
+
+
 def _fused_loss(h, w, ids, t, labels, mask, teacher_lse, *, plan, options, cross_tokenizer,
                 axis_name):
   p = w.shape[1]
@@ -489,17 +675,8 @@ def _fused_loss(h, w, ids, t, labels, mask, teacher_lse, *, plan, options, cross
   labels = jnp.clip(labels.astype(jnp.int32), 0, plan.vocab_size - 1)
   if cross_tokenizer:
     ids = _student_topk_ids(h, w, n_valid, offset, ids.shape[1], plan, axis_name)
-  stats = _stats(h, w, ids - offset, labels - offset, n_valid, plan)
-  if axis_name is not None:
-    for name, v_N in stats.items():
-      if name in _SPARSE:
-        stats[name] = lax.psum(v_N, axis_name)
-      else:
-        m_N = lax.pmax(lax.stop_gradient(v_N), axis_name)
-        stats[name] = m_N + jnp.log(lax.psum(jnp.exp(v_N - m_N), axis_name))
-  topk = stats.pop(_SPARSE[0])
-  return losses.topk_kd_from_stats(topk, t, mask, teacher_lse_BxT=teacher_lse, **stats,
-                                   **options)
+  return _loss(_Loss(plan, tuple(options.items()), axis_name), h, w, ids - offset,
+               labels - offset, n_valid, t, mask, teacher_lse)
 
 
 def _make_plan(h, w, ids, t, labels, mask, teacher_lse, *, vocab_size, options, logits_scale,
