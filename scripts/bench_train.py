@@ -16,6 +16,9 @@ head; random init, same shapes) on the same batch with the same objective and op
   softmax over the K ids, forward KL, + 0.4 x full-vocab CE, masked token mean per micro-batch,
   / number of micro-batches), autograd, `clip_grad_norm_(1.0)`, `torch.optim.AdamW((0.9, 0.98),
   weight_decay=0.01)` (no decay on norms, as NeMo and jkd); bf16 is autocast over fp32 params.
+`--precision auto` (the default) computes in bf16 on GPU and on CPUs with bf16 matrix units
+(avx512_bf16, amx_bf16), in fp32 on other CPUs: there torch's bf16 matmul takes a slow fallback
+(about 70x slower than its fp32 one), so a bf16 ratio would time that fallback.
 Steady state: `--warmup` steps (compile included) are dropped, then `--steps` timed steps each
 (jax: block_until_ready); best and median are printed. On CPU the two sides' steps interleave
 (alternating which goes first), so load from other processes hits both alike; tokens are all
@@ -81,8 +84,9 @@ def parse_flags(argv=None):
   for name in PRESETS['cpu']:
     p.add_argument('--' + name.replace('_', '-'), type=int, default=None,
                    help='overrides the preset' + (' (G rows)' if name == 'batch' else ''))
-  p.add_argument('--precision', choices=('fp32', 'bf16'), default='bf16',
-                 help='compute dtype (params and optimizer stay fp32 on both sides)')
+  p.add_argument('--precision', choices=('auto', 'fp32', 'bf16'), default='auto',
+                 help='compute dtype (params and optimizer stay fp32 on both sides); auto: '
+                      'bf16 on GPU and on CPUs with bf16 matrix units, else fp32')
   p.add_argument('--loss-impl', choices=('fused', 'reference'), default='fused')
   p.add_argument('--fused-implementation', choices=('auto', 'xla', 'pallas'), default='auto',
                  help='auto: pallas on GPU, xla on CPU (Pallas on CPU is the interpreter)')
@@ -396,25 +400,51 @@ def malloc_env(environ=os.environ):
   return ' '.join(tuned) or 'allocator defaults (no GLIBC_TUNABLES, MALLOC_* or LD_PRELOAD)'
 
 
-def host_cpu(cpuinfo='/proc/cpuinfo'):
-  """'model name | bf16 matrix units' of this host's CPU, from /proc/cpuinfo ('' where absent).
-  torch's oneDNN runs bf16 matmuls on AMX tiles where the CPU has them; XLA:CPU's kernels (jax
-  0.10) do not, so the ratio of the two columns depends on this line."""
+def cpu_bf16_units(cpuinfo='/proc/cpuinfo'):
+  """(model name, [bf16 matrix units]) of this host's CPU from /proc/cpuinfo; None where absent."""
   try:
     with open(cpuinfo, encoding='utf-8', errors='replace') as f:
       text = f.read()
   except OSError:
-    return ''
+    return None
   fields = {k.strip(): v.strip() for k, v in (line.split(':', 1) for line in
                                               text.splitlines()[:64] if ':' in line)}
   flags = set(fields.get('flags', '').split())
-  units = [u for u in ('amx_bf16', 'avx512_bf16') if u in flags]
-  return (f"{fields.get('model name', 'unknown')} | bf16 units: {', '.join(units) or 'none'}"
-          + ('' if 'amx_bf16' in flags else ' (no AMX)'))
+  return fields.get('model name', 'unknown'), [u for u in ('amx_bf16', 'avx512_bf16')
+                                               if u in flags]
+
+
+def host_cpu(cpuinfo='/proc/cpuinfo'):
+  """'model name | bf16 matrix units' of this host's CPU, from /proc/cpuinfo ('' where absent).
+  torch's oneDNN runs bf16 matmuls on AMX tiles where the CPU has them; XLA:CPU's kernels (jax
+  0.10) do not, so the ratio of the two columns depends on this line."""
+  cpu = cpu_bf16_units(cpuinfo)
+  if cpu is None:
+    return ''
+  name, units = cpu
+  return (f"{name} | bf16 units: {', '.join(units) or 'none'}"
+          + ('' if 'amx_bf16' in units else ' (no AMX)'))
+
+
+def resolve_precision(precision, on_gpu, cpuinfo='/proc/cpuinfo'):
+  """(precision, why) for --precision. auto: bf16 on GPU and on CPUs with bf16 matrix units
+  (avx512_bf16, amx_bf16), fp32 on other CPUs, where torch's bf16 matmul takes a slow fallback
+  (1.7 GFLOP/s against 114 fp32 on 2 cores of an AMD EPYC with AVX2 only, [2048, 512] x
+  [512, 8000]) and a bf16 ratio would measure that fallback, not the libraries."""
+  if precision != 'auto':
+    return precision, ''
+  if on_gpu:
+    return 'bf16', ' (--precision auto: GPU)'
+  cpu = cpu_bf16_units(cpuinfo)
+  if cpu and cpu[1]:
+    return 'bf16', f" (--precision auto: the CPU has {', '.join(cpu[1])})"
+  return 'fp32', (' (--precision auto: the CPU has no bf16 matrix units, where torch runs bf16 '
+                  'matmuls on a slow fallback)')
 
 
 def main(flags):
   s, on_gpu, impl = resolve(flags)
+  flags.precision, why_precision = resolve_precision(flags.precision, on_gpu)
   if s['batch'] % s['micro_batch']:
     sys.exit(f"--batch {s['batch']} is not a multiple of --micro-batch {s['micro_batch']}")
   threads = len(os.sched_getaffinity(0))
@@ -427,7 +457,7 @@ def main(flags):
         f"(N_mm {n_mm / 1e6:.1f}M)")
   print(f"batch: G={s['batch']} rows x T={s['seq_len']} = {tokens} tokens/step, micro-batch "
         f"{s['micro_batch']}, K={s['top_k']}; loss fwd_kl x {KD_WEIGHT} + SFT x {SFT_WEIGHT}; "
-        f"precision {flags.precision}, remat {flags.remat}")
+        f"precision {flags.precision}{why_precision}, remat {flags.remat}")
   run_cfg = train.run_config(student_config(s), dataclasses.replace(
       train.TrainConfig(), precision=flags.precision, attention=flags.attention,
       scan_unroll=scan_unroll(flags)))

@@ -45,6 +45,23 @@ def test_host_cpu_names_the_model_and_its_bf16_units(bench, tmp_path):
   assert bench['host_cpu'](str(tmp_path / 'absent')) == ''
 
 
+def test_precision_auto_is_bf16_only_where_the_cpu_has_bf16_units(bench, tmp_path):
+  """torch's bf16 matmul on a CPU without bf16 units is a slow fallback: auto takes fp32 there;
+  bf16 with amx_bf16 or avx512_bf16 and on GPU; an explicit choice stands."""
+  path = tmp_path / 'cpuinfo'
+  resolve = bench['resolve_precision']
+  path.write_text(CPUINFO)
+  assert resolve('auto', False, str(path))[0] == 'bf16'
+  path.write_text(CPUINFO.replace(' amx_bf16 amx_tile amx_int8', ''))  # avx512_bf16 alone
+  assert resolve('auto', False, str(path))[0] == 'bf16'
+  path.write_text(CPUINFO.replace(' avx512_bf16 amx_bf16 amx_tile amx_int8', ''))
+  precision, why = resolve('auto', False, str(path))
+  assert precision == 'fp32' and 'no bf16 matrix units' in why
+  assert resolve('auto', True, str(path))[0] == 'bf16'
+  assert resolve('bf16', False, str(path)) == ('bf16', '')
+  assert resolve('auto', False, str(tmp_path / 'absent'))[0] == 'fp32'
+
+
 def test_malloc_env_records_only_allocator_settings(bench):
   env = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1', 'MALLOC_ARENA_MAX': '1', 'HOME': '/root'}
   assert bench['malloc_env'](env) == 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_ARENA_MAX=1'
