@@ -9,6 +9,15 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
 os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
+# One persistent compilation cache for the tests and the jkd subprocesses they start (inherited
+# through the environment): a cached executable is the one a fresh compile builds, so it only
+# saves compile time, where a 2-core machine spends much of the suite (the same train steps in
+# many tests and restarts). A size limit turns on jax's file lock around each entry's read and
+# write, so the xdist workers and their subprocesses can share it.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.pytest_cache', 'jax'))
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

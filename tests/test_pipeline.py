@@ -53,7 +53,10 @@ def _check_kills_at_stage_ends(whole, cut):
           f'--config.workdir={cut}']
   n_stages = len(json.loads((whole / 'stages.json').read_text()))
   cut.mkdir()
-  kills = harness.kill_chain(argv, harness.env(cut), cut, n_points=n_stages, kills=4, seed=17,
+  # The whole run's compilation cache (conftest's): the chain's runs compile the same programs
+  # and its kills land at stage ends, never inside a cache write.
+  environ = harness.env(cut, JAX_COMPILATION_CACHE_DIR=os.environ['JAX_COMPILATION_CACHE_DIR'])
+  kills = harness.kill_chain(argv, environ, cut, n_points=n_stages, kills=4, seed=17,
                              only='pipeline.stage_done')
   assert len(kills) == 4
   a, b = (json.loads((d / 'results.json').read_text()) for d in (whole, cut))
