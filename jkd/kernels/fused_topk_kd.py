@@ -353,7 +353,7 @@ def _rows_sweep(h, w, lids, n_valid, sp_ids, ok, plan, axis_name, cotangents=Non
   backward recomputes x, since a dense cotangent needs the finished logsumexps)."""
   n, p = h.shape[0], w.shape[1]
   w_c = w.astype(plan.cdt)
-  h_DxN = _materialized(h.T)
+  h_DxN = _materialized(h.T) if plan.cpu else h.T
   k = lids.shape[1]
 
   def step(carry, r0, rows):
