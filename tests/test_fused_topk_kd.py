@@ -183,6 +183,25 @@ def test_slab_rows():
   assert fk._slab_rows(1 << 20, 101, 32000, 2048, cpu=False) == 1
 
 
+@pytest.mark.parametrize('n,p,chunk_v,rows', [
+    (2048, 32000, None, 524),  # [R, P] of the default 2^24 elements
+    (2048, 256000, None, 256),  # at least 256 rows: d_w's dot contracts over them
+    (100, 256000, None, 100),  # at most N
+    (37, 300, 96, 11),  # an explicit chunk_v: its [N, chunk_v] elements exactly
+])
+def test_cpu_sweep_block_rows(n, p, chunk_v, rows):
+  sd = jax.ShapeDtypeStruct
+  plan = fk._make_plan(
+      sd((n, 8), jnp.float32), sd((8, p), jnp.float32), sd((n, 4), jnp.int32),
+      sd((n, 4), jnp.float32), sd((n,), jnp.int32), sd((n,), jnp.int32), None, vocab_size=None,
+      options=dict(kd_loss='fwd_kl', kd_loss_weight=1.0, sft_loss_weight=0.4,
+                   target_logits_scale=1.0, tail=False, student_norm=None, beta=0.5,
+                   temperature=1.0),
+      logits_scale=1.0, compute_dtype=None, tiles=(None,) * 6 + (chunk_v,),
+      implementation='xla', interpret=None)
+  assert plan.block_rows == rows
+
+
 @pytest.mark.parametrize('n_cols,width,align,chunks', [
     (32000, 8192, 128, [6400] * 5),  # narrowed to a divisor: one loop body
     (256000, 8192, 128, [6400] * 40),

@@ -58,6 +58,10 @@ _TARGET_PROGRAMS = 264  # forward grid: ~2 waves over 132 SMs
 _GATHER_BYTES = 1 << 25  # gathered w_out columns [R, N, J] per slab (GPU)
 _SLAB_BYTES = 1 << 20  # w_out rows [R, P] per slab (CPU: a column touches R cache lines)
 _CHUNK_ELEMENTS = 1 << 24  # default backward chunk: [N, C] dlogits of ~16M elements
+# Default row blocks of the CPU sweep: [R, P] of _CHUNK_ELEMENTS, but at least this many rows:
+# d_w's dot per block contracts over R and writes all of [D, P], so fewer rows make it bound by
+# that write (V=256000, D=512, N=2048, fp32 grad: 21.0 s at R=64, 12.1 s at 256 and at 512).
+_MIN_BLOCK_ROWS = 256
 _SPARSE = ('student_topk_BxTxK', 'label_logit_BxT')
 IMPLEMENTATIONS = ('auto', 'pallas', 'xla')
 
@@ -79,6 +83,7 @@ class _Plan(NamedTuple):
   impl: str  # 'pallas' | 'xla' | 'auto' until `_on_platform` resolves it
   interpret: bool | None
   cpu: bool | None = None  # set by `_on_platform`
+  block_rows: int = 1  # rows R of the CPU sweep's [R, P] blocks
 
   @property
   def tail(self):  # a family excludes the K ids: the kernels need them
@@ -384,8 +389,7 @@ def _rows_sweep(h, w, lids, n_valid, sp_ids, ok, plan, axis_name, cotangents=Non
                         [jnp.zeros((n,), jnp.float32)] * len(plan.fams), plan)
   grads = ((jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
            if cotangents is not None else (None, None))
-  rows = max(1, n * plan.chunk_v // p)  # [R, P] blocks of a column chunk's [N, chunk_v] size
-  return _loop_chunks(n, rows, step, (shapes, *grads), align=8)
+  return _loop_chunks(n, plan.block_rows, step, (shapes, *grads), align=8)
 
 
 # --- gathered columns: the sparse statistics, and the whole job without a sweep --------------
@@ -719,8 +723,12 @@ def _make_plan(h, w, ids, t, labels, mask, teacher_lse, *, vocab_size, options, 
       raise ValueError(f'block_n={bn}, block_v={bv}, block_d={bd}, num_stages={stages}: '
                        f'~{need // 1024} KiB of shared memory, over {SMEM_LIMIT // 1024} KiB')
   chunk_v = int(tiles[6] or max(512, _CHUNK_ELEMENTS // n))
+  # Row blocks of the CPU sweep: a column chunk's [N, chunk_v] elements as [R, P]; by default
+  # at least _MIN_BLOCK_ROWS rows.
+  rows = (max(1, n * chunk_v // p) if tiles[6] else
+          max(min(n, _MIN_BLOCK_ROWS), _CHUNK_ELEMENTS // p))
   return _Plan(v, float(logits_scale), tuple(fams), sft, cdt, bn, bv, bd, warps, stages,
-               tiles[5], chunk_v, implementation, interpret)
+               tiles[5], chunk_v, implementation, interpret, block_rows=rows)
 
 
 def fused_topk_kd(hidden_NxD, w_out_DxP, teacher_ids_NxK, teacher_logits_NxK, labels_N,
@@ -743,8 +751,9 @@ def fused_topk_kd(hidden_NxD, w_out_DxP, teacher_ids_NxK, teacher_logits_NxK, la
     (defaults for H100 by compute dtype, `default_blocks`; P and D not multiples are padded, a
     copy of w_out); num_splits vocabulary splits of the forward grid (None: ~2 waves of
     programs); chunk_v columns per backward chunk ([N, chunk_v] dlogits is the largest
-    temporary). implementation: 'pallas', 'xla' (the same sweeps in chunked jnp), or 'auto':
-    'xla' on CPU, 'pallas' elsewhere (lax.platform_dependent).
+    temporary). implementation: 'pallas', 'xla' (chunked jnp: with a vocabulary sweep, blocks of
+    R rows over all P columns, R = N * chunk_v / P, by default at least 256, and an fp32 [D, P]
+    d_w accumulator), or 'auto': 'xla' on CPU, 'pallas' elsewhere (lax.platform_dependent).
   interpret: for 'pallas', None = interpret mode on CPU, the Triton kernel on GPU.
   """
   options = dict(kd_loss=kd_loss, kd_loss_weight=kd_loss_weight, sft_loss_weight=sft_loss_weight,
