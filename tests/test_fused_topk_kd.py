@@ -262,6 +262,13 @@ def test_other_cotangents_take_autodiff_through_the_statistics(impl, mode):
   want = objective(fk.fused_topk_kd_reference, **MODES[mode])
   assert_close(objective(fk.fused_topk_kd, **kw), want, 2e-5)
 
+  def kd_sum(fn, **kw):  # the integer 0/1 mask as stored: no cotangent of its own
+    return jax.jit(jax.grad(lambda h, w: fn(h, w, b['ids'], b['t'], b['labels'], b['mask'],
+                                            teacher_lse_N=b['lse'], vocab_size=V,
+                                            **kw)[1]['kd_loss'][0], argnums=(0, 1)))(b['h'], b['w'])
+  assert_close(kd_sum(fk.fused_topk_kd, **kw), kd_sum(fk.fused_topk_kd_reference, **MODES[mode]),
+               2e-5)
+
 
 @pytest.mark.parametrize('impl', ['xla', 'pallas'])
 def test_loss_gradient_is_formed_in_the_forward(monkeypatch, devices8, impl):

@@ -639,31 +639,23 @@ def _loss_bwd(ctx, res, ct):
   zero = lambda c: isinstance(c, SymbolicZero)  # noqa: E731 (not differentiated)
   if formed is not None and zero(ct_metrics['kd_loss'][0]) and zero(ct_metrics['sft_loss'][0]):
     d_h, d_w, count = formed  # loss = sum / max(count, 1); the count has no cotangent path
-    scale = sum(c for c in (None if zero(ct_loss) else ct_loss / jnp.maximum(count, 1.0),
-                            None if zero(ct_metrics['loss'][0]) else ct_metrics['loss'][0])
-                if c is not None)
+    scale = 0.0
+    if not zero(ct_loss):
+      scale = scale + ct_loss / jnp.maximum(count, 1.0)
+    if not zero(ct_metrics['loss'][0]):
+      scale = scale + ct_metrics['loss'][0]
     if ctx.axis_name is not None:  # shard_map hands each shard 1/S of a replicated output's
       scale = lax.psum(scale, ctx.axis_name)  # cotangent (the psum in `_combine` transposes so)
     return ((scale * d_h).astype(args[0].dtype), (scale * d_w).astype(args[1].dtype),
             None, None, None, None, None, None)
   # Any other cotangent (kd_loss or sft_loss sums, the mask's weights): autodiff through the
-  # statistics' own VJP, whose backward recomputes the logits.
-  h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, t_NxK, mask_N, lse_N = args
-  diff = [i for i, a in enumerate((t_NxK, mask_N, lse_N))
-          if a is not None and jnp.issubdtype(a.dtype, jnp.inexact)]
-
-  def f(h, w, *floats):
-    teacher = [t_NxK, mask_N, lse_N]
-    for i, a in zip(diff, floats):
-      teacher[i] = a
-    return _loss_by_stats(ctx, h, w, lids_NxK, llabels_N, n_valid, *teacher)
-  _, vjp = jax.vjp(f, h_NxD, w_DxP, *[(t_NxK, mask_N, lse_N)[i] for i in diff])
+  # statistics' own VJP, whose backward recomputes the logits. Integer inputs get float0.
+  h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, *teacher = args
+  _, vjp = jax.vjp(lambda h, w, teacher: _loss_by_stats(ctx, h, w, lids_NxK, llabels_N, n_valid,
+                                                        *teacher), h_NxD, w_DxP, teacher)
   ct = jax.tree.map(lambda c: jnp.zeros(c.aval.shape, c.aval.dtype) if zero(c) else c, ct,
                     is_leaf=zero)
-  d_h, d_w, *d_floats = vjp(ct)
-  d_teacher = [None, None, None]
-  for i, d in zip(diff, d_floats):
-    d_teacher[i] = d
+  d_h, d_w, d_teacher = vjp(ct)
   return (d_h, d_w, None, None, None, *d_teacher)
 
 
