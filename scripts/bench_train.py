@@ -414,11 +414,10 @@ def cpu_bf16_units(cpuinfo='/proc/cpuinfo'):
                                                if u in flags]
 
 
-def host_cpu(cpuinfo='/proc/cpuinfo'):
-  """'model name | bf16 matrix units' of this host's CPU, from /proc/cpuinfo ('' where absent).
-  torch's oneDNN runs bf16 matmuls on AMX tiles where the CPU has them; XLA:CPU's kernels (jax
-  0.10) do not, so the ratio of the two columns depends on this line."""
-  cpu = cpu_bf16_units(cpuinfo)
+def host_cpu(cpu):
+  """'model name | bf16 matrix units' of `cpu_bf16_units()` ('' for None). torch's oneDNN runs
+  bf16 matmuls on AMX tiles where the CPU has them; XLA:CPU's kernels (jax 0.10) do not, so the
+  ratio of the two columns depends on this line."""
   if cpu is None:
     return ''
   name, units = cpu
@@ -426,16 +425,16 @@ def host_cpu(cpuinfo='/proc/cpuinfo'):
           + ('' if 'amx_bf16' in units else ' (no AMX)'))
 
 
-def resolve_precision(precision, on_gpu, cpuinfo='/proc/cpuinfo'):
+def resolve_precision(precision, on_gpu, cpu):
   """(precision, why) for --precision. auto: bf16 on GPU and on CPUs with bf16 matrix units
   (avx512_bf16, amx_bf16), fp32 on other CPUs, where torch's bf16 matmul takes a slow fallback
   (1.7 GFLOP/s against 114 fp32 on 2 cores of an AMD EPYC with AVX2 only, [2048, 512] x
-  [512, 8000]) and a bf16 ratio would measure that fallback, not the libraries."""
+  [512, 8000]) and a bf16 ratio would measure that fallback, not the libraries. cpu: as
+  `cpu_bf16_units()` gives it."""
   if precision != 'auto':
     return precision, ''
   if on_gpu:
     return 'bf16', ' (--precision auto: GPU)'
-  cpu = cpu_bf16_units(cpuinfo)
   if cpu and cpu[1]:
     return 'bf16', f" (--precision auto: the CPU has {', '.join(cpu[1])})"
   return 'fp32', (' (--precision auto: the CPU has no bf16 matrix units, where torch runs bf16 '
@@ -444,7 +443,8 @@ def resolve_precision(precision, on_gpu, cpuinfo='/proc/cpuinfo'):
 
 def main(flags):
   s, on_gpu, impl = resolve(flags)
-  flags.precision, why_precision = resolve_precision(flags.precision, on_gpu)
+  cpu = None if on_gpu else cpu_bf16_units()  # /proc/cpuinfo, read once
+  flags.precision, why_precision = resolve_precision(flags.precision, on_gpu, cpu)
   if s['batch'] % s['micro_batch']:
     sys.exit(f"--batch {s['batch']} is not a multiple of --micro-batch {s['micro_batch']}")
   threads = len(os.sched_getaffinity(0))
@@ -474,9 +474,8 @@ def main(flags):
   np_batch = make_batch(s, flags.seed)
 
   torch, why = (None, '--skip-torch') if flags.skip_torch else torch_status(on_gpu)
-  cpu = '' if on_gpu else host_cpu()
-  if cpu:
-    print(f'cpu: {cpu}')
+  if cpu is not None:
+    print(f'cpu: {host_cpu(cpu)}')
   if not on_gpu:
     print(f'malloc: {malloc_env()}')
   if torch is not None and not on_gpu:

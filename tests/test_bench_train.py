@@ -37,19 +37,21 @@ model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
 
 def test_host_cpu_names_the_model_and_its_bf16_units(bench, tmp_path):
   path = tmp_path / 'cpuinfo'
+  host_cpu = lambda p: bench['host_cpu'](bench['cpu_bf16_units'](p))  # noqa: E731
   path.write_text(CPUINFO)
-  assert bench['host_cpu'](str(path)) == (
+  assert host_cpu(str(path)) == (
       'Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz | bf16 units: amx_bf16, avx512_bf16')
   path.write_text(CPUINFO.replace(' avx512_bf16 amx_bf16 amx_tile amx_int8', ''))
-  assert bench['host_cpu'](str(path)).endswith('| bf16 units: none (no AMX)')
-  assert bench['host_cpu'](str(tmp_path / 'absent')) == ''
+  assert host_cpu(str(path)).endswith('| bf16 units: none (no AMX)')
+  assert host_cpu(str(tmp_path / 'absent')) == ''
 
 
 def test_precision_auto_is_bf16_only_where_the_cpu_has_bf16_units(bench, tmp_path):
   """torch's bf16 matmul on a CPU without bf16 units is a slow fallback: auto takes fp32 there;
   bf16 with amx_bf16 or avx512_bf16 and on GPU; an explicit choice stands."""
   path = tmp_path / 'cpuinfo'
-  resolve = bench['resolve_precision']
+  units = bench['cpu_bf16_units']
+  resolve = lambda p, gpu, path: bench['resolve_precision'](p, gpu, units(path))  # noqa: E731
   path.write_text(CPUINFO)
   assert resolve('auto', False, str(path))[0] == 'bf16'
   path.write_text(CPUINFO.replace(' amx_bf16 amx_tile amx_int8', ''))  # avx512_bf16 alone
