@@ -18,6 +18,8 @@ import pytest
 
 from jkd import sharding
 from jkd.kernels import fused_topk_kd as fk
+from jkd.kernels import vocab_sweeps as vs
+from jkd.kernels import vocab_tiles as vt
 from tests import hlo
 
 N, D, P, V, K = 37, 40, 300, 290, 6
@@ -157,8 +159,8 @@ def test_no_token_by_vocab_array(mode, sweeps):
 def test_auto_takes_xla_on_cpu_and_pallas_elsewhere():
   """implementation='auto' resolves per platform at lowering: 'xla' for cpu (Pallas would only
   interpret), 'pallas' for cuda; on CPU it computes exactly what 'xla' computes."""
-  plan = fk._Plan(V, 1.0, (), False, jnp.dtype(jnp.float32), 16, 32, 16, 4, 3, None, 96, 'auto',
-                  None)
+  plan = vt.Plan(V, 1.0, (), False, jnp.dtype(jnp.float32), 16, 32, 16, 4, 3, None, 96, 'auto',
+                 None)
   def probe():
     return fk._on_platform(lambda p: jnp.int32(fk.IMPLEMENTATIONS.index(p.impl) + 10 * p.cpu),
                            plan)
@@ -176,11 +178,11 @@ def test_auto_takes_xla_on_cpu_and_pallas_elsewhere():
 def test_slab_rows():
   """Rows of w_out per slab of the gathered-column work: ~1 MiB of [R, P] on CPU, [R, N, J]
   gathers bounded elsewhere; a power of two dividing D, at least 1."""
-  assert fk._slab_rows(1024, 100, 32000, 512, cpu=True) == 8
-  assert fk._slab_rows(4096, 101, 256000, 2048, cpu=True) == 1
-  assert fk._slab_rows(4096, 101, 256000, 2048, cpu=False) == 16
-  assert fk._slab_rows(4096, 101, 256000, 40, cpu=False) == 8
-  assert fk._slab_rows(1 << 20, 101, 32000, 2048, cpu=False) == 1
+  assert vs.slab_rows(1024, 100, 32000, 512, cpu=True) == 8
+  assert vs.slab_rows(4096, 101, 256000, 2048, cpu=True) == 1
+  assert vs.slab_rows(4096, 101, 256000, 2048, cpu=False) == 16
+  assert vs.slab_rows(4096, 101, 256000, 40, cpu=False) == 8
+  assert vs.slab_rows(1 << 20, 101, 32000, 2048, cpu=False) == 1
 
 
 @pytest.mark.parametrize('n,p,chunk_v,rows', [
@@ -211,14 +213,14 @@ def test_cpu_sweep_block_rows(n, p, chunk_v, rows):
     (4096, 1024, 256, [1024] * 4),
 ])
 def test_loop_chunks_cover_every_column_once(n_cols, width, align, chunks):
-  """_loop_chunks visits [0, n_cols) once, in chunks of the width it picks: the widest multiple
+  """loop_chunks visits [0, n_cols) once, in chunks of the width it picks: the widest multiple
   of `align` in (width / 2, width] that divides n_cols, else whole chunks and a remainder."""
   seen = []
   def step(count_C, c0, w):
     seen.append(w)
     return lax.dynamic_update_slice_in_dim(
         count_C, lax.dynamic_slice_in_dim(count_C, c0, w) + 1, c0, 0)
-  count = jax.jit(lambda c: fk._loop_chunks(n_cols, width, step, c, align))(
+  count = jax.jit(lambda c: vs.loop_chunks(n_cols, width, step, c, align))(
       jnp.zeros(n_cols, jnp.int32))
   np.testing.assert_array_equal(count, np.ones(n_cols, np.int32))
   assert sum(chunks) == n_cols  # the table's own check
@@ -307,7 +309,7 @@ def test_row_blocks_run_three_dots():
 def test_gathered_columns_any_slab(monkeypatch, slab_bytes, mode):
   """The gathered-column statistics and their backward (gathers for d_h, a scatter-add for d_w)
   equal the oracle for slabs of 1, 4 and 8 rows (the largest power of two dividing D=40)."""
-  monkeypatch.setattr(fk, '_SLAB_BYTES', slab_bytes)
+  monkeypatch.setattr(vs, '_SLAB_BYTES', slab_bytes)
   b = make_batch(11)
   want = value_and_grads(fk.fused_topk_kd_reference, b, **MODES[mode])
   assert_close(value_and_grads(fk.fused_topk_kd, b, chunk_v=96, **MODES[mode]), want, 2e-5)
