@@ -57,6 +57,21 @@ def loop_settings(config) -> LoopSettings:
       max_seq_length=config.data.max_seq_length)
 
 
+def _summary_writer(logdir: str, purge_step: int):
+  """tensorboardX's SummaryWriter, imported without torch: where torch is installed (the convert
+  extra), tensorboardX imports it only to accept torch tensors, ~2 s of every training start;
+  jkd logs Python floats."""
+  import sys
+  if 'tensorboardX' not in sys.modules and 'torch' not in sys.modules:
+    sys.modules['torch'] = None  # `import torch` raises ImportError for this import only
+    try:
+      import tensorboardX  # noqa: F401
+    finally:
+      del sys.modules['torch']
+  import tensorboardX
+  return tensorboardX.SummaryWriter(logdir, purge_step=purge_step)
+
+
 class _Metrics:
   """TensorBoard + metrics.jsonl (+ W&B) on process 0; scalars only. A run starting at step
   `start` (0, or a resumed checkpoint's) first drops what was logged after it (steps it is about
@@ -67,9 +82,7 @@ class _Metrics:
     self.tb = self.jsonl = self.wandb = None
     if not self.on:
       return
-    import tensorboardX
-    self.tb = tensorboardX.SummaryWriter(os.path.join(ls.workdir, 'tensorboard'),
-                                         purge_step=start + 1)
+    self.tb = _summary_writer(os.path.join(ls.workdir, 'tensorboard'), purge_step=start + 1)
     path = os.path.join(ls.workdir, 'metrics.jsonl')
     if os.path.exists(path):  # a fresh start (0) keeps nothing of a run killed before a save
       with open(path) as f:

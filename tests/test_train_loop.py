@@ -218,3 +218,32 @@ def test_wandb_run_continues_across_restarts(tmp_path, monkeypatch):
     train_loop._Metrics(train_loop.loop_settings(config), config, start).close()
   assert [c['project'] for c in calls] == ['kd', 'kd'] and calls[0]['id'] == calls[1]['id']
   assert (tmp_path / 'wandb_id').read_text() == calls[0]['id']
+
+
+_READ_EVENTS = '''
+import struct, sys
+from jkd import train_loop
+w = train_loop._summary_writer(sys.argv[1], purge_step=1)
+w.add_scalar('train/loss', 2.5, 3)
+w.close()
+print('torch' in sys.modules)
+import os, torch  # still importable afterwards
+from tensorboardX.proto import event_pb2
+for name in os.listdir(sys.argv[1]):
+  data = open(os.path.join(sys.argv[1], name), 'rb').read()
+  while data:  # TFRecords: length, its crc, the event, its crc
+    n = struct.unpack('<Q', data[:8])[0]
+    e = event_pb2.Event.FromString(data[12:12 + n])
+    data = data[16 + n:]
+    for v in e.summary.value:
+      print(e.step, v.tag, v.simple_value)
+'''
+
+
+def test_summary_writer_leaves_torch_unimported(tmp_path):
+  """tensorboardX imports torch, where installed, to accept its tensors (~2 s per training
+  start); jkd's writer hides it from that import, and the events still hold the scalars."""
+  proc = subprocess.run([sys.executable, '-c', _READ_EVENTS, str(tmp_path)], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split('\n')[:2] == ['False', '3 train/loss 2.5'], proc.stdout

@@ -254,8 +254,6 @@ def test_accumulation_under_global_token_mean_equals_one_batch(devices8):
     dict(lr=2e-4, min_lr=0.0, warmup_steps=0, constant_steps=0, max_steps=50),
     dict(lr=2e-4, min_lr=1e-5, warmup_steps=0, constant_steps=7, max_steps=50),
 ])
-
-
 def test_schedule_matches_nemo_cosine_annealing(sched):
   schedule = train.make_schedule(train.TrainConfig(**sched))
   steps = sorted({0, 1, 2, 5, 9, 10, 11, 12, 25, 49, 50, 51, 62, 63, 64, 69, 70, 71, 99, 100,
