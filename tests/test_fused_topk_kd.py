@@ -159,7 +159,7 @@ def test_no_token_by_vocab_array(mode, sweeps):
 def test_auto_takes_xla_on_cpu_and_pallas_elsewhere():
   """implementation='auto' resolves per platform at lowering: 'xla' for cpu (Pallas would only
   interpret), 'pallas' for cuda; on CPU it computes exactly what 'xla' computes."""
-  plan = vt.Plan(V, 1.0, (), False, jnp.dtype(jnp.float32), 16, 32, 16, 4, 3, None, 96, 'auto',
+  plan = fk._Plan(V, 1.0, (), False, jnp.dtype(jnp.float32), 16, 32, 16, 4, 3, None, 96, 'auto',
                  None)
   def probe():
     return fk._on_platform(lambda p: jnp.int32(fk.IMPLEMENTATIONS.index(p.impl) + 10 * p.cpu),
@@ -178,11 +178,11 @@ def test_auto_takes_xla_on_cpu_and_pallas_elsewhere():
 def test_slab_rows():
   """Rows of w_out per slab of the gathered-column work: ~1 MiB of [R, P] on CPU, [R, N, J]
   gathers bounded elsewhere; a power of two dividing D, at least 1."""
-  assert vs.slab_rows(1024, 100, 32000, 512, cpu=True) == 8
-  assert vs.slab_rows(4096, 101, 256000, 2048, cpu=True) == 1
-  assert vs.slab_rows(4096, 101, 256000, 2048, cpu=False) == 16
-  assert vs.slab_rows(4096, 101, 256000, 40, cpu=False) == 8
-  assert vs.slab_rows(1 << 20, 101, 32000, 2048, cpu=False) == 1
+  assert vs._slab_rows(1024, 100, 32000, 512, cpu=True) == 8
+  assert vs._slab_rows(4096, 101, 256000, 2048, cpu=True) == 1
+  assert vs._slab_rows(4096, 101, 256000, 2048, cpu=False) == 16
+  assert vs._slab_rows(4096, 101, 256000, 40, cpu=False) == 8
+  assert vs._slab_rows(1 << 20, 101, 32000, 2048, cpu=False) == 1
 
 
 @pytest.mark.parametrize('n,p,chunk_v,rows', [
@@ -213,14 +213,14 @@ def test_cpu_sweep_block_rows(n, p, chunk_v, rows):
     (4096, 1024, 256, [1024] * 4),
 ])
 def test_loop_chunks_cover_every_column_once(n_cols, width, align, chunks):
-  """loop_chunks visits [0, n_cols) once, in chunks of the width it picks: the widest multiple
+  """_loop_chunks visits [0, n_cols) once, in chunks of the width it picks: the widest multiple
   of `align` in (width / 2, width] that divides n_cols, else whole chunks and a remainder."""
   seen = []
   def step(count_C, c0, w):
     seen.append(w)
     return lax.dynamic_update_slice_in_dim(
         count_C, lax.dynamic_slice_in_dim(count_C, c0, w) + 1, c0, 0)
-  count = jax.jit(lambda c: vs.loop_chunks(n_cols, width, step, c, align))(
+  count = jax.jit(lambda c: vs._loop_chunks(n_cols, width, step, c, align))(
       jnp.zeros(n_cols, jnp.int32))
   np.testing.assert_array_equal(count, np.ones(n_cols, np.int32))
   assert sum(chunks) == n_cols  # the table's own check
@@ -344,9 +344,9 @@ def test_cuda_lowering_at_real_shapes(d, triton_h100_stand_in):
   n, v, k = 8192, 256000, 100  # N differs from D: a [N, V] tensor is recognisable
   for cdt, wdt in ((jnp.bfloat16, jnp.bfloat16), (jnp.bfloat16, jnp.float32),
                    (jnp.float32, jnp.float32)):
-    bn, bv, bd, _, stages = fk.default_blocks(cdt, wdt)
+    bn, bv, bd, _, stages = vt.default_blocks(cdt, wdt)
     sizes = jnp.dtype(cdt).itemsize, jnp.dtype(wdt).itemsize
-    assert fk.smem_bytes(bn, bv, bd, *sizes, stages) <= fk.SMEM_LIMIT
+    assert vt.smem_bytes(bn, bv, bd, *sizes, stages) <= vt.SMEM_LIMIT
   sd = jax.ShapeDtypeStruct
   args = (sd((n, d), jnp.bfloat16), sd((d, v), jnp.bfloat16), sd((n, k), jnp.int32),
           sd((n, k), jnp.float32), sd((n,), jnp.int32), sd((n,), jnp.int32), sd((n,), jnp.float32))

@@ -7,32 +7,30 @@ of a vocabulary chunk, R rows of a block or slab.
 
 `fused_topk_kd` returns what `losses.topk_kd_loss(hidden @ w_out, ...)` returns: it computes the
 per-token statistics of x = logits_scale * hidden @ w_out that `losses.topk_kd_from_stats` takes,
-- sparse: x at the J ids, from gathered columns of w_out (N*J*D work, `vocab_sweeps.gather_x`);
+- sparse: x at the J ids (N*J*D work where gathered);
 - logsumexp families over the V columns, as needed by the options: lse(x) (SFT; full or tail
   normalisation), lse(x / T) (student_norm='full' at T != 1), lse of x outside the K ids (tail),
-  from a sweep over vocabulary tiles with an online (max, sum) per token (`vocab_tiles`).
+  from a sweep over the vocabulary with an online (max, sum) per token.
 `_stats` is a `jax.custom_vjp`, so autodiff of losses.py yields the statistics' cotangents and the
 loss math lives there only. Backward: d lse_f / dx = softmax(x / div_f) / div_f is dense, the J
-ids get sparse terms. Per vocabulary chunk, the tiles are recomputed into the dense dlogits
-[N, C] (compute dtype), the sparse terms are scattered into it, and XLA dots give d_hidden (fp32,
-accumulated) and that chunk of d_w (written once). The largest temporary is [N, C]. Without any
-family (NeMo parity, no SFT) nothing sweeps the vocabulary: gathered columns only, and a
-scatter-add for d_w, slab by slab.
+ids get sparse terms; the sweep recomputes x per vocabulary chunk into dlogits [N, C], the
+largest temporary, and XLA dots give d_hidden (fp32, accumulated) and that chunk of d_w.
 The loss itself (`_loss`) is a custom_vjp too: its forward, when differentiated, also forms the
 gradient of the weighted loss sum (metrics['loss'][0], what train.py differentiates; the loss is
 that over the count), and its backward scales it. The per-token cotangents of the statistics are
-known once a token's statistics are (the loss is a sum over tokens), so the column sweeps run
-their backward right after the forward, and implementation='xla' with a vocabulary sweep
-(`vocab_sweeps.rows_sweep`) goes by blocks of rows over all columns: x_RxP once, the cotangents,
-then d_h and d_w from the same block, three dots where the column sweeps need four (their
-backward recomputes x, since the dense part needs the finished logsumexps), at the cost of an
-fp32 [D, P] d_w accumulator. A cotangent on the kd_loss or sft_loss sums, or a differentiated
-mask or teacher input, takes autodiff through `_stats` instead (`_loss_by_stats`).
+known once a token's statistics are (the loss is a sum over tokens), so the backward sweep runs
+right after the forward one, or, with implementation='xla' and a family, one sweep by row blocks
+forms x once per block (three head dots, not four). A cotangent on the kd_loss or sft_loss sums,
+or a differentiated mask or teacher input, takes autodiff through `_stats` instead
+(`_loss_by_stats`).
 implementation='xla' runs chunked jnp; 'auto' (the default) takes it on CPU, where Pallas only
 interprets, and the Pallas kernels elsewhere. cross_tokenizer takes the student's own top-K from
-a separate chunked jnp pass (running lax.top_k merge), then gathers as above.
+a separate chunked jnp pass (running lax.top_k merge).
 Vocab-parallel (mesh, vocab_axis): the same code per shard of w_out's columns in a shard_map;
 sparse statistics are psum-ed (0 off-shard), logsumexps combined with pmax + psum.
+Past ~500 lines this op is three modules: this one (the plan, the custom VJPs, the public op and
+its reference), `vocab_tiles` (the tile math and the Pallas kernels) and `vocab_sweeps` (the
+sweeps, gathered columns, statistics by name and their combination).
 """
 
 from __future__ import annotations
@@ -49,7 +47,6 @@ from jax.sharding import PartitionSpec
 from jkd import losses
 from jkd.kernels import vocab_sweeps as vs
 from jkd.kernels import vocab_tiles as vt
-from jkd.kernels.vocab_tiles import SMEM_LIMIT, default_blocks, smem_bytes
 
 _CHUNK_ELEMENTS = 1 << 24  # default backward chunk: [N, C] dlogits of ~16M elements
 # Default row blocks of the CPU sweep: [R, P] of _CHUNK_ELEMENTS, but at least this many rows:
@@ -57,6 +54,30 @@ _CHUNK_ELEMENTS = 1 << 24  # default backward chunk: [N, C] dlogits of ~16M elem
 # that write (V=256000, D=512, N=2048, fp32 grad: 21.0 s at R=64, 12.1 s at 256 and at 512).
 _MIN_BLOCK_ROWS = 256
 IMPLEMENTATIONS = ('auto', 'pallas', 'xla')
+
+
+class _Plan(NamedTuple):
+  """Static description of one call (hashable: a custom_vjp non-diff argument)."""
+  vocab_size: int
+  scale: float
+  fams: tuple  # ((statistic name, divisor of x, excludes the K ids), ...)
+  label: bool
+  cdt: Any  # compute dtype of the matmuls
+  block_n: int
+  block_v: int
+  block_d: int
+  num_warps: int
+  num_stages: int
+  num_splits: int | None
+  chunk_v: int
+  impl: str  # 'pallas' | 'xla' | 'auto' until `_on_platform` resolves it
+  interpret: bool | None
+  cpu: bool | None = None  # set by `_on_platform`
+  block_rows: int = 1  # rows R of the CPU sweep's [R, P] blocks
+
+  @property
+  def tail(self):  # a family excludes the K ids: the kernels need them
+    return any(excl for _, _, excl in self.fams)
 
 
 # --- the statistics with their custom VJP ----------------------------------------------------
@@ -127,7 +148,7 @@ _stats.defvjp(_stats_fwd, _stats_bwd)
 
 class _Loss(NamedTuple):
   """Static parts of the loss (the custom_vjp's non-diff argument)."""
-  plan: vt.Plan
+  plan: _Plan
   options: tuple  # (name, value) pairs: losses.topk_kd_per_token's options
   axis_name: Any  # the vocabulary's mesh axis, None unsharded
 
@@ -262,22 +283,22 @@ def _make_plan(h, w, ids, t, labels, mask, teacher_lse, *, vocab_size, options, 
     fams.append(('student_tail_lse_BxT', 1.0, True))
   cdt = jnp.dtype(compute_dtype or jnp.promote_types(h.dtype, w.dtype))
   bn, bv, bd, warps, stages = [d if x is None else int(x)
-                               for x, d in zip(tiles[:5], default_blocks(cdt, w.dtype))]
+                               for x, d in zip(tiles[:5], vt.default_blocks(cdt, w.dtype))]
   if implementation != 'xla':  # the Pallas kernels run (on GPU, for 'auto')
     for name, b in (('block_n', bn), ('block_v', bv), ('block_d', bd)):
       if b < 16 or b & (b - 1):
         raise ValueError(f'{name}={b}: must be a power of two >= 16 (Triton tiles)')
-    need = smem_bytes(bn, bv, bd, cdt.itemsize, w.dtype.itemsize, stages)
-    if need > SMEM_LIMIT:
+    need = vt.smem_bytes(bn, bv, bd, cdt.itemsize, w.dtype.itemsize, stages)
+    if need > vt.SMEM_LIMIT:
       raise ValueError(f'block_n={bn}, block_v={bv}, block_d={bd}, num_stages={stages}: '
-                       f'~{need // 1024} KiB of shared memory, over {SMEM_LIMIT // 1024} KiB')
+                       f'~{need // 1024} KiB of shared memory, over {vt.SMEM_LIMIT // 1024} KiB')
   chunk_v = int(tiles[6] or max(512, _CHUNK_ELEMENTS // n))
   # Row blocks of the CPU sweep: a column chunk's [N, chunk_v] elements as [R, P]; by default
   # at least _MIN_BLOCK_ROWS rows.
   rows = (max(1, n * chunk_v // p) if tiles[6] else
           max(min(n, _MIN_BLOCK_ROWS), _CHUNK_ELEMENTS // p))
-  return vt.Plan(v, float(logits_scale), tuple(fams), sft, cdt, bn, bv, bd, warps, stages,
-                 tiles[5], chunk_v, implementation, interpret, block_rows=rows)
+  return _Plan(v, float(logits_scale), tuple(fams), sft, cdt, bn, bv, bd, warps, stages,
+               tiles[5], chunk_v, implementation, interpret, block_rows=rows)
 
 
 def fused_topk_kd(hidden_NxD, w_out_DxP, teacher_ids_NxK, teacher_logits_NxK, labels_N,
@@ -297,7 +318,7 @@ def fused_topk_kd(hidden_NxD, w_out_DxP, teacher_ids_NxK, teacher_logits_NxK, la
   mesh, vocab_axis: vocab-parallel form, w_out's columns split over mesh axis vocab_axis (P
     divisible by its size), all else replicated; per-shard statistics combined by psum/pmax.
   Tiles (Pallas): block_n tokens x block_v columns, dots over block_d slices of D, powers of two
-    (defaults for H100 by compute dtype, `default_blocks`; P and D not multiples are padded, a
+    (defaults for H100 by compute dtype, `vt.default_blocks`; P and D not multiples are padded, a
     copy of w_out); num_splits vocabulary splits of the forward grid (None: ~2 waves of
     programs); chunk_v columns per backward chunk ([N, chunk_v] dlogits is the largest
     temporary). implementation: 'pallas', 'xla' (chunked jnp: with a vocabulary sweep, blocks of

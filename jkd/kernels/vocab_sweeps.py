@@ -1,14 +1,19 @@
-"""The drivers of `fused_topk_kd` on one shard's columns of w_out: the vocabulary sweeps (the
-Pallas kernels of `vocab_tiles`, or the same tile math in chunked jnp), the gathered-column work
-for the sparse statistics, and the statistics' names and vocab-parallel combination.
+"""The drivers of `fused_topk_kd` on one shard's columns of w_out: the vocabulary sweeps, the
+gathered-column work, the statistics by name and their vocab-parallel combination, and the
+student's own top-K ids (cross_tokenizer).
 
 Letters as in `fused_topk_kd` (N tokens, D hidden, P columns, K top-K, J sparse ids, C chunk
-columns, R rows of a block or slab). implementation='xla' sweeps columns in chunks of
-plan.chunk_v (`sweep_fwd`, `sweep_bwd`: the backward recomputes x), or, when the gradient is
-formed in the forward, rows in blocks of plan.block_rows over all P columns (`rows_sweep`: three
-dots per block, an fp32 [D, P] d_w accumulator). The sparse x come from gathered columns of w_out,
-in slabs of R rows of w_out: R rows of [P] fit in cache on CPU, the [R, N, J] gathers stay bounded
-on GPU; without a sweep (NeMo parity, no SFT) that and a scatter-add for d_w are the whole job.
+columns, R rows of a block or slab). Two sweeps:
+- by columns, chunks of plan.chunk_v (`sweep_fwd`, `sweep_bwd`): the Pallas kernels of
+  `vocab_tiles`, or the same tile math in chunked jnp; the backward recomputes x. The Pallas form
+  always, and the xla form when autodiff goes through the statistics' own VJP.
+- by rows, blocks of plan.block_rows over all P columns (`rows_sweep`): implementation='xla'
+  with a logsumexp family, x computed once per block; with cotangents, d_h and d_w from the same
+  block (three dots against the column sweeps' four, an fp32 [D, P] d_w accumulator).
+The sparse x (the K ids, the label) come from the chunk or block in memory in the xla sweeps, and
+otherwise from gathered columns of w_out (`gather_x`), in slabs of R rows of w_out: R rows of [P]
+fit in cache on CPU, the [R, N, J] gathers stay bounded on GPU. Without a family (NeMo parity, no
+SFT) gathered columns and a scatter-add for d_w (`scatter_bwd`) are the whole job.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ def _materialized(x):
   return lax.optimization_barrier(x)
 
 
-def loop_chunks(n_cols, width, step, carry, align=128):
+def _loop_chunks(n_cols, width, step, carry, align=128):
   """step(carry, c0, width) over [0, n_cols): a loop of whole chunks, then the remainder. The
   width is first narrowed, by at most half, to a multiple of `align` that divides n_cols where
   one exists: then one loop body serves every chunk (a remainder chunk is a second copy of the
@@ -59,7 +64,7 @@ def _xla_x(h, w, c0, width, plan):
   return plan.scale * jnp.dot(h, w_DxC, preferred_element_type=jnp.float32)
 
 
-def _xla_keeps(lids_NxK, n_valid, c0, width, plan):
+def _xla_keep_masks(lids_NxK, n_valid, c0, width, plan):
   cols_1xC = c0 + lax.broadcasted_iota(jnp.int32, (1, width), 1)
   in_k_NxC = None
   if plan.tail:  # membership by scatter: N*K work instead of K passes over the chunk
@@ -91,10 +96,10 @@ def sweep_fwd(h, w, lids, n_valid, sp_ids, plan):
     rel_NxJ = sp_ids - c0
     in_c_NxJ = (rel_NxJ >= 0) & (rel_NxJ < width)
     x_sp_NxJ += jnp.where(in_c_NxJ, jnp.take_along_axis(x_NxC, rel_NxJ, 1, mode='clip'), 0.0)
-    keeps = _xla_keeps(lids, n_valid, c0, width, plan)
+    keeps = _xla_keep_masks(lids, n_valid, c0, width, plan)
     return x_sp_NxJ, vt.online_update(state, x_NxC, keeps, plan)
   init = (jnp.zeros(sp_ids.shape, jnp.float32), vt.init_state(h.shape[0], plan))
-  x_sp_NxJ, state = loop_chunks(w.shape[1], plan.chunk_v, step, init)
+  x_sp_NxJ, state = _loop_chunks(w.shape[1], plan.chunk_v, step, init)
   return x_sp_NxJ, [vt.finish(m_N, l_N) for m_N, l_N in state]
 
 
@@ -115,7 +120,7 @@ def sweep_bwd(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
                                   width, plan)
     else:  # fp32 until the sparse terms are in: XLA:CPU scatters bf16 in fp32 and then feeds
       # the dots below fp32 operands, at half the speed of its bf16 ones
-      keeps = _xla_keeps(lids, n_valid, c0, width, plan)
+      keeps = _xla_keep_masks(lids, n_valid, c0, width, plan)
       dl_NxC = vt.dense_dl(_xla_x(h, w, c0, width, plan), keeps, lses, coefs, plan)
     rel_NxJ = sp_ids - c0
     rel_NxJ = jnp.where((rel_NxJ >= 0) & (rel_NxJ < width), rel_NxJ, width)
@@ -128,8 +133,8 @@ def sweep_bwd(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
     return d_h_NxD, lax.dynamic_update_slice_in_dim(d_w_DxP, d_w_DxC, c0, axis=1)
   chunk, align = ((plan.chunk_v, 128) if plan.impl == 'xla' else
                   (_round_up(plan.chunk_v, plan.block_v), plan.block_v))
-  d_h, d_w = loop_chunks(w.shape[1], chunk, step,
-                         (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, w.dtype)), align)
+  d_h, d_w = _loop_chunks(w.shape[1], chunk, step,
+                          (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, w.dtype)), align)
   return d_h[:n, :d], d_w[:d, :p]
 
 
@@ -150,7 +155,7 @@ def rows_sweep(h, w, lids, n_valid, sp_ids, ok, plan, axis_name, cotangents=None
     take = lambda a: lax.dynamic_slice_in_dim(a, r0, rows, 0)  # noqa: E731
     sp_RxJ, ok_RxJ = take(sp_ids), take(ok)
     x_RxP = plan.scale * jnp.dot(take(h), w_c, preferred_element_type=jnp.float32)
-    keeps = _xla_keeps(take(lids), n_valid, 0, p, plan)
+    keeps = _xla_keep_masks(take(lids), n_valid, 0, p, plan)
     x_sp_RxJ = jnp.where(ok_RxJ, jnp.take_along_axis(x_RxP, sp_RxJ, 1), 0.0)
     lses = [vt.finish(m_R, l_R) for m_R, l_R in
             vt.online_update(vt.init_state(rows, plan), x_RxP, keeps, plan)]
@@ -173,12 +178,12 @@ def rows_sweep(h, w, lids, n_valid, sp_ids, ok, plan, axis_name, cotangents=None
                        [jnp.zeros((n,), jnp.float32)] * len(plan.fams), plan)
   grads = ((jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
            if cotangents is not None else (None, None))
-  return loop_chunks(n, plan.block_rows, step, (shapes, *grads), align=8)
+  return _loop_chunks(n, plan.block_rows, step, (shapes, *grads), align=8)
 
 
 # --- gathered columns: the sparse statistics, and the whole job without a sweep --------------
 
-def slab_rows(n, j, p, d, cpu):
+def _slab_rows(n, j, p, d, cpu):
   """Rows R of w_out per slab of the gathered-column work, a power of two dividing D. CPU: the
   slab [R, P] stays in cache (~1 MiB), since a column gather or scatter touches one cache line
   per row; elsewhere the gathered columns [R, N, J] stay bounded (_GATHER_BYTES)."""
@@ -190,7 +195,7 @@ def _over_slabs(h, w, ids_NxJ, plan, body, init):
   """body(carry, d0, h[:, d0:d0+R], w[d0:d0+R]) over the slabs of D; h and w are read in place
   (slicing, not reshaping, keeps XLA from copying w into the loop)."""
   d = h.shape[1]
-  r = slab_rows(h.shape[0], ids_NxJ.shape[1], w.shape[1], d, plan.cpu)
+  r = _slab_rows(h.shape[0], ids_NxJ.shape[1], w.shape[1], d, plan.cpu)
 
   def step(i, carry):
     d0 = i * r
@@ -283,7 +288,7 @@ def student_topk_ids(h, w, n_valid, offset, k, plan, axis_name):
     cand_NxJ = jnp.concatenate([ids_NxK, jnp.broadcast_to(cols_1xC, (n, width))], 1)
     return vals_NxK, jnp.take_along_axis(cand_NxJ, pos_NxK, 1)
   init = (jnp.full((n, k), -jnp.inf, jnp.float32), jnp.zeros((n, k), jnp.int32))
-  vals_NxK, ids_NxK = loop_chunks(w.shape[1], plan.chunk_v, step, init)
+  vals_NxK, ids_NxK = _loop_chunks(w.shape[1], plan.chunk_v, step, init)
   ids_NxK = ids_NxK + offset
   if axis_name is not None:  # K candidates per shard, never the logits
     vals_NxK = lax.all_gather(vals_NxK, axis_name, axis=1, tiled=True)

@@ -2,8 +2,9 @@
 that the Pallas kernels and the chunked jnp sweeps (`vocab_sweeps`) share, and the Pallas
 kernels (Triton on GPU, interpret mode on CPU) that sweep it for `fused_topk_kd`.
 
-Letters as in `fused_topk_kd`: N tokens, D hidden size, P columns of w_out, K teacher top-K,
-C columns of a tile or chunk, S vocabulary splits of the forward grid. The forward kernel streams
+Letters: N tokens, D hidden size, P columns of w_out, K teacher top-K, C columns of a tile or
+chunk, S vocabulary splits of the forward grid. The `plan` argument is fused_topk_kd's `_Plan`
+(tile sizes, compute dtype, the logsumexp families). The forward kernel streams
 vocabulary tiles (each an fp32 accumulation of dots over block_d slices of D) and keeps an online
 (max, sum of exp) per token and logsumexp family; its grid is (row blocks, vocabulary splits).
 The backward kernel recomputes a chunk's tiles and writes its dense dlogits [N, C].
@@ -12,7 +13,6 @@ The backward kernel recomputes a chunk's tiles and writes its dense dlogits [N, 
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,33 +20,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-NEG = -1e30  # log 0 stand-in, as in jkd.losses
+_NEG = -1e30  # log 0 stand-in, as in jkd.losses
 SMEM_LIMIT = 227 * 1024  # H100/H200 shared memory per block
 _TARGET_PROGRAMS = 264  # forward grid: ~2 waves over 132 SMs
-
-
-class Plan(NamedTuple):
-  """Static description of one call (hashable: a custom_vjp non-diff argument)."""
-  vocab_size: int
-  scale: float
-  fams: tuple  # ((statistic name, divisor of x, excludes the K ids), ...)
-  label: bool
-  cdt: Any  # compute dtype of the matmuls
-  block_n: int
-  block_v: int
-  block_d: int
-  num_warps: int
-  num_stages: int
-  num_splits: int | None
-  chunk_v: int
-  impl: str  # 'pallas' | 'xla' | 'auto' until fused_topk_kd._on_platform resolves it
-  interpret: bool | None
-  cpu: bool | None = None  # set by fused_topk_kd._on_platform
-  block_rows: int = 1  # rows R of the CPU sweep's [R, P] blocks
-
-  @property
-  def tail(self):  # a family excludes the K ids: the kernels need them
-    return any(excl for _, _, excl in self.fams)
 
 
 def default_blocks(compute_dtype, w_dtype=None):
@@ -72,7 +48,7 @@ def keep_masks(cols_1xC, n_valid, in_k_NxC, plan):
 
 
 def init_state(n, plan):
-  return tuple((jnp.full((n,), NEG, jnp.float32), jnp.zeros((n,), jnp.float32))
+  return tuple((jnp.full((n,), _NEG, jnp.float32), jnp.zeros((n,), jnp.float32))
                for _ in plan.fams)
 
 
@@ -80,7 +56,7 @@ def online_update(state, x_NxC, keeps, plan):
   """One tile into the running (max, sum of exp) of each logsumexp family."""
   new = []
   for (m_N, l_N), keep_NxC, (_, div, _) in zip(state, keeps, plan.fams):
-    xf_NxC = jnp.where(keep_NxC, x_NxC / div if div != 1 else x_NxC, NEG)
+    xf_NxC = jnp.where(keep_NxC, x_NxC / div if div != 1 else x_NxC, _NEG)
     m_new_N = jnp.maximum(m_N, jnp.max(xf_NxC, axis=1))
     e_NxC = jnp.where(keep_NxC, jnp.exp(xf_NxC - m_new_N[:, None]), 0.0)
     new.append((m_new_N, l_N * jnp.exp(m_N - m_new_N) + jnp.sum(e_NxC, axis=1)))
@@ -88,7 +64,7 @@ def online_update(state, x_NxC, keeps, plan):
 
 
 def finish(m_N, l_N):
-  return jnp.where(l_N > 0, m_N + jnp.log(jnp.where(l_N > 0, l_N, 1.0)), NEG)
+  return jnp.where(l_N > 0, m_N + jnp.log(jnp.where(l_N > 0, l_N, 1.0)), _NEG)
 
 
 def dense_dl(x_NxC, keeps, lses, coefs, plan):
@@ -115,7 +91,7 @@ def _tile_x(h_ref, w_ref, col0, plan):
   return acc_NxC * plan.scale
 
 
-def _tile_keeps(nvalid_ref, ids_ref, col0, plan):
+def _tile_keep_masks(nvalid_ref, ids_ref, col0, plan):
   cols_1xC = col0 + lax.broadcasted_iota(jnp.int32, (1, plan.block_v), 1)
   in_k_NxC = None
   if ids_ref is not None:  # K compares per element, only for the tail
@@ -134,7 +110,7 @@ def _fwd_kernel(nvalid_ref, h_ref, w_ref, *refs, plan, tiles_per_split):
   def body(j, state):
     col0 = pl.multiple_of((first + j) * bv, bv)
     x_NxC = _tile_x(h_ref, w_ref, col0, plan)
-    return online_update(state, x_NxC, _tile_keeps(nvalid_ref, ids_ref, col0, plan), plan)
+    return online_update(state, x_NxC, _tile_keep_masks(nvalid_ref, ids_ref, col0, plan), plan)
   state = lax.fori_loop(0, n_tiles, body, init_state(h_ref.shape[0], plan))
   for lse_ref, (m_N, l_N) in zip(lse_refs, state):
     lse_ref[...] = finish(m_N, l_N)[None, :]
@@ -145,7 +121,7 @@ def _bwd_kernel(c0_ref, nvalid_ref, h_ref, w_ref, *refs, plan):
   *fam_refs, dl_ref = refs
   col0 = pl.multiple_of(c0_ref[0] + pl.program_id(1) * plan.block_v, plan.block_v)
   x_NxC = _tile_x(h_ref, w_ref, col0, plan)
-  dl_NxC = dense_dl(x_NxC, _tile_keeps(nvalid_ref, ids_ref, col0, plan),
+  dl_NxC = dense_dl(x_NxC, _tile_keep_masks(nvalid_ref, ids_ref, col0, plan),
                     [r[...] for r in fam_refs[0::2]], [r[...] for r in fam_refs[1::2]], plan)
   dl_ref[...] = dl_NxC.astype(dl_ref.dtype)
 
