@@ -65,9 +65,8 @@ def export(source: str, *, nemo: str = '', hf: str = '', dtype: str = 'bfloat16'
       if tok is not None:
         tok_dir = os.path.join(tmp, 'tok')
         os.makedirs(tok_dir)
-        files = dict(tok.files)
-        if tok.library == 'sentencepiece':  # else transformers picks a class by model_type
-          files['tokenizer_config.json'] = json.dumps(_sentencepiece_hf_config(tok)).encode()
+        config = json.dumps(_hf_tokenizer_config(tok)).encode()
+        files = {**tok.files, 'tokenizer_config.json': config}
         for name, data in files.items():
           path = os.path.join(tok_dir, name)
           try:
@@ -83,15 +82,25 @@ def export(source: str, *, nemo: str = '', hf: str = '', dtype: str = 'bfloat16'
   return written
 
 
-def _sentencepiece_hf_config(tok) -> dict:
-  """tokenizer_config.json for a SentencePiece model: transformers' Llama tokenizer (legacy
-  prefix handling) with the model's special tokens, adding no BOS/EOS (as jkd encodes)."""
-  config = {'tokenizer_class': 'LlamaTokenizer', 'legacy': True, 'add_bos_token': False,
-            'add_eos_token': False}
+def _hf_tokenizer_config(tok) -> dict:
+  """tokenizer_config.json with the model's special tokens. A SentencePiece model: transformers'
+  Llama tokenizer (legacy prefix handling), adding no BOS/EOS (as jkd encodes). A tokenizer.json:
+  the generic fast class, which runs the file as it is; without a class transformers picks one
+  by the config's model_type, and its Llama class cannot encode without an `<unk>` token."""
+  if tok.library == 'sentencepiece':
+    config = {'tokenizer_class': 'LlamaTokenizer', 'legacy': True, 'add_bos_token': False,
+              'add_eos_token': False}
+  else:
+    config = {'tokenizer_class': 'PreTrainedTokenizerFast'}
   for key, i in (('bos_token', tok.bos_id), ('eos_token', tok.eos_id), ('pad_token', tok.pad_id)):
     if i is not None:
       config[key] = tok.id_to_token(i)
   return config
+
+
+def _cannot(hf_dir: str, what: str, e: Exception) -> None:
+  first = str(e).splitlines()[0] if str(e) else ''
+  print(f'[export] warning: {hf_dir}: transformers cannot {what} ({type(e).__name__}: {first})')
 
 
 def _check_hf_tokenizer(tok, hf_dir: str) -> None:
@@ -105,11 +114,13 @@ def _check_hf_tokenizer(tok, hf_dir: str) -> None:
   try:
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)
   except Exception as e:  # noqa: BLE001 - any failure is worth a warning, not a failed export
-    print(f'[export] warning: {hf_dir}: transformers cannot load the tokenizer '
-          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})')
-    return
+    return _cannot(hf_dir, 'load the tokenizer', e)
   for text in _PROBES:
-    want, got = tok.encode(text), list(hf_tok(text, add_special_tokens=False)['input_ids'])
+    want = tok.encode(text)
+    try:
+      got = list(hf_tok(text, add_special_tokens=False)['input_ids'])
+    except Exception as e:  # noqa: BLE001 - as above
+      return _cannot(hf_dir, 'encode with the tokenizer', e)
     if got != want:
       exact = ('sentencepiece and tokenizer.model' if tok.library == 'sentencepiece'
                else 'tokenizers and tokenizer.json')

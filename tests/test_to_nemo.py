@@ -1,6 +1,7 @@
 """The .nemo exporter: round trips, torch's own DCP reader as the oracle, tokenizer artifacts."""
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -233,3 +234,60 @@ def test_hf_export_of_a_sentencepiece_tokenizer_and_stale_tokenizers(tmp_path, c
   assert not (tmp_path / 'm' / 'tokenizer').exists()
   export.export(str(tmp_path / 'm'), hf=str(tmp_path / 'hf'), dtype='float32')
   assert sorted(os.listdir(tmp_path / 'hf')) == ['config.json', 'model.safetensors']
+
+
+def _byte_level_tokenizer(vocab_size):
+  """A tokenizers (tokenizer.json) tokenizer without `<unk>`: a byte-level BPE trained on CORPUS,
+  `<|endoftext|>` its BOS and EOS (GPT-2's, and SmolLM2's kind)."""
+  import tokenizers
+  from tokenizers import models, pre_tokenizers, trainers
+  bpe = tokenizers.Tokenizer(models.BPE())
+  bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=['<|endoftext|>'], show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  vocab = json.dumps(bpe.get_vocab()).encode()
+  merges = '\n'.join(' '.join(m) for m in json.loads(bpe.to_str())['model']['merges']).encode()
+  return jt._gpt2_files(vocab, merges, 'test')
+
+
+@pytest.mark.parametrize('arch', ['llama', 'gpt2b'])
+def test_hf_export_of_a_tokenizer_json_reads_as_itself(tmp_path, capsys, arch):
+  """A tokenizer.json tokenizer exports with a tokenizer_config.json naming transformers' generic
+  fast class and the special tokens, so transformers reads tokenizer.json as it is for any
+  architecture: the same ids on every probe text, no warning. (Left to pick a class by
+  model_type, a Llama export got a Llama tokenizer that cannot encode without `<unk>`.)"""
+  from transformers import AutoTokenizer
+
+  from jkd import export
+  tok = _byte_level_tokenizer(300)
+  assert tok.library == 'huggingface' and tok.vocab_size == 300
+  cfg = dataclasses.replace(ref.ARCHITECTURES[arch]()[0], vocab_size=300, padded_vocab_size=320)
+  model.save(str(tmp_path / 'm'), cfg, model.init(cfg, jax.random.key(0)))
+  jt.save(tok, str(tmp_path / 'm'))
+  export.export(str(tmp_path / 'm'), hf=str(tmp_path / 'hf'), dtype='float32')
+  assert 'warning' not in capsys.readouterr().out
+  config = json.loads((tmp_path / 'hf' / 'tokenizer_config.json').read_text())
+  assert config == {'tokenizer_class': 'PreTrainedTokenizerFast',
+                    'bos_token': '<|endoftext|>', 'eos_token': '<|endoftext|>'}
+  hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / 'hf'))
+  assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos_id, tok.eos_id)
+  for text in export._PROBES:
+    assert hf_tok(text, add_special_tokens=False)['input_ids'] == tok.encode(text), text
+
+
+def test_hf_tokenizer_check_warns_instead_of_failing_the_export(tmp_path, capsys, monkeypatch):
+  """The check of the exported tokenizer only warns: transformers raising while it encodes (as
+  its Llama class did without `<unk>`) leaves the export done."""
+  import transformers
+
+  from jkd import export
+
+  class Raising:
+    def __call__(self, text, **kwargs):
+      raise Exception('Unk token `<unk>` not found in the vocabulary')  # noqa: TRY002
+  monkeypatch.setattr(transformers.AutoTokenizer, 'from_pretrained', lambda path: Raising())
+  export._check_hf_tokenizer(_byte_level_tokenizer(300), str(tmp_path))
+  out = capsys.readouterr().out
+  assert 'warning' in out and 'transformers cannot encode with the tokenizer' in out, out
+  assert 'Unk token' in out
