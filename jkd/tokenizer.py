@@ -177,15 +177,14 @@ def from_nemo(archive, tokenizer_cfg: dict, where: str) -> Tokenizer:
 def from_gguf(path: str) -> Tokenizer | None:
   """The tokenizer in a GGUF file's metadata (llama.cpp `gpt2` BPE vocabularies); None if the
   file carries no tokenizer at all."""
-  import gguf
+  from third_party.convert import gguf_metadata
   try:
-    reader = gguf.GGUFReader(path)
-  except (ValueError, OSError, IndexError, KeyError) as e:
+    meta = gguf_metadata.read_metadata(path)
+  except OSError as e:
     raise ValueError(f'{path}: not a readable GGUF file ({e})') from None
 
   def field(key, default=None):
-    f = reader.fields.get(f'tokenizer.ggml.{key}')
-    return default if f is None else f.contents()
+    return meta.get(f'tokenizer.ggml.{key}', default)
 
   kind, pre = field('model'), field('pre')
   if kind is None and field('tokens') is None:

@@ -10,7 +10,7 @@ import pytest
 
 from jkd import assets, model
 from tests import hf_reference as ref
-from third_party.convert import from_gguf
+from third_party.convert import from_gguf, gguf_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,6 +118,68 @@ def test_truncated_gguf_is_a_clear_error(tiny_gguf, tmp_path):
   bad.write_bytes(path.read_bytes()[:1000])
   with pytest.raises(ValueError, match='truncated.gguf'):
     from_gguf.load_gguf(str(bad))
+
+
+def _every_value_type(path, endian):
+  """A GGUF file with a key of every value type (and an array of each; unicode strings), one f32
+  tensor after them. (gguf's writer refuses empty arrays.)"""
+  import gguf
+  t = gguf.GGUFValueType
+  w = gguf.GGUFWriter(str(path), 'llama', endianess=endian)
+  scalars = {t.UINT8: 200, t.INT8: -100, t.UINT16: 60000, t.INT16: -30000, t.UINT32: 4000000000,
+             t.INT32: -2000000000, t.FLOAT32: 0.1, t.BOOL: True, t.UINT64: 2 ** 63 + 5,
+             t.INT64: -2 ** 62, t.FLOAT64: 0.1}
+  for vtype, value in scalars.items():
+    w.add_key_value(f'x.{vtype.name.lower()}', value, vtype)
+    w.add_key_value(f'x.{vtype.name.lower()}_array', [value, value], t.ARRAY, sub_type=vtype)
+  w.add_key_value('x.string', 'Grüße, 世界 ⟨|im_end|⟩', t.STRING)
+  w.add_key_value('x.strings', ['', 'a', 'Ġthe', '世界'] * 50, t.ARRAY, sub_type=t.STRING)
+  w.add_tensor('w', np.arange(6, dtype=np.float32).reshape(2, 3))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def _reader_contents(path):
+  import gguf
+  fields = gguf.GGUFReader(str(path)).fields
+  return {k: f.contents() for k, f in fields.items() if not k.startswith('GGUF.')}
+
+
+@pytest.mark.parametrize('endian', ['LITTLE', 'BIG'])
+def test_metadata_equals_gguf_readers(tmp_path, endian):
+  """gguf_metadata.read_metadata gives every key's value as gguf.GGUFReader's contents() does,
+  in either byte order."""
+  import gguf
+  path = tmp_path / 'all.gguf'
+  _every_value_type(path, gguf.GGUFEndian[endian])
+  meta = gguf_metadata.read_metadata(str(path))
+  assert len(meta) == 25 and meta['x.strings'][:4] == ['', 'a', 'Ġthe', '世界']
+  assert meta == _reader_contents(path)
+
+
+def test_bad_metadata_is_a_clear_error(tmp_path):
+  import gguf
+  path = tmp_path / 'all.gguf'
+  _every_value_type(path, gguf.GGUFEndian.LITTLE)
+  data = path.read_bytes()
+  cases = {'empty': (b'', 'empty'), 'other': (b'PK\x03\x04' + data[4:], 'magic'),
+           'v1': (data[:4] + (1).to_bytes(4, 'little') + data[8:], 'version 1'),
+           'cut': (data[:300], 'unreadable GGUF metadata after')}
+  for name, (content, match) in cases.items():
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=f'{tmp_path / name}: .*{match}'):
+      gguf_metadata.read_metadata(str(tmp_path / name))
+
+
+@pytest.mark.slow
+def test_smollm2_metadata_equals_gguf_readers():
+  """All 33 keys of the real file, the 49152-token vocabulary and its merges among them."""
+  path = assets.smollm2_gguf(verbose=False)
+  meta = gguf_metadata.read_metadata(path)
+  assert len(meta['tokenizer.ggml.tokens']) == 49152 and len(meta) == 33
+  assert meta == _reader_contents(path)
 
 
 @pytest.fixture(scope='module')
