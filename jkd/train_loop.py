@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 import uuid
 
@@ -61,14 +62,14 @@ def _summary_writer(logdir: str, purge_step: int):
   """tensorboardX's SummaryWriter, imported without torch: where torch is installed (the convert
   extra), tensorboardX imports it only to accept torch tensors, ~2 s of every training start;
   jkd logs Python floats."""
-  import sys
-  if 'tensorboardX' not in sys.modules and 'torch' not in sys.modules:
+  hide = 'torch' not in sys.modules
+  if hide:
     sys.modules['torch'] = None  # `import torch` raises ImportError for this import only
-    try:
-      import tensorboardX  # noqa: F401
-    finally:
+  try:
+    import tensorboardX
+  finally:
+    if hide:
       del sys.modules['torch']
-  import tensorboardX
   return tensorboardX.SummaryWriter(logdir, purge_step=purge_step)
 
 
