@@ -167,8 +167,3 @@ def load_gguf(path: str) -> tuple[model.ModelConfig, model.Params]:
   """Reads a Llama GGUF file -> (ModelConfig, fp32 numpy params)."""
   cfg, parts = open_gguf(path)
   return cfg, collect(parts)
-
-
-def chat_template(path: str) -> str | None:
-  """The Jinja chat template stored in the GGUF metadata, if any."""
-  return _field(gguf.GGUFReader(path), 'tokenizer.chat_template')
