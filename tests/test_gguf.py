@@ -166,6 +166,7 @@ def test_bad_metadata_is_a_clear_error(tmp_path):
   data = path.read_bytes()
   cases = {'empty': (b'', 'empty'), 'other': (b'PK\x03\x04' + data[4:], 'magic'),
            'v1': (data[:4] + (1).to_bytes(4, 'little') + data[8:], 'version 1'),
+           'header': (data[:10], 'unreadable GGUF metadata after 0 keys'),
            'cut': (data[:300], 'unreadable GGUF metadata after')}
   for name, (content, match) in cases.items():
     (tmp_path / name).write_bytes(content)

@@ -40,24 +40,25 @@ class _Cursor:
     self.offset = end
     return s
 
+  def numbers(self, vtype: int, n: int) -> list:
+    """n fixed-size scalars of one type, in one numpy read."""
+    dtype = np.dtype(_SCALARS[vtype]).newbyteorder(self.order)
+    if self.offset + n * dtype.itemsize > len(self.buf):
+      raise ValueError(f'{n} values run past the end of the file')
+    out = np.frombuffer(self.buf, dtype, n, self.offset).tolist()
+    self.offset += n * dtype.itemsize
+    return out
+
   def value(self, vtype: int):
     if vtype == _STRING:
       return self.string()
+    if vtype in _SCALARS:
+      return self.numbers(vtype, 1)[0]
     if vtype == _ARRAY:
       itype, n = self.unpack('I'), self.unpack('Q')
-      if itype in _SCALARS:  # one numpy read for the whole array
-        dtype = np.dtype(_SCALARS[itype]).newbyteorder(self.order)
-        if self.offset + n * dtype.itemsize > len(self.buf):
-          raise ValueError(f'an array of {n} values runs past the end of the file')
-        out = np.frombuffer(self.buf, dtype, n, self.offset).tolist()
-        self.offset += n * dtype.itemsize
-        return out
+      if itype in _SCALARS:
+        return self.numbers(itype, n)
       return [self.value(itype) for _ in range(n)]
-    if vtype in _SCALARS:
-      dtype = np.dtype(_SCALARS[vtype]).newbyteorder(self.order)
-      out = np.frombuffer(self.buf, dtype, 1, self.offset).tolist()[0]
-      self.offset += dtype.itemsize
-      return out
     raise ValueError(f'unknown GGUF value type {vtype}')
 
 
@@ -72,16 +73,15 @@ def read_metadata(path: str) -> dict:
   with buf:
     if buf[:4] != _MAGIC:
       raise ValueError(f'{path}: not a GGUF file (magic {bytes(buf[:4])!r})')
-    little = struct.unpack_from('<I', buf, 4)[0]
-    order = '<' if little & 0xFFFF else '>'  # a version is small: its low bytes are not zero
-    cur = _Cursor(buf, order)
-    cur.offset = 4
-    version = cur.unpack('I')
-    if version not in (2, 3):
-      raise ValueError(f'{path}: GGUF version {version} is not supported (2 or 3)')
-    _, n_kv = cur.unpack('Q'), cur.unpack('Q')
     out = {}
     try:
+      little = struct.unpack_from('<I', buf, 4)[0]
+      cur = _Cursor(buf, '<' if little & 0xFFFF else '>')  # a version's low bytes are not 0
+      cur.offset = 4
+      version = cur.unpack('I')
+      if version not in (2, 3):
+        raise ValueError(f'GGUF version {version} is not supported (2 or 3)')
+      _, n_kv = cur.unpack('Q'), cur.unpack('Q')
       for _ in range(n_kv):
         key = cur.string()
         out[key] = cur.value(cur.unpack('I'))
