@@ -288,6 +288,9 @@ def test_read_jsonl(tmp_path, mistral):
   path.write_text('{"input": "a", "output": "b"}\n{not json\n')
   with pytest.raises(ValueError, match=r'train\.jsonl:2: '):
     chat.read_jsonl(str(path), mistral, fmt='plain', max_seq_length=64)
+  path.write_text('{"input": "a", "output": "b"}\n["a list"]\n')
+  with pytest.raises(ValueError, match=r'train\.jsonl:2: plain record: expected an object'):
+    chat.read_jsonl(str(path), mistral, fmt='plain', max_seq_length=64)
   path.write_text('{"input": "a", "output": "b"}\n')
   (ex,) = chat.read_jsonl(str(path), mistral, fmt='plain', max_seq_length=64)
   assert ex['tokens'].tolist() == [264, 287] and ex['loss_mask'].tolist() == [1, 1]

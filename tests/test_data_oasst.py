@@ -149,6 +149,31 @@ def test_bad_trees_file_names_the_line(tmp_path):
     oasst.convert_trees(str(src), str(tmp_path / 'o'))
 
 
+
+def test_unreadable_files_are_one_error_naming_the_file(tmp_path):
+  """A cut download, a .gz that is not gzip and non-UTF-8 text (trees or chatterbot YAML):
+  one ValueError naming the file, and exit 2 from the command line."""
+  whole = tmp_path / 'trees.jsonl.gz'
+  write_trees(whole, [branching_tree()] * 50)
+  cut = tmp_path / 'cut.jsonl.gz'
+  cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+  with pytest.raises(ValueError, match=r'cut\.jsonl\.gz: a cut or corrupt gzip file'):
+    oasst.read_trees(str(cut))
+  fake = tmp_path / 'fake.jsonl.gz'
+  fake.write_text('{}\n')
+  with pytest.raises(ValueError, match=r'fake\.jsonl\.gz: a cut or corrupt gzip file'):
+    oasst.read_trees(str(fake))
+  latin = tmp_path / 'latin.jsonl'
+  latin.write_bytes(b'{"caf\xe9": 1}\n')
+  with pytest.raises(ValueError, match=r'latin\.jsonl: not UTF-8 text'):
+    oasst.read_trees(str(latin))
+  yml = tmp_path / 'latin.yml'
+  yml.write_bytes(b'conversations:\n- - caf\xe9\n  - ok\n')
+  with pytest.raises(ValueError, match=r'latin\.yml: not UTF-8 text'):
+    oasst.read_chatterbot(str(yml))
+  assert oasst.main([str(cut), str(tmp_path / 'out')]) == 2
+
+
 CHATTERBOT = """categories:
 - greetings
 conversations:

@@ -268,6 +268,19 @@ def test_write_rejects(tmp_path, field, value, match):
   assert w.committed == set() and len(ls.Reader(str(tmp_path), 'train')) == 0
 
 
+def test_write_rejects_values_the_store_dtype_cannot_hold(tmp_path):
+  """-3.4e38 (near -FLT_MAX, a mask fill) is finite in fp32 but -inf in bf16: refused when
+  written, not first when training reads it; a float32 store holds it."""
+  rec = _bad(np.random.default_rng(0), 'topk_logits', -3.4e38, pos=(2, K - 1))
+  w = ls.Writer(str(tmp_path / 'bf16'), 'train', make_meta(values_dtype='bfloat16'),
+                process_index=0)
+  with pytest.raises(ValueError, match=r"example 7 position 2: topk_logits is -3.4e\+38 "
+                                       r"\(overflows the store's bfloat16 to -inf\)"):
+    w.write_block([rec])
+  write_store(str(tmp_path / 'fp32'), [rec], make_meta())
+  assert ls.Reader(str(tmp_path / 'fp32'), 'train')[0].topk_logits[2, K - 1] == np.float32(-3.4e38)
+
+
 def test_write_rejects_shapes_and_mask(tmp_path):
   rng = np.random.default_rng(0)
   w = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)
@@ -493,6 +506,37 @@ def test_nemo_import_checks(tmp_path):
   with pytest.raises(ValueError, match=r'_0\.jsonl:1: NeMo KD record lacks log_sum_exp_logits'):
     _import_with(tmp_path, recs, 0, lambda r: r.pop('log_sum_exp_logits'), name='first')
   assert not os.path.exists(tmp_path / 'first' / 'store')  # refused before any block: no split
+
+
+@pytest.mark.parametrize('change,match', [
+    (lambda r: None, r'_0\.jsonl:1: expected a JSON object, got NoneType'),
+    (lambda r: [r], r'_0\.jsonl:1: expected a JSON object, got list'),
+    (lambda r: dict(r, index=None), r"_0\.jsonl:1: no 'index' field"),
+    (lambda r: dict(r, index='x'), r"_0\.jsonl:1: 'index' must be a non-negative integer, got 'x'"),
+    (lambda r: dict(r, index=1.7), r"_0\.jsonl:1: 'index' must be a non-negative integer, got 1\.7"),
+    (lambda r: dict(r, index=-1), r"_0\.jsonl:1: 'index' must be a non-negative integer, got -1"),
+    (lambda r: dict(r, tokens=['a'] * len(r['tokens'])),
+     r"_0\.jsonl:1: tokens must hold numbers \(got 'U'-kind values, e\.g\. \['a'\]\)"),
+    (lambda r: dict(r, loss_mask=[None] * len(r['loss_mask'])),
+     r"_0\.jsonl:1: loss_mask must hold numbers"),
+])
+def test_nemo_import_rejects_malformed_records_naming_the_line(tmp_path, change, match):
+  _, recs = write_nemo_chunks(tmp_path)
+  recs = json.loads(json.dumps(recs))
+  recs[0] = change(recs[0])
+  with pytest.raises(ValueError, match=match):
+    _import_with(tmp_path, recs, 1, lambda r: None, name='bad')
+  assert not os.path.exists(tmp_path / 'bad' / 'store')
+
+
+def test_nemo_import_names_a_chunk_that_is_not_utf8(tmp_path):
+  template, _ = write_nemo_chunks(tmp_path)
+  path = nemo_jsonl.chunk_paths(template, 2)[1]
+  with open(path, 'ab') as f:
+    f.write(b'{"caf\xe9": 1}\n')
+  with pytest.raises(ValueError, match=r'_1\.jsonl: not UTF-8 text'):
+    nemo_jsonl.import_chunks(template, str(tmp_path / 'store'), 'train', make_meta(), n_chunks=2,
+                             n_examples_per_chunk=6)
 
 
 def _import_with(tmp_path, recs, i, change, name=None, **kw):

@@ -297,6 +297,8 @@ def encode_plain(record: dict, tok, *, input_key: str = 'input', output_key: str
     raise ValueError(f'prompt_template {prompt_template!r} has no {{{input_key}}}')
   if add_sep and sep_id is None:
     raise ValueError('add_sep needs sep_id')
+  if not isinstance(record, dict):
+    raise ValueError(f'plain record: expected an object, got {type(record).__name__}')
   values = {}
   for k in keys:
     if not isinstance(record.get(k), str):

@@ -130,10 +130,15 @@ def _check_ids(ids, meta, where, what, positions):
 def _check_values(ids_RxK, vals_RxK, lse_R, meta, where, positions, sort):
   """Raises on bad ids or values; returns the row sort order when `sort` must fix the order."""
   _check_ids(ids_RxK, meta, where, 'top-K', positions)
-  for name, x in (('topk_logits', vals_RxK), ('lse', lse_R)):
-    if not np.isfinite(x).all():
-      r = np.argwhere(~np.isfinite(x))[0]
-      raise ValueError(f'{where} position {int(positions[r[0]])}: {name} is {x[tuple(r)]} (not finite)')
+  stored_vals = vals_RxK.astype(_VALUE_DTYPES[meta.values_dtype])  # as written: may overflow
+  for name, x, stored in (('topk_logits', vals_RxK, stored_vals),
+                          ('lse', lse_R, lse_R.astype(np.float32))):
+    if not np.isfinite(stored).all():
+      r = tuple(np.argwhere(~np.isfinite(stored))[0])
+      why = ('not finite' if not np.isfinite(x[r]) else
+             f"overflows the store's {stored.dtype} to {float(stored[r])}")
+      raise ValueError(f'{where} position {int(positions[r[0]])}: {name} is {float(x[r]):.7g} '
+                       f'({why})')
   bad = vals_RxK[:, 1:] > vals_RxK[:, :-1]
   if not bad.any():
     return None
@@ -144,10 +149,13 @@ def _check_values(ids_RxK, vals_RxK, lse_R, meta, where, positions, sort):
                    f'({vals_RxK[r, k + 1]} > {vals_RxK[r, k]}); pass sort=True to sort the rows')
 
 
+_VALUE_DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float32': np.float32}
+
+
 def _encode_values(vals_NxK, values_dtype):
   """Bit patterns delta-coded along K (mod 2**bits): lossless, small for descending rows."""
-  bits = vals_NxK.astype(ml_dtypes.bfloat16).view(np.uint16) if values_dtype == 'bfloat16' \
-      else vals_NxK.astype(np.float32).view(np.uint32)
+  bits = vals_NxK.astype(_VALUE_DTYPES[values_dtype])
+  bits = bits.view(np.uint16 if values_dtype == 'bfloat16' else np.uint32)
   return np.diff(bits, axis=1, prepend=np.zeros((bits.shape[0], 1), bits.dtype))
 
 

@@ -43,8 +43,11 @@ def _records(f):
 
 
 def _count_records(path):
-  with open(path) as f:
-    return sum(1 for _ in _records(f))
+  try:
+    with open(path, encoding='utf-8') as f:
+      return sum(1 for _ in _records(f))
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path}: not UTF-8 text ({e})') from None
 
 
 def _from_nemo(obj, index, pad_id, where):
@@ -55,6 +58,10 @@ def _from_nemo(obj, index, pad_id, where):
     a = {k: np.asarray(obj[k]) for k in NEMO_KD_KEYS[:-1]}
   except ValueError:
     raise ValueError(f'{where}: ragged top-K rows (every position needs K entries)') from None
+  for k, v in a.items():
+    if v.dtype.kind not in 'biuf':
+      raise ValueError(f'{where}: {k} must hold numbers (got {v.dtype.kind!r}-kind values, '
+                       f'e.g. {v.ravel()[:1].tolist()})')
   n = len(a['tokens'])
   if pad_id is not None:  # trailing eos padding of the batch layout: pad token, pad label, mask 0
     padlike = (a['tokens'] == pad_id) & (a['labels'] == pad_id) & (a['loss_mask'] == 0)
@@ -103,16 +110,24 @@ def import_chunks(path_template: str, root: str, split: str, meta: StoreMeta, *,
   done = writer.committed if writer else frozenset()
   seen, recs, extras, count = {}, [], [], 0
   for c, path in enumerate(paths):
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:  # counted above: UTF-8 throughout
       for position, (line_no, line) in enumerate(_records(f)):
         where = f'{path}:{line_no}'
         try:
           obj = json.loads(line)
         except json.JSONDecodeError as e:
           raise ValueError(f'{where}: not valid JSON ({e})') from None
-        if index == 'field' and 'index' not in obj:
-          raise ValueError(f"{where}: no 'index' field; pass index='position'")
-        i = int(obj['index']) if index == 'field' else c * n_examples_per_chunk + position
+        if not isinstance(obj, dict):
+          raise ValueError(f'{where}: expected a JSON object, got {type(obj).__name__}')
+        if index == 'field':
+          i = obj.get('index')
+          if i is None:
+            raise ValueError(f"{where}: no 'index' field; pass index='position'")
+          if type(i) is not int or i < 0:
+            raise ValueError(f"{where}: 'index' must be a non-negative integer, got {i!r}; "
+                             "pass index='position' to key by line")
+        else:
+          i = c * n_examples_per_chunk + position
         if i in seen:
           raise ValueError(f"{where}: index {i} repeats {seen[i]}; pass index='position' to key by line")
         seen[i] = where

@@ -27,6 +27,7 @@ and cut the same way.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import json
@@ -34,6 +35,7 @@ import logging
 import os
 import random
 import sys
+import zlib
 
 import yaml
 
@@ -93,11 +95,23 @@ def records_from_trees(trees: list[dict], mask_role: str = 'User',
   return out
 
 
+@contextlib.contextmanager
+def _named_read_errors(path: str):
+  """A file that is not UTF-8, or a cut or corrupt gzip (an interrupted download), as one
+  ValueError naming it."""
+  try:
+    yield
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path}: not UTF-8 text ({e})') from None
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise ValueError(f'{path}: a cut or corrupt gzip file ({e}); download it again') from None
+
+
 def read_trees(path: str) -> list[tuple[int, dict]]:
   """(line number, tree object) of a .jsonl or .jsonl.gz file, in file order."""
   opener = gzip.open if path.endswith('.gz') else open
   trees = []
-  with opener(path, 'rt', encoding='utf-8') as f:
+  with _named_read_errors(path), opener(path, 'rt', encoding='utf-8') as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -173,7 +187,7 @@ def read_chatterbot(yaml_dir_or_files) -> list[list[str]]:
     raise ValueError(f'{yaml_dir_or_files}: no .yml files')
   convs = []
   for path in files:
-    with open(path, encoding='utf-8') as f:
+    with _named_read_errors(path), open(path, encoding='utf-8') as f:
       try:
         data = yaml.load(f, Loader=yaml.BaseLoader)
       except yaml.YAMLError as e:
