@@ -136,15 +136,17 @@ def get_config(arg=None):
   c.train.decay_norm_scales = True  # decay norm scales (never biases); False: exempt norms too
   c.train.gradient_clip_val = 1.0  # max global L2 gradient norm; 0 = no clipping
   c.train.max_steps = -1  # optimizer steps (also the schedule's length); -1 = max_epochs
-  c.train.max_epochs = 1  # passes over the train split; sets the steps when max_steps=-1
+  c.train.max_epochs = 1  # passes over the train split: the steps when max_steps=-1, else (as
+  #   NeMo) a bound on them, the schedule still spanning max_steps; -1 = no bound (packing needs it)
   c.train.val_check_interval = 100  # validate every this many steps (and at the last step)
   c.train.save_interval = 100  # checkpoint every this many steps; a multiple of val_check_interval
+  #   when validating
   c.train.limit_val_batches = -1  # full batches per validation; -1 = all; 0 = no validation
   c.train.limit_train_batches = -1  # an epoch's batches, for max_epochs when max_steps=-1; -1 =
   #   all (batches run on through the shuffled stream: the next epoch starts mid-batch)
   c.train.checkpoint_max_to_keep = 3  # orbax checkpoints kept in <workdir>/checkpoints
   c.train.pack = False  # pack several examples per row (segment ids); False = one per row (NeMo);
-  #   needs max_steps and one process
+  #   needs max_steps, max_epochs=-1 and one process
   c.train.pad_to_max_length = True  # pad every batch to data.max_seq_length (one compiled shape)
   c.train.worker_count = 0  # Grain worker processes (0 = in-process reads)
   c.train.wandb_project = ''  # also log to Weights & Biases under this project; '' = off

@@ -50,6 +50,7 @@ def get_config(arg=None):
   c.train.warmup_steps = 5
   c.train.constant_steps = 0
   c.train.max_steps = 100
+  c.train.max_epochs = -1  # packing: epochs neither set nor bound the steps
   c.train.val_check_interval = 10
   c.train.save_interval = 50
   c.train.limit_val_batches = -1

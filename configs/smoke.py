@@ -35,6 +35,7 @@ def get_config(arg=None):
   c.train.global_batch_size = 8
   c.train.micro_batch_size = 1  # 8 rows: one per device under the tests' 8 simulated devices
   c.train.max_steps = 12
+  c.train.max_epochs = -1  # 64 examples are 8 steps an epoch: run on into the second
   c.train.val_check_interval = 4
   c.train.save_interval = 4
   return c

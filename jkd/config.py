@@ -277,9 +277,10 @@ def _train_settings(config, stored_k) -> None:
   for key, low in (('checkpoint_max_to_keep', 1), ('worker_count', 0)):
     if config.train[key] < low:
       raise ValueError(f'train.{key}={config.train[key]}: must be >= {low}')
-  if config.train.pack and config.train.max_steps < 0:
-    raise ValueError('train.pack=True: needs train.max_steps (how many packed batches an epoch '
-                     'makes is known only once packed, so max_epochs cannot set the steps)')
+  if config.train.pack and (config.train.max_steps < 0 or config.train.max_epochs != -1):
+    raise ValueError('train.pack=True: needs train.max_steps and train.max_epochs=-1 (how many '
+                     'packed batches an epoch makes is known only once packed, so epochs can '
+                     'neither set nor bound the steps)')
   import jax
   if jax.process_count() > 1 and not config.train.pad_to_max_length:  # rows share one L
     raise ValueError(f'train.pad_to_max_length=False: needs one process '

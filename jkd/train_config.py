@@ -39,7 +39,7 @@ class TrainConfig:
   warmup_steps: int = 10
   constant_steps: int = 1000
   max_steps: int = -1  # -1: from max_epochs (the loop resolves it before building the step)
-  max_epochs: int = 1
+  max_epochs: int = 1  # as NeMo, also a bound when max_steps is set; -1: none (needs max_steps)
   weight_decay: float = 0.01
   betas: tuple[float, float] = (0.9, 0.98)
   eps: float = 1e-8
@@ -94,8 +94,10 @@ class TrainConfig:
       fail('limit_train_batches', 'must be positive, or -1 for all')
     if self.limit_val_batches < -1:
       fail('limit_val_batches', 'must be >= 0, or -1 for the whole split')
-    if self.max_steps == -1 and self.max_epochs <= 0:
-      fail('max_epochs', 'must be positive when train.max_steps=-1')
+    if self.max_epochs == 0 or self.max_epochs < -1:
+      fail('max_epochs', 'must be positive, or -1 for no bound (with train.max_steps)')
+    if self.max_steps == -1 and self.max_epochs == -1:
+      fail('max_epochs', 'train.max_steps=-1 and max_epochs=-1: nothing bounds the run')
     if self.max_steps > 0 and self.warmup_steps + self.constant_steps > self.max_steps:
       fail('constant_steps', f'warmup_steps={self.warmup_steps} + constant_steps exceed '
            f'max_steps={self.max_steps} (NeMo would run the rest at min_lr without decay)')
@@ -172,9 +174,10 @@ def validate_config(config, stored_k: int | None = None, n_devices: int | None =
   if tc.global_batch_size % (tc.micro_batch_size * dp):
     raise ValueError(f'train.global_batch_size={tc.global_batch_size}: not divisible by '
                      f'micro_batch_size={tc.micro_batch_size} x data-parallel size {dp}')
-  if tc.save_interval % tc.val_check_interval:
+  if tc.limit_val_batches != 0 and tc.save_interval % tc.val_check_interval:
     raise ValueError(f'train.save_interval={tc.save_interval}: must be a multiple of '
-                     f'val_check_interval={tc.val_check_interval} (NeMo asserts it)')
+                     f'val_check_interval={tc.val_check_interval} (NeMo asserts it when '
+                     'validation is on: train.limit_val_batches != 0)')
   if tc.top_k is not None and stored_k is not None and tc.top_k > stored_k:
     raise ValueError(f'distill.top_k={tc.top_k}: exceeds the teacher\'s K={stored_k} '
                      '(extract.top_k, the K of the logit store)')

@@ -164,23 +164,28 @@ def _loader(tc, ls, split: str, *, shuffle: bool, num_epochs, pad_id: int, seed:
       pad_to_max=ls.pad_to_max_length, source=sources.get(split))
 
 
-RUN_FILE = 'run.json'  # in the workdir: the settings that fix the data order of its checkpoints
+RUN_FILE = 'run.json'  # in the workdir: the settings its checkpoints can only be resumed with
 
 
-def _check_data_order(ls, config, resumed: bool) -> None:
-  """A workdir's checkpoints continue only the data stream they were saved in: a resumed run
-  with another seed, batch size, packing, length or data would restore an iterator of a
-  different stream, so it is refused, naming the keys. A fresh run records its settings."""
+def _check_resumable(ls, config, resumed: bool) -> None:
+  """A workdir's checkpoints continue only the data stream and optimizer they were saved with:
+  a resumed run with another seed, batch size, packing, length or data would restore an
+  iterator of a different stream; another worker_count an iterator state of another form; another
+  do_layer_norm_weight_decay an optimizer state of another structure. Such a resume is refused,
+  naming the keys (keys a run.json from an older jkd lacks are not compared). A fresh run
+  records its settings."""
   online = config.distill.teacher_source == 'online'
   data = config.data.train_file if online else config.train.store
   now = {'seed': config.seed, 'train.global_batch_size': config.train.global_batch_size,
          'train.pack': config.train.pack, 'data.max_seq_length': config.data.max_seq_length,
-         'data.train_file' if online else 'train.store': os.path.abspath(data)}
+         'data.train_file' if online else 'train.store': os.path.abspath(data),
+         'train.worker_count': config.train.worker_count,
+         'train.do_layer_norm_weight_decay': config.train.do_layer_norm_weight_decay}
   path = os.path.join(ls.workdir, RUN_FILE)
   if resumed and os.path.isfile(path):
     with open(path) as f:
       saved = json.load(f)
-    changed = [k for k in sorted(set(now) | set(saved)) if now.get(k) != saved.get(k)]
+    changed = [k for k in sorted(now) if k in saved and now[k] != saved[k]]
     if changed:
       raise ValueError(f'{path}: this workdir\'s checkpoints were saved with '
                        + ', '.join(f'{k}={saved.get(k)!r}' for k in changed) + ' (now '
@@ -210,13 +215,33 @@ def _validate(eval_fn, state, tc, ls, pad_id, shardings, sources, extra) -> dict
   return _scalars(total, 'val')
 
 
+def run_length(tc, n_train: int) -> tuple[int, int]:
+  """(the run's last step, the schedule's length), as NeMo's SupervisedTrainer counts them:
+  max_epochs epochs of n_train // global_batch_size batches (at most limit_train_batches), cut
+  at max_steps when that is set. The schedule spans max_steps (trainer.max_steps) even when the
+  epochs end the run first, which is then said. max_epochs=-1 (jkd's) bounds nothing."""
+  per_epoch = n_train // tc.global_batch_size
+  if tc.limit_train_batches >= 0:
+    per_epoch = min(per_epoch, tc.limit_train_batches)
+  epoch_steps = per_epoch * tc.max_epochs if tc.max_epochs > 0 else None
+  schedule_steps = tc.max_steps if tc.max_steps > 0 else epoch_steps
+  last_step = schedule_steps if epoch_steps is None else min(schedule_steps, epoch_steps)
+  if last_step <= 0:
+    raise ValueError(f'train: nothing to do ({n_train} train examples, global_batch_size '
+                     f'{tc.global_batch_size}, max_steps {tc.max_steps})')
+  if last_step < schedule_steps:
+    print(f'[train] train.max_epochs={tc.max_epochs} ends the run at step {last_step} of '
+          f'train.max_steps={schedule_steps} ({per_epoch} steps an epoch), as in NeMo: the '
+          'schedule still spans max_steps; train.max_epochs=-1 runs them all')
+  return last_step, schedule_steps
+
+
 def run(config) -> dict[str, float]:
   import grain
   import orbax.checkpoint as ocp
 
   from jkd.data import logit_store
   tc, ls = train.train_config(config), loop_settings(config)
-  os.makedirs(ls.workdir, exist_ok=True)
 
   # Mesh: over every process's devices; each process feeds the batch rows of its own (with
   # one padded length: jkd.config refuses train.pad_to_max_length=False for several processes).
@@ -248,14 +273,8 @@ def run(config) -> dict[str, float]:
     if os.path.isdir(os.path.join(tc.store, 'validation')):
       n_val = logit_store.check_finished(tc.store, 'validation')
   train.validate_config(config, stored_k=stored_k, n_devices=jax.device_count())
-  per_epoch = n_train // tc.global_batch_size
-  if tc.limit_train_batches >= 0:
-    per_epoch = min(per_epoch, tc.limit_train_batches)
-  max_steps = tc.max_steps if tc.max_steps >= 0 else per_epoch * tc.max_epochs
-  if max_steps <= 0:
-    raise ValueError(f'train: nothing to do ({n_train} train examples, global_batch_size '
-                     f'{tc.global_batch_size}, max_steps {tc.max_steps})')
-  tc = dataclasses.replace(tc, max_steps=max_steps)
+  last_step, schedule_steps = run_length(tc, n_train)
+  tc = dataclasses.replace(tc, max_steps=schedule_steps)  # validated again: before any write
   has_val = n_val is not None and tc.limit_val_batches != 0
   if has_val and n_val < tc.global_batch_size:
     raise ValueError(f'the validation split has {n_val} examples, fewer than one batch of '
@@ -264,16 +283,18 @@ def run(config) -> dict[str, float]:
 
   # This workdir's checkpoints, and what resuming them must agree with: checked before anything
   # is loaded or compiled.
+  os.makedirs(ls.workdir, exist_ok=True)
   mngr = ocp.CheckpointManager(
       os.path.join(os.path.abspath(ls.workdir), 'checkpoints'),
       options=ocp.CheckpointManagerOptions(max_to_keep=ls.checkpoint_max_to_keep,
                                            enable_async_checkpointing=True,
                                            cleanup_tmp_directories=True))
   start = mngr.latest_step() or 0  # steps count from 1
-  _check_data_order(ls, config, resumed=start > 0)
-  if start > max_steps:  # would skip training and export a later state as this run's end
+  _check_resumable(ls, config, resumed=start > 0)
+  if start > last_step:  # would skip training and export a later state as this run's end
     raise ValueError(f'{ls.workdir}/checkpoints: the latest checkpoint is at step {start}, '
-                     f'past train.max_steps={max_steps}; raise max_steps or use another workdir')
+                     f'past this run\'s last step {last_step} (train.max_steps, max_epochs); '
+                     'raise them or use another workdir')
   # A .nemo already at the export path is overwritten only if it is this run's own (newer than
   # the checkpoint it resumes from).
   nemo = ls.export_nemo or (os.path.join(ls.workdir, 'student.nemo')
@@ -333,9 +354,12 @@ def run(config) -> dict[str, float]:
     state = restored.state
     print(f'[train] resumed from {ls.workdir}/checkpoints at step {start}')
   elif tc.restore_from_path:  # its weights, as NeMo restores a .nemo: optimizer and schedule new
-    with ocp.StandardCheckpointer() as ckptr:
-      saved = ckptr.restore(os.path.join(tc.restore_from_path, 'state'), abstract)
-    state = state.replace(params=saved.params)
+    target = {'params': abstract.params}  # only these are read: any optimizer settings may differ
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+      saved = ckptr.restore(os.path.join(tc.restore_from_path, 'state'), args=ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))
+    state = state.replace(params=saved['params'])
     del saved
     print(f'[train] started from the params of {tc.restore_from_path}')
 
@@ -366,10 +390,10 @@ def run(config) -> dict[str, float]:
     bar.set_postfix(loss=f'{values["train/loss"]:.4f}', lr=f'{values["train/lr"]:.2e}')
 
   profiler = profiling.Profiler(profiling.settings(config))
-  bar = tqdm(total=max_steps, initial=start, desc='train', unit='step',
+  bar = tqdm(total=last_step, initial=start, desc='train', unit='step',
              disable=jax.process_index() != 0)
   try:
-    for step in range(start + 1, max_steps + 1):
+    for step in range(start + 1, last_step + 1):
       profiler.step(step, wait=state)  # starts or stops the trace (config.profile)
       batch = next(train_it)
       tokens = float((batch['segment_ids'] > 0).sum()) * jax.process_count()  # real tokens
@@ -379,7 +403,7 @@ def run(config) -> dict[str, float]:
       pending = (step, metrics, t0, tokens)
       bar.update(1)
       faults.point('train.step')
-      boundary = step == max_steps
+      boundary = step == last_step
       if step % tc.val_check_interval == 0 or boundary:
         settle()
         if has_val:
@@ -395,7 +419,7 @@ def run(config) -> dict[str, float]:
         faults.point('train.save_started')  # the write goes on in the background
     settle()
   finally:
-    profiler.close()  # a window reaching past max_steps ends with the run
+    profiler.close()  # a window reaching past the last step ends with the run
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
@@ -413,6 +437,6 @@ def run(config) -> dict[str, float]:
     if own_nemo and os.path.isfile(nemo):
       os.remove(nemo)
     export.export(final, nemo=nemo, hf=ls.export_hf, dtype='bfloat16')
-  print(f'[train] {max_steps} steps; ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(last.items())
+  print(f'[train] {last_step} steps; ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(last.items())
                                                     if k.endswith('loss')))
   return last

@@ -30,6 +30,7 @@ def _train_cli(store, workdir, *extra):
           '--config.data.max_seq_length=64', '--config.train.global_batch_size=8',
           '--config.train.warmup_steps=1', '--config.train.constant_steps=0',
           '--config.train.lr=1e-3', '--config.train.precision=fp32',
+          '--config.train.max_epochs=-1',  # 48 examples are 6 steps an epoch: runs go past
           '--config.distill.sft_loss_weight=0.4', *extra]
 
 
@@ -52,6 +53,31 @@ def _final_params(workdir):
   step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
   with ocp.StandardCheckpointer() as ckptr:
     return step, ckptr.restore(os.path.join(ckpt, str(step), 'state'))['params']
+
+
+@pytest.mark.parametrize('keys,n_train,want', [
+    (dict(max_steps=-1, max_epochs=1), 100, (12, 12)),  # 100 // 8: the epoch sets both
+    (dict(max_steps=-1, max_epochs=3), 100, (36, 36)),
+    (dict(max_steps=30, max_epochs=1), 100, (12, 30)),  # NeMo: the epoch ends the run first
+    (dict(max_steps=30, max_epochs=3), 100, (30, 30)),
+    (dict(max_steps=30, max_epochs=-1), 100, (30, 30)),  # jkd's -1: no epoch bound
+    (dict(max_steps=-1, max_epochs=2, limit_train_batches=5), 100, (10, 10)),
+    (dict(max_steps=30, max_epochs=2, limit_train_batches=5), 100, (10, 30)),
+])
+def test_run_length_is_nemos(keys, n_train, want, capsys):
+  """NeMo-Aligner's SupervisedTrainer: min(steps per epoch x max_epochs, max_steps), the
+  schedule over max_steps; an epoch-bounded run says where it ends."""
+  from jkd import train, train_loop
+  tc = train.TrainConfig(global_batch_size=8, warmup_steps=0, constant_steps=0, **keys)
+  assert train_loop.run_length(tc, n_train) == want
+  assert ('ends the run at step' in capsys.readouterr().out) == (want[0] < want[1])
+
+
+def test_run_length_with_nothing_to_do():
+  from jkd import train, train_loop
+  tc = train.TrainConfig(global_batch_size=8, warmup_steps=0, constant_steps=0)
+  with pytest.raises(ValueError, match='nothing to do \\(7 train examples'):
+    train_loop.run_length(tc, 7)
 
 
 def test_train_validates_checkpoints_and_logs(store, tmp_path):
@@ -88,12 +114,13 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   # A checkpoint past max_steps, and a .nemo older than the latest checkpoint (not this run's),
   # are refused before training, and nothing is overwritten.
   shorter = _run(_train_cli(store, tmp_path / 'run', *args))
-  assert shorter.returncode == 2 and 'past train.max_steps=6' in shorter.stderr, shorter.stderr
+  assert shorter.returncode == 2 and 'past this run\'s last step 6' in shorter.stderr, shorter.stderr
   # Another seed would restore an iterator of another data stream: refused, named.
+  # Another worker_count, an iterator state of another form (a bare KeyError from Grain).
   reseeded = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8',
-                             '--config.seed=1'))
-  assert reseeded.returncode == 2 and 'saved with seed=0 (now 1)' in reseeded.stderr, (
-      reseeded.stderr)
+                             '--config.seed=1', '--config.train.worker_count=1'))
+  assert reseeded.returncode == 2 and (
+      'saved with seed=0, train.worker_count=0 (now 1, 1)' in reseeded.stderr), reseeded.stderr
   os.utime(nemo, (0, 0))
   old = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8'))
   assert old.returncode == 2 and 'student.nemo: already exists' in old.stderr, old.stderr
@@ -103,13 +130,15 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
 def test_restore_from_path_starts_from_its_params_with_a_new_schedule(store, tmp_path):
   """A new run from another run's checkpoint takes its params only: step 1 has the first
   step's learning rate (as the first run's step 1) but not its loss (same batch and seed,
-  other params), and the checkpoints count from 1."""
+  other params), and the checkpoints count from 1. Its optimizer may differ: decaying norms too
+  gives an optimizer state of another structure than the checkpoint's, which is not read."""
   args = ('--config.train.val_check_interval=2', '--config.train.save_interval=2',
           '--config.train.limit_val_batches=1')
   first = _run(_train_cli(store, tmp_path / 'first', '--config.train.max_steps=2', *args))
   assert first.returncode == 0, first.stderr[-3000:]
   second = _run(_train_cli(store, tmp_path / 'second', '--config.train.max_steps=2', *args,
-                           f'--config.train.restore_from_path={tmp_path}/first/checkpoints/2'))
+                           f'--config.train.restore_from_path={tmp_path}/first/checkpoints/2',
+                           '--config.train.do_layer_norm_weight_decay=True'))
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'started from the params of' in second.stdout
   a, b = _metrics(tmp_path / 'first'), _metrics(tmp_path / 'second')

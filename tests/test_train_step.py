@@ -376,6 +376,8 @@ def train_config(**overrides):
     ({'train.global_batch_size': 12}, None, 'train.global_batch_size=12'),  # 12 % (1 x 8)
     ({'train.micro_batch_size': 3}, None, 'train.global_batch_size=128'),  # 128 % (3 x 8)
     ({'train.save_interval': 1500}, None, 'train.save_interval=1500'),
+    ({'train.max_epochs': 0}, None, 'train.max_epochs=0'),
+    ({'train.max_steps': -1, 'train.max_epochs': -1}, None, 'nothing bounds the run'),
     ({'distill.top_k': 8}, 4, 'distill.top_k=8'),
     ({'train.constant_steps': 1000}, None, 'train.constant_steps=1000'),
     ({'distill.kd_loss': 'kl'}, None, "distill.kd_loss='kl'"),
@@ -390,6 +392,12 @@ def train_config(**overrides):
 def test_invalid_combinations_fail_before_compiling(overrides, stored_k, message):
   with pytest.raises(ValueError, match=message.replace('(', r'\(')):
     train.validate_config(train_config(**overrides), stored_k=stored_k, n_devices=8)
+
+
+def test_save_interval_is_free_without_validation():
+  """NeMo asserts save_interval % val_check_interval only when it validates."""
+  c = train_config(**{'train.save_interval': 1500, 'train.limit_val_batches': 0})
+  train.validate_config(c, stored_k=None, n_devices=8)
 
 
 def test_config_validate_runs_the_train_checks(devices8):
