@@ -83,8 +83,11 @@ main() {
   echo "== bundle: ${#wheels[@]} wheels, cache $BUNDLE/cache" >&2
   run nvidia-smi || true
   run rm -rf "$SITE"
+  # main runs left of || below, where bash ignores set -e: each failure must return itself.
   run "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
-    --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}"
+    --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}" ||
+    { echo "gpu_bundle_run: installing the bundle's wheels failed: the bundle is unusable" >&2
+      return 2; }
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   export JKD_CACHE=$BUNDLE/cache
   export JAX_PLATFORMS=cuda  # no silent fall-back to the CPU: a step fails instead

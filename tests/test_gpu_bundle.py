@@ -206,6 +206,7 @@ def test_runner_needs_a_bundle():
 FAKE_HOST_PYTHON = """#!/bin/bash
 echo "python $*" >> "$CALLS"
 if [[ $2 == pip && $3 == install ]]; then
+  [[ -z ${FAIL_PIP:-} ]] || exit 1
   while [[ $1 != --target ]]; do shift; done
   mkdir -p "$2"
 elif [[ "$*" == *jkd.main* ]]; then
@@ -239,6 +240,22 @@ def test_runner_sends_back_at_most_8_flat_files(tmp_path):
   called = calls.read_text()
   assert f'--target {tmp_path}/site' in called and 'scripts/gpu_bundle.py versions' in called
   assert (tmp_path / 'site').is_dir()
+
+
+def test_runner_stops_when_the_wheels_do_not_install(tmp_path):
+  """A failed pip install (say, an image without Python 3.12) is exit 2, and the check does
+  not run on the image's own versions."""
+  bundle = _fake_bundle(tmp_path)
+  calls = tmp_path / 'calls.txt'
+  _stub(tmp_path, 'python3', FAKE_HOST_PYTHON)
+  _stub(tmp_path, 'nvidia-smi', '#!/bin/sh\necho "NVIDIA H100 80GB HBM3 (stand-in)"\n')
+  proc = sh(str(bundle / 'run.sh'), timeout=180, env={
+      'PATH': f'{tmp_path}:{ENV["PATH"]}', 'HOST_PYTHON': 'python3', 'CALLS': str(calls),
+      'OUT': str(tmp_path / 'out'), 'CHECK_DIR': str(tmp_path / 'check'),
+      'SITE': str(tmp_path / 'site'), 'FAIL_PIP': '1'})
+  assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert 'the bundle is unusable' in (tmp_path / 'out' / 'run.log').read_text()
+  assert 'pip install' in calls.read_text() and 'jkd.main' not in calls.read_text()
 
 
 def _load_gpu_bundle_py():

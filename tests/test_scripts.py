@@ -154,7 +154,7 @@ def test_setup_vm_copies_checks_driver_builds_venv(tmp_path):
     assert 'nvidia-smi' in remote(driver) and f'jkd-{i}' in driver
     assert scp[:3] == ['gcloud', 'compute', 'scp'] and scp[-2:] == [tarball, f'jkd-{i}:jkd-src.tgz']
     assert remote(unpack) == 'mkdir -p jkd && tar -xzf jkd-src.tgz -C jkd && rm jkd-src.tgz'
-    assert remote(setup) == 'cd jkd && bash scripts/gcp/remote_setup.sh --extras gpu --gpus 8'
+    assert remote(setup) == 'cd jkd && bash scripts/gcp/remote_setup.sh --extras gpu,convert --gpus 8'
   # The packing command itself, run: the sources as git sees them, without .venv or caches.
   subprocess.run(pack, check=True, cwd=REPO)
   names = subprocess.run(['tar', '-tzf', tarball], capture_output=True, text=True,
@@ -172,7 +172,7 @@ def test_setup_vm_copies_checks_driver_builds_venv(tmp_path):
 def test_remote_setup_pins_deps_and_checks_8_gpus():
   cmds = dry('scripts/gcp/remote_setup.sh')
   assert ['.venv/bin/pip', 'install', '-q', '--disable-pip-version-check', '-c',
-          'requirements.lock', '-e', '.[gpu]'] in cmds, cmds
+          'requirements.lock', '-e', '.[gpu,convert]'] in cmds, cmds
   check = cmds[-1]
   assert check[:2] == ['env', 'JAX_PLATFORMS=cuda'] and 'len(d) == 8' in check[-1], check
 
@@ -236,6 +236,9 @@ def test_launch_remote_command_hands_jkd_its_arguments_and_holds_the_vm(tmp_path
     time.sleep(0.05)
   second = run()
   assert second.returncode == 3 and 'a jkd run is active' in second.stderr, second
+  # The lock is this host's: VMs that share logs/ (a shared --remote-dir) do not block each other.
+  host = subprocess.run(['hostname'], capture_output=True, text=True).stdout.strip()
+  assert os.listdir(project / 'logs') and f'logs/jkd.{host}.lock' in second.stderr
   (project / 'release').touch()
   log = project / 'logs' / 'nemotron8b_gpt2b-extract.vm0.log'
   while 'exit status' not in (log.read_text() if log.exists() else '') and time.time() < deadline:

@@ -87,7 +87,7 @@ if ((NUM_VMS > 1)) && [[ -z $COORDINATOR_IP ]]; then
 fi
 
 dir=$(quote "$REMOTE_DIR")
-jkd_args=$(cmdline --config "$CONFIG" "${EXTRA[@]}")
+jkd_args=$(cmdline --config "$CONFIG" ${EXTRA[@]+"${EXTRA[@]}"})  # bash < 4.4: empty is unset
 for i in "${!VMS[@]}"; do
   log="logs/$NAME.vm$i.log"
   env=''
@@ -95,5 +95,5 @@ for i in "${!VMS[@]}"; do
     env="JAX_COORDINATOR_ADDRESS=$COORDINATOR_IP:$PORT JAX_NUM_PROCESSES=$NUM_VMS JAX_PROCESS_ID=$i "
   fi
   # Refuse early (here, not in the detached log) when a run already holds the VM.
-  ssh_run "${VMS[$i]}" "set -e; cd $dir; mkdir -p logs; if ! flock -n logs/jkd.lock true; then echo \"a jkd run is active on \$(hostname) (logs/jkd.lock)\" >&2; exit 3; fi; ${env}nohup setsid bash scripts/gcp/remote_run.sh $jkd_args >> $log 2>&1 < /dev/null & echo \"started on \$(hostname): $REMOTE_DIR/$log\""
+  ssh_run "${VMS[$i]}" "set -e; cd $dir; mkdir -p logs; lock=logs/jkd.\$(hostname).lock; if ! flock -n \$lock true; then echo \"a jkd run is active on \$(hostname) (\$lock)\" >&2; exit 3; fi; ${env}nohup setsid bash scripts/gcp/remote_run.sh $jkd_args >> $log 2>&1 < /dev/null & echo \"started on \$(hostname): $REMOTE_DIR/$log\""
 done

@@ -13,10 +13,12 @@ source scripts/gcp/xla_flags.sh
 
 mkdir -p logs
 # One jkd process drives all of a VM's GPUs: a second one would fail to allocate memory, or
-# worse, write the same logit store or checkpoints. The lock is held until python exits.
-exec 9> logs/jkd.lock
+# worse, write the same logit store or checkpoints. The lock is held until python exits; it is
+# the VM's own (named by host), so a logs/ that several VMs share holds one lock for each.
+lock="logs/jkd.$(hostname).lock"
+exec 9> "$lock"
 if ! flock -n 9; then
-  echo "remote_run.sh: error: another jkd run holds $PWD/logs/jkd.lock on $(hostname)" >&2
+  echo "remote_run.sh: error: another jkd run holds $PWD/$lock on $(hostname)" >&2
   exit 3
 fi
 

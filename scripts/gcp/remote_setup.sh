@@ -2,13 +2,14 @@
 # Runs ON a VM, in the project directory (setup_vm.sh starts it over gcloud compute ssh): Python
 # 3.11, .venv with the pinned dependencies plus jax[cuda12], then a check that jax sees the GPUs.
 #
-#   bash scripts/gcp/remote_setup.sh [--extras gpu] [--gpus 8] [--dry-run]
+#   bash scripts/gcp/remote_setup.sh [--extras gpu,convert] [--gpus 8] [--dry-run]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=scripts/gcp/common.sh
 source scripts/gcp/common.sh  # run, die
 
-EXTRAS=gpu  # pyproject extras: gpu = jax[cuda12]; gpu,test adds pytest + torch (gpu_check.sh)
+EXTRAS=gpu,convert  # pyproject extras: gpu = jax[cuda12], convert = torch (writing .nemo);
+#   gpu,test adds pytest, torch and transformers (gpu_check.sh)
 GPUS=8      # devices jax must see
 PYTHON=${PYTHON:-python3.11}  # the lock is resolved for 3.11; Ubuntu 22.04 ships 3.10
 

@@ -12,7 +12,7 @@ source "$(dirname "$0")/common.sh"
 
 CLONE_URL=${CLONE_URL:-}
 CLONE_REF=${CLONE_REF:-}
-EXTRAS=${EXTRAS:-gpu}
+EXTRAS=${EXTRAS:-gpu,convert}
 GPUS_PER_VM=${GPUS_PER_VM:-8}
 TARBALL=${TARBALL:-${TMPDIR:-/tmp}/jkd-src.tgz}
 
@@ -28,8 +28,9 @@ gcloud compute scp; reruns overwrite the sources and keep .venv, models/, data/ 
 Options (or the environment variable in brackets):
   --clone URL        git clone URL on the VM instead of copying this checkout [CLONE_URL]
   --ref REF          branch, tag or commit to check out after --clone [CLONE_REF]
-  --extras E         pyproject extras to install; default gpu (jax[cuda12]); gpu,test adds
-                     pytest and torch for scripts/gpu_check.sh [EXTRAS]
+  --extras E         pyproject extras to install; default gpu,convert (jax[cuda12], and torch
+                     for the .nemo a tutorial run writes at its end); gpu,test adds pytest and
+                     transformers for scripts/gpu_check.sh [EXTRAS]
   --gpus N           GPUs jax must see on each VM; default 8 [GPUS_PER_VM]
 $COMMON_HELP
 EOF
