@@ -224,6 +224,22 @@ def test_truncated_tar_is_a_clear_error(tmp_path):
     from_nemo.load_nemo(str(tmp_path / 'cut.nemo'))
 
 
+def test_damaged_weight_member_is_a_clear_error(tmp_path):
+  """A legacy model_weights.ckpt whose tensor member's zip header is damaged: one ValueError
+  naming the file and member (zipfile.BadZipFile before)."""
+  import tarfile
+  fx.write_legacy(tmp_path / 'm.nemo', 'gpt2b', _hf('gpt2b'))
+  with tarfile.open(tmp_path / 'm.nemo') as tar:
+    tar.extractall(tmp_path / 'd', filter='data')
+  ckpt = tmp_path / 'd' / 'model_weights.ckpt'
+  data = bytearray(ckpt.read_bytes())
+  i = data.rfind(b'PK\x03\x04', 0, data.find(b'data/3') + 1)  # the header of tensor data/3
+  data[i:i + 4] = b'XXXX'
+  ckpt.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=r'model_weights\.ckpt: .*data/3 is unreadable .*damaged'):
+    from_nemo.load_nemo(str(tmp_path / 'd'))
+
+
 def test_missing_config_is_a_clear_error(tmp_path):
   _tar_with(tmp_path / 'm.nemo', [(_info('./model_weights.ckpt', b'x'), b'x')])
   with pytest.raises(ValueError, match=r'm\.nemo: model_config\.yaml is missing'):

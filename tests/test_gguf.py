@@ -21,8 +21,9 @@ def _llama_cpp_permute(w, n_heads):
       w.shape)
 
 
-def write_llama_gguf(path, hf):
-  """Writes an HF LlamaForCausalLM as llama.cpp does (F32 tensors, permuted q/k)."""
+def write_llama_gguf(path, hf, *, freq_base=True):
+  """Writes an HF LlamaForCausalLM as llama.cpp does (F32 tensors, permuted q/k); without
+  llama.rope.freq_base when `freq_base` is False, as older conversions are."""
   import gguf
   c = hf.config
   sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
@@ -33,7 +34,8 @@ def write_llama_gguf(path, hf):
   w.add_feed_forward_length(c.intermediate_size)
   w.add_head_count(c.num_attention_heads)
   w.add_head_count_kv(c.num_key_value_heads)
-  w.add_rope_freq_base(c.rope_parameters['rope_theta'])
+  if freq_base:
+    w.add_rope_freq_base(c.rope_parameters['rope_theta'])
   if c.head_dim != c.hidden_size // c.num_attention_heads:  # as llama.cpp writes it
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
@@ -95,6 +97,21 @@ def test_a_head_dim_apart_from_hidden_over_heads_rotates_whole_heads(tmp_path):
   write_llama_gguf(tmp_path / 'm.gguf', hf)
   cfg, params = from_gguf.load_gguf(str(tmp_path / 'm.gguf'))
   assert (cfg.head_dim, cfg.rotary_percentage) == (8, 1.0)
+  tokens = np.random.default_rng(0).integers(0, ref.V, (2, ref.T), dtype=np.int32)
+  assert np.abs(_logits(cfg, params, tokens) - ref.hf_logits(hf, tokens)).max() <= 1e-4
+
+
+def test_rope_freq_base_is_optional_as_in_llama_cpp(tmp_path):
+  """A GGUF without llama.rope.freq_base rotates with llama.cpp's default base, 10000."""
+  from transformers import LlamaConfig, LlamaForCausalLM
+  hf = ref._randomise(LlamaForCausalLM(LlamaConfig(
+      vocab_size=ref.V, hidden_size=ref.D, intermediate_size=ref.F, num_hidden_layers=ref.L,
+      num_attention_heads=ref.N, num_key_value_heads=ref.G, rms_norm_eps=1e-5,
+      max_position_embeddings=64, rope_parameters={'rope_type': 'default', 'rope_theta': 1e4})),
+      seed=3)
+  write_llama_gguf(tmp_path / 'm.gguf', hf, freq_base=False)
+  cfg, params = from_gguf.load_gguf(str(tmp_path / 'm.gguf'))
+  assert cfg.rotary_base == 10000.0
   tokens = np.random.default_rng(0).integers(0, ref.V, (2, ref.T), dtype=np.int32)
   assert np.abs(_logits(cfg, params, tokens) - ref.hf_logits(hf, tokens)).max() <= 1e-4
 

@@ -209,6 +209,31 @@ def test_export_after_a_killed_one_leaves_no_temporary_files(tmp_path):
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, params)))
 
 
+@pytest.mark.parametrize('where', ['weights', 'tar'])
+def test_export_on_a_full_disk_names_the_path_and_leaves_nothing(tmp_path, monkeypatch, where):
+  """ENOSPC while torch writes the weights (its CheckpointException is a BaseException, so
+  it escaped as two tracebacks) or while the tar is written (the half tar stayed): one OSError
+  naming the path, and nothing left beside the output."""
+  import errno
+  import tarfile
+  from torch.distributed.checkpoint import filesystem
+  fx.write_legacy(tmp_path / 'a.nemo', 'llama', _hf('llama'))
+  cfg, params = from_nemo.load_nemo(str(tmp_path / 'a.nemo'))
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  if where == 'weights':
+    monkeypatch.setattr(filesystem, '_write_item', full)
+    path = 'b.nemo.partial/model_weights'
+  else:
+    monkeypatch.setattr(tarfile.TarFile, 'addfile', full)
+    path = 'b.nemo.tmp'
+  with pytest.raises(OSError, match=f'No space left on device: .*{path}') as e:
+    to_nemo.export_nemo(cfg, params, str(tmp_path / 'b.nemo'))
+  assert e.value.errno == errno.ENOSPC
+  assert sorted(os.listdir(tmp_path)) == ['a.nemo']
+
+
 def test_hf_export_of_a_sentencepiece_tokenizer_and_stale_tokenizers(tmp_path, capsys):
   """A SentencePiece tokenizer exports with a tokenizer_config.json (Llama class, the model's
   special tokens, no added BOS) and a warning when transformers' conversion of it encodes a

@@ -31,6 +31,8 @@ _CONFIG_KEYS = {
     'rope.freq_base': 'rotary_base',
     'context_length': 'max_position_embeddings',
 }
+# Keys llama.cpp reads as optional, with its defaults (older Llama-2 conversions lack them).
+_CONFIG_DEFAULTS = {'rope.freq_base': 10000.0}
 # Metadata that would change the forward pass in ways this importer does not implement.
 _UNSUPPORTED_KEYS = ('rope.scaling.type', 'rope.scaling.factor', 'expert_count',
                      'attention.sliding_window', 'attn_logit_softcapping')
@@ -84,6 +86,7 @@ def read_config(reader: gguf.GGUFReader, path: str) -> model.ModelConfig:
   kwargs = {}
   for key, name in _CONFIG_KEYS.items():
     value = _field(reader, f'llama.{key}')
+    value = _CONFIG_DEFAULTS.get(key) if value is None else value
     if value is None and name != 'num_query_groups':
       raise ValueError(f'{path}: GGUF metadata llama.{key} is missing')
     if value is not None:

@@ -194,8 +194,15 @@ def _write_torch_dist(directory: str, cfg: model.ModelConfig, params: dict, dtyp
   import warnings
   with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
     warnings.simplefilter('ignore', UserWarning)
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(directory, thread_count=1),
-             planner=Planner(), no_dist=True)
+    try:
+      dcp.save(state, storage_writer=dcp.FileSystemWriter(directory, thread_count=1),
+               planner=Planner(), no_dist=True)
+    except dcp.CheckpointException as e:  # a BaseException wrapping the writer's own error
+      error = next(iter(e.failures.values()))[0]
+      if isinstance(error, OSError):  # a full disk, say
+        raise OSError(error.errno, error.strerror or str(error), directory) from None
+      raise ValueError(f'{directory}: writing the weights failed: {type(error).__name__}: '
+                       f'{error}') from None
   torch.save({}, os.path.join(directory, 'common.pt'))
   with open(os.path.join(directory, 'metadata.json'), 'w') as f:
     json.dump({'sharded_backend': 'torch_dist', 'sharded_backend_version': 1,
@@ -252,8 +259,13 @@ def export_nemo(cfg: model.ModelConfig, params: model.Params, out_path: str, *,
     _write_torch_dist(os.path.join(work, 'model_weights'), cfg, params, dtype)
     if out_path.endswith('.nemo'):
       tmp = out_path + '.tmp'
-      with tarfile.open(tmp, 'w:') as tar:  # NeMo: tar.add(dir, arcname='.'), uncompressed
-        tar.add(work, arcname='.')
+      try:
+        with tarfile.open(tmp, 'w:') as tar:  # NeMo: tar.add(dir, arcname='.'), uncompressed
+          tar.add(work, arcname='.')
+      except OSError as e:  # a full disk, say: no half tar left behind, and the file named
+        if os.path.exists(tmp):
+          os.remove(tmp)
+        raise OSError(e.errno, e.strerror or str(e), tmp) from None
       os.replace(tmp, out_path)
     else:
       os.replace(work, out_path)

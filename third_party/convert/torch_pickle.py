@@ -14,6 +14,7 @@ import dataclasses
 import io
 import pickle
 import zipfile
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -62,9 +63,13 @@ class LazyTensor:
       count = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride) if n > 0)
       if any(n == 0 for n in self.shape):
         return np.zeros(self.shape, self.dtype)
-    with self.storage.zf.open(self.storage.member) as f:
-      f.seek(self.offset * itemsize)
-      buf = f.read(count * itemsize)
+    try:
+      with self.storage.zf.open(self.storage.member) as f:
+        f.seek(self.offset * itemsize)
+        buf = f.read(count * itemsize)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a damaged member or its header
+      raise ValueError(f'{self.storage.zf.filename}: {self.storage.member} is unreadable '
+                       f'({e}); the checkpoint is damaged') from None
     if len(buf) != count * itemsize:
       raise ValueError(f'{self.storage.zf.filename}: {self.storage.member} is truncated')
     flat = np.frombuffer(buf, self.dtype)
