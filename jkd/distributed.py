@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import time
 
 ENV = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS', 'num_processes': 'JAX_NUM_PROCESSES',
        'process_id': 'JAX_PROCESS_ID', 'local_device_ids': 'JAX_LOCAL_DEVICE_IDS'}
@@ -80,12 +82,34 @@ def settings(config, environ=None) -> Settings | None:
   return s
 
 
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Returns once HOST:PORT accepts a TCP connection (process 0's coordinator is up); a
+  ValueError naming the address when nothing answers within `timeout_s`. JAX's own wait ends
+  in a fatal abort of the process (a C++ check), which no Python handler can turn into a line."""
+  host, port = address.rsplit(':', 1)
+  host = host.strip('[]')  # an IPv6 literal
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)):
+        return
+    except (OSError, ValueError) as e:
+      if time.monotonic() >= deadline:
+        raise ValueError(f'coordinator {address}: nothing answered within {timeout_s:g} s '
+                         f'({e}); start process 0 there first, or check the address and port '
+                         '(distributed.coordinator_address, distributed.initialization_timeout)'
+                         ) from None
+    time.sleep(0.5)
+
+
 def initialize(config) -> Settings | None:
   """Calls jax.distributed.initialize when the config or environment asks for several
   processes; must run before anything touches the JAX backend (jax.devices() included)."""
   s = settings(config)
   if s is None:
     return None
+  if s.process_id not in (None, 0) and s.coordinator_address is not None:
+    wait_for_coordinator(s.coordinator_address, s.initialization_timeout)
   import jax
   try:
     jax.distributed.initialize(

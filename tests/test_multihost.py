@@ -143,6 +143,32 @@ def test_incomplete_distributed_settings_are_a_one_line_cli_error():
   assert last.startswith('jkd: error: distributed.coordinator_address is unset'), proc.stderr
 
 
+def test_an_unreachable_coordinator_is_one_line_not_an_abort():
+  """Process 1 with nothing listening at the coordinator: JAX's own wait aborts the process
+  (SIGABRT, a C++ check); jkd waits itself and says so in one line, exit 2."""
+  with socket.socket() as free:  # a port nothing listens on
+    free.bind(('127.0.0.1', 0))
+    port = free.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if k not in distributed.ENV.values()}
+  proc = subprocess.run([sys.executable, '-m', 'jkd.main', '--config', 'configs/base.py',
+                         f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+                         '--config.distributed.num_processes=2',
+                         '--config.distributed.process_id=1',
+                         '--config.distributed.initialization_timeout=2'], cwd=tt.REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'jkd: error: coordinator 127.0.0.1:{port}: nothing answered within 2 s'
+                         ), proc.stderr
+
+
+def test_wait_for_coordinator_returns_once_a_port_answers():
+  with socket.socket() as server:
+    server.bind(('127.0.0.1', 0))
+    server.listen()
+    distributed.wait_for_coordinator(f'127.0.0.1:{server.getsockname()[1]}', 5)
+
+
 def test_a_slurm_step_does_not_narrow_the_devices_of_an_explicit_run():
   """Inside an srun step with one task per node, JAX's cluster detection would set the unset
   local_device_ids to the local rank: one GPU per process. Without distributed.auto jkd turns
