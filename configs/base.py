@@ -31,7 +31,7 @@ LOGICAL_AXIS_RULES = (
 def get_config(arg=None):
   del arg
   c = ConfigDict()
-  # Stage to run: train | extract | convert | export | pipeline. The defaults below are NeMo-
+  # Stage to run: train | extract | convert | eval | export | pipeline. The defaults below are NeMo-
   # Aligner's training settings; mode=pipeline wants others (configs/demo.py sets them).
   c.mode = 'train'
   c.seed = 0  # PRNG seed for initialisation and data order
@@ -190,6 +190,16 @@ def get_config(arg=None):
   c.export.nemo = ''  # .nemo file to write (Megatron-Core torch_dist layout); '' = none
   c.export.hf = ''  # directory to write HF safetensors + config.json + tokenizer; '' = none
   c.export.dtype = 'bfloat16'  # stored weight dtype of the exports: bfloat16 | float32
+
+  # mode=eval: a jkd model directory on a logit-store split (fp32, one device): CE, perplexity,
+  # top-1 agreement with the teacher, KL to the teacher's top-K, ECE (jkd/evaluate.py).
+  c.eval = ConfigDict()
+  c.eval.model = ''  # jkd model directory (mode=convert's, or a run's <workdir>/student)
+  c.eval.store = ''  # logit store (mode=extract's): the teacher's top-K for the split
+  c.eval.split = 'validation'  # the store split to evaluate on
+  c.eval.batch_size = 8  # rows per batch (padded to multiples of 64 tokens)
+  c.eval.max_batches = -1  # the first this many batches, in store order; -1 = all
+  c.eval.output = ''  # JSON file to write the metrics to; '' = print only
 
   # mode=pipeline: the whole product end to end (jkd/pipeline.py, configs/demo.py): teacher ->
   # .nemo -> import, data, pruned student, extraction, KD + SFT and SFT-only students,

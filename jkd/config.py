@@ -24,7 +24,7 @@ from jkd.data import chat
 BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            'configs', 'base.py')
 
-MODES = ('pipeline', 'convert', 'extract', 'train', 'export')
+MODES = ('pipeline', 'convert', 'extract', 'train', 'eval', 'export')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +127,8 @@ def validate(config) -> None:
   shape = sharding.mesh_shape(mesh.shape, jax.device_count())
   _validate_profile(config)
   {'pipeline': _validate_pipeline, 'convert': _validate_convert, 'extract': _validate_extract,
-   'train': _validate_train, 'export': _validate_export}[config.mode](config, shape)
+   'train': _validate_train, 'eval': _validate_eval, 'export': _validate_export}[config.mode](
+       config, shape)
 
 
 def _validate_pipeline(config, mesh_shape) -> None:
@@ -247,6 +248,37 @@ def _validate_train(config, mesh_shape) -> None:
                      'distill.cross_tokenizer')
   from jkd import export  # the HF class now, not after training (the .nemo: train_loop)
   export.check_targets(student, hf=config.train.export_hf, where=f'train.export_hf, {where}')
+
+
+def _validate_eval(config, mesh_shape) -> None:
+  e = config.eval
+  for key in ('model', 'store'):
+    if not e[key]:
+      raise ValueError(f'eval.{key} is empty: set --config.eval.{key}=PATH')
+  if e.batch_size < 1:
+    raise ValueError(f'eval.batch_size={e.batch_size}: must be >= 1')
+  if e.max_batches == 0 or e.max_batches < -1:
+    raise ValueError(f'eval.max_batches={e.max_batches}: must be positive, or -1 for all')
+  from jkd.data import loader, logit_store
+  n = config.data.max_seq_length
+  if n < loader.PAD_MULTIPLE or n % loader.PAD_MULTIPLE:
+    raise ValueError(f'data.max_seq_length={n}: evaluation needs a positive multiple of '
+                     f'{loader.PAD_MULTIPLE} (rows are padded to multiples of it)')
+  _check_paths(config, ('eval.model', 'eval.store'), ('eval.output',))
+  if e.output and not os.path.isdir(os.path.dirname(os.path.abspath(e.output))):
+    raise FileNotFoundError(f'{os.path.dirname(os.path.abspath(e.output))}: no such directory '
+                            f'(eval.output={e.output!r})')
+  split = os.path.join(e.store, e.split)
+  if not os.path.isdir(split):
+    raise FileNotFoundError(f'{split}: no such split in eval.store (eval.split={e.split!r})')
+  logit_store.check_finished(e.store, e.split)
+  meta = logit_store.read_meta(split)
+  student = model.load_config(e.model)
+  if student.vocab_size != meta.vocab_size:
+    raise ValueError(f'{os.path.join(split, "manifest.json")}: the teacher\'s vocab_size '
+                     f'{meta.vocab_size} differs from the model\'s {student.vocab_size} '
+                     f'({os.path.join(e.model, model.CONFIG_FILE)}): agreement and KL compare '
+                     'token ids, so both need one tokenizer')
 
 
 def _validate_export(config, mesh_shape) -> None:

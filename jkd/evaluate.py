@@ -1,4 +1,8 @@
-"""Evaluation of a student: token metrics against labels and teacher top-K, and decoding.
+"""Evaluation of a student: token metrics against labels and teacher top-K, and decoding;
+`run` is mode=eval (a model directory on a logit-store split).
+
+    python -m jkd.main --config configs/eval.py --config.eval.model=/tmp/run/student \
+        --config.eval.store=/tmp/store --config.eval.output=/tmp/run/eval.json
 
 Letter legend: B batch, T sequence length, V vocabulary, K teacher top-K entries, P padded
 decoding length, N bins of the calibration histogram.
@@ -19,8 +23,12 @@ An aggregate with no masked tokens summarises to NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
+import json
 import math
+import os
 from typing import Iterable
 
 import jax
@@ -153,6 +161,49 @@ def evaluate(cfg: model.ModelConfig, params, batches: Iterable[dict], *,
   if total is None:
     raise ValueError('evaluate: no batches')
   return summarize(total)
+
+
+def evaluate_store(model_dir: str, store: str, *, split: str = 'validation', batch_size: int,
+                   max_seq_length: int, pack: bool = False, pad_to_max: bool = False,
+                   full_batches: bool = False, max_batches: int = -1,
+                   name: str | None = None) -> dict[str, float]:
+  """`evaluate` of a model directory (fp32, one device) over a logit-store split, in store order,
+  with a progress bar: its first `max_batches` batches (-1: all); `full_batches` drops a last
+  partial batch, as training's validation does."""
+  from tqdm import tqdm
+
+  from jkd.data import loader, logit_store
+  cfg, params = model.load(model_dir)
+  cfg = dataclasses.replace(cfg, dtype='float32')
+  batches = loader.make_loader(
+      store, split, batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
+      max_seq_length=max_seq_length, pad_id=0, pack=pack, pad_to_max=pad_to_max,
+      drop_remainder=full_batches)
+  total = None  # packed rows: known only once packed
+  if not pack:
+    n = len(logit_store.Reader(store, split, validate=False))
+    total = n // batch_size if full_batches else -(-n // batch_size)
+  if max_batches >= 0:
+    batches = itertools.islice(batches, max_batches)
+    total = max_batches if total is None else min(total, max_batches)
+  return evaluate(cfg, params, tqdm(batches, total=total, desc=f'evaluate {name or model_dir}',
+                                    unit='batch'))
+
+
+def run(config) -> dict[str, float]:
+  """mode=eval: the metrics of `eval.model` on `eval.split` of `eval.store`, printed and (with
+  `eval.output`) written as JSON (temp file, rename)."""
+  e = config.eval
+  metrics = evaluate_store(e.model, e.store, split=e.split, batch_size=e.batch_size,
+                           max_seq_length=config.data.max_seq_length, max_batches=e.max_batches)
+  print(f'[eval] {e.model} on {os.path.join(e.store, e.split)}: '
+        + ', '.join(f'{k} {v:.4g}' for k, v in metrics.items()))
+  if e.output and jax.process_index() == 0:
+    with open(e.output + '.tmp', 'w', encoding='utf-8') as f:
+      json.dump({'model': os.path.abspath(e.model), 'store': os.path.abspath(e.store),
+                 'split': e.split, 'max_batches': e.max_batches, 'metrics': metrics}, f, indent=1)
+    os.replace(e.output + '.tmp', e.output)
+  return metrics
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'greedy'))

@@ -29,7 +29,7 @@ _NONE_KEYS: list[str] = []
 
 # mode -> module with run(config)
 _MODES = {'pipeline': 'jkd.pipeline', 'convert': 'jkd.convert', 'extract': 'jkd.extract',
-          'train': 'jkd.train_loop', 'export': 'jkd.export'}
+          'train': 'jkd.train_loop', 'eval': 'jkd.evaluate', 'export': 'jkd.export'}
 
 
 def _fail(message: str):

@@ -256,19 +256,23 @@ def _val_curve(workdir: str, init_ce: float) -> tuple[tuple[list[int], list[floa
   return (steps, [by_step[s] for s in steps]), last
 
 
+def _step0_ce(config, metrics: dict, evaluate_full_batches) -> float:
+  """The curves' step-0 point: the init on the rows training validates on (full batches).
+  Without validation (train.limit_val_batches=0) there are no curves past it, and the split may
+  hold no full batch: the init's CE over the whole split."""
+  if config.train.limit_val_batches == 0:
+    return metrics['init']['ce']
+  return evaluate_full_batches()['ce']
+
+
 def _evaluate(config, store: str, model_dir: str, name: str,
               full_batches: bool = False) -> dict[str, float]:
   """Metrics over the validation split; `full_batches`: only the rows training validates on
   (it drops a last partial batch, as NeMo does)."""
-  from jkd.data import loader
-  cfg, params = model.load(model_dir)
-  cfg = dataclasses.replace(cfg, dtype='float32')
-  batches = loader.make_loader(
-      store, 'validation', batch_size=config.train.global_batch_size, seed=0, shuffle=False,
-      num_epochs=1, max_seq_length=config.data.max_seq_length, pad_id=0, pack=config.train.pack,
-      pad_to_max=config.train.pad_to_max_length, drop_remainder=full_batches)
-  bar = tqdm(batches, desc=f'evaluate {name}', unit='batch')
-  return evaluate.evaluate(cfg, params, bar)
+  return evaluate.evaluate_store(
+      model_dir, store, batch_size=config.train.global_batch_size,
+      max_seq_length=config.data.max_seq_length, pack=config.train.pack,
+      pad_to_max=config.train.pad_to_max_length, full_batches=full_batches, name=name)
 
 
 def _prompts(config, val_file: str, tok) -> list[tuple[str, list[int]]]:
@@ -354,9 +358,8 @@ def run(config) -> dict:
   models = {'teacher': teacher, 'init': student, **{r: _run_dirs(wd, r)['model'] for r, _ in RUNS}}
   metrics = stages('evaluate', lambda: {name: _evaluate(config, path('store'), d, name)
                                         for name, d in models.items()})
-  # The curves' step-0 point: the init on the rows training validates on (full batches).
-  init_ce = stages('evaluate: init on full batches', lambda: _evaluate(
-      config, path('store'), student, 'init (full batches)', full_batches=True))['ce']
+  init_ce = _step0_ce(config, metrics, lambda: stages('evaluate: init on full batches', lambda: (
+      _evaluate(config, path('store'), student, 'init (full batches)', full_batches=True))))
 
   # 7. Replies to the same prompts.
   tok = tokenizer.load(teacher)

@@ -1,6 +1,7 @@
 """jkd.evaluate against float64 numpy transcriptions, known calibration cases and model.forward."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -216,3 +217,82 @@ def test_generate_sampling_is_seeded_and_valid(params):
     evaluate.generate(CFG, params, prompt, max_new_tokens=CFG.max_position_embeddings)
   with pytest.raises(ValueError, match='temperature'):
     evaluate.generate(CFG, params, prompt, max_new_tokens=1, temperature=-1.0)
+
+
+# mode=eval: a model directory on a logit-store split.
+def _eval_setup(tmp_path, params, n=10):
+  """CFG's params as a model directory and a store whose validation split holds `n` records
+  (lengths 5..14, vocabulary 64, K 4); the records, for a per-example reference."""
+  from tests import test_logit_store as tls
+  from jkd.data import logit_store
+  model.save(str(tmp_path / 'model'), CFG, params)
+  rng = np.random.default_rng(0)
+  recs = [tls.make_record(rng, i, 5 + i, k=4, v=CFG.vocab_size) for i in range(n)]
+  meta = tls.make_meta(k=4, vocab_size=CFG.vocab_size)
+  tls.write_store(str(tmp_path / 'store'), recs, meta, split='validation')
+  logit_store.mark_finished(str(tmp_path / 'store'), 'validation', range(n))
+  return recs
+
+
+def _eval_config(tmp_path, **keys):
+  from configs import eval as eval_config
+  c = eval_config.get_config()
+  c.eval.model, c.eval.store = str(tmp_path / 'model'), str(tmp_path / 'store')
+  c.eval.output, c.eval.batch_size, c.data.max_seq_length = str(tmp_path / 'eval.json'), 3, 64
+  for key, value in keys.items():
+    c.eval[key] = value
+  return c
+
+
+def test_eval_mode_equals_a_per_example_numpy_reference(tmp_path, params, devices8):
+  """Every record of the split (batches of 3, the last partial), or the first max_batches:
+  the numpy definitions over the concatenated tokens of the same records; written as JSON."""
+  import json
+  from jkd import config as jkd_config
+  recs = _eval_setup(tmp_path, params)
+  for max_batches, used in ((-1, recs), (2, recs[:6])):
+    c = _eval_config(tmp_path, max_batches=max_batches)
+    jkd_config.validate(c)
+    got = evaluate.run(c)
+    logits = np.concatenate([np.asarray(model.forward(CFG, params, r.tokens[None]))[0]
+                             for r in used])[None]
+    cat = lambda f: np.concatenate([getattr(r, f) for r in used])[None]  # noqa: E731
+    want = numpy_reference(logits, cat('labels'), cat('loss_mask'), cat('topk_ids'),
+                           cat('topk_logits'), 15)
+    for name, value in want.items():
+      np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+    saved = json.loads((tmp_path / 'eval.json').read_text())
+    assert saved['metrics'] == got and saved['split'] == 'validation'
+    assert saved['max_batches'] == max_batches
+
+
+@pytest.mark.parametrize('keys,message', [
+    ({'model': ''}, 'eval.model is empty'),
+    ({'batch_size': 0}, 'eval.batch_size=0'),
+    ({'max_batches': 0}, 'eval.max_batches=0'),
+    ({'split': 'train'}, r'store/train: no such split .*eval\.split'),
+    ({'output': 'TMP/nowhere/eval.json'}, r'nowhere: no such directory'),
+    ({'output': 'TMP/store/eval.json'}, r'eval\.output=.*lies inside eval\.store'),
+])
+def test_eval_mode_refuses_bad_settings_naming_the_key(tmp_path, params, devices8, keys,
+                                                        message):
+  from jkd import config as jkd_config
+  _eval_setup(tmp_path, params, n=2)
+  keys = {k: v.replace('TMP', str(tmp_path)) if isinstance(v, str) else v
+          for k, v in keys.items()}
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    jkd_config.validate(_eval_config(tmp_path, **keys))
+
+
+def test_eval_mode_refuses_another_vocabulary_and_an_unfinished_split(tmp_path, params,
+                                                                       devices8):
+  import dataclasses
+  from jkd import config as jkd_config
+  _eval_setup(tmp_path, params, n=2)
+  model.save(str(tmp_path / 'other'), dataclasses.replace(CFG, vocab_size=60,
+                                                           padded_vocab_size=64), params)
+  with pytest.raises(ValueError, match=r"vocab_size 64 differs from the model's 60"):
+    jkd_config.validate(_eval_config(tmp_path, model=str(tmp_path / 'other')))
+  os.remove(tmp_path / 'store' / 'validation' / 'finished.json')
+  with pytest.raises(ValueError, match='did not finish'):
+    jkd_config.validate(_eval_config(tmp_path))

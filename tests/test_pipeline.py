@@ -172,6 +172,21 @@ def test_an_interrupted_stage_continues_with_its_own_settings_only(tmp_path):
                                     outputs=[str(out / 'done')], home=str(out))
 
 
+def test_without_validation_step0_is_the_whole_splits_ce():
+  """limit_val_batches=0 lets the validation split be smaller than one batch (config
+  validation allows it): the full-batch evaluation, which would find no batch, is not run."""
+  from configs import smoke
+  config = smoke.get_config()
+  config.train.limit_val_batches = 0
+  metrics = {'init': {'ce': 7.5}}
+
+  def no_full_batch():
+    raise ValueError('evaluate: no batches')
+  assert pipeline._step0_ce(config, metrics, no_full_batch) == 7.5
+  config.train.limit_val_batches = -1
+  assert pipeline._step0_ce(config, metrics, lambda: {'ce': 6.0}) == 6.0
+
+
 def test_the_trained_steps_come_from_the_metrics_not_the_curve(tmp_path):
   """With validation off (limit_val_batches=0) the curve is the step-0 point alone; the report's
   step count is still the steps trained."""

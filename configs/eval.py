@@ -1,0 +1,16 @@
+"""Evaluate a jkd model directory on a logit-store split.
+
+    python -m jkd.main --config configs/eval.py --config.eval.model=/tmp/run/student \
+        --config.eval.store=/tmp/store --config.eval.output=/tmp/run/eval.json
+
+Prints and (with eval.output) writes CE, perplexity, top-1 agreement with the teacher, KL to
+the teacher's top-K and ECE over the split (jkd/evaluate.py for their definitions).
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+  c = base.get_config(arg)
+  c.mode = 'eval'
+  return c
