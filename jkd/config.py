@@ -251,6 +251,9 @@ def _validate_train(config, mesh_shape) -> None:
 
 
 def _validate_eval(config, mesh_shape) -> None:
+  import jax
+  if jax.process_count() > 1:  # each would read its own shard of the split
+    raise ValueError(f'mode=eval: runs in one process ({jax.process_count()} started)')
   e = config.eval
   for key in ('model', 'store'):
     if not e[key]:

@@ -160,6 +160,10 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
                                                 'two processes', ['train.pad_to_max_length']),
     '.nemo without torch': ('export', {'export__nemo': 'TMP/m.nemo'}, 'no torch',
                             ['export.nemo', 'torch']),
+    'eval with several processes': ('eval', {'eval__model': 'TMP/model', 'eval__store': 'TMP/store',
+                                             'eval__split': 'train'},
+                                    'two processes', ['mode=eval', 'one process']),
+    'eval without a model': ('eval', {'eval__store': 'TMP/store'}, None, ['eval.model']),
 }
 
 
