@@ -274,20 +274,26 @@ def test_other_cotangents_take_autodiff_through_the_statistics(impl, mode):
 
 @pytest.mark.parametrize('impl', ['xla', 'pallas'])
 def test_loss_gradient_is_formed_in_the_forward(monkeypatch, devices8, impl):
-  """Differentiating the loss or the weighted loss sum, unsharded and vocab-parallel, scales the
-  gradient formed in the forward: autodiff through the statistics (`_loss_by_stats`) is never
-  traced."""
+  """Differentiating the loss, the weighted loss sum (as train.py) or both, unsharded and
+  vocab-parallel, scales the gradient formed in the forward, to the oracle's gradient: autodiff
+  through the statistics (`_loss_by_stats`) is never traced."""
   def fail(*a, **k):
     raise AssertionError('the backward took autodiff through the statistics')
   monkeypatch.setattr(fk, '_loss_by_stats', fail)
   b = make_batch(13, p=320)
   mesh = sharding.make_mesh(('data', 'fsdp', 'tensor'), (2, 1, 4), devices8)
+
+  def grads(fn, a, c, **kw):  # d (a * loss + c * weighted loss sum) / d (h, w)
+    def f(h, w):
+      loss, metrics = fn(h, w, b['ids'], b['t'], b['labels'], b['mask'], teacher_lse_N=b['lse'],
+                         vocab_size=V, **kw)
+      return a * loss + c * metrics['loss'][0]
+    return jax.jit(jax.grad(f, argnums=(0, 1)))(b['h'], b['w'])
   for sharded in ({}, dict(mesh=mesh, vocab_axis='tensor')):
     kw = dict(TILES, implementation=impl, **MODES['fwd_kl_sft'], **sharded)
-    value_and_grads(fk.fused_topk_kd, b, **kw)  # the loss
-    jax.jit(jax.grad(lambda h, w, kw=kw: fk.fused_topk_kd(  # the weighted sum, as train.py
-        h, w, b['ids'], b['t'], b['labels'], b['mask'], vocab_size=V, **kw)[1]['loss'][0],
-        argnums=(0, 1)))(b['h'], b['w'])
+    for a, c in ((1.0, 0.0), (0.0, 1.0), (1.0, 0.5)):
+      assert_close(grads(fk.fused_topk_kd, a, c, **kw),
+                   grads(fk.fused_topk_kd_reference, a, c, **MODES['fwd_kl_sft']), 2e-5)
 
 
 def test_row_blocks_run_three_dots():

@@ -419,21 +419,33 @@ def test_a_minus_inf_teacher_logit_is_probability_zero(name):
 
 @pytest.mark.parametrize('kd_loss', losses.KD_LOSSES)
 def test_tail_finite_when_teacher_has_no_tail(kd_loss):
-  """Protects reverse KL/JSD with tail=True when the stored lse leaves the teacher no tail mass.
-
-  The student's tail mass q_tail is then charged q_tail * log(q_tail / eps) (eps the fp32
-  resolution floor), not q_tail * inf.
-  """
+  """Protects the tail bucket when the stored lse leaves the teacher no tail mass (p_tail = 0),
+  against float64 definitions: forward KL drops the bucket; reverse KL charges the student's
+  tail q_tail * log(q_tail / eps) (eps = 2**-20, the fp32 resolution of the stored lse), not
+  q_tail * inf; JSD needs no floor (its mixture holds (1 - beta) q_tail)."""
   batch = make_batch(17, mask='ones')
   t64 = batch['t'].astype(np.float64)
   batch['lse'] = np.log(np.exp(t64).sum(-1)).astype(np.float32)  # all teacher mass on K
   loss, _, g = run_jkd(batch, kd_loss=kd_loss, tail=True)
-  assert np.isfinite(loss) and np.all(np.isfinite(g)) and 0 <= loss < 50, loss
-  if kd_loss == 'fwd_kl':  # p_tail = 0: the tail bucket drops out, leaving -sum_K p log q_full
-    x = batch['z'].astype(np.float64)
-    logq = np.take_along_axis(x, batch['ids'], -1) - np.log(np.exp(x).sum(-1, keepdims=True))
-    p = np.exp(t64 - batch['lse'].astype(np.float64)[..., None])
-    np.testing.assert_allclose(loss, (p * (np.log(p) - logq)).sum(-1).mean(), rtol=1e-5)
+  assert np.isfinite(loss) and np.all(np.isfinite(g)), loss
+  x = batch['z'].astype(np.float64)
+  lse_x = np.log(np.exp(x).sum(-1, keepdims=True))
+  logq = np.take_along_axis(x, batch['ids'], -1) - lse_x
+  q = np.exp(logq)
+  outside = np.ones(x.shape, bool)
+  np.put_along_axis(outside, batch['ids'], False, -1)
+  q_tail = (np.exp(x - lse_x) * outside).sum(-1)  # no 1 - sum cancellation
+  logp = t64 - batch['lse'].astype(np.float64)[..., None]
+  p = np.exp(logp)
+  if kd_loss == 'fwd_kl':
+    want = (p * (logp - logq)).sum(-1)
+  elif kd_loss == 'bwd_kl':
+    want = (q * (logq - logp)).sum(-1) + q_tail * (np.log(q_tail) - np.log(2.0**-20))
+  else:  # beta = 0.5
+    m, m_tail = 0.5 * p + 0.5 * q, 0.5 * q_tail
+    want = 0.5 * (p * np.log(p / m)).sum(-1) + 0.5 * (
+        (q * np.log(q / m)).sum(-1) + q_tail * np.log(q_tail / m_tail))
+  np.testing.assert_allclose(loss, want.mean(), rtol=1e-5)
 
 
 # ---- interfaces ------------------------------------------------------------------------------

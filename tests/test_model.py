@@ -32,7 +32,7 @@ def test_logits_match_hugging_face_fp32(arch):
   assert ours.shape == theirs.shape == (2, ref.T, ref.V) and ours.dtype == np.float32
   diff = float(np.abs(ours - theirs).max())
   print(f'{arch}: max |jkd - HF| = {diff:.2e} (max |logit| {np.abs(theirs).max():.2f})')
-  assert diff <= 1e-4
+  assert diff <= 1e-5  # measured: <= 2.3e-6; the tanh GELU form is off by 1.9e-4
 
 
 def test_negative_control_wrong_norm_convention_is_detected():

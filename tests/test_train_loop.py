@@ -91,6 +91,26 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   assert all('train/loss' in r and 'train/tokens_per_sec' in r for r in rows.values())
   assert [s for s, r in rows.items() if 'val/loss' in r] == [2, 4, 6]
   assert rows[6]['train/consumed_samples'] == 48
+  # val/sft_loss at the end: NeMo's reduction (the mean of micro-batch token means; rows cut
+  # at data.max_seq_length=64 may keep no trained token and count as 0) over the first
+  # limit_val_batches=2 batches of 8 rows (micro-batches of 1), from the exported final student
+  # and the store's records, in numpy.
+  import jax
+  import numpy as np
+  from jkd import model
+  from jkd.data import logit_store
+  cfg, params = model.load(str(tmp_path / 'run' / 'student'))
+  forward = jax.jit(model.forward, static_argnums=0)
+  row_means = []
+  for rec in (logit_store.Reader(str(store), 'validation')[i] for i in range(16)):
+    tokens, labels, mask = rec.tokens[:64], rec.labels[:64], rec.loss_mask[:64]
+    logits = np.asarray(forward(cfg, params, tokens[None]), np.float64)[0]
+    z = logits.max(-1)
+    lse = z + np.log(np.exp(logits - z[:, None]).sum(-1))
+    ce = lse - np.take_along_axis(logits, labels[:, None].astype(np.int64), -1)[:, 0]
+    row_means.append((ce * mask).sum() / max(mask.sum(), 1))
+  assert 0 < sum(m == 0 for m in row_means) < 16  # the cut rows are in the mean, as in NeMo
+  assert rows[6]['val/sft_loss'] == pytest.approx(np.mean(row_means), rel=1e-5)
   assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['4', '6']
   assert any(f.startswith('events.out.tfevents')
              for f in os.listdir(tmp_path / 'run' / 'tensorboard'))
