@@ -79,8 +79,9 @@ PRECISIONS = {  # (hidden dtype, w_out dtype, compute dtype)
 
 
 def memory(n=4096, d=2048, v=256000, k=100):
+  backend = jax.default_backend()
   print(f'(a) XLA temp bytes of value_and_grad(hidden, w_out), N={n} D={d} V={v} K={k}, '
-        'compiled for CPU, not run')
+        f'compiled for {backend}, not run')
   for precision, (h_dtype, w_dtype, cdt) in PRECISIONS.items():
     args = abstract_args(n, d, v, k, h_dtype, w_dtype)
     print(f'-- {precision}\n{"mode":26s} {"full jnp":>10s} {"fused pallas":>13s} '
@@ -91,7 +92,7 @@ def memory(n=4096, d=2048, v=256000, k=100):
       xla = temp_bytes(step(fused_loss, impl='xla', compute_dtype=cdt, **opts), args)
       print(f'{name:26s} {full / 2**20:6.0f} MiB {pal / 2**20:9.0f} MiB {xla / 2**20:6.0f} MiB '
             f'{full / pal:11.1f}x {full / xla:8.1f}x')
-    if w_dtype == jnp.bfloat16:
+    if w_dtype == jnp.bfloat16 and backend == 'cpu':
       print('   (XLA:CPU runs bf16 dots on fp32 copies: both fused columns hold a 2000 MiB '
             'fp32 copy of w_out\n    that a GPU does not make; the no-sweep path also keeps an '
             'fp32 [D, P] accumulator for\n    d_w, which an fp32 master w_out with '

@@ -35,6 +35,20 @@ model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
 """
 
 
+@pytest.mark.parametrize('kind,tflops', [
+    ('NVIDIA H100 80GB HBM3', 989), ('NVIDIA H100 PCIe', 756), ('NVIDIA H100 NVL', 835),
+    ('NVIDIA H200', 989), ('NVIDIA GH200 480GB', 989), ('NVIDIA A100-SXM4-80GB', 312),
+    ('NVIDIA L4', 121), ('NVIDIA L40', 181), ('NVIDIA L40S', 362), ('NVIDIA B200', 2250),
+    ('NVIDIA T4', None),
+])
+def test_mfu_peak_is_the_devices_own(bench, kind, tflops):
+  """A device kind that contains another's name (L40S holds L4, H100 PCIe holds H100) gets
+  its own peak; an unknown one none (the script then asks for --peak-tflops)."""
+  got = bench['peak_flops'](kind, None)
+  assert (got and got / 1e12) == tflops
+  assert bench['peak_flops'](kind, 100.0) == 100e12
+
+
 def test_host_cpu_names_the_model_and_its_bf16_units(bench, tmp_path):
   path = tmp_path / 'cpuinfo'
   host_cpu = lambda p: bench['host_cpu'](bench['cpu_bf16_units'](p))  # noqa: E731
