@@ -262,11 +262,8 @@ def _validate_eval(config, mesh_shape) -> None:
     raise ValueError(f'eval.batch_size={e.batch_size}: must be >= 1')
   if e.max_batches == 0 or e.max_batches < -1:
     raise ValueError(f'eval.max_batches={e.max_batches}: must be positive, or -1 for all')
-  from jkd.data import loader, logit_store
-  n = config.data.max_seq_length
-  if n < loader.PAD_MULTIPLE or n % loader.PAD_MULTIPLE:
-    raise ValueError(f'data.max_seq_length={n}: evaluation needs a positive multiple of '
-                     f'{loader.PAD_MULTIPLE} (rows are padded to multiples of it)')
+  _check_padded_length(config, 'evaluation')
+  from jkd.data import logit_store
   _check_paths(config, ('eval.model', 'eval.store'), ('eval.output',))
   if e.output and not os.path.isdir(os.path.dirname(os.path.abspath(e.output))):
     raise FileNotFoundError(f'{os.path.dirname(os.path.abspath(e.output))}: no such directory '
@@ -300,15 +297,20 @@ def _validate_export(config, mesh_shape) -> None:
                        where=f'export.hf, {os.path.join(source, model.CONFIG_FILE)}')
 
 
+def _check_padded_length(config, what: str) -> None:
+  """data.max_seq_length as the loader needs it (rows are padded to multiples of PAD_MULTIPLE)."""
+  from jkd.data import loader
+  n = config.data.max_seq_length
+  if n < loader.PAD_MULTIPLE or n % loader.PAD_MULTIPLE:
+    raise ValueError(f'data.max_seq_length={n}: {what} needs a positive multiple of '
+                     f'{loader.PAD_MULTIPLE} (rows are padded to multiples of it)')
+
+
 def _train_settings(config, stored_k) -> None:
   """The training keys (jkd.train_config, then the loop's own); stored_k: the teacher's K."""
   from jkd import train
-  from jkd.data import loader
   train.validate_config(config, stored_k=stored_k)
-  n = config.data.max_seq_length
-  if n < loader.PAD_MULTIPLE or n % loader.PAD_MULTIPLE:
-    raise ValueError(f'data.max_seq_length={n}: training needs a positive multiple of '
-                     f'{loader.PAD_MULTIPLE} (rows are padded to multiples of it)')
+  _check_padded_length(config, 'training')
   for key, low in (('checkpoint_max_to_keep', 1), ('worker_count', 0)):
     if config.train[key] < low:
       raise ValueError(f'train.{key}={config.train[key]}: must be >= {low}')
