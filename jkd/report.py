@@ -146,7 +146,8 @@ def _fmt(x) -> str:
   if x is None:
     return DASH
   x = float(x)
-  return f'{x:,.0f}' if abs(x) >= 1e4 else f'{x:#.4g}'.rstrip('.')
+  # Compared after rounding: 9999.7 rounds to 1.000e+04 in 4 digits.
+  return f'{x:,.0f}' if abs(float(f'{x:.4g}')) >= 1e4 else f'{x:#.4g}'.rstrip('.')
 
 
 def _cell(text: str) -> str:

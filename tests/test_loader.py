@@ -57,6 +57,15 @@ def test_each_epoch_is_reshuffled(store):
   assert sorted(ids[:N]) == sorted(ids[N:]) == list(range(N)) and ids[:N] != ids[N:]
 
 
+@pytest.mark.parametrize('batch_size', [1, 4])
+def test_an_endless_stream_repeats_the_shuffled_epochs(store, batch_size):
+  """num_epochs=None: epoch after epoch with no partial batch at their seams (batch_size=1
+  without drop_remainder overflowed Grain's length, 2**63, when the iterator was made)."""
+  it = _loader(store, num_epochs=None, batch_size=batch_size)
+  ids = _ids(next(it) for _ in range(-(-3 * N // batch_size)))
+  assert _ids(_loader(store, num_epochs=3, batch_size=1))[:len(ids)] == ids[:3 * N]
+
+
 @pytest.mark.parametrize('count', [1, 3, 5])
 def test_shards_cover_every_example_once(store, count):
   ids = [_ids(_loader(store, shard_index=i, shard_count=count)) for i in range(count)]

@@ -239,3 +239,9 @@ def test_results_validation(tmp_path):
     make_results(tmp_path, metrics={'student': {}})
   with pytest.raises(ValueError, match='backticks'):
     make_results(tmp_path, artifacts={'x': 'a`b'})
+
+
+@pytest.mark.parametrize('x,text', [(0.08812, '0.08812'), (4.618, '4.618'), (9999.4, '9999'),
+                                    (9999.7, '10,000'), (12345.6, '12,346'), (None, report.DASH)])
+def test_numbers_have_4_digits_or_thousands_separators_never_an_exponent(x, text):
+  assert report._fmt(x) == text

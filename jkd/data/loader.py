@@ -215,8 +215,8 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
   if shard_count > 1:
     ds = _ProcessRows(ds, batch_size, shard_index, shard_count, full_only=drop_remainder)
   ds = ds.map(_Truncate(max_seq_length, top_k, fields))
-  if not pack:
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder,
+  if not pack:  # an endless stream has no last partial batch (and Grain would size it 2**63)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder or num_epochs is None,
                   batch_fn=_PadBatch(max_seq_length, pad_id, pad_to_max, fields))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=2 * read_threads))
