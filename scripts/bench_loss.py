@@ -19,13 +19,18 @@ columns only).
 """
 
 import argparse
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkd.kernels import fused_topk_kd as fk
+# jkd from this checkout, also where it is not installed (the GPU machine's image: PYTHONPATH
+# holds the bundle's wheels only).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jkd.kernels import fused_topk_kd as fk  # noqa: E402
 
 MODES = {
     'parity fwd_kl (no sweep)': dict(),

@@ -96,6 +96,18 @@ main() {
     "JAX_PLATFORMS=$JAX_PLATFORMS" "PYTHONUNBUFFERED=$PYTHONUNBUFFERED")"
   # The versions imported: each bundled one must win over the image's.
   run "$PY" scripts/gpu_bundle.py versions "${pins[@]}" || true
+  # XLA aborts on a flag it does not know, and scripts/gcp/xla_flags.sh is checked against the
+  # pinned jaxlib, not the image's: probe once, and check without the flags (said) if one fails.
+  if [[ $DRY_RUN != 1 ]]; then
+    local probe
+    if ! probe=$(bash -c 'source scripts/gcp/xla_flags.sh && "$0" -c "import jax; jax.devices()"' \
+      "$PY" 2>&1) && grep -qi 'unknown flag' <<< "$probe"; then
+      echo "gpu_bundle_run: this jaxlib does not know a flag of scripts/gcp/xla_flags.sh;" \
+        "checking without them (JKD_XLA_FLAGS_OFF=1):" >&2
+      grep -i 'unknown flag' <<< "$probe" >&2
+      export JKD_XLA_FLAGS_OFF=1
+    fi
+  fi
   local rc=0
   run env PYTHON="$PY" "T_DEVICES=$T_DEVICES" "T_PYTEST=$T_PYTEST" "T_BENCH_LOSS=$T_BENCH_LOSS" \
     "T_BENCH_TRAIN=$T_BENCH_TRAIN" "T_SMOKE=$T_SMOKE" bash scripts/gpu_check.sh \

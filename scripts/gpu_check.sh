@@ -122,7 +122,7 @@ needs pytest pytest transformers torch
 step pytest "$T_PYTEST" env JAX_PLATFORMS=cuda "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests
 
 # bench_loss.py has no device flag: it compiles part (a) and times part (b) on the default
-# backend, the GPU here (its printed notes about XLA:CPU do not apply).
+# backend, the GPU here (it prints which).
 step bench_loss "$T_BENCH_LOSS" "$PYTHON" scripts/bench_loss.py
 
 # torch's side is skipped by the script itself when torch has no CUDA.

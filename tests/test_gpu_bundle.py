@@ -204,7 +204,11 @@ def test_runner_needs_a_bundle():
 # The GPU machine's python3 (and gpu_check.sh's PYTHON): pip install makes the target, the
 # smoke run leaves a trace, everything else passes.
 FAKE_HOST_PYTHON = """#!/bin/bash
-echo "python $*" >> "$CALLS"
+echo "python $* [XLA_FLAGS=${XLA_FLAGS:-}]" >> "$CALLS"
+if [[ -n ${UNKNOWN_FLAG:-} && "$*" == *jax.devices* && ${XLA_FLAGS:-} == *--xla_gpu* ]]; then
+  echo "F0000 parse_flags_from_env.cc:234] Unknown flags in XLA_FLAGS: --xla_gpu_x" >&2
+  exit 134
+fi
 if [[ $2 == pip && $3 == install ]]; then
   [[ -z ${FAIL_PIP:-} ]] || exit 1
   while [[ $1 != --target ]]; do shift; done
@@ -239,7 +243,27 @@ def test_runner_sends_back_at_most_8_flat_files(tmp_path):
   assert log.index('+ export PYTHONPATH=') < log.index('gpu_check summary'), log
   called = calls.read_text()
   assert f'--target {tmp_path}/site' in called and 'scripts/gpu_bundle.py versions' in called
+  steps = [c for c in called.splitlines() if 'jkd.main' in c or 'bench_' in c]
+  assert steps and all('--xla_gpu_enable_latency_hiding_scheduler' in c for c in steps), steps
   assert (tmp_path / 'site').is_dir()
+
+
+def test_runner_checks_without_xla_flags_this_jaxlib_does_not_know(tmp_path):
+  """The image's jaxlib aborts on an unknown flag of xla_flags.sh: the probe sees it, says so,
+  and every step runs without the flags (and passes)."""
+  bundle = _fake_bundle(tmp_path)
+  calls = tmp_path / 'calls.txt'
+  _stub(tmp_path, 'python3', FAKE_HOST_PYTHON)
+  _stub(tmp_path, 'nvidia-smi', '#!/bin/sh\necho "NVIDIA H100 80GB HBM3 (stand-in)"\n')
+  env = {'PATH': f'{tmp_path}:{ENV["PATH"]}', 'HOST_PYTHON': 'python3', 'CALLS': str(calls),
+         'OUT': str(tmp_path / 'out'), 'CHECK_DIR': str(tmp_path / 'check'),
+         'SITE': str(tmp_path / 'site'), 'UNKNOWN_FLAG': '1'}
+  proc = sh(str(bundle / 'run.sh'), timeout=180, env=env)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  log = (tmp_path / 'out' / 'run.log').read_text()
+  assert 'checking without them (JKD_XLA_FLAGS_OFF=1)' in log and '--xla_gpu_x' in log, log
+  steps = [c for c in calls.read_text().splitlines() if 'jkd.main' in c or 'bench_' in c]
+  assert steps and all(c.endswith('[XLA_FLAGS=]') for c in steps), steps
 
 
 def test_runner_stops_when_the_wheels_do_not_install(tmp_path):
