@@ -85,15 +85,20 @@ def test_synthetic_gguf_matches_hf(tiny_gguf):
   assert np.abs(_logits(cfg, params, tokens) - ref.hf_logits(hf, tokens)).max() <= 1e-4
 
 
+def _hf_llama(rope_theta, **config):
+  """A random HF Llama of the reference shapes (GQA) with this RoPE base."""
+  from transformers import LlamaConfig, LlamaForCausalLM
+  return ref._randomise(LlamaForCausalLM(LlamaConfig(
+      vocab_size=ref.V, hidden_size=ref.D, intermediate_size=ref.F, num_hidden_layers=ref.L,
+      num_attention_heads=ref.N, num_key_value_heads=ref.G, rms_norm_eps=1e-5,
+      max_position_embeddings=64, rope_parameters={'rope_type': 'default', 'rope_theta': rope_theta},
+      **config)), seed=3)
+
+
 def test_a_head_dim_apart_from_hidden_over_heads_rotates_whole_heads(tmp_path):
   """key_length != D / N without rope.dimension_count: RoPE covers the key length, as in
   llama.cpp (it used to take D / N, a partial rotation)."""
-  from transformers import LlamaConfig, LlamaForCausalLM
-  hf = ref._randomise(LlamaForCausalLM(LlamaConfig(
-      vocab_size=ref.V, hidden_size=ref.D, intermediate_size=ref.F, num_hidden_layers=ref.L,
-      num_attention_heads=ref.N, num_key_value_heads=ref.G, head_dim=8, rms_norm_eps=1e-5,
-      max_position_embeddings=64, rope_parameters={'rope_type': 'default', 'rope_theta': 5e3})),
-      seed=3)
+  hf = _hf_llama(5e3, head_dim=8)
   write_llama_gguf(tmp_path / 'm.gguf', hf)
   cfg, params = from_gguf.load_gguf(str(tmp_path / 'm.gguf'))
   assert (cfg.head_dim, cfg.rotary_percentage) == (8, 1.0)
@@ -103,12 +108,7 @@ def test_a_head_dim_apart_from_hidden_over_heads_rotates_whole_heads(tmp_path):
 
 def test_rope_freq_base_is_optional_as_in_llama_cpp(tmp_path):
   """A GGUF without llama.rope.freq_base rotates with llama.cpp's default base, 10000."""
-  from transformers import LlamaConfig, LlamaForCausalLM
-  hf = ref._randomise(LlamaForCausalLM(LlamaConfig(
-      vocab_size=ref.V, hidden_size=ref.D, intermediate_size=ref.F, num_hidden_layers=ref.L,
-      num_attention_heads=ref.N, num_key_value_heads=ref.G, rms_norm_eps=1e-5,
-      max_position_embeddings=64, rope_parameters={'rope_type': 'default', 'rope_theta': 1e4})),
-      seed=3)
+  hf = _hf_llama(1e4)
   write_llama_gguf(tmp_path / 'm.gguf', hf, freq_base=False)
   cfg, params = from_gguf.load_gguf(str(tmp_path / 'm.gguf'))
   assert cfg.rotary_base == 10000.0

@@ -223,15 +223,23 @@ fi
 """
 
 
-def test_runner_sends_back_at_most_8_flat_files(tmp_path):
+def _run_fake_bundle(tmp_path, **env):
+  """run.sh of a fake bundle with the stand-in python3 and nvidia-smi: (process, the python
+  calls it made, one line each with their XLA_FLAGS). `env` adds variables (FAIL_PIP, ...)."""
   bundle = _fake_bundle(tmp_path)
   calls = tmp_path / 'calls.txt'
-  python = _stub(tmp_path, 'python3', FAKE_HOST_PYTHON)
+  _stub(tmp_path, 'python3', FAKE_HOST_PYTHON)
   _stub(tmp_path, 'nvidia-smi', '#!/bin/sh\necho "NVIDIA H100 80GB HBM3 (stand-in)"\n')
-  out = tmp_path / 'out'
   proc = sh(str(bundle / 'run.sh'), timeout=180, env={
       'PATH': f'{tmp_path}:{ENV["PATH"]}', 'HOST_PYTHON': 'python3', 'CALLS': str(calls),
-      'OUT': str(out), 'CHECK_DIR': str(tmp_path / 'check'), 'SITE': str(tmp_path / 'site')})
+      'OUT': str(tmp_path / 'out'), 'CHECK_DIR': str(tmp_path / 'check'),
+      'SITE': str(tmp_path / 'site'), **env})
+  return proc, calls.read_text() if calls.exists() else ''
+
+
+def test_runner_sends_back_at_most_8_flat_files(tmp_path):
+  proc, called = _run_fake_bundle(tmp_path)
+  out = tmp_path / 'out'
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   files = sorted(os.listdir(out))
   assert files == ['gpu_check-bench_loss.log', 'gpu_check-bench_train.log',
@@ -241,7 +249,6 @@ def test_runner_sends_back_at_most_8_flat_files(tmp_path):
   log = (out / 'run.log').read_text()
   assert 'NVIDIA H100 80GB HBM3 (stand-in)' in log and 'smoke: ok' in log, log
   assert log.index('+ export PYTHONPATH=') < log.index('gpu_check summary'), log
-  called = calls.read_text()
   assert f'--target {tmp_path}/site' in called and 'scripts/gpu_bundle.py versions' in called
   steps = [c for c in called.splitlines() if 'jkd.main' in c or 'bench_' in c]
   assert steps and all('--xla_gpu_enable_latency_hiding_scheduler' in c for c in steps), steps
@@ -251,35 +258,21 @@ def test_runner_sends_back_at_most_8_flat_files(tmp_path):
 def test_runner_checks_without_xla_flags_this_jaxlib_does_not_know(tmp_path):
   """The image's jaxlib aborts on an unknown flag of xla_flags.sh: the probe sees it, says so,
   and every step runs without the flags (and passes)."""
-  bundle = _fake_bundle(tmp_path)
-  calls = tmp_path / 'calls.txt'
-  _stub(tmp_path, 'python3', FAKE_HOST_PYTHON)
-  _stub(tmp_path, 'nvidia-smi', '#!/bin/sh\necho "NVIDIA H100 80GB HBM3 (stand-in)"\n')
-  env = {'PATH': f'{tmp_path}:{ENV["PATH"]}', 'HOST_PYTHON': 'python3', 'CALLS': str(calls),
-         'OUT': str(tmp_path / 'out'), 'CHECK_DIR': str(tmp_path / 'check'),
-         'SITE': str(tmp_path / 'site'), 'UNKNOWN_FLAG': '1'}
-  proc = sh(str(bundle / 'run.sh'), timeout=180, env=env)
+  proc, called = _run_fake_bundle(tmp_path, UNKNOWN_FLAG='1')
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   log = (tmp_path / 'out' / 'run.log').read_text()
   assert 'checking without them (JKD_XLA_FLAGS_OFF=1)' in log and '--xla_gpu_x' in log, log
-  steps = [c for c in calls.read_text().splitlines() if 'jkd.main' in c or 'bench_' in c]
+  steps = [c for c in called.splitlines() if 'jkd.main' in c or 'bench_' in c]
   assert steps and all(c.endswith('[XLA_FLAGS=]') for c in steps), steps
 
 
 def test_runner_stops_when_the_wheels_do_not_install(tmp_path):
   """A failed pip install (say, an image without Python 3.12) is exit 2, and the check does
   not run on the image's own versions."""
-  bundle = _fake_bundle(tmp_path)
-  calls = tmp_path / 'calls.txt'
-  _stub(tmp_path, 'python3', FAKE_HOST_PYTHON)
-  _stub(tmp_path, 'nvidia-smi', '#!/bin/sh\necho "NVIDIA H100 80GB HBM3 (stand-in)"\n')
-  proc = sh(str(bundle / 'run.sh'), timeout=180, env={
-      'PATH': f'{tmp_path}:{ENV["PATH"]}', 'HOST_PYTHON': 'python3', 'CALLS': str(calls),
-      'OUT': str(tmp_path / 'out'), 'CHECK_DIR': str(tmp_path / 'check'),
-      'SITE': str(tmp_path / 'site'), 'FAIL_PIP': '1'})
+  proc, called = _run_fake_bundle(tmp_path, FAIL_PIP='1')
   assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert 'the bundle is unusable' in (tmp_path / 'out' / 'run.log').read_text()
-  assert 'pip install' in calls.read_text() and 'jkd.main' not in calls.read_text()
+  assert 'pip install' in called and 'jkd.main' not in called
 
 
 def _load_gpu_bundle_py():
