@@ -172,17 +172,17 @@ def evaluate_store(model_dir: str, store: str, *, split: str = 'validation', bat
   partial batch, as training's validation does."""
   from tqdm import tqdm
 
-  from jkd.data import loader, logit_store
+  from jkd.data import loader
   cfg, params = model.load(model_dir)
   cfg = dataclasses.replace(cfg, dtype='float32')
+  source = loader.KDDataSource(store, split, pad_id=0)
   batches = loader.make_loader(
       store, split, batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
       max_seq_length=max_seq_length, pad_id=0, pack=pack, pad_to_max=pad_to_max,
-      drop_remainder=full_batches)
+      drop_remainder=full_batches, source=source)
   total = None  # packed rows: known only once packed
   if not pack:
-    n = len(logit_store.Reader(store, split, validate=False))
-    total = n // batch_size if full_batches else -(-n // batch_size)
+    total = len(source) // batch_size if full_batches else -(-len(source) // batch_size)
   if max_batches >= 0:
     batches = itertools.islice(batches, max_batches)
     total = max_batches if total is None else min(total, max_batches)
