@@ -5,13 +5,20 @@ One process per host (all its accelerators), every process running the same comm
 scripts/slurm/run_jkd.sh), name the coordinator and this process; `distributed.auto=True`
 leaves the unset ones to JAX's cluster detection (Cloud TPU, Slurm, Open MPI). Nothing set
 means one process, and nothing is initialized. docs/multihost.md has the whole story.
+
+`Preemption` turns SIGTERM (a Spot VM's preemption, Slurm's warning before a time limit, `kill`)
+into a clean stop of the training and extraction loops: they finish the step or batch in hand,
+commit it and exit with `STOPPED_EXIT` (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 
 ENV = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS', 'num_processes': 'JAX_NUM_PROCESSES',
@@ -102,15 +109,22 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
     time.sleep(0.5)
 
 
+STOPPABLE_MODES = ('train', 'extract')  # the modes whose loops stop cleanly on SIGTERM
+STOPPED_EXIT = 128 + signal.SIGTERM  # a run stopped by SIGTERM, its work committed: exit 143
+
+
 def initialize(config) -> Settings | None:
   """Calls jax.distributed.initialize when the config or environment asks for several
-  processes; must run before anything touches the JAX backend (jax.devices() included)."""
+  processes; must run before anything touches the JAX backend (jax.devices() included).
+  JAX's preemption service, which takes SIGTERM over, runs only for the STOPPABLE_MODES: in
+  the others SIGTERM ends the process as usual."""
   s = settings(config)
   if s is None:
     return None
   if s.process_id not in (None, 0) and s.coordinator_address is not None:
     wait_for_coordinator(s.coordinator_address, s.initialization_timeout)
   import jax
+  jax.config.update('jax_enable_preemption_service', config.mode in STOPPABLE_MODES)
   try:
     jax.distributed.initialize(
         coordinator_address=s.coordinator_address, num_processes=s.num_processes,
@@ -122,3 +136,66 @@ def initialize(config) -> Settings | None:
   except ValueError as e:  # JAX's detection found no cluster for the unset values
     raise ValueError(f'distributed: jax.distributed.initialize failed ({e})') from None
   return s
+
+
+class Preemption:
+  """SIGTERM as a request to stop at the next step all processes reach, the loop's work up to
+  it committed. Inside the `with` block, call `reached()` once per step (every process at the
+  same steps): True at the step to stop after (`stopping` stays True); after the block,
+  `stop(what)`.
+
+  Several processes: JAX's preemption service (jax.distributed.initialize starts it; it takes
+  SIGTERM) passes one process's notice to all and picks the first step every one of them has
+  still to reach (`multihost_utils.reached_preemption_sync_point`). One process: a handler notes
+  the signal, and the next step checked is the one.
+
+  The block's thread also blocks SIGTERM, and so do the threads it starts and the processes they
+  spawn (a thread's signal mask is inherited, through exec too): Grain's workers, which also
+  ignore it once started (`loader.make_loader(workers_ignore_sigterm=True)`), do not end under
+  the loop when the whole process group gets the signal (Slurm, a VM's shutdown). Threads
+  started before the block (the runtime's) still take the signal for the process; a signal
+  left pending is noted too. A SIGTERM noted after the last check ends the process on leaving
+  the block, as if no handler had been there."""
+
+  def __init__(self):
+    self._noted = self.stopping = False
+    self._steps = 0  # reached() calls: the same count on every process
+    self._previous = self._masked = None
+
+  def __enter__(self):
+    import jax
+    self._multi = jax.process_count() > 1
+    if threading.current_thread() is threading.main_thread():  # handlers need the main thread
+      if not self._multi:
+        self._previous = signal.signal(signal.SIGTERM, self._note)
+      self._masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    return self
+
+  def _note(self, signum, frame):
+    self._noted = True
+
+  def reached(self) -> bool:
+    self._steps += 1
+    if self._multi:
+      from jax.experimental import multihost_utils
+      self.stopping = multihost_utils.reached_preemption_sync_point(self._steps)
+    else:
+      self._noted = self._noted or signal.SIGTERM in signal.sigpending()
+      self.stopping = self._noted
+    return self.stopping
+
+  def __exit__(self, *exc):
+    if self._masked is not None:  # a pending SIGTERM arrives now, at this handler or JAX's
+      signal.pthread_sigmask(signal.SIG_SETMASK, self._masked)
+      self._masked = None
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+      if self._noted and not self.stopping:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+  def stop(self, what: str):
+    """After the block, when `reached` chose a step: says so and exits STOPPED_EXIT."""
+    print(f'[jkd] SIGTERM: stopped {what}; run the same command again to resume',
+          file=sys.stderr, flush=True)
+    raise SystemExit(STOPPED_EXIT)

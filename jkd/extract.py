@@ -19,7 +19,8 @@ shifted logits. How jkd gets there, and what it fixes:
   padding is bounded and the number of compiled shapes is logarithmic in the sequence length.
 - Each batch is one atomic store block; a restarted run skips the indices the store already
   committed (read from its manifest, never from the data), so a crash or kill resumes with no
-  duplicate and no gap.
+  duplicate and no gap. SIGTERM stops the run after the batch in hand is committed, exit 143
+  (jkd.distributed.Preemption).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 from jkd import config as jkd_config
-from jkd import faults, model, profiling, sharding, tokenizer
+from jkd import distributed, faults, model, profiling, sharding, tokenizer
 
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - _NEG) must not be NaN
 
@@ -210,10 +211,13 @@ class Settings:
 
 def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules,
                   cfg: model.ModelConfig, params, tok,
-                  profiler: profiling.Profiler | None = None, source: str = 'the data') -> int:
+                  profiler: profiling.Profiler | None = None, source: str = 'the data',
+                  preemption: distributed.Preemption | None = None) -> int:
   """Extracts the examples of one split that the store lacks; returns how many were written.
   `profiler` steps once per batch, its count running on over splits; `source` names where
-  `examples` came from, for the error when the store's blocks were made from other data."""
+  `examples` came from, for the error when the store's blocks were made from other data. With
+  `preemption`, a SIGTERM ends the split after a committed batch (`preemption.stopping`), the
+  split left unfinished for a rerun to complete."""
   from jkd.data import logit_store
   last = len(examples) - 1 if s.end_idx < 0 else min(s.end_idx, len(examples) - 1)
   meta = logit_store.StoreMeta(k=s.top_k, vocab_size=cfg.vocab_size, values_dtype=s.values_dtype,
@@ -230,7 +234,7 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
   fn = topk_fn(cfg, mesh, rules, k=s.top_k, vocab_tile=s.vocab_tile)
   rows = sharding.batch_sharding(mesh, rules)
   n_rows = s.batch_size  # a partial last batch is padded with token-0 rows, never stored
-  tokens_done, t0 = 0, time.perf_counter()
+  tokens_done, written, t0 = 0, 0, time.perf_counter()
   bar = tqdm(total=len(todo), desc=f'extract {split}', unit='ex',
              disable=jax.process_index() != 0)
   for length, indices in plan_batches(todo, s.batch_size, s.min_bucket, s.max_seq_length):
@@ -254,15 +258,20 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
           topk_logits=vals[r][:n], lse=lse[r][:n]))
     writer.write_block(records)  # this process's rows: one block in its own manifest
     tokens_done += sum(todo[i] for i in indices)
+    written += len(indices)
     bar.update(len(indices))
     bar.set_postfix(tokens_per_s=f'{tokens_done / (time.perf_counter() - t0):,.0f}')
+    if preemption is not None and preemption.reached():
+      break
   bar.close()
   writer.close()
+  if preemption is not None and preemption.stopping:  # every process stops at the same batch
+    return written
   _barrier(f'extract {split}: done')  # the split is complete when any process returns
   if jax.process_index() == 0:
     logit_store.mark_finished(s.output, split, [e['index'] for e in examples
                                                 if s.start_idx <= e['index'] <= last])
-  return len(todo)
+  return written
 
 
 def settings(config) -> Settings:
@@ -289,7 +298,8 @@ def run(config) -> dict[str, int]:
       lambda: model.init(cfg, jax.random.key(0), boxed=True), mesh, mesh_cfg.rules)
   _, params = model.load(s.teacher, params_sharding, dtype=model.DTYPES[s.dtype])
   written = {}
-  with profiling.Profiler(profiling.settings(config)) as profiler:
+  with distributed.Preemption() as preemption, \
+       profiling.Profiler(profiling.settings(config)) as profiler:
     for split, path in (('train', config.data.train_file),
                         ('validation', config.data.validation_file)):
       if not path:
@@ -297,6 +307,12 @@ def run(config) -> dict[str, int]:
       examples = chat.read_jsonl(path, tok, fmt=config.data.format,
                                  max_seq_length=s.max_seq_length)
       written[split] = extract_split(examples, split, s, mesh, mesh_cfg.rules, cfg, params, tok,
-                                     profiler, source=f'data.{split}_file={path}')
+                                     profiler, source=f'data.{split}_file={path}',
+                                     preemption=preemption)
+      if preemption.stopping:
+        break
       print(f'[extract] {split}: {written[split]} new examples -> {s.output}/{split}')
+  if preemption.stopping:
+    preemption.stop(f'extracting {split} after {written[split]} new examples (committed to '
+                    f'{s.output}/{split})')
   return written

@@ -1,8 +1,8 @@
 """Named fault points, where the fault suite (tests/faults/) kills a real jkd process.
 
 Code that commits state calls `point('stage.what')` at the moments a crash could land between
-two writes. Two environment variables drive it; with neither set (every real run), a point is
-one boolean test.
+two writes. Environment variables drive it; with none set (every real run), a point is one
+boolean test.
 
 - `JKD_FAULT_TRACE=FILE`: each point appends its name as one line to FILE, written straight to
   the kernel (O_APPEND), so the trace survives a SIGKILL of the process.
@@ -10,6 +10,9 @@ one boolean test.
   after it is traced; only points called NAME when given) sends SIGKILL to the process, at once
   or SECONDS later from a timer thread, so the kill lands inside whatever runs next (an
   asynchronous checkpoint write, a block of store writes).
+- `JKD_FAULT_SIGNAL=TERM`: that point sends SIGTERM instead, to the process's whole group, as
+  Slurm and a VM's shutdown do (the process must lead its group: the suite starts it in a
+  session of its own).
 
 The suite runs a job once with a trace to count its points, then kills it at seeded random
 points of that count, restarting it after each kill, and compares what the interrupted job
@@ -37,6 +40,10 @@ def _kill_plan(spec: str) -> tuple[str, int, float]:
 
 _TRACE = os.environ.get('JKD_FAULT_TRACE', '')
 _ONLY, _KILL_AT, _DELAY = _kill_plan(os.environ.get('JKD_FAULT_KILL', ''))
+_SIGNAL = {'': signal.SIGKILL, 'KILL': signal.SIGKILL, 'TERM': signal.SIGTERM}.get(
+    os.environ.get('JKD_FAULT_SIGNAL', ''))
+if _SIGNAL is None:
+  raise ValueError(f'JKD_FAULT_SIGNAL={os.environ["JKD_FAULT_SIGNAL"]!r}: expected KILL or TERM')
 _ON = bool(_TRACE or _KILL_AT)
 _passed = 0
 
@@ -56,7 +63,13 @@ def point(name: str) -> None:
     return
   _passed += 1
   if _passed == _KILL_AT:
+    send = os.kill
+    if _SIGNAL == signal.SIGTERM:
+      if os.getpgrp() != os.getpid():
+        raise RuntimeError('JKD_FAULT_SIGNAL=TERM: this process does not lead its process group '
+                           '(start it with start_new_session=True)')
+      send = os.killpg
     if _DELAY > 0:
-      threading.Timer(_DELAY, os.kill, (os.getpid(), signal.SIGKILL)).start()
+      threading.Timer(_DELAY, send, (os.getpid(), _SIGNAL)).start()
     else:
-      os.kill(os.getpid(), signal.SIGKILL)
+      send(os.getpid(), _SIGNAL)

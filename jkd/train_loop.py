@@ -12,7 +12,8 @@ stops with the step in the message when a loss or gradient norm is not finite. M
 TensorBoard event files under `<workdir>/tensorboard`, to `<workdir>/metrics.jsonl` (one JSON
 object per step, one more per validation) and to a progress bar; W&B too when
 `train.wandb_project` is set. The teacher never enters a checkpoint. `config.profile` traces a
-window of steps (jkd/profiling.py).
+window of steps (jkd/profiling.py). SIGTERM stops the run after a step it saves, exit 143
+(jkd.distributed.Preemption).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jkd import config as jkd_config
-from jkd import faults, model, profiling, sharding, tokenizer, train
+from jkd import distributed, faults, model, profiling, sharding, tokenizer, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +162,7 @@ def _loader(tc, ls, split: str, *, shuffle: bool, num_epochs, pad_id: int, seed:
       tc.store, split, batch_size=per_process, seed=seed, shuffle=shuffle,
       num_epochs=num_epochs, top_k=tc.top_k, pack=ls.pack, max_seq_length=ls.max_seq_length,
       pad_id=pad_id, worker_count=ls.worker_count, drop_remainder=True,
-      pad_to_max=ls.pad_to_max_length, source=sources.get(split))
+      pad_to_max=ls.pad_to_max_length, source=sources.get(split), workers_ignore_sigterm=True)
 
 
 RUN_FILE = 'run.json'  # in the workdir: the settings its checkpoints can only be resumed with
@@ -205,9 +206,13 @@ def _validate(eval_fn, state, tc, ls, pad_id, shardings, sources, extra) -> dict
   it = _loader(tc, ls, 'validation', shuffle=False, num_epochs=1, pad_id=pad_id, seed=0,
                sources=sources)
   total = None
-  for batch in itertools.islice(it, tc.limit_val_batches if tc.limit_val_batches >= 0 else None):
-    metrics = eval_fn(state.params, _global(batch, shardings), *extra)
-    total = evaluate.add_pairs(total, jax.device_get(metrics))
+  try:
+    for batch in itertools.islice(it, tc.limit_val_batches if tc.limit_val_batches >= 0
+                                  else None):
+      metrics = eval_fn(state.params, _global(batch, shardings), *extra)
+      total = evaluate.add_pairs(total, jax.device_get(metrics))
+  finally:
+    it.close()  # its workers ignore SIGTERM (_loader): they stop here
   if total is None:  # e.g. packed rows fewer than one batch: nothing to log would be a silent gap
     raise ValueError(f'validation: the split gives no full batch of train.global_batch_size='
                      f'{tc.global_batch_size} rows; use more validation examples or set '
@@ -342,88 +347,102 @@ def run(config) -> dict[str, float]:
                                   config.extract.vocab_tile)
     extra = (teacher_params,)
 
-  # Restore: this run's latest checkpoint > train.restore_from_path > the converted student.
-  train_it = _loader(tc, ls, 'train', shuffle=True, num_epochs=None, pad_id=pad_id,
-                     seed=tc.seed, sources=sources)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state, state_shardings)
-  if start:
-    restored = mngr.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(
-            train_it)))
-    state = restored.state
-    print(f'[train] resumed from {ls.workdir}/checkpoints at step {start}')
-  elif tc.restore_from_path:  # its weights, as NeMo restores a .nemo: optimizer and schedule new
-    target = {'params': abstract.params}  # only these are read: any optimizer settings may differ
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-      saved = ckptr.restore(os.path.join(tc.restore_from_path, 'state'), args=ocp.args.PyTreeRestore(
-          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True))
-    state = state.replace(params=saved['params'])
-    del saved
-    print(f'[train] started from the params of {tc.restore_from_path}')
+  # From here SIGTERM stops the run after a step, saved (jkd.distributed.Preemption): the
+  # loaders' workers are started inside, so they leave the signal to the loop.
+  with distributed.Preemption() as preemption:
+    # Restore: this run's latest checkpoint > train.restore_from_path > the converted student.
+    train_it = _loader(tc, ls, 'train', shuffle=True, num_epochs=None, pad_id=pad_id,
+                       seed=tc.seed, sources=sources)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state, state_shardings)
+    if start:
+      restored = mngr.restore(start, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(
+              train_it)))
+      state = restored.state
+      print(f'[train] resumed from {ls.workdir}/checkpoints at step {start}')
+    elif tc.restore_from_path:  # its weights, as NeMo restores a .nemo: optimizer and schedule new
+      target = {'params': abstract.params}  # only these are read: any optimizer settings may differ
+      with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        saved = ckptr.restore(os.path.join(tc.restore_from_path, 'state'),
+                              args=ocp.args.PyTreeRestore(
+                                  target,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True))
+      state = state.replace(params=saved['params'])
+      del saved
+      print(f'[train] started from the params of {tc.restore_from_path}')
 
-  # Step functions.
-  step_fn = train.make_train_step(cfg, tc, mesh, rules, state_shardings, teacher)
-  eval_fn = train.make_eval_step(cfg, tc, mesh, rules, state_shardings, teacher)
-  batch_shardings = train.batch_shardings(
-      mesh, rules, train.RAW_KEYS if online else train.BATCH_KEYS)
+    # Step functions.
+    step_fn = train.make_train_step(cfg, tc, mesh, rules, state_shardings, teacher)
+    eval_fn = train.make_eval_step(cfg, tc, mesh, rules, state_shardings, teacher)
+    batch_shardings = train.batch_shardings(
+        mesh, rules, train.RAW_KEYS if online else train.BATCH_KEYS)
 
-  # Loop.
-  metrics_out = _Metrics(ls, config, start)
-  last: dict[str, float] = {}
-  pending = None  # (step, metrics, dispatch time, real tokens) of the step in flight
+    # Loop.
+    metrics_out = _Metrics(ls, config, start)
+    last: dict[str, float] = {}
+    pending = None  # (step, metrics, dispatch time, real tokens) of the step in flight
 
-  def settle():  # reads the metrics of the step in flight
-    nonlocal pending, last
-    if pending is None:
-      return
-    step, metrics, t0, tokens = pending
-    pending = None
-    values = _scalars(metrics, 'train')
-    _check_finite(values, step)
-    elapsed = time.perf_counter() - t0
-    values.update({'train/consumed_samples': float(step * tc.global_batch_size),
-                   'train/step_time': elapsed, 'train/tokens_per_sec': tokens / elapsed})
-    metrics_out.write(step, values)
-    last = values
-    bar.set_postfix(loss=f'{values["train/loss"]:.4f}', lr=f'{values["train/lr"]:.2e}')
+    def settle():  # reads the metrics of the step in flight
+      nonlocal pending, last
+      if pending is None:
+        return
+      step, metrics, t0, tokens = pending
+      pending = None
+      values = _scalars(metrics, 'train')
+      _check_finite(values, step)
+      elapsed = time.perf_counter() - t0
+      values.update({'train/consumed_samples': float(step * tc.global_batch_size),
+                     'train/step_time': elapsed, 'train/tokens_per_sec': tokens / elapsed})
+      metrics_out.write(step, values)
+      last = values
+      bar.set_postfix(loss=f'{values["train/loss"]:.4f}', lr=f'{values["train/lr"]:.2e}')
 
-  profiler = profiling.Profiler(profiling.settings(config))
-  bar = tqdm(total=last_step, initial=start, desc='train', unit='step',
-             disable=jax.process_index() != 0)
-  try:
-    for step in range(start + 1, last_step + 1):
-      profiler.step(step, wait=state)  # starts or stops the trace (config.profile)
-      batch = next(train_it)
-      tokens = float((batch['segment_ids'] > 0).sum()) * jax.process_count()  # real tokens
-      t0 = time.perf_counter()
-      state, metrics = step_fn(state, _global(batch, batch_shardings), *extra)
-      settle()  # step n-1, while step n runs
-      pending = (step, metrics, t0, tokens)
-      bar.update(1)
-      faults.point('train.step')
-      boundary = step == last_step
-      if step % tc.val_check_interval == 0 or boundary:
-        settle()
-        if has_val:
-          values = _validate(eval_fn, state, tc, ls, pad_id, batch_shardings, sources, extra)
-          _check_finite(values, step)
-          metrics_out.write(step, values)
-          last.update(values)
-          faults.point('train.validated')
-      if step % tc.save_interval == 0 or boundary:
-        settle()
-        mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_it)))
-        faults.point('train.save_started')  # the write goes on in the background
-    settle()
-  finally:
-    profiler.close()  # a window reaching past the last step ends with the run
-    bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    metrics_out.close()
+    profiler = profiling.Profiler(profiling.settings(config))
+    bar = tqdm(total=last_step, initial=start, desc='train', unit='step',
+               disable=jax.process_index() != 0)
+    stopped = 0  # the step after which SIGTERM stopped the run (its checkpoint saved)
+    try:
+      for step in range(start + 1, last_step + 1):
+        profiler.step(step, wait=state)  # starts or stops the trace (config.profile)
+        batch = next(train_it)
+        tokens = float((batch['segment_ids'] > 0).sum()) * jax.process_count()  # real tokens
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, _global(batch, batch_shardings), *extra)
+        settle()  # step n-1, while step n runs
+        pending = (step, metrics, t0, tokens)
+        bar.update(1)
+        faults.point('train.step')
+        stop = preemption.reached()  # SIGTERM: this step is validated if due, then saved
+        boundary = step == last_step
+        if step % tc.val_check_interval == 0 or boundary:
+          settle()
+          if has_val:
+            values = _validate(eval_fn, state, tc, ls, pad_id, batch_shardings, sources, extra)
+            _check_finite(values, step)
+            metrics_out.write(step, values)
+            last.update(values)
+            faults.point('train.validated')
+        if step % tc.save_interval == 0 or boundary or stop:
+          settle()
+          mngr.save(step, args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_it)))
+          faults.point('train.save_started')  # the write goes on in the background
+        if stop:
+          stopped = step
+          break
+      settle()
+    finally:
+      profiler.close()  # a window reaching past the last step ends with the run
+      bar.close()
+      mngr.wait_until_finished()
+      mngr.close()
+      train_it.close()  # stops its workers, which leave SIGTERM to this loop
+      metrics_out.close()
+  if stopped:
+    preemption.stop(f'training after step {stopped} (its checkpoint is saved in '
+                    f'{ls.workdir}/checkpoints)')
 
   # The student as a model directory (and .nemo / HF when asked). A rerun (after a kill in here,
   # or of a finished or extended run) redoes them, over this run's own .nemo.

@@ -7,6 +7,7 @@ coordinator on 127.0.0.1 (gloo collectives between them), and as 1 process of 8 
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -193,3 +194,75 @@ def test_a_slurm_step_does_not_narrow_the_devices_of_an_explicit_run():
         p.kill()
   for p, out in zip(procs, outputs):
     assert p.returncode == 0 and 'visible all' in out, out[-2000:]
+
+
+_STOP_LOOP = '''
+import os, signal, sys, time
+import jax
+from configs import base
+from jkd import distributed
+config = base.get_config()
+config.mode = sys.argv[1]
+distributed.initialize(config)
+print('preemption service', jax.config.jax_enable_preemption_service, flush=True)
+if config.mode in distributed.STOPPABLE_MODES:
+  with distributed.Preemption() as preemption:
+    for step in range(1, 1000):
+      time.sleep(0.02)
+      if step == 3 and jax.process_index() == jax.process_count() - 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      if preemption.reached():
+        break
+  print('stopped after step', step, flush=True)
+  preemption.stop('the loop')
+'''
+
+
+def _stop_loop(mode: str, n: int):
+  address, procs = f'127.0.0.1:{_free_port()}', []
+  for i in range(n):
+    env = {k: v for k, v in os.environ.items() if k not in distributed.ENV.values()}
+    env.update(JAX_PLATFORMS='cpu')
+    if n > 1:
+      env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen([sys.executable, '-c', _STOP_LOOP, mode], cwd=tt.REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  try:
+    return [(p.communicate(timeout=120), p.returncode) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+
+@pytest.mark.parametrize('n', [1, 2])
+def test_sigterm_stops_every_process_after_the_same_step(n):
+  """The last process sends itself SIGTERM at step 3: one process stops after the first step
+  checked once the handler has run (3, or later on a busy machine: the signal is taken by
+  another thread); two agree, through JAX's preemption service, on a later step both still had
+  to reach, and both exit 143."""
+  results = _stop_loop('train', n)
+  steps = set()
+  for (out, err), rc in results:
+    assert rc == distributed.STOPPED_EXIT, (rc, out, err[-2000:])
+    assert 'SIGTERM: stopped the loop; run the same command again' in err
+    steps.add(int(out.split('stopped after step ')[1].split()[0]))
+  assert len(steps) == 1, steps
+  assert min(steps) >= 3 if n == 1 else min(steps) > 3
+
+
+def test_preemption_service_is_off_where_sigterm_should_end_the_process():
+  """Modes without a stopping loop keep SIGTERM's default: JAX's service, which would swallow
+  it, is not started for them."""
+  for (out, err), rc in _stop_loop('convert', 2):
+    assert rc == 0, err[-2000:]
+    assert 'preemption service False' in out
+
+
+def test_sigterm_after_the_last_check_ends_the_process_on_leaving_the_block():
+  snippet = ('import os, signal\nfrom jkd import distributed\n'
+             'with distributed.Preemption():\n  os.kill(os.getpid(), signal.SIGTERM)\n'
+             'print("survived")\n')
+  proc = subprocess.run([sys.executable, '-c', snippet], cwd=tt.REPO, capture_output=True,
+                        text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == -signal.SIGTERM and 'survived' not in proc.stdout, proc.stderr

@@ -271,7 +271,7 @@ def _sbatch_header(path):
 def test_slurm_job_matches_the_tutorials_resources_one_task_per_node(stage, hours):
   header = _sbatch_header(os.path.join(REPO, 'scripts', 'slurm', f'{stage}.sbatch'))
   assert {'-N 1', f'-t {hours}', '--ntasks-per-node=1', '--gpus-per-node=8',
-          '--exclusive'} <= set(header), header
+          '--exclusive', '--signal=TERM@120'} <= set(header), header
   mkdir, srun = dry(f'scripts/slurm/{stage}.sbatch')
   assert mkdir == ['mkdir', '-p', f'{REPO}/results/slurm']
   assert srun[:3] == ['srun', '--ntasks-per-node=1', '--gpus-per-node=8'], srun

@@ -182,7 +182,7 @@ def test_a_validation_split_without_a_full_batch_is_refused(store, tmp_path, mon
   assert not any('val/loss' in r for r in _metrics(tmp_path / 'off').values())
 
   from jkd import train, train_loop
-  monkeypatch.setattr(train_loop, '_loader', lambda *a, **k: iter(()))
+  monkeypatch.setattr(train_loop, '_loader', lambda *a, **k: (b for b in ()))  # closable
   tc = train.TrainConfig(global_batch_size=8, limit_val_batches=-1)
   with pytest.raises(ValueError, match='no full batch of train.global_batch_size=8'):
     train_loop._validate(None, None, tc, None, 0, None, {}, ())

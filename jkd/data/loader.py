@@ -16,6 +16,7 @@ targets at kept positions depend only on the kept prefix.
 from __future__ import annotations
 
 import dataclasses
+import signal
 
 import grain
 import numpy as np
@@ -168,12 +169,17 @@ class _PackedBatch:
     return out
 
 
+def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: bool = True,
                 num_epochs: int | None = None, top_k: int | None = None, pack: bool = False,
                 max_seq_length: int, pad_id: int, worker_count: int = 0,
                 shard_index: int | None = None, shard_count: int | None = None,
                 drop_remainder: bool = False, pad_to_max: bool = False, read_threads: int = 4,
-                validate: bool = True, source=None) -> grain.DatasetIterator:
+                validate: bool = True, source=None,
+                workers_ignore_sigterm: bool = False) -> grain.DatasetIterator:
   """A checkpointable iterator of KD batches (see the module docstring for their layout).
 
   Shards by JAX process by default: the stream (shuffled per epoch with `seed`: a different
@@ -184,7 +190,9 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
   several examples per row first-fit, `batch_size` rows per batch. `worker_count` > 0 reads in
   that many spawned processes (packing stays in this one, so the rows are the same for any
   worker count). The iterator's `get_state()` / `set_state()` resume exactly (same
-  worker_count).
+  worker_count). `workers_ignore_sigterm`: the workers ignore a SIGTERM sent to the whole
+  process group (Slurm, a VM's shutdown), leaving it to the training loop (jkd.distributed.
+  Preemption), which must then `close()` the iterator: that stops them.
   `source` replaces the store split (e.g. an `ExamplesSource` for online distillation; its
   batches carry only its fields plus segment_ids and positions).
   """
@@ -227,7 +235,8 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
     from absl import flags  # grain 0.2.18 reads absl flags in workers (docs/environment.md)
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count),
+                        worker_init_fn=_ignore_sigterm if workers_ignore_sigterm else None)
   if pack:  # in this process, so the rows do not depend on worker_count
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={f: max_seq_length for f in fields}, num_packing_bins=batch_size,

@@ -31,9 +31,16 @@ def env(tmp, **extra) -> dict[str, str]:
   return out
 
 
-def _run(argv, environ, timeout=600):
+def _run(argv, environ, timeout=600, **kw):
   return subprocess.run(argv, cwd=REPO, env=environ, capture_output=True, text=True,
-                        timeout=timeout)
+                        timeout=timeout, **kw)
+
+
+def sigterm_at(argv, environ, point: str, n: int):
+  """Runs `argv` in a session of its own, its process group sent SIGTERM at the n-th fault
+  point called `point` (as Slurm or a VM's shutdown sends it to every process of the job)."""
+  return _run(argv, {**environ, 'JKD_FAULT_KILL': f'{point}@{n}', 'JKD_FAULT_SIGNAL': 'TERM'},
+              start_new_session=True)
 
 
 def trace(argv, environ, trace_file) -> list[str]:
