@@ -347,62 +347,60 @@ def run(config) -> dict[str, float]:
                                   config.extract.vocab_tile)
     extra = (teacher_params,)
 
-  # From here SIGTERM stops the run after a step, saved (jkd.distributed.Preemption): the
-  # loaders' workers are started inside, so they leave the signal to the loop.
-  with distributed.Preemption() as preemption:
-    # Restore: this run's latest checkpoint > train.restore_from_path > the converted student.
-    train_it = _loader(tc, ls, 'train', shuffle=True, num_epochs=None, pad_id=pad_id,
-                       seed=tc.seed, sources=sources)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, state_shardings)
-    if start:
-      restored = mngr.restore(start, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(
-              train_it)))
-      state = restored.state
-      print(f'[train] resumed from {ls.workdir}/checkpoints at step {start}')
-    elif tc.restore_from_path:  # its weights, as NeMo restores a .nemo: optimizer and schedule new
-      target = {'params': abstract.params}  # only these are read: any optimizer settings may differ
-      with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-        saved = ckptr.restore(os.path.join(tc.restore_from_path, 'state'),
-                              args=ocp.args.PyTreeRestore(
-                                  target,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                  partial_restore=True))
-      state = state.replace(params=saved['params'])
-      del saved
-      print(f'[train] started from the params of {tc.restore_from_path}')
+  # Restore: this run's latest checkpoint > train.restore_from_path > the converted student.
+  train_it = _loader(tc, ls, 'train', shuffle=True, num_epochs=None, pad_id=pad_id,
+                     seed=tc.seed, sources=sources)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          state, state_shardings)
+  if start:
+    restored = mngr.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(
+            train_it)))
+    state = restored.state
+    print(f'[train] resumed from {ls.workdir}/checkpoints at step {start}')
+  elif tc.restore_from_path:  # its weights, as NeMo restores a .nemo: optimizer and schedule new
+    target = {'params': abstract.params}  # only these are read: any optimizer settings may differ
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+      saved = ckptr.restore(os.path.join(tc.restore_from_path, 'state'),
+                            args=ocp.args.PyTreeRestore(
+                                target,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                partial_restore=True))
+    state = state.replace(params=saved['params'])
+    del saved
+    print(f'[train] started from the params of {tc.restore_from_path}')
 
-    # Step functions.
-    step_fn = train.make_train_step(cfg, tc, mesh, rules, state_shardings, teacher)
-    eval_fn = train.make_eval_step(cfg, tc, mesh, rules, state_shardings, teacher)
-    batch_shardings = train.batch_shardings(
-        mesh, rules, train.RAW_KEYS if online else train.BATCH_KEYS)
+  # Step functions.
+  step_fn = train.make_train_step(cfg, tc, mesh, rules, state_shardings, teacher)
+  eval_fn = train.make_eval_step(cfg, tc, mesh, rules, state_shardings, teacher)
+  batch_shardings = train.batch_shardings(
+      mesh, rules, train.RAW_KEYS if online else train.BATCH_KEYS)
 
-    # Loop.
-    metrics_out = _Metrics(ls, config, start)
-    last: dict[str, float] = {}
-    pending = None  # (step, metrics, dispatch time, real tokens) of the step in flight
+  # Loop.
+  metrics_out = _Metrics(ls, config, start)
+  last: dict[str, float] = {}
+  pending = None  # (step, metrics, dispatch time, real tokens) of the step in flight
 
-    def settle():  # reads the metrics of the step in flight
-      nonlocal pending, last
-      if pending is None:
-        return
-      step, metrics, t0, tokens = pending
-      pending = None
-      values = _scalars(metrics, 'train')
-      _check_finite(values, step)
-      elapsed = time.perf_counter() - t0
-      values.update({'train/consumed_samples': float(step * tc.global_batch_size),
-                     'train/step_time': elapsed, 'train/tokens_per_sec': tokens / elapsed})
-      metrics_out.write(step, values)
-      last = values
-      bar.set_postfix(loss=f'{values["train/loss"]:.4f}', lr=f'{values["train/lr"]:.2e}')
+  def settle():  # reads the metrics of the step in flight
+    nonlocal pending, last
+    if pending is None:
+      return
+    step, metrics, t0, tokens = pending
+    pending = None
+    values = _scalars(metrics, 'train')
+    _check_finite(values, step)
+    elapsed = time.perf_counter() - t0
+    values.update({'train/consumed_samples': float(step * tc.global_batch_size),
+                   'train/step_time': elapsed, 'train/tokens_per_sec': tokens / elapsed})
+    metrics_out.write(step, values)
+    last = values
+    bar.set_postfix(loss=f'{values["train/loss"]:.4f}', lr=f'{values["train/lr"]:.2e}')
 
-    profiler = profiling.Profiler(profiling.settings(config))
-    bar = tqdm(total=last_step, initial=start, desc='train', unit='step',
-               disable=jax.process_index() != 0)
-    stopped = 0  # the step after which SIGTERM stopped the run (its checkpoint saved)
+  profiler = profiling.Profiler(profiling.settings(config))
+  bar = tqdm(total=last_step, initial=start, desc='train', unit='step',
+             disable=jax.process_index() != 0)
+  stopped = 0  # the step after which SIGTERM stopped the run (its checkpoint saved)
+  with distributed.Preemption() as preemption:  # SIGTERM: stop after a step, saved
     try:
       for step in range(start + 1, last_step + 1):
         profiler.step(step, wait=state)  # starts or stops the trace (config.profile)

@@ -2,8 +2,13 @@
 
 Protects: seeded shuffle determinism, sharding that covers every example exactly once, padding
 (multiple of 8, NeMo's pad values, right truncation), packing (segment ids, restarting
-positions, contents), load-time top_k, exact resume from the iterator state, and 2 workers.
+positions, contents), load-time top_k, exact resume from the iterator state, and 2 workers
+(which can be told to outlive a SIGTERM to the process group).
 """
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +16,7 @@ import pytest
 from jkd.data import loader
 from tests.test_logit_store import K, make_meta, make_record, write_store
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 23
 PAD = 1
 MAX_LEN = 48
@@ -187,3 +193,33 @@ def test_two_workers(store, pack):
   for a, b in zip(got[3:], rest):
     for f in a:
       np.testing.assert_array_equal(a[f], b[f])
+
+
+_GROUP_SIGTERM = '''
+import os, signal, sys
+from jkd.data import loader
+signal.signal(signal.SIGTERM, lambda *_: None)  # this process handles it, as the training loop
+it = loader.make_loader(sys.argv[1], 'train', batch_size=4, seed=0, max_seq_length=48, pad_id=1,
+                        shard_index=0, shard_count=1, num_epochs=None, worker_count=2,
+                        workers_ignore_sigterm=sys.argv[2] == '1')
+for _ in range(8):  # both workers have started and delivered
+  next(it)
+os.killpg(0, signal.SIGTERM)  # the whole group, as Slurm and a VM's shutdown send it
+for _ in range(40):
+  next(it)
+it.close()
+print('40 more batches')
+'''
+
+
+@pytest.mark.parametrize('ignore', [True, False])
+def test_workers_ignoring_sigterm_outlive_a_signal_to_the_process_group(store, ignore):
+  """What lets the training loop keep reading after SIGTERM reaches every process of the job
+  (the step it stops at may be several batches on: the sync step of several processes)."""
+  proc = subprocess.run([sys.executable, '-c', _GROUP_SIGTERM, store[0], str(int(ignore))],
+                        cwd=REPO, capture_output=True, text=True, timeout=300,
+                        start_new_session=True)
+  if ignore:
+    assert proc.returncode == 0 and '40 more batches' in proc.stdout, proc.stderr[-3000:]
+  else:  # the workers die of it, and the reader finds out
+    assert proc.returncode != 0 and 'terminated unexpectedly' in proc.stderr, proc.stderr[-3000:]

@@ -202,31 +202,43 @@ import jax
 from configs import base
 from jkd import distributed
 config = base.get_config()
-config.mode = sys.argv[1]
+config.mode, when = sys.argv[1:]
 distributed.initialize(config)
-print('preemption service', jax.config.jax_enable_preemption_service, flush=True)
-if config.mode in distributed.STOPPABLE_MODES:
-  with distributed.Preemption() as preemption:
-    for step in range(1, 1000):
-      time.sleep(0.02)
-      if step == 3 and jax.process_index() == jax.process_count() - 1:
-        os.kill(os.getpid(), signal.SIGTERM)
-      if preemption.reached():
-        break
+last = jax.process_index() == jax.process_count() - 1
+if config.mode not in distributed.STOPPABLE_MODES:
+  if last:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(3)
+    print('survived', flush=True)
+  os._exit(0)  # (a peer that died would hold up jax.distributed.shutdown)
+with distributed.Preemption() as preemption:
+  for step in range(1, 1000 if when == 'in' else 6):
+    time.sleep(0.02)
+    if when == 'in' and step == 3 and last:
+      os.kill(os.getpid(), signal.SIGTERM)
+    if preemption.reached():
+      break
   print('stopped after step', step, flush=True)
+  if when == 'late':  # after the last check
+    if last:
+      os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1.5)  # the notice reaches the coordination service
+if preemption.stopping:
   preemption.stop('the loop')
+print('survived', flush=True)
 '''
 
 
-def _stop_loop(mode: str, n: int):
+def _stop_loop(mode: str, n: int, when: str = 'in'):
   address, procs = f'127.0.0.1:{_free_port()}', []
   for i in range(n):
     env = {k: v for k, v in os.environ.items() if k not in distributed.ENV.values()}
     env.update(JAX_PLATFORMS='cpu')
     if n > 1:
       env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i))
-    procs.append(subprocess.Popen([sys.executable, '-c', _STOP_LOOP, mode], cwd=tt.REPO, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs.append(subprocess.Popen([sys.executable, '-c', _STOP_LOOP, mode, when], cwd=tt.REPO,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True))
   try:
     return [(p.communicate(timeout=120), p.returncode) for p in procs]
   finally:
@@ -251,12 +263,19 @@ def test_sigterm_stops_every_process_after_the_same_step(n):
   assert min(steps) >= 3 if n == 1 else min(steps) > 3
 
 
-def test_preemption_service_is_off_where_sigterm_should_end_the_process():
-  """Modes without a stopping loop keep SIGTERM's default: JAX's service, which would swallow
-  it, is not started for them."""
-  for (out, err), rc in _stop_loop('convert', 2):
-    assert rc == 0, err[-2000:]
-    assert 'preemption service False' in out
+@pytest.mark.parametrize('n', [1, 2])
+def test_sigterm_after_the_last_check_ends_every_process_on_leaving_the_loop(n):
+  """After the loop's last step the signal is no stop request any more: leaving the loop ends
+  the process as SIGTERM does, every process of several too (JAX's service had recorded it)."""
+  for (out, err), rc in _stop_loop('train', n, when='late'):
+    assert rc == -signal.SIGTERM, (rc, out, err[-2000:])
+    assert 'stopped after step 5' in out and 'survived' not in out
+
+
+def test_sigterm_ends_a_process_of_a_mode_without_a_stopping_loop():
+  """JAX's preemption service, which would swallow the signal, is not started for them."""
+  *_, ((out, err), rc) = _stop_loop('convert', 2)
+  assert rc == -signal.SIGTERM and 'survived' not in out, (rc, out, err[-2000:])
 
 
 def test_sigterm_after_the_last_check_ends_the_process_on_leaving_the_block():

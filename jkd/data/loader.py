@@ -206,14 +206,16 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:
-    raise ValueError(f'make_loader: shard_index={shard_index} not in [0, shard_count={shard_count})')
+    raise ValueError(f'make_loader: shard_index={shard_index} not in '
+                     f'[0, shard_count={shard_count})')
   if source is None:
     source = KDDataSource(root, split, pad_id=pad_id, validate=validate)
   fields = source.fields
   if top_k is not None and 'topk_ids' in fields and not 1 <= top_k <= source.meta.k:
     raise ValueError(f'make_loader: top_k={top_k} not in [1, stored K={source.meta.k}]')
   if len(source) < shard_count:
-    raise ValueError(f'make_loader: {len(source)} examples in {root}/{split} for {shard_count} shards')
+    raise ValueError(f'make_loader: {len(source)} examples in {root}/{split} for '
+                     f'{shard_count} shards')
 
   ds = grain.MapDataset.source(source)
   if shuffle:

@@ -1,8 +1,9 @@
 """SIGKILL during training: at 10 seeded random fault points (after a step, after validation,
 while an asynchronous checkpoint is being written), and at seeded random moments 0-0.3 s into 6
-of the 12 checkpoint saves. After the restarts, metrics.jsonl logs every step once with the uninterrupted
-run's values, bit for bit, and the final params are identical. SIGTERM to the process group
-stops the run after a step it saves, and the rerun ends as the uninterrupted run does."""
+of the 12 checkpoint saves. After the restarts, metrics.jsonl logs every step once with the
+uninterrupted run's values, bit for bit, and the final params are identical. SIGTERM to the
+process group stops the run after a step it saves, and the rerun ends as the uninterrupted run
+does."""
 
 import collections
 import json
