@@ -149,22 +149,38 @@ class Preemption:
   still to reach (`multihost_utils.reached_preemption_sync_point`). One process: a handler notes
   the signal, and the next step checked is the one.
 
+  `children=True` (the loop spawns Grain workers): the block's thread also blocks SIGTERM, as
+  Python does for its resource tracker (bpo-33613): the threads it starts and the processes they
+  spawn inherit the block, through exec, so a worker is safe from a SIGTERM sent to the whole
+  process group (Slurm, a VM's shutdown) from its first instruction, before its own handling
+  (`loader.make_loader(workers_ignore_sigterm=True)`) takes over. The resource tracker is
+  started first: starting it unblocks the signal in the thread that does. Threads started
+  before the block still take the signal for the process; one left pending is noted too.
+
   Leaving the block gives SIGTERM back its former action, and a signal that came after the last
   check (noted here, or recorded by JAX's service for any process) ends the process then, as if
   no handler had been there; not while an exception leaves the block, which ends the run with
   its own message."""
 
-  def __init__(self):
+  def __init__(self, children: bool = False):
+    self._children = children
     self._noted = self.stopping = False
     self._steps = 0  # reached() calls: the same count on every process
     self._installed, self._previous = False, None  # (one process) the handler this replaced
+    self._mask = None  # the thread's signal mask before the block (children=True)
 
   def __enter__(self):
     import jax
     self._multi = jax.process_count() > 1
-    if not self._multi and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._note)  # (needs the main thread)
+    if threading.current_thread() is not threading.main_thread():  # handlers need it
+      return self
+    if not self._multi:
+      self._previous = signal.signal(signal.SIGTERM, self._note)
       self._installed = True
+    if self._children:
+      from multiprocessing import resource_tracker
+      resource_tracker.ensure_running()
+      self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     return self
 
   def _note(self, signum, frame):
@@ -176,12 +192,15 @@ class Preemption:
       from jax.experimental import multihost_utils
       self.stopping = multihost_utils.reached_preemption_sync_point(self._steps)
     else:
+      self._noted = self._noted or signal.SIGTERM in signal.sigpending()
       self.stopping = self._noted
     return self.stopping
 
   def __exit__(self, exc_type, exc, tb):
     if threading.current_thread() is not threading.main_thread():
       return
+    if self._mask is not None:  # a pending SIGTERM arrives now, at this handler or JAX's
+      signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
     if self._installed:  # (None: a handler not set from Python; the default then)
       signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
       late = self._noted

@@ -400,7 +400,8 @@ def run(config) -> dict[str, float]:
   bar = tqdm(total=last_step, initial=start, desc='train', unit='step',
              disable=jax.process_index() != 0)
   stopped = 0  # the step after which SIGTERM stopped the run (its checkpoint saved)
-  with distributed.Preemption() as preemption:  # SIGTERM: stop after a step, saved
+  # SIGTERM: stop after a step, saved; the workers of the loaders made inside leave it to it
+  with distributed.Preemption(children=ls.worker_count > 0) as preemption:
     try:
       for step in range(start + 1, last_step + 1):
         profiler.step(step, wait=state)  # starts or stops the trace (config.profile)

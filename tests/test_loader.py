@@ -7,8 +7,10 @@ positions, contents), load-time top_k, exact resume from the iterator state, and
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -196,7 +198,7 @@ def test_two_workers(store, pack):
 
 
 _GROUP_SIGTERM = '''
-import os, signal, sys
+import multiprocessing, os, signal, sys
 from jkd.data import loader
 signal.signal(signal.SIGTERM, lambda *_: None)  # this process handles it, as the training loop
 it = loader.make_loader(sys.argv[1], 'train', batch_size=4, seed=0, max_seq_length=48, pad_id=1,
@@ -207,19 +209,35 @@ for _ in range(8):  # both workers have started and delivered
 os.killpg(0, signal.SIGTERM)  # the whole group, as Slurm and a VM's shutdown send it
 for _ in range(40):
   next(it)
-it.close()
-print('40 more batches')
+print('40 more batches', *[p.pid for p in multiprocessing.active_children()], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no close(): the workers must notice they are orphans
 '''
 
 
 @pytest.mark.parametrize('ignore', [True, False])
 def test_workers_ignoring_sigterm_outlive_a_signal_to_the_process_group(store, ignore):
   """What lets the training loop keep reading after SIGTERM reaches every process of the job
-  (the step it stops at may be several batches on: the sync step of several processes)."""
+  (the step it stops at may be several batches on: the sync step of several processes); such
+  workers still end once their parent is killed (SIGKILL), which Grain's do not watch for."""
   proc = subprocess.run([sys.executable, '-c', _GROUP_SIGTERM, store[0], str(int(ignore))],
                         cwd=REPO, capture_output=True, text=True, timeout=300,
                         start_new_session=True)
   if ignore:
-    assert proc.returncode == 0 and '40 more batches' in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == -signal.SIGKILL and '40 more batches' in proc.stdout, (
+        proc.stderr[-3000:])
+    workers = [int(p) for p in proc.stdout.split('40 more batches')[1].split()]
+    assert len(workers) == 2, proc.stdout
+    deadline = time.monotonic() + 20  # the parent killed, its workers end within ~1 s
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert not any(_alive(p) for p in workers), workers
   else:  # the workers die of it, and the reader finds out
     assert proc.returncode != 0 and 'terminated unexpectedly' in proc.stderr, proc.stderr[-3000:]
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'  # a zombie has ended
+  except FileNotFoundError:
+    return False

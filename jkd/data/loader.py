@@ -16,7 +16,10 @@ targets at kept positions depend only on the kept prefix.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
+import threading
+import time
 
 import grain
 import numpy as np
@@ -170,7 +173,17 @@ class _PackedBatch:
 
 
 def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
+  """A worker's init (workers_ignore_sigterm): SIGTERM ignored, and the worker ends itself once
+  its parent is gone, as it would no longer end of a SIGTERM to the group after a SIGKILL of the
+  parent (Grain's workers do not watch the parent)."""
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(0)
+  threading.Thread(target=watch, name='jkd-parent-watch', daemon=True).start()
 
 
 def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: bool = True,
@@ -192,7 +205,8 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
   worker count). The iterator's `get_state()` / `set_state()` resume exactly (same
   worker_count). `workers_ignore_sigterm`: the workers ignore a SIGTERM sent to the whole
   process group (Slurm, a VM's shutdown), leaving it to the training loop (jkd.distributed.
-  Preemption), which must then `close()` the iterator: that stops them.
+  Preemption), which must then `close()` the iterator: that stops them (they also end
+  themselves once the parent is gone).
   `source` replaces the store split (e.g. an `ExamplesSource` for online distillation; its
   batches carry only its fields plus segment_ids and positions).
   """

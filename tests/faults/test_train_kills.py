@@ -82,14 +82,14 @@ def test_kills_inside_checkpoint_saves_lose_nothing(run, tmp_path):
 
 
 def test_sigterm_to_the_process_group_stops_after_a_saved_step(run, tmp_path):
-  """SIGTERM to every process of the job (Slurm's time limit, a Spot VM's shutdown), Grain's 2
-  workers included, as step 7 ends, in a run that saves every 2 steps: the run stops after the
+  """SIGTERM to every process of the job (Slurm's time limit, a Spot VM's shutdown), a Grain
+  worker included, as step 7 ends, in a run that saves every 2 steps: the run stops after the
   first step checked once the handler ran (7, or a later one on a busy machine), saves it, and
   exits 143 with a line saying so; the rerun resumes there and ends as the uninterrupted run
   (no workers: the same batches) does, bit for bit."""
   store, environ, whole, _ = run
   cut = tmp_path / 'cut'
-  argv = tl._train_cli(store, cut, *ARGS, '--config.train.worker_count=2')
+  argv = tl._train_cli(store, cut, *ARGS, '--config.train.worker_count=1')
   proc = harness.sigterm_at(argv, environ, 'train.step', 7)
   assert proc.returncode == distributed.STOPPED_EXIT, proc.stderr[-3000:]
   stopped = re.search(r'SIGTERM: stopped training after step (\d+) \(its checkpoint is saved in '
