@@ -399,7 +399,6 @@ def run(config) -> dict[str, float]:
   profiler = profiling.Profiler(profiling.settings(config))
   bar = tqdm(total=last_step, initial=start, desc='train', unit='step',
              disable=jax.process_index() != 0)
-  stopped = 0  # the step after which SIGTERM stopped the run (its checkpoint saved)
   # SIGTERM: stop after a step, saved; the workers of the loaders made inside leave it to it
   with distributed.Preemption(children=ls.worker_count > 0) as preemption:
     try:
@@ -429,7 +428,6 @@ def run(config) -> dict[str, float]:
               state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_it)))
           faults.point('train.save_started')  # the write goes on in the background
         if stop:
-          stopped = step
           break
       settle()
     finally:
@@ -439,8 +437,8 @@ def run(config) -> dict[str, float]:
       mngr.close()
       train_it.close()  # stops its workers, which leave SIGTERM to this loop
       metrics_out.close()
-  if stopped:
-    preemption.stop(f'training after step {stopped} (its checkpoint is saved in '
+  if preemption.stopping:  # after `step`, its checkpoint saved
+    preemption.stop(f'training after step {step} (its checkpoint is saved in '
                     f'{ls.workdir}/checkpoints)')
 
   # The student as a model directory (and .nemo / HF when asked). A rerun (after a kill in here,

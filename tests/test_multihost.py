@@ -29,6 +29,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _process_env(i: int, n: int, address: str, **extra) -> dict[str, str]:
+  """Process i of n on CPU: this environment without the distributed variables, then the
+  coordinator's when n > 1, then `extra`."""
+  env = {k: v for k, v in os.environ.items() if k not in distributed.ENV.values()}
+  env['JAX_PLATFORMS'] = 'cpu'
+  if n > 1:
+    env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i))
+  return {**env, **extra}
+
+
 def _run_processes(cmd, n: int, timeout: float = 900) -> list[str]:
   """Runs `cmd` as n processes of 8 / n CPU devices each; asserts that all exit 0; returns
   their outputs."""
@@ -36,11 +46,8 @@ def _run_processes(cmd, n: int, timeout: float = 900) -> list[str]:
   procs, outputs = [], []
   try:
     for i in range(n):
-      env = {k: v for k, v in os.environ.items() if k not in distributed.ENV.values()}
-      env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={8 // n}')
-      if n > 1:
-        env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(n),
-                   JAX_PROCESS_ID=str(i))
+      env = _process_env(i, n, address,
+                         XLA_FLAGS=f'--xla_force_host_platform_device_count={8 // n}')
       procs.append(subprocess.Popen(cmd, cwd=tt.REPO, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=timeout)[0] for p in procs]
@@ -180,10 +187,8 @@ def test_a_slurm_step_does_not_narrow_the_devices_of_an_explicit_run():
              'jax.distributed.shutdown()')
   address, procs = f'127.0.0.1:{_free_port()}', []
   for i in range(2):
-    env = {k: v for k, v in os.environ.items() if k not in distributed.ENV.values()}
-    env.update(JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES='2',
-               JAX_PROCESS_ID=str(i), SLURM_JOB_ID='7', SLURM_STEP_NODELIST='node[0-1]',
-               SLURM_NTASKS='2', SLURM_PROCID=str(i), SLURM_LOCALID='0')
+    env = _process_env(i, 2, address, SLURM_JOB_ID='7', SLURM_STEP_NODELIST='node[0-1]',
+                       SLURM_NTASKS='2', SLURM_PROCID=str(i), SLURM_LOCALID='0')
     procs.append(subprocess.Popen([sys.executable, '-c', snippet], cwd=tt.REPO, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   try:
@@ -232,13 +237,9 @@ print('survived', flush=True)
 def _stop_loop(mode: str, n: int, when: str = 'in'):
   address, procs = f'127.0.0.1:{_free_port()}', []
   for i in range(n):
-    env = {k: v for k, v in os.environ.items() if k not in distributed.ENV.values()}
-    env.update(JAX_PLATFORMS='cpu')
-    if n > 1:
-      env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen([sys.executable, '-c', _STOP_LOOP, mode, when], cwd=tt.REPO,
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True))
+                                  env=_process_env(i, n, address), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
   try:
     return [(p.communicate(timeout=120), p.returncode) for p in procs]
   finally:
