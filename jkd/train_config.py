@@ -140,7 +140,11 @@ def train_config(config) -> TrainConfig:
     node = config
     for part in _key(f.name).split('.'):
       node = node[part]
-    kw[f.name] = tuple(float(b) for b in node) if f.name == 'betas' else node
+    kw[f.name] = node
+  try:
+    kw['betas'] = tuple(float(b) for b in kw['betas'])
+  except (TypeError, ValueError):
+    raise ValueError(f"train.betas={kw['betas']!r}: expected two numbers in [0, 1)") from None
   return TrainConfig(**kw)
 
 

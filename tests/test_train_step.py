@@ -9,6 +9,7 @@ gradients, bf16 compute, a golden loss, and the config checks that must fail bef
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -386,11 +387,13 @@ def train_config(**overrides):
     ({'train.attention': 'flash'}, None, "train.attention='flash'"),
     ({'train.remat_policy': 'some'}, None, "train.remat_policy='some'"),
     ({'train.scan_unroll': -1}, None, 'train.scan_unroll=-1'),
+    ({'train.betas': ('a', 'b')}, None, "train.betas=('a', 'b'): expected two numbers"),
+    ({'train.betas': (0.9, 1.0)}, None, 'train.betas=(0.9, 1.0)'),
 ])
 
 
 def test_invalid_combinations_fail_before_compiling(overrides, stored_k, message):
-  with pytest.raises(ValueError, match=message.replace('(', r'\(')):
+  with pytest.raises(ValueError, match=re.escape(message)):
     train.validate_config(train_config(**overrides), stored_k=stored_k, n_devices=8)
 
 
