@@ -7,8 +7,9 @@ leaves the unset ones to JAX's cluster detection (Cloud TPU, Slurm, Open MPI). N
 means one process, and nothing is initialized. docs/multihost.md has the whole story.
 
 `Preemption` turns SIGTERM (a Spot VM's preemption, Slurm's warning before a time limit, `kill`)
-into a clean stop of the training and extraction loops: they finish the step or batch in hand,
-commit it and exit with `STOPPED_EXIT` (docs/reliability.md).
+and a first Ctrl-C into a clean stop of the training and extraction loops: they finish the
+step or batch in hand, commit it and exit with `STOPPED_EXIT` (`INTERRUPTED_EXIT` after
+Ctrl-C) (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
 
 STOPPABLE_MODES = ('train', 'extract')  # the modes whose loops stop cleanly on SIGTERM
 STOPPED_EXIT = 128 + signal.SIGTERM  # a run stopped by SIGTERM, its work committed: exit 143
+INTERRUPTED_EXIT = 128 + signal.SIGINT  # the same stop asked for by Ctrl-C: exit 130
 
 
 def initialize(config) -> Settings | None:
@@ -139,34 +141,40 @@ def initialize(config) -> Settings | None:
 
 
 class Preemption:
-  """SIGTERM as a request to stop at the next step all processes reach, the loop's work up to
-  it committed. Inside the `with` block, call `reached()` once per step (every process at the
-  same steps): True at the step to stop after (`stopping` stays True); after the block,
-  `stop(what)`.
+  """SIGTERM, or a first Ctrl-C, as a request to stop at the next step all processes reach, the
+  loop's work up to it committed. Inside the `with` block, call `reached()` once per step (every
+  process at the same steps): True at the step to stop after (`stopping` stays True); after
+  the block, `stop(what)`.
 
   Several processes: JAX's preemption service (jax.distributed.initialize starts it; it takes
   SIGTERM) passes one process's notice to all and picks the first step every one of them has
-  still to reach (`multihost_utils.reached_preemption_sync_point`). One process: a handler notes
-  the signal, and the next step checked is the one.
+  still to reach (`multihost_utils.reached_preemption_sync_point`); a Ctrl-C is handed to it as
+  a SIGTERM of its own process. One process: handlers note the signals, and the next step
+  checked is the one. A second Ctrl-C raises KeyboardInterrupt at once, as Python does (a
+  SIGINT that Python's handler does not take, e.g. ignored in a background job, is left alone).
 
-  `children=True` (the loop spawns Grain workers): the block's thread also blocks SIGTERM, as
-  Python does for its resource tracker (bpo-33613): the threads it starts and the processes they
-  spawn inherit the block, through exec, so a worker is safe from a SIGTERM sent to the whole
-  process group (Slurm, a VM's shutdown) from its first instruction, before its own handling
-  (`loader.make_loader(workers_ignore_sigterm=True)`) takes over. The resource tracker is
-  started first: starting it unblocks the signal in the thread that does. Threads started
-  before the block still take the signal for the process; one left pending is noted too.
+  `children=True` (the loop spawns Grain workers): the block's thread also blocks SIGTERM and
+  SIGINT, as Python does for its resource tracker (bpo-33613): the threads it starts and the
+  processes they spawn inherit the block, through exec, so a worker is safe from a signal sent
+  to the whole process group (Slurm, a VM's shutdown, Ctrl-C in a terminal) from its first
+  instruction, before its own handling (`loader.make_loader(workers_ignore_signals=True)`)
+  takes over. The resource tracker is started first: starting it unblocks the signals in the
+  thread that does. Threads started before the block still take the signals for the process;
+  one left pending is noted too. A first Ctrl-C unblocks SIGINT again, so that a second one
+  reaches this thread as it would without the block.
 
-  Leaving the block gives SIGTERM back its former action, and a signal that came after the last
-  check (noted here, or recorded by JAX's service for any process) ends the process then, as if
-  no handler had been there; not while an exception leaves the block, which ends the run with
-  its own message."""
+  Leaving the block gives the signals back their former actions, and one that came after the
+  last check (noted here, or recorded by JAX's service for any process) has that action then,
+  as if no handler had been there (a Ctrl-C of one of several processes ends it at once, as
+  SIGTERM does); not while an exception leaves the block, which ends the run with its own
+  message."""
 
   def __init__(self, children: bool = False):
     self._children = children
-    self._noted = self.stopping = False
+    self._noted = self._interrupted = self.stopping = False
     self._steps = 0  # reached() calls: the same count on every process
-    self._installed, self._previous = False, None  # (one process) the handler this replaced
+    self._installed, self._previous = False, None  # (one process) the SIGTERM handler replaced
+    self._interrupt_installed = False
     self._mask = None  # the thread's signal mask before the block (children=True)
 
   def __enter__(self):
@@ -177,30 +185,50 @@ class Preemption:
     if not self._multi:
       self._previous = signal.signal(signal.SIGTERM, self._note)
       self._installed = True
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+      signal.signal(signal.SIGINT, self._interrupt)
+      self._interrupt_installed = True
     if self._children:
       from multiprocessing import resource_tracker
       resource_tracker.ensure_running()
-      self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+      self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     return self
 
   def _note(self, signum, frame):
     self._noted = True
 
+  def _interrupt(self, signum, frame):
+    """The first Ctrl-C: a stop request (to JAX's service as a SIGTERM with several processes);
+    the next one is Python's KeyboardInterrupt."""
+    self._interrupted = True
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    self._interrupt_installed = False
+    if self._mask is not None:
+      signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if self._multi:
+      os.kill(os.getpid(), signal.SIGTERM)
+    print('\n[jkd] Ctrl-C: stopping after the step in hand, once it is committed; Ctrl-C again '
+          'stops at once, losing it', file=sys.stderr, flush=True)
+
   def reached(self) -> bool:
     self._steps += 1
+    if self._children and self._interrupt_installed and signal.SIGINT in signal.sigpending():
+      signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # runs _interrupt now
     if self._multi:
       from jax.experimental import multihost_utils
       self.stopping = multihost_utils.reached_preemption_sync_point(self._steps)
     else:
       self._noted = self._noted or signal.SIGTERM in signal.sigpending()
-      self.stopping = self._noted
+      self.stopping = self._noted or self._interrupted
     return self.stopping
 
   def __exit__(self, exc_type, exc, tb):
     if threading.current_thread() is not threading.main_thread():
       return
-    if self._mask is not None:  # a pending SIGTERM arrives now, at this handler or JAX's
+    if self._mask is not None:  # a pending signal arrives now, at these handlers or JAX's
       signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+    if self._interrupt_installed:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
     if self._installed:  # (None: a handler not set from Python; the default then)
       signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
       late = self._noted
@@ -209,14 +237,22 @@ class Preemption:
       late = _preemption_notice()
     else:
       return
-    if late and not self.stopping and exc_type is None:
-      os.kill(os.getpid(), signal.SIGTERM)
+    if (late or self._interrupted) and not self.stopping and exc_type is None:
+      if not self._interrupted:
+        os.kill(os.getpid(), signal.SIGTERM)
+      elif not self._multi:  # Ctrl-C's own action
+        raise KeyboardInterrupt
+      else:  # its action without Python's teardown, which would wait for the peers it ends
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
 
   def stop(self, what: str):
-    """After the block, when `reached` chose a step: says so and exits STOPPED_EXIT."""
-    print(f'[jkd] SIGTERM: stopped {what}; run the same command again to resume',
+    """After the block, when `reached` chose a step: says so and exits STOPPED_EXIT (or
+    INTERRUPTED_EXIT when this process's Ctrl-C asked for the stop)."""
+    name = 'Ctrl-C' if self._interrupted else 'SIGTERM'
+    print(f'[jkd] {name}: stopped {what}; run the same command again to resume',
           file=sys.stderr, flush=True)
-    raise SystemExit(STOPPED_EXIT)
+    raise SystemExit(INTERRUPTED_EXIT if self._interrupted else STOPPED_EXIT)
 
 
 def _preemption_notice() -> bool:

@@ -19,8 +19,8 @@ shifted logits. How jkd gets there, and what it fixes:
   padding is bounded and the number of compiled shapes is logarithmic in the sequence length.
 - Each batch is one atomic store block; a restarted run skips the indices the store already
   committed (read from its manifest, never from the data), so a crash or kill resumes with no
-  duplicate and no gap. SIGTERM stops the run after the batch in hand is committed, exit 143
-  (jkd.distributed.Preemption).
+  duplicate and no gap. SIGTERM (or a first Ctrl-C) stops the run after the batch in hand is
+  committed, exit 143 (130) (jkd.distributed.Preemption).
 """
 
 from __future__ import annotations
@@ -216,8 +216,8 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
   """Extracts the examples of one split that the store lacks; returns how many were written.
   `profiler` steps once per batch, its count running on over splits; `source` names where
   `examples` came from, for the error when the store's blocks were made from other data. With
-  `preemption`, a SIGTERM ends the split after a committed batch (`preemption.stopping`), the
-  split left unfinished for a rerun to complete."""
+  `preemption`, a SIGTERM or Ctrl-C ends the split after a committed batch
+  (`preemption.stopping`), the split left unfinished for a rerun to complete."""
   from jkd.data import logit_store
   last = len(examples) - 1 if s.end_idx < 0 else min(s.end_idx, len(examples) - 1)
   meta = logit_store.StoreMeta(k=s.top_k, vocab_size=cfg.vocab_size, values_dtype=s.values_dtype,

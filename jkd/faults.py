@@ -10,9 +10,9 @@ boolean test.
   after it is traced; only points called NAME when given) sends SIGKILL to the process, at once
   or SECONDS later from a timer thread, so the kill lands inside whatever runs next (an
   asynchronous checkpoint write, a block of store writes).
-- `JKD_FAULT_SIGNAL=TERM`: that point sends SIGTERM instead, to the process's whole group, as
-  Slurm and a VM's shutdown do (the process must lead its group: the suite starts it in a
-  session of its own).
+- `JKD_FAULT_SIGNAL=TERM` or `INT`: that point sends SIGTERM or SIGINT instead, to the
+  process's whole group, as Slurm and a VM's shutdown, or Ctrl-C in a terminal, do (the
+  process must lead its group: the suite starts it in a session of its own).
 
 The suite runs a job once with a trace to count its points, then kills it at seeded random
 points of that count, restarting it after each kill, and compares what the interrupted job
@@ -40,10 +40,11 @@ def _kill_plan(spec: str) -> tuple[str, int, float]:
 
 _TRACE = os.environ.get('JKD_FAULT_TRACE', '')
 _ONLY, _KILL_AT, _DELAY = _kill_plan(os.environ.get('JKD_FAULT_KILL', ''))
-_SIGNAL = {'': signal.SIGKILL, 'KILL': signal.SIGKILL, 'TERM': signal.SIGTERM}.get(
-    os.environ.get('JKD_FAULT_SIGNAL', ''))
+_SIGNAL = {'': signal.SIGKILL, 'KILL': signal.SIGKILL, 'TERM': signal.SIGTERM,
+           'INT': signal.SIGINT}.get(os.environ.get('JKD_FAULT_SIGNAL', ''))
 if _SIGNAL is None:
-  raise ValueError(f'JKD_FAULT_SIGNAL={os.environ["JKD_FAULT_SIGNAL"]!r}: expected KILL or TERM')
+  raise ValueError(f'JKD_FAULT_SIGNAL={os.environ["JKD_FAULT_SIGNAL"]!r}: expected KILL, TERM '
+                   'or INT')
 _ON = bool(_TRACE or _KILL_AT)
 _passed = 0
 
@@ -64,10 +65,10 @@ def point(name: str) -> None:
   _passed += 1
   if _passed == _KILL_AT:
     send = os.kill
-    if _SIGNAL == signal.SIGTERM:
+    if _SIGNAL != signal.SIGKILL:
       if os.getpgrp() != os.getpid():
-        raise RuntimeError('JKD_FAULT_SIGNAL=TERM: this process does not lead its process group '
-                           '(start it with start_new_session=True)')
+        raise RuntimeError(f'JKD_FAULT_SIGNAL={_SIGNAL.name[3:]}: this process does not lead its '
+                           'process group (start it with start_new_session=True)')
       send = os.killpg
     if _DELAY > 0:
       threading.Timer(_DELAY, send, (os.getpid(), _SIGNAL)).start()

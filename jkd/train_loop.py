@@ -12,8 +12,8 @@ stops with the step in the message when a loss or gradient norm is not finite. M
 TensorBoard event files under `<workdir>/tensorboard`, to `<workdir>/metrics.jsonl` (one JSON
 object per step, one more per validation) and to a progress bar; W&B too when
 `train.wandb_project` is set. The teacher never enters a checkpoint. `config.profile` traces a
-window of steps (jkd/profiling.py). SIGTERM stops the run after a step it saves, exit 143
-(jkd.distributed.Preemption).
+window of steps (jkd/profiling.py). SIGTERM (or a first Ctrl-C) stops the run after a step it
+saves, exit 143 (130) (jkd.distributed.Preemption).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def _loader(tc, ls, split: str, *, shuffle: bool, num_epochs, pad_id: int, seed:
       tc.store, split, batch_size=per_process, seed=seed, shuffle=shuffle,
       num_epochs=num_epochs, top_k=tc.top_k, pack=ls.pack, max_seq_length=ls.max_seq_length,
       pad_id=pad_id, worker_count=ls.worker_count, drop_remainder=True,
-      pad_to_max=ls.pad_to_max_length, source=sources.get(split), workers_ignore_sigterm=True)
+      pad_to_max=ls.pad_to_max_length, source=sources.get(split), workers_ignore_signals=True)
 
 
 RUN_FILE = 'run.json'  # in the workdir: the settings its checkpoints can only be resumed with
@@ -212,7 +212,7 @@ def _validate(eval_fn, state, tc, ls, pad_id, shardings, sources, extra) -> dict
       metrics = eval_fn(state.params, _global(batch, shardings), *extra)
       total = evaluate.add_pairs(total, jax.device_get(metrics))
   finally:
-    it.close()  # its workers ignore SIGTERM (_loader): they stop here
+    it.close()  # its workers ignore SIGTERM and SIGINT (_loader): they stop here
   if total is None:  # e.g. packed rows fewer than one batch: nothing to log would be a silent gap
     raise ValueError(f'validation: the split gives no full batch of train.global_batch_size='
                      f'{tc.global_batch_size} rows; use more validation examples or set '
@@ -399,7 +399,8 @@ def run(config) -> dict[str, float]:
   profiler = profiling.Profiler(profiling.settings(config))
   bar = tqdm(total=last_step, initial=start, desc='train', unit='step',
              disable=jax.process_index() != 0)
-  # SIGTERM: stop after a step, saved; the workers of the loaders made inside leave it to it
+  # SIGTERM, Ctrl-C: stop after a step, saved; the workers of the loaders made inside leave
+  # the signals to it
   with distributed.Preemption(children=ls.worker_count > 0) as preemption:
     try:
       for step in range(start + 1, last_step + 1):
@@ -412,7 +413,7 @@ def run(config) -> dict[str, float]:
         pending = (step, metrics, t0, tokens)
         bar.update(1)
         faults.point('train.step')
-        stop = preemption.reached()  # SIGTERM: this step is validated if due, then saved
+        stop = preemption.reached()  # a stop: this step is validated if due, then saved
         boundary = step == last_step
         if step % tc.val_check_interval == 0 or boundary:
           settle()
@@ -435,7 +436,7 @@ def run(config) -> dict[str, float]:
       bar.close()
       mngr.wait_until_finished()
       mngr.close()
-      train_it.close()  # stops its workers, which leave SIGTERM to this loop
+      train_it.close()  # stops its workers, which leave SIGTERM and SIGINT to this loop
       metrics_out.close()
   if preemption.stopping:  # after `step`, its checkpoint saved
     preemption.stop(f'training after step {step} (its checkpoint is saved in '

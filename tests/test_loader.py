@@ -197,16 +197,18 @@ def test_two_workers(store, pack):
       np.testing.assert_array_equal(a[f], b[f])
 
 
-_GROUP_SIGTERM = '''
+_GROUP_SIGNALS = '''
 import multiprocessing, os, signal, sys
 from jkd.data import loader
-signal.signal(signal.SIGTERM, lambda *_: None)  # this process handles it, as the training loop
+for sig in signal.SIGTERM, signal.SIGINT:  # this process handles them, as the training loop
+  signal.signal(sig, lambda *_: None)
 it = loader.make_loader(sys.argv[1], 'train', batch_size=4, seed=0, max_seq_length=48, pad_id=1,
                         shard_index=0, shard_count=1, num_epochs=None, worker_count=2,
-                        workers_ignore_sigterm=sys.argv[2] == '1')
+                        workers_ignore_signals=sys.argv[2] == '1')
 for _ in range(8):  # both workers have started and delivered
   next(it)
-os.killpg(0, signal.SIGTERM)  # the whole group, as Slurm and a VM's shutdown send it
+os.killpg(0, signal.SIGINT)  # the whole group, as Ctrl-C in a terminal sends it
+os.killpg(0, signal.SIGTERM)  # and as Slurm and a VM's shutdown send this one
 for _ in range(40):
   next(it)
 print('40 more batches', *[p.pid for p in multiprocessing.active_children()], flush=True)
@@ -215,11 +217,12 @@ os.kill(os.getpid(), signal.SIGKILL)  # no close(): the workers must notice they
 
 
 @pytest.mark.parametrize('ignore', [True, False])
-def test_workers_ignoring_sigterm_outlive_a_signal_to_the_process_group(store, ignore):
-  """What lets the training loop keep reading after SIGTERM reaches every process of the job
-  (the step it stops at may be several batches on: the sync step of several processes); such
-  workers still end once their parent is killed (SIGKILL), which Grain's do not watch for."""
-  proc = subprocess.run([sys.executable, '-c', _GROUP_SIGTERM, store[0], str(int(ignore))],
+def test_workers_ignoring_signals_outlive_signals_to_the_process_group(store, ignore):
+  """What lets the training loop keep reading after Ctrl-C or SIGTERM reaches every process of
+  the job (the step it stops at may be several batches on: the sync step of several
+  processes); such workers still end once their parent is killed (SIGKILL), which Grain's do
+  not watch for."""
+  proc = subprocess.run([sys.executable, '-c', _GROUP_SIGNALS, store[0], str(int(ignore))],
                         cwd=REPO, capture_output=True, text=True, timeout=300,
                         start_new_session=True)
   if ignore:

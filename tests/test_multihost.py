@@ -207,26 +207,28 @@ import jax
 from configs import base
 from jkd import distributed
 config = base.get_config()
-config.mode, when = sys.argv[1:]
+config.mode, when, sig, children = sys.argv[1:]
+SIG = signal.SIGINT if sig.startswith('INT') else signal.SIGTERM  # INT2: Ctrl-C twice
 distributed.initialize(config)
 last = jax.process_index() == jax.process_count() - 1
 if config.mode not in distributed.STOPPABLE_MODES:
   if last:
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), SIG)
     time.sleep(3)
     print('survived', flush=True)
   os._exit(0)  # (a peer that died would hold up jax.distributed.shutdown)
-with distributed.Preemption() as preemption:
+with distributed.Preemption(children=children == '1') as preemption:
   for step in range(1, 1000 if when == 'in' else 6):
     time.sleep(0.02)
     if when == 'in' and step == 3 and last:
-      os.kill(os.getpid(), signal.SIGTERM)
+      for _ in range(2 if sig == 'INT2' else 1):
+        os.kill(os.getpid(), SIG)
     if preemption.reached():
       break
   print('stopped after step', step, flush=True)
   if when == 'late':  # after the last check
     if last:
-      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), SIG)
     time.sleep(1.5)  # the notice reaches the coordination service
 if preemption.stopping:
   preemption.stop('the loop')
@@ -234,10 +236,13 @@ print('survived', flush=True)
 '''
 
 
-def _stop_loop(mode: str, n: int, when: str = 'in'):
+def _stop_loop(mode: str, n: int, when: str = 'in', sig: str = 'TERM', children: bool = False):
+  """[((stdout, stderr), returncode)] of n processes running _STOP_LOOP; the last one sends
+  itself `sig` at step 3 (`when='in'`) or after the loop's last check (`'late'`)."""
   address, procs = f'127.0.0.1:{_free_port()}', []
   for i in range(n):
-    procs.append(subprocess.Popen([sys.executable, '-c', _STOP_LOOP, mode, when], cwd=tt.REPO,
+    procs.append(subprocess.Popen([sys.executable, '-c', _STOP_LOOP, mode, when, sig,
+                                   str(int(children))], cwd=tt.REPO,
                                   env=_process_env(i, n, address), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
   try:
@@ -248,28 +253,44 @@ def _stop_loop(mode: str, n: int, when: str = 'in'):
         p.kill()
 
 
-@pytest.mark.parametrize('n', [1, 2])
-def test_sigterm_stops_every_process_after_the_same_step(n):
-  """The last process sends itself SIGTERM at step 3: one process stops after the first step
-  checked once the handler has run (3, or later on a busy machine: the signal is taken by
-  another thread); two agree, through JAX's preemption service, on a later step both still had
-  to reach, and both exit 143."""
-  results = _stop_loop('train', n)
+@pytest.mark.parametrize('n,sig,children', [(1, 'TERM', False), (2, 'TERM', False),
+                                             (1, 'INT', False), (1, 'INT', True),
+                                             (2, 'INT', False)])
+def test_a_signal_stops_every_process_after_the_same_step(n, sig, children):
+  """The last process sends itself SIGTERM, or SIGINT (Ctrl-C), at step 3: one process stops
+  after the first step checked once the handler has run (3, or later on a busy machine: the
+  signal is taken by another thread); two agree, through JAX's preemption service (a Ctrl-C
+  reaches it as a SIGTERM), on a later step both still had to reach. A SIGTERM's processes
+  exit 143; a Ctrl-C's own process 130 (with `children`, its thread blocked the signal)."""
+  results = _stop_loop('train', n, sig=sig, children=children)
   steps = set()
-  for (out, err), rc in results:
-    assert rc == distributed.STOPPED_EXIT, (rc, out, err[-2000:])
-    assert 'SIGTERM: stopped the loop; run the same command again' in err
+  for i, ((out, err), rc) in enumerate(results):
+    interrupted = sig == 'INT' and i == n - 1
+    assert rc == (distributed.INTERRUPTED_EXIT if interrupted else distributed.STOPPED_EXIT), (
+        rc, out, err[-2000:])
+    name = 'Ctrl-C' if interrupted else 'SIGTERM'
+    assert f'{name}: stopped the loop; run the same command again' in err, err[-2000:]
+    assert ('Ctrl-C again stops at once' in err) == interrupted
     steps.add(int(out.split('stopped after step ')[1].split()[0]))
   assert len(steps) == 1, steps
   assert min(steps) >= 3 if n == 1 else min(steps) > 3
 
 
-@pytest.mark.parametrize('n', [1, 2])
-def test_sigterm_after_the_last_check_ends_every_process_on_leaving_the_loop(n):
+def test_a_second_ctrl_c_interrupts_at_once():
+  """As Python's own Ctrl-C: KeyboardInterrupt where the loop is, nothing more run."""
+  [((out, err), rc)] = _stop_loop('train', 1, sig='INT2')
+  assert rc == -signal.SIGINT and 'KeyboardInterrupt' in err, (rc, out, err[-2000:])
+  assert 'stopped after step' not in out
+
+
+@pytest.mark.parametrize('n,sig', [(1, 'TERM'), (2, 'TERM'), (1, 'INT'), (2, 'INT')])
+def test_a_signal_after_the_last_check_ends_every_process_on_leaving_the_loop(n, sig):
   """After the loop's last step the signal is no stop request any more: leaving the loop ends
-  the process as SIGTERM does, every process of several too (JAX's service had recorded it)."""
-  for (out, err), rc in _stop_loop('train', n, when='late'):
-    assert rc == -signal.SIGTERM, (rc, out, err[-2000:])
+  the process as the signal does (SIGTERM; KeyboardInterrupt for Ctrl-C), every process of
+  several too (JAX's service had recorded it: the others die of SIGTERM)."""
+  for i, ((out, err), rc) in enumerate(_stop_loop('train', n, when='late', sig=sig)):
+    assert rc == (-signal.SIGINT if sig == 'INT' and i == n - 1 else -signal.SIGTERM), (
+        rc, out, err[-2000:])
     assert 'stopped after step 5' in out and 'survived' not in out
 
 
@@ -286,3 +307,17 @@ def test_sigterm_after_the_last_check_ends_the_process_on_leaving_the_block():
   proc = subprocess.run([sys.executable, '-c', snippet], cwd=tt.REPO, capture_output=True,
                         text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert proc.returncode == -signal.SIGTERM and 'survived' not in proc.stdout, proc.stderr
+
+
+def test_an_ignored_sigint_stays_ignored():
+  """A background job's SIGINT (ignored from the start) is no stop request; the loop's block
+  leaves it as it found it."""
+  snippet = ('import os, signal\nfrom jkd import distributed\n'
+             'signal.signal(signal.SIGINT, signal.SIG_IGN)\n'
+             'with distributed.Preemption() as p:\n  os.kill(os.getpid(), signal.SIGINT)\n'
+             '  print("stopping", p.reached())\n'
+             'print("after", signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n')
+  proc = subprocess.run([sys.executable, '-c', snippet], cwd=tt.REPO, capture_output=True,
+                        text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0 and proc.stdout.split() == ['stopping', 'False', 'after', 'True'], (
+      proc.stdout, proc.stderr[-2000:])

@@ -172,11 +172,12 @@ class _PackedBatch:
     return out
 
 
-def _ignore_sigterm(worker_index: int, worker_count: int) -> None:
-  """A worker's init (workers_ignore_sigterm): SIGTERM ignored, and the worker ends itself once
-  its parent is gone, as it would no longer end of a SIGTERM to the group after a SIGKILL of the
-  parent (Grain's workers do not watch the parent)."""
+def _ignore_signals(worker_index: int, worker_count: int) -> None:
+  """A worker's init (workers_ignore_signals): SIGTERM and SIGINT ignored, and the worker ends
+  itself once its parent is gone, as it would no longer end of a signal to the group after a
+  SIGKILL of the parent (Grain's workers do not watch the parent)."""
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   parent = os.getppid()
 
   def watch():
@@ -192,7 +193,7 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
                 shard_index: int | None = None, shard_count: int | None = None,
                 drop_remainder: bool = False, pad_to_max: bool = False, read_threads: int = 4,
                 validate: bool = True, source=None,
-                workers_ignore_sigterm: bool = False) -> grain.DatasetIterator:
+                workers_ignore_signals: bool = False) -> grain.DatasetIterator:
   """A checkpointable iterator of KD batches (see the module docstring for their layout).
 
   Shards by JAX process by default: the stream (shuffled per epoch with `seed`: a different
@@ -203,10 +204,10 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
   several examples per row first-fit, `batch_size` rows per batch. `worker_count` > 0 reads in
   that many spawned processes (packing stays in this one, so the rows are the same for any
   worker count). The iterator's `get_state()` / `set_state()` resume exactly (same
-  worker_count). `workers_ignore_sigterm`: the workers ignore a SIGTERM sent to the whole
-  process group (Slurm, a VM's shutdown), leaving it to the training loop (jkd.distributed.
-  Preemption), which must then `close()` the iterator: that stops them (they also end
-  themselves once the parent is gone).
+  worker_count). `workers_ignore_signals`: the workers ignore a SIGTERM or SIGINT sent to the
+  whole process group (Slurm, a VM's shutdown, Ctrl-C in a terminal), leaving it to the
+  training loop (jkd.distributed.Preemption), which must then `close()` the iterator: that
+  stops them (they also end themselves once the parent is gone).
   `source` replaces the store split (e.g. an `ExamplesSource` for online distillation; its
   batches carry only its fields plus segment_ids and positions).
   """
@@ -252,7 +253,7 @@ def make_loader(root: str, split: str, *, batch_size: int, seed: int, shuffle: b
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count),
-                        worker_init_fn=_ignore_sigterm if workers_ignore_sigterm else None)
+                        worker_init_fn=_ignore_signals if workers_ignore_signals else None)
   if pack:  # in this process, so the rows do not depend on worker_count
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={f: max_seq_length for f in fields}, num_packing_bins=batch_size,

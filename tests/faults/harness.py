@@ -36,10 +36,11 @@ def _run(argv, environ, timeout=600, **kw):
                         timeout=timeout, **kw)
 
 
-def sigterm_at(argv, environ, point: str, n: int):
-  """Runs `argv` in a session of its own, its process group sent SIGTERM at the n-th fault
-  point called `point` (as Slurm or a VM's shutdown sends it to every process of the job)."""
-  return _run(argv, {**environ, 'JKD_FAULT_KILL': f'{point}@{n}', 'JKD_FAULT_SIGNAL': 'TERM'},
+def signal_at(argv, environ, point: str, n: int, sig: str = 'TERM'):
+  """Runs `argv` in a session of its own, its process group sent SIGTERM (as Slurm or a VM's
+  shutdown sends it to every process of the job) or SIGINT (`sig='INT'`: Ctrl-C in a
+  terminal) at the n-th fault point called `point`."""
+  return _run(argv, {**environ, 'JKD_FAULT_KILL': f'{point}@{n}', 'JKD_FAULT_SIGNAL': sig},
               start_new_session=True)
 
 

@@ -1,7 +1,7 @@
 """SIGKILL during extraction, at 10 seeded random fault points (a block half-written, written
 but not renamed, renamed but not in the manifest, a manifest not yet replaced, between batches):
-after the restarts the logit store is byte-identical to an uninterrupted run's. SIGTERM stops
-it after a committed batch, and the rerun completes the same store."""
+after the restarts the logit store is byte-identical to an uninterrupted run's. Ctrl-C and
+SIGTERM stop it after a committed batch, and the reruns complete the same store."""
 
 import collections
 import re
@@ -29,15 +29,21 @@ def test_store_after_ten_kills_is_byte_identical_to_an_uninterrupted_run(tmp_pat
   assert [p for p in whole if whole[p] != cut[p]] == []
   print(f'{len(points)} fault points; killed at', [(k.position, k.point) for k in kills])
 
-  # SIGTERM as the 3rd train batch starts: that batch is committed, then the run stops.
-  proc = harness.sigterm_at(argv(tmp_path / 'term'), environ, 'extract.batch', 3)
-  assert proc.returncode == distributed.STOPPED_EXIT, proc.stderr[-3000:]
-  done = re.search(r'SIGTERM: stopped extracting train after (\d+) new examples', proc.stderr)
-  assert done and 0 < int(done[1]) < 48, proc.stderr[-3000:]
-  assert '[extract] train' not in proc.stdout  # the split is not finished
+  # Ctrl-C (SIGINT to the group) as the 3rd train batch starts, then SIGTERM as the rerun's 2nd
+  # does: each time the batch in hand is committed, then the run stops; a third run finishes.
+  done = 0
+  for sig, name, n, code in (('INT', 'Ctrl-C', 3, distributed.INTERRUPTED_EXIT),
+                             ('TERM', 'SIGTERM', 2, distributed.STOPPED_EXIT)):
+    proc = harness.signal_at(argv(tmp_path / 'term'), environ, 'extract.batch', n, sig)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    new = re.search(rf'{name}: stopped extracting train after (\d+) new examples', proc.stderr)
+    assert new and int(new[1]) > 0, proc.stderr[-3000:]
+    assert '[extract] train' not in proc.stdout  # the split is not finished
+    done += int(new[1])
+  assert done < 48
   proc = harness._run(argv(tmp_path / 'term'), environ)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f'[extract] train: {48 - int(done[1])} new examples' in proc.stdout, proc.stdout
+  assert f'[extract] train: {48 - done} new examples' in proc.stdout, proc.stdout
   term = harness.tree_bytes(tmp_path / 'term')
   assert sorted(term) == sorted(whole)
   assert [p for p in whole if whole[p] != term[p]] == []

@@ -2,8 +2,8 @@
 while an asynchronous checkpoint is being written), and at seeded random moments 0-0.3 s into 6
 of the 12 checkpoint saves. After the restarts, metrics.jsonl logs every step once with the
 uninterrupted run's values, bit for bit, and the final params are identical. SIGTERM to the
-process group stops the run after a step it saves, and the rerun ends as the uninterrupted run
-does."""
+process group, and Ctrl-C, stop the run after a step it saves, and the rerun ends as the
+uninterrupted run does."""
 
 import collections
 import json
@@ -81,23 +81,28 @@ def test_kills_inside_checkpoint_saves_lose_nothing(run, tmp_path):
   print(f'{saves} saves; killed at saves', [k.position for k in kills], unfinished)
 
 
-def test_sigterm_to_the_process_group_stops_after_a_saved_step(run, tmp_path):
-  """SIGTERM to every process of the job (Slurm's time limit, a Spot VM's shutdown), a Grain
-  worker included, as step 7 ends, in a run that saves every 2 steps: the run stops after the
-  first step checked once the handler ran (7, or a later one on a busy machine), saves it, and
-  exits 143 with a line saying so; the rerun resumes there and ends as the uninterrupted run
-  (no workers: the same batches) does, bit for bit."""
+def test_ctrl_c_and_sigterm_to_the_process_group_stop_after_a_saved_step(run, tmp_path):
+  """Ctrl-C (SIGINT to the terminal's process group), then SIGTERM to every process of the job
+  (Slurm's time limit, a Spot VM's shutdown), a Grain worker included each time: as step 5
+  ends, then as the rerun's 3rd step does, in a run that saves every 2 steps. Each run stops
+  after the first step checked once the handler ran (that one, or a later one on a busy
+  machine), saves it, and exits 130 or 143 with a line saying so; the last rerun resumes there
+  and ends as the uninterrupted run (no workers: the same batches) does, bit for bit."""
   store, environ, whole, _ = run
   cut = tmp_path / 'cut'
   argv = tl._train_cli(store, cut, *ARGS, '--config.train.worker_count=1')
-  proc = harness.sigterm_at(argv, environ, 'train.step', 7)
-  assert proc.returncode == distributed.STOPPED_EXIT, proc.stderr[-3000:]
-  stopped = re.search(r'SIGTERM: stopped training after step (\d+) \(its checkpoint is saved in '
-                      + re.escape(str(cut)), proc.stderr)
-  assert stopped and 7 <= int(stopped[1]) < 24, proc.stderr[-3000:]
-  step = int(stopped[1])
-  assert max(int(d) for d in os.listdir(cut / 'checkpoints')) == step
-  assert [r['step'] for r in _rows(cut)][-1] == step
+  step = 0
+  for sig, name, n, code in (('INT', 'Ctrl-C', 5, distributed.INTERRUPTED_EXIT),
+                             ('TERM', 'SIGTERM', 3, distributed.STOPPED_EXIT)):
+    proc = harness.signal_at(argv, environ, 'train.step', n, sig)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    stopped = re.search(rf'{name}: stopped training after step (\d+) \(its checkpoint is saved '
+                        rf'in {re.escape(str(cut))}', proc.stderr)
+    assert stopped and step + n <= int(stopped[1]) < 24, proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]  # no worker died of it
+    step = int(stopped[1])
+    assert max(int(d) for d in os.listdir(cut / 'checkpoints')) == step
+    assert [r['step'] for r in _rows(cut)][-1] == step
   proc = harness._run(argv, environ)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'checkpoints at step {step}' in proc.stdout, proc.stdout[-2000:]
