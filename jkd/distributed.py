@@ -8,8 +8,8 @@ means one process, and nothing is initialized. docs/multihost.md has the whole s
 
 `Preemption` turns SIGTERM (a Spot VM's preemption, Slurm's warning before a time limit, `kill`)
 and a first Ctrl-C into a clean stop of the training and extraction loops: they finish the
-step or batch in hand, commit it and exit with `STOPPED_EXIT` (`INTERRUPTED_EXIT` after
-Ctrl-C) (docs/reliability.md).
+step or batch in hand, commit it and exit with `STOPPED_EXIT` (after Ctrl-C, as Python ends on
+Ctrl-C: KeyboardInterrupt) (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
 
 STOPPABLE_MODES = ('train', 'extract')  # the modes whose loops stop cleanly on SIGTERM
 STOPPED_EXIT = 128 + signal.SIGTERM  # a run stopped by SIGTERM, its work committed: exit 143
-INTERRUPTED_EXIT = 128 + signal.SIGINT  # the same stop asked for by Ctrl-C: exit 130
+STOPPED = 'stopped cleanly'  # KeyboardInterrupt's message when a Ctrl-C's stop is complete
 
 
 def initialize(config) -> Settings | None:
@@ -247,12 +247,15 @@ class Preemption:
         os.kill(os.getpid(), signal.SIGINT)
 
   def stop(self, what: str):
-    """After the block, when `reached` chose a step: says so and exits STOPPED_EXIT (or
-    INTERRUPTED_EXIT when this process's Ctrl-C asked for the stop)."""
+    """After the block, when `reached` chose a step: says so and exits STOPPED_EXIT, or, when
+    this process's Ctrl-C asked for the stop, raises KeyboardInterrupt(STOPPED): Python then
+    ends the process as on any Ctrl-C, by SIGINT, so that a calling shell script stops too."""
     name = 'Ctrl-C' if self._interrupted else 'SIGTERM'
     print(f'[jkd] {name}: stopped {what}; run the same command again to resume',
           file=sys.stderr, flush=True)
-    raise SystemExit(INTERRUPTED_EXIT if self._interrupted else STOPPED_EXIT)
+    if self._interrupted:
+      raise KeyboardInterrupt(STOPPED)
+    raise SystemExit(STOPPED_EXIT)
 
 
 def _preemption_notice() -> bool:

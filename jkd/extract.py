@@ -20,7 +20,7 @@ shifted logits. How jkd gets there, and what it fixes:
 - Each batch is one atomic store block; a restarted run skips the indices the store already
   committed (read from its manifest, never from the data), so a crash or kill resumes with no
   duplicate and no gap. SIGTERM (or a first Ctrl-C) stops the run after the batch in hand is
-  committed, exit 143 (130) (jkd.distributed.Preemption).
+  committed, exit 143 (Ctrl-C: KeyboardInterrupt) (jkd.distributed.Preemption).
 """
 
 from __future__ import annotations

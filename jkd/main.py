@@ -3,7 +3,8 @@
 Parses flags, joins the other processes of a multi-process run (jkd.distributed, before the
 backend starts), logs the process and its devices, validates the config and dispatches on
 `config.mode`. Expected errors (bad config, bad input files) end with one line naming the
-key or file and a non-zero exit; set JKD_TRACEBACK=1 to see the full traceback instead.
+key or file and a non-zero exit; set JKD_TRACEBACK=1 to see the full traceback instead. So
+does Ctrl-C (after a clean stop of training or extraction, its line says where it stopped).
 """
 
 import importlib
@@ -113,5 +114,15 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
+def _excepthook(kind, value, tb):
+  """Ctrl-C (KeyboardInterrupt) ends the CLI with one line instead of a traceback; Python then
+  ends the process by SIGINT, as on any Ctrl-C, so that a calling shell script stops too."""
+  if not issubclass(kind, KeyboardInterrupt) or os.environ.get('JKD_TRACEBACK'):
+    sys.__excepthook__(kind, value, tb)
+  elif value.args != (distributed.STOPPED,):  # a clean stop has said where it stopped
+    print('jkd: interrupted (Ctrl-C)', file=sys.stderr)
+
+
 if __name__ == '__main__':
+  sys.excepthook = _excepthook
   app.run(main, flags_parser=_parse_flags)

@@ -13,7 +13,7 @@ TensorBoard event files under `<workdir>/tensorboard`, to `<workdir>/metrics.jso
 object per step, one more per validation) and to a progress bar; W&B too when
 `train.wandb_project` is set. The teacher never enters a checkpoint. `config.profile` traces a
 window of steps (jkd/profiling.py). SIGTERM (or a first Ctrl-C) stops the run after a step it
-saves, exit 143 (130) (jkd.distributed.Preemption).
+saves, exit 143 (Ctrl-C: KeyboardInterrupt) (jkd.distributed.Preemption).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The CLI: one-line errors with a non-zero exit (the pipeline itself: test_pipeline.py)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -62,3 +63,22 @@ def test_convert_of_missing_source_names_the_file(tmp_path):
   proc = _run('--config', 'configs/convert.py', f'--config.convert.source={tmp_path}/x.gguf',
               f'--config.convert.output={tmp_path}/out')
   assert proc.returncode == 2 and f'{tmp_path}/x.gguf: no such file' in proc.stderr
+
+
+@pytest.mark.parametrize('raised, stderr', [
+    ('KeyboardInterrupt', 'jkd: interrupted (Ctrl-C)\n'),
+    ('KeyboardInterrupt(distributed.STOPPED)', ''),  # the stop's own line was printed
+])
+def test_ctrl_c_ends_the_cli_by_sigint_without_a_traceback(raised, stderr):
+  """A calling shell script sees a death by SIGINT, as after any Python program's Ctrl-C, and
+  stops too; JKD_TRACEBACK=1 shows the traceback."""
+  snippet = ('import sys\nfrom jkd import distributed, main\nsys.excepthook = main._excepthook\n'
+             f'raise {raised}\n')
+  for debug in ('', '1'):
+    proc = subprocess.run([sys.executable, '-c', snippet], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, 'JKD_TRACEBACK': debug})
+    assert proc.returncode == -signal.SIGINT, proc.stderr[-2000:]
+    if debug:
+      assert proc.stderr.startswith('Traceback') and 'KeyboardInterrupt' in proc.stderr
+    else:
+      assert proc.stderr == stderr

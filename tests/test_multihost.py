@@ -261,15 +261,17 @@ def test_a_signal_stops_every_process_after_the_same_step(n, sig, children):
   after the first step checked once the handler has run (3, or later on a busy machine: the
   signal is taken by another thread); two agree, through JAX's preemption service (a Ctrl-C
   reaches it as a SIGTERM), on a later step both still had to reach. A SIGTERM's processes
-  exit 143; a Ctrl-C's own process 130 (with `children`, its thread blocked the signal)."""
+  exit 143; a Ctrl-C's own process ends by SIGINT, as Python ends on Ctrl-C (with `children`,
+  its thread blocked the signal)."""
   results = _stop_loop('train', n, sig=sig, children=children)
   steps = set()
   for i, ((out, err), rc) in enumerate(results):
     interrupted = sig == 'INT' and i == n - 1
-    assert rc == (distributed.INTERRUPTED_EXIT if interrupted else distributed.STOPPED_EXIT), (
+    assert rc == (-signal.SIGINT if interrupted else distributed.STOPPED_EXIT), (
         rc, out, err[-2000:])
     name = 'Ctrl-C' if interrupted else 'SIGTERM'
     assert f'{name}: stopped the loop; run the same command again' in err, err[-2000:]
+    assert (f'KeyboardInterrupt: {distributed.STOPPED}' in err) == interrupted
     assert ('Ctrl-C again stops at once' in err) == interrupted
     steps.add(int(out.split('stopped after step ')[1].split()[0]))
   assert len(steps) == 1, steps
