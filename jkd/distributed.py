@@ -164,10 +164,10 @@ class Preemption:
   reaches this thread as it would without the block.
 
   Leaving the block gives the signals back their former actions, and one that came after the
-  last check (noted here, or recorded by JAX's service for any process) has that action then,
-  as if no handler had been there (a Ctrl-C of one of several processes ends it at once, as
-  SIGTERM does); not while an exception leaves the block, which ends the run with its own
-  message."""
+  last check has that action then, as if no handler had been there (a Ctrl-C of one of several
+  processes ends it at once, as SIGTERM does); not while an exception leaves the block, which
+  ends the run with its own message. Several processes agree on it through one more sync point
+  (`_late_notice`), so that all of them end or none."""
 
   def __init__(self, children: bool = False):
     self._children = children
@@ -182,16 +182,20 @@ class Preemption:
     self._multi = jax.process_count() > 1
     if threading.current_thread() is not threading.main_thread():  # handlers need it
       return self
-    if not self._multi:
-      self._previous = signal.signal(signal.SIGTERM, self._note)
-      self._installed = True
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-      signal.signal(signal.SIGINT, self._interrupt)
-      self._interrupt_installed = True
-    if self._children:
-      from multiprocessing import resource_tracker
-      resource_tracker.ensure_running()
-      self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:  # the block first: a Ctrl-C in here then finds it set (and __exit__ undoes it)
+      if self._children:
+        from multiprocessing import resource_tracker
+        resource_tracker.ensure_running()
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+      if not self._multi:
+        self._previous = signal.signal(signal.SIGTERM, self._note)
+        self._installed = True
+      if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, self._interrupt)
+        self._interrupt_installed = True
+    except BaseException:
+      self.__exit__(*sys.exc_info())
+      raise
     return self
 
   def _note(self, signum, frame):
@@ -207,8 +211,8 @@ class Preemption:
       signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if self._multi:
       os.kill(os.getpid(), signal.SIGTERM)
-    print('\n[jkd] Ctrl-C: stopping after the step in hand, once it is committed; Ctrl-C again '
-          'stops at once, losing it', file=sys.stderr, flush=True)
+    _say(b'\n[jkd] Ctrl-C: stopping after the step in hand, once it is committed; Ctrl-C again '
+         b'stops at once, losing it')
 
   def reached(self) -> bool:
     self._steps += 1
@@ -229,22 +233,38 @@ class Preemption:
       signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
     if self._interrupt_installed:
       signal.signal(signal.SIGINT, signal.default_int_handler)
+    ending = exc_type is None and not self.stopping  # a signal now came after the last check
     if self._installed:  # (None: a handler not set from Python; the default then)
       signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
-      late = self._noted
+      late = ending and (self._noted or self._interrupted)
     elif self._multi:  # JAX's handler would go on swallowing it
       signal.signal(signal.SIGTERM, signal.SIG_DFL)
-      late = _preemption_notice()
+      late = ending and self._late_notice()
     else:
       return
-    if (late or self._interrupted) and not self.stopping and exc_type is None:
-      if not self._interrupted:
-        os.kill(os.getpid(), signal.SIGTERM)
-      elif not self._multi:  # Ctrl-C's own action
-        raise KeyboardInterrupt
-      else:  # its action without Python's teardown, which would wait for the peers it ends
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+    if not late:
+      if ending and self._interrupted:  # (several processes) the others had gone on
+        _say(b'[jkd] Ctrl-C: it came as the loop ended, too late to stop the other processes '
+             b'with this one; the run goes on (Ctrl-C again stops this one at once)')
+    elif not self._interrupted:
+      os.kill(os.getpid(), signal.SIGTERM)
+    elif not self._multi:  # Ctrl-C's own action
+      raise KeyboardInterrupt
+    else:  # its action without Python's teardown, which would wait for the peers it ends
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
+      os.kill(os.getpid(), signal.SIGINT)
+
+  def _late_notice(self) -> bool:
+    """(several processes) Whether a notice came after the loop's last check, the same answer
+    on every process: one more sync point, which JAX's service puts past every process's count
+    when some process had passed it as the notice came (then no process stops here). A Ctrl-C
+    of this process first waits a few seconds for its notice to be recorded."""
+    from jax.experimental import multihost_utils
+    deadline = time.monotonic() + 10
+    while self._interrupted and not _preemption_notice() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    self._steps += 1
+    return multihost_utils.reached_preemption_sync_point(self._steps)
 
   def stop(self, what: str):
     """After the block, when `reached` chose a step: says so and exits STOPPED_EXIT, or, when
@@ -256,6 +276,16 @@ class Preemption:
     if self._interrupted:
       raise KeyboardInterrupt(STOPPED)
     raise SystemExit(STOPPED_EXIT)
+
+
+def _say(line: bytes) -> None:
+  """A line straight to stderr's file, as a signal handler may write: the handler may have
+  interrupted a print to sys.stderr, and a pipe's reader may be gone (ended by the same
+  Ctrl-C)."""
+  try:
+    os.write(sys.stderr.fileno(), line + b'\n')
+  except (OSError, ValueError):
+    pass
 
 
 def _preemption_notice() -> bool:

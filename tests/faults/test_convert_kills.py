@@ -1,7 +1,9 @@
 """SIGKILL during `mode=convert` (a .nemo streamed into a model directory part by part) at
 seeded random points: after each kill the directory reads as incomplete (no model_config.json,
-which `model.load` requires), and after the restarts it equals an uninterrupted convert's."""
+which `model.load` requires), and after the restarts it equals an uninterrupted convert's. A
+Ctrl-C ends it at once, with one line."""
 
+import signal
 import sys
 
 import jax
@@ -37,3 +39,8 @@ def test_convert_after_kills_equals_an_uninterrupted_one(tmp_path):
     cfg, params = model.load(str(tmp_path / out))
     assert cfg == want_cfg
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params, want)))
+  # Ctrl-C keeps its usual effect here, at once; the CLI says so in one line, no traceback
+  proc = harness.signal_at(argv(tmp_path / 'int'), environ, 'model.part_saved', 2, 'INT')
+  assert proc.returncode == -signal.SIGINT, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == 'jkd: interrupted (Ctrl-C)', proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr and not (tmp_path / 'int' / model.CONFIG_FILE).exists()
