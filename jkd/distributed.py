@@ -271,8 +271,7 @@ class Preemption:
     this process's Ctrl-C asked for the stop, raises KeyboardInterrupt(STOPPED): Python then
     ends the process as on any Ctrl-C, by SIGINT, so that a calling shell script stops too."""
     name = 'Ctrl-C' if self._interrupted else 'SIGTERM'
-    print(f'[jkd] {name}: stopped {what}; run the same command again to resume',
-          file=sys.stderr, flush=True)
+    _say(f'[jkd] {name}: stopped {what}; run the same command again to resume'.encode())
     if self._interrupted:
       raise KeyboardInterrupt(STOPPED)
     raise SystemExit(STOPPED_EXIT)
@@ -281,7 +280,7 @@ class Preemption:
 def _say(line: bytes) -> None:
   """A line straight to stderr's file, as a signal handler may write: the handler may have
   interrupted a print to sys.stderr, and a pipe's reader may be gone (ended by the same
-  Ctrl-C)."""
+  Ctrl-C), which must not keep the run from stopping as it should."""
   try:
     os.write(sys.stderr.fileno(), line + b'\n')
   except (OSError, ValueError):
