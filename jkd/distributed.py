@@ -277,6 +277,56 @@ class Preemption:
     raise SystemExit(STOPPED_EXIT)
 
 
+def progress_file():
+  """sys.stderr for a stoppable loop's progress bar. A signal to the process group (Ctrl-C in
+  a terminal, SIGTERM to a job) also ends a pipe's reader (`... 2>&1 | tee run.log`); the bar's
+  next write would then fail and end the run before its stop is committed. Instead, at the
+  first write that finds its reader gone, this process's stdout and stderr pipes without a
+  reader are sent to /dev/null, and the run goes on to its stop."""
+  return _ReaderMayGo(sys.stderr)
+
+
+class _ReaderMayGo:
+  def __init__(self, stream):
+    self._stream = stream
+
+  def __getattr__(self, name):  # encoding, fileno, ... as the stream's
+    return getattr(self._stream, name)
+
+  def write(self, text):
+    try:
+      return self._stream.write(text)
+    except BrokenPipeError:
+      _silence_readerless_pipes()
+      return len(text)
+
+  def flush(self):
+    try:
+      self._stream.flush()
+    except BrokenPipeError:
+      _silence_readerless_pipes()
+      self._stream.flush()  # what it held now goes to /dev/null
+
+
+def _silence_readerless_pipes() -> None:
+  """stdout and stderr, where they are pipes whose reader is gone, to /dev/null."""
+  import select
+  import stat
+  for fd in (1, 2):
+    try:
+      if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        continue
+      poll = select.poll()
+      poll.register(fd, select.POLLOUT)
+      if not any(events & select.POLLERR for _, events in poll.poll(0)):
+        continue
+      devnull = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(devnull, fd)
+      os.close(devnull)
+    except OSError:
+      pass
+
+
 def _say(line: bytes) -> None:
   """A line straight to stderr's file, as a signal handler may write: the handler may have
   interrupted a print to sys.stderr, and a pipe's reader may be gone (ended by the same

@@ -236,7 +236,7 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
   n_rows = s.batch_size  # a partial last batch is padded with token-0 rows, never stored
   tokens_done, written, t0 = 0, 0, time.perf_counter()
   bar = tqdm(total=len(todo), desc=f'extract {split}', unit='ex',
-             disable=jax.process_index() != 0)
+             disable=jax.process_index() != 0, file=distributed.progress_file())
   for length, indices in plan_batches(todo, s.batch_size, s.min_bucket, s.max_seq_length):
     if profiler is not None:  # the previous batch is on the host already: nothing to wait for
       profiler.step()

@@ -398,7 +398,7 @@ def run(config) -> dict[str, float]:
 
   profiler = profiling.Profiler(profiling.settings(config))
   bar = tqdm(total=last_step, initial=start, desc='train', unit='step',
-             disable=jax.process_index() != 0)
+             disable=jax.process_index() != 0, file=distributed.progress_file())
   # SIGTERM, Ctrl-C: stop after a step, saved; the workers of the loaders made inside leave
   # the signals to it
   with distributed.Preemption(children=ls.worker_count > 0) as preemption:

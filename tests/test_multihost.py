@@ -334,3 +334,34 @@ def test_an_ignored_sigint_stays_ignored():
                         text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert proc.returncode == 0 and proc.stdout.split() == ['stopping', 'False', 'after', 'True'], (
       proc.stdout, proc.stderr[-2000:])
+
+
+_GONE_READER = '''
+import sys
+from jkd import distributed
+f = distributed.progress_file() if sys.argv[1] == '1' else sys.stderr
+f.write('first\\n')
+f.flush()
+sys.stdin.readline()  # the reader is gone now
+for i in range(100):
+  f.write(f'line {i}\\n')
+  f.flush()
+print('stdout too', flush=True)
+open(sys.argv[2], 'w').write('finished')
+'''
+
+
+@pytest.mark.parametrize('tolerant', [True, False])
+def test_a_progress_bar_outlives_the_reader_of_its_pipe(tmp_path, tolerant):
+  """`... 2>&1 | tee log`: the Ctrl-C that stops the loop ends tee too. The bar's file then
+  sends stdout and stderr to /dev/null and the run goes on to its stop; sys.stderr fails."""
+  done = tmp_path / 'done'
+  proc = subprocess.Popen([sys.executable, '-c', _GONE_READER, str(int(tolerant)), str(done)],
+                          cwd=tt.REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+  assert proc.stdout.readline() == b'first\n'
+  proc.stdout.close()
+  proc.stdin.write(b'\n')
+  proc.stdin.close()
+  assert (proc.wait(timeout=60) == 0) == tolerant
+  assert done.exists() == tolerant
