@@ -19,7 +19,7 @@ from jkd import tokenizer as jt
 from tests import hf_reference as ref
 from tests import nemo_fixtures as fx
 from tests.test_tokenizer import CORPUS
-from third_party.convert import from_nemo, to_nemo
+from third_party.convert import assemble, from_nemo, to_hf, to_nemo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = np.random.default_rng(0).integers(0, 200, (2, ref.T), dtype=np.int32)
@@ -316,3 +316,17 @@ def test_hf_tokenizer_check_warns_instead_of_failing_the_export(tmp_path, capsys
   out = capsys.readouterr().out
   assert 'warning' in out and 'transformers cannot encode with the tokenizer' in out, out
   assert 'Unk token' in out
+
+
+def test_exports_count_their_tensors_in_a_progress_bar(tmp_path, monkeypatch, capsys):
+  """Shown from assemble.PROGRESS_FROM bytes of params on (0 here); each bar reaches its total,
+  one step a written tensor (a layer's chunk of a stacked .nemo tensor)."""
+  monkeypatch.setattr(assemble, 'PROGRESS_FROM', 0)
+  fx.write_legacy(tmp_path / 'a.nemo', 'llama', _hf('llama'))
+  cfg, params = from_nemo.load_nemo(str(tmp_path / 'a.nemo'))
+  to_nemo.export_nemo(cfg, params, str(tmp_path / 'b.nemo'))
+  to_hf.export_hf(cfg, params, str(tmp_path / 'hf'))
+  err = capsys.readouterr().err
+  ends = re.findall(r'export (\S+): 100%\|[^|]*\| (\d+)/(\d+) \[', err)
+  assert [(os.path.basename(w), n == total) for w, n, total in ends] == [
+      ('model_weights', True), ('hf', True)], err[-2000:]

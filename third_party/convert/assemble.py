@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable, Iterator
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -116,13 +117,21 @@ def _nest(flat: dict[tuple, np.ndarray]) -> model.Params:
   return tree
 
 
+PROGRESS_FROM = 256 << 20  # bytes: smaller conversions and exports run without a progress bar
+
+
+def nbytes(params) -> int:
+  """The bytes of a params tree's arrays."""
+  return sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+
+
 def assemble(cfg: model.ModelConfig, sources: Iterable[Source],
              targets_of: Callable[[Source], list[Target]], where: str) -> Iterator[model.Params]:
   """Yields partial params trees with disjoint leaves that together make the whole model."""
   plan, shapes, dtypes = _plan(cfg, list(sources), targets_of, where)
   total = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s, _ in plan)
   with tqdm(total=total, unit='B', unit_scale=True, desc='convert',
-            disable=total < (256 << 20)) as bar:
+            disable=total < PROGRESS_FROM) as bar:
     for group in _groups(plan):
       leaves: dict[tuple, np.ndarray] = {}
       for src, targets in sorted(group, key=lambda item: -1 if item[0].layer is None

@@ -24,8 +24,10 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
+from tqdm import tqdm
 
 from jkd import model
+from third_party.convert import assemble
 
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
 WEIGHTS_FILE, CONFIG_FILE = 'model.safetensors', 'config.json'
@@ -266,7 +268,10 @@ def export_hf(cfg: model.ModelConfig, params: model.Params, out_dir: str, *,
     pending.clear()
 
   nbytes = 0  # of the pending shard
-  for name, tensor in _tensors(cfg, params, DTYPES[dtype]):
+  n_tensors = sum(cfg.num_layers if '{}' in name else 1 for name in table(cfg))
+  for name, tensor in tqdm(_tensors(cfg, params, DTYPES[dtype]), total=n_tensors, unit='tensor',
+                           desc=f'export {out_dir}',
+                           disable=assemble.nbytes(params) < assemble.PROGRESS_FROM):
     if pending and nbytes + tensor.nbytes > max_shard_bytes:
       flush(nbytes)
       nbytes = 0

@@ -26,9 +26,10 @@ from typing import Callable
 
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 from jkd import model
-from third_party.convert import from_nemo
+from third_party.convert import assemble, from_nemo
 
 
 def _fused_qkv(leaf: str) -> Callable:
@@ -178,7 +179,10 @@ def _write_torch_dist(directory: str, cfg: model.ModelConfig, params: dict, dtyp
     def resolve_data(self, write_item):
       obj = self.state_dict[write_item.index.fqn]
       if isinstance(obj, Stacked):
+        bar.update(1)
         return obj.chunk(write_item.index.offset[0])
+      if isinstance(obj, torch.Tensor):
+        bar.update(1)
       return super().resolve_data(write_item)
 
   state = {}
@@ -192,7 +196,12 @@ def _write_torch_dist(directory: str, cfg: model.ModelConfig, params: dict, dtyp
       state[f'model.decoder.layers.{module}._extra_state/shard_{i}_{cfg.num_layers}'] = blob
   os.makedirs(directory)
   import warnings
-  with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+  n_tensors = sum(cfg.num_layers if isinstance(v, Stacked) else 1 for v in state.values()
+                  if isinstance(v, (Stacked, torch.Tensor)))
+  with warnings.catch_warnings(), \
+       tqdm(total=n_tensors, unit='tensor', desc=f'export {directory}',
+            disable=assemble.nbytes(params) < assemble.PROGRESS_FROM) as bar:
+    # "assuming the intent is to save in a single process"
     warnings.simplefilter('ignore', UserWarning)
     try:
       dcp.save(state, storage_writer=dcp.FileSystemWriter(directory, thread_count=1),
