@@ -212,10 +212,14 @@ SIG = signal.SIGINT if sig.startswith('INT') else signal.SIGTERM  # INT2: Ctrl-C
 distributed.initialize(config)
 last = jax.process_index() == jax.process_count() - 1
 if config.mode not in distributed.STOPPABLE_MODES:
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices('started')
   if last:
     os.kill(os.getpid(), SIG)
     time.sleep(3)
     print('survived', flush=True)
+  else:  # the last one has ended before its coordinator does (JAX would abort it then)
+    time.sleep(3)
   os._exit(0)  # (a peer that died would hold up jax.distributed.shutdown)
 with distributed.Preemption(children=children == '1') as preemption:
   for step in range(1, 1000 if when == 'in' else 6):
