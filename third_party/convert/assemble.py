@@ -51,8 +51,7 @@ def _slot_size(shape: tuple[int, ...], index: tuple) -> int:
 def _plan(cfg: model.ModelConfig, sources: list[Source],
           targets_of: Callable[[Source], list[Target]], where: str):
   """Validates coverage up front -> (targets per source, leaf shapes, leaf dtypes)."""
-  import jax  # abstract shapes only; no arrays are made on a device
-  abstract = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+  abstract = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))  # no arrays made
   shapes = {tuple(k.key for k in path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
   plan, dtypes, filled, slots = [], {}, dict.fromkeys(shapes, 0), set()

@@ -23,6 +23,8 @@ from typing import IO
 
 from tqdm import tqdm
 
+from third_party.convert import assemble
+
 
 def _normalise(name: str) -> str:
   return posixpath.normpath(name[2:] if name.startswith('./') else name)
@@ -186,7 +188,7 @@ class NemoArchive:
                  if name.startswith(prefix.rstrip('/') + '/')]
       total = sum(m.size for _, m in members)
       with tqdm(total=total, unit='B', unit_scale=True, desc=f'copy {prefix} to {self._tmp}',
-                disable=total < (256 << 20)) as bar:
+                disable=total < assemble.PROGRESS_FROM) as bar:
         for name, member in members:
           out = os.path.join(self._tmp, name)
           os.makedirs(os.path.dirname(out), exist_ok=True)
