@@ -12,15 +12,35 @@ os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
 # One persistent compilation cache for the tests and the jkd subprocesses they start (inherited
 # through the environment): a cached executable is the one a fresh compile builds, so it only
 # saves compile time, where a 2-core machine spends much of the suite (the same train steps in
-# many tests and restarts). A size limit turns on jax's file lock around each entry's read and
-# write, so the xdist workers and their subprocesses can share it.
+# many tests and restarts). Without a size limit (-1): with one, jax rescans the whole directory
+# (some 1,600 entries by the end) under a file lock at every write, which cost the suite about
+# 2 minutes (measured: 890 s with a 4 GiB limit, 766 s without). Without the lock, a process
+# that reads an entry while another writes it warns and compiles the program itself.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.pytest_cache', 'jax'))
-os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', '-1')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+
+import signal  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# A suite started in the background of a non-interactive shell (`make test &`, nohup) inherits
+# SIGINT ignored, and so would every job its tests start: jkd leaves an ignored SIGINT alone,
+# which is right for such a job, but the Ctrl-C tests need SIGINT as a terminal leaves it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# The tests' own programs compile with jax's `jax_disable_most_optimizations`: XLA's CPU backend
+# without LLVM's optimisation passes. The programs (HLO and XLA's passes) are the same, only
+# their machine code is slower, which the tests' tiny shapes rarely feel: they spend their time
+# compiling (measured: test_model, test_fused_topk_kd and test_losses in 127 s instead of 191
+# s). The jkd jobs the tests start keep the default: they run longer, many from the compilation
+# cache, and some over SmolLM2's 49k-token vocabulary, where slower code costs more than the
+# compiles saved. JAX_DISABLE_MOST_OPTIMIZATIONS=0 (or 1) sets both.
+if 'JAX_DISABLE_MOST_OPTIMIZATIONS' not in os.environ:
+  jax.config.update('jax_disable_most_optimizations', True)
 
 
 def pytest_collection_modifyitems(config, items):
