@@ -35,7 +35,7 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 # The tests' own programs compile with jax's `jax_disable_most_optimizations`: XLA's CPU backend
 # without LLVM's optimisation passes. The programs (HLO and XLA's passes) are the same, only
 # their machine code is slower, which the tests' tiny shapes rarely feel: they spend their time
-# compiling (measured: test_model, test_fused_topk_kd and test_losses in 127 s instead of 191
+# compiling (measured: test_model, test_fused_topk_kd and test_losses in 112 s instead of 164
 # s). The jkd jobs the tests start keep the default: they run longer, many from the compilation
 # cache, and some over SmolLM2's 49k-token vocabulary, where slower code costs more than the
 # compiles saved. JAX_DISABLE_MOST_OPTIMIZATIONS=0 (or 1) sets both.
