@@ -194,10 +194,10 @@ def get_config(arg=None):
   # mode=eval: a jkd model directory on a logit-store split (fp32, one device): CE, perplexity,
   # top-1 agreement with the teacher, KL to the teacher's top-K, ECE (jkd/evaluate.py).
   c.eval = ConfigDict()
-  c.eval.model = ''  # jkd model directory (mode=convert's, or a run's <workdir>/student)
+  c.eval.model = ''  # jkd model directory (mode=convert's, or an exporting run's <workdir>/student)
   c.eval.store = ''  # logit store (mode=extract's): the teacher's top-K for the split
   c.eval.split = 'validation'  # the store split to evaluate on
-  c.eval.batch_size = 8  # rows per batch (padded to multiples of 64 tokens)
+  c.eval.batch_size = 8  # rows per batch (padded to multiples of 8 tokens)
   c.eval.max_batches = -1  # the first this many batches, in store order; -1 = all
   c.eval.output = ''  # JSON file to write the metrics to; '' = print only
 

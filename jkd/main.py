@@ -24,8 +24,7 @@ ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                           lock_config=True)
 
-# `--config.KEY=None` overrides, applied after parsing: ml_collections would parse 'None' as
-# the key's type (an int placeholder fails, a str one becomes 'None').
+# `--config.KEY=None` overrides (split_none), applied after parsing (set_none).
 _NONE_KEYS: list[str] = []
 
 # mode -> module with run(config)
@@ -46,12 +45,7 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     _fail('--config is required, e.g. --config configs/smoke.py')
-  for key in _NONE_KEYS:  # check_keys below refuses None where the key is no placeholder
-    *parents, name = key.split('.')  # the key exists: ml_collections read its name off argv
-    node = config
-    for part in parents:
-      node = node[part]
-    node[name] = None
+  set_none(config, _NONE_KEYS)
   try:
     jkd_config.check_keys(config)  # a config lacking `distributed` fails here, not below
     distributed.initialize(config)  # before anything starts the backend (validate does)
@@ -85,14 +79,9 @@ def _parse_flags(argv):
         argv[i + 1] if arg == '--config' and i + 1 < len(argv) else '')
     if path and not os.path.isfile(path.split(':')[0]):
       _fail(f'{path.split(":")[0]}: no such config file (--config)')
-  given, none_args = argv, set()
-  for i, arg in enumerate(argv):
-    key, eq, value = arg.removeprefix('--config.').partition('=')
-    if arg.startswith('--config.') and eq and value == 'None':
-      none_args.add(i)
-      if key not in [a.removeprefix('--config.').partition('=')[0] for a in argv[i + 1:]]:
-        _NONE_KEYS.append(key)  # unless a later override of the key wins
-  argv = [a for i, a in enumerate(argv) if i not in none_args]
+  given = argv
+  argv, none_keys = split_none(argv)
+  _NONE_KEYS.extend(none_keys)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # flags.Error, or what loading the config file raised
@@ -112,6 +101,31 @@ def _parse_flags(argv):
     print(error_line(ValueError(msg if isinstance(e, (flags.Error, KeyError))
                                 else f'--config: {msg}')), file=sys.stderr)
     sys.exit(2)
+
+
+def split_none(argv: list[str]) -> tuple[list[str], list[str]]:
+  """argv without its `--config.KEY=None` overrides, and the keys they reset (in order; one
+  that a later override of the same key replaces is dropped). ml_collections would parse 'None'
+  as the key's type: an int placeholder fails, a str one becomes 'None'."""
+  keys, rest = [], []
+  for i, arg in enumerate(argv):
+    key, eq, value = arg.removeprefix('--config.').partition('=')
+    if not (arg.startswith('--config.') and eq and value == 'None'):
+      rest.append(arg)
+    elif key not in [a.removeprefix('--config.').partition('=')[0] for a in argv[i + 1:]]:
+      keys.append(key)
+  return rest, keys
+
+
+def set_none(config, keys: list[str]) -> None:
+  """Sets each dotted key of `keys` to None (check_keys then refuses it unless the key is a
+  placeholder); the keys exist: ml_collections read their names off argv."""
+  for key in keys:
+    *parents, name = key.split('.')
+    node = config
+    for part in parents:
+      node = node[part]
+    node[name] = None
 
 
 def _excepthook(kind, value, tb):
