@@ -166,15 +166,22 @@ def _loader(tc, ls, split: str, *, shuffle: bool, num_epochs, pad_id: int, seed:
 
 
 RUN_FILE = 'run.json'  # in the workdir: the settings its checkpoints can only be resumed with
+# The learning-rate schedule's settings (max_steps: its length), recorded in RUN_FILE too.
+SCHEDULE_KEYS = ('lr', 'min_lr', 'warmup_steps', 'constant_steps', 'max_steps')
 
 
-def _check_resumable(ls, config, resumed: bool) -> None:
+def _check_resumable(ls, config, tc, start: int) -> None:
   """A workdir's checkpoints continue only the data stream and optimizer they were saved with:
   a resumed run with another seed, batch size, packing, length or data would restore an
   iterator of a different stream; another worker_count an iterator state of another form; another
   do_layer_norm_weight_decay an optimizer state of another structure. Such a resume is refused,
   naming the keys (keys a run.json from an older jkd lacks are not compared). A fresh run
-  records its settings."""
+  records its settings.
+
+  The learning-rate schedule is the config's, resumed or not (NeMo instead restores its
+  scheduler's max_steps from the checkpoint, so a NeMo run extended by train.max_steps stays at
+  min_lr): a resume under another schedule (an extended run, say) says so, with the next step's
+  learning rate under both, and records the new one."""
   online = config.distill.teacher_source == 'online'
   data = config.data.train_file if online else config.train.store
   now = {'seed': config.seed, 'train.global_batch_size': config.train.global_batch_size,
@@ -182,8 +189,9 @@ def _check_resumable(ls, config, resumed: bool) -> None:
          'data.train_file' if online else 'train.store': os.path.abspath(data),
          'train.worker_count': config.train.worker_count,
          'train.do_layer_norm_weight_decay': config.train.do_layer_norm_weight_decay}
+  schedule = {k: getattr(tc, k) for k in SCHEDULE_KEYS}
   path = os.path.join(ls.workdir, RUN_FILE)
-  if resumed and os.path.isfile(path):
+  if start > 0 and os.path.isfile(path):
     with open(path) as f:
       saved = json.load(f)
     changed = [k for k in sorted(now) if k in saved and now[k] != saved[k]]
@@ -192,7 +200,16 @@ def _check_resumable(ls, config, resumed: bool) -> None:
                        + ', '.join(f'{k}={saved.get(k)!r}' for k in changed) + ' (now '
                        + ', '.join(f'{now.get(k)!r}' for k in changed) + '); set those back, '
                        'or start another workdir with train.restore_from_path=<checkpoint>')
-    return
+    before = saved.get('schedule', schedule)
+    if before == schedule:
+      return
+    old = train.make_schedule(dataclasses.replace(tc, **before))
+    print(f'[train] resuming at step {start} under another learning-rate schedule ('
+          + ', '.join(f'train.{k}={before[k]} -> {schedule[k]}' for k in SCHEDULE_KEYS
+                      if before[k] != schedule[k])
+          + f'): step {start + 1} at lr {float(train.make_schedule(tc)(start)):.4g}, '
+          f'{float(old(start)):.4g} under the old one')
+  now['schedule'] = schedule
   if jax.process_index() == 0:
     with open(path + '.tmp', 'w') as f:
       json.dump(now, f, indent=1, sort_keys=True)
@@ -295,7 +312,7 @@ def run(config) -> dict[str, float]:
                                            enable_async_checkpointing=True,
                                            cleanup_tmp_directories=True))
   start = mngr.latest_step() or 0  # steps count from 1
-  _check_resumable(ls, config, resumed=start > 0)
+  _check_resumable(ls, config, tc, start)
   if start > last_step:  # would skip training and export a later state as this run's end
     raise ValueError(f'{ls.workdir}/checkpoints: the latest checkpoint is at step {start}, '
                      f'past this run\'s last step {last_step} (train.max_steps, max_epochs); '

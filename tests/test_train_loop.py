@@ -125,12 +125,22 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   nemo = tmp_path / 'run' / 'student.nemo'
   again = _run(_train_cli(store, tmp_path / 'run', *args))
   assert again.returncode == 0 and 'at step 6' in again.stdout, again.stderr[-3000:]
-  # Extended to 8 steps, the run resumes at 6 and replaces its own export at the end.
+  assert 'learning-rate schedule' not in again.stdout  # the same schedule: nothing to say
+  # Extended to 8 steps, the run resumes at 6 and replaces its own export at the end. Its
+  # schedule is the config's, over 8 steps, and it says so: step 7 is past the decay of the
+  # 6-step one (min_lr; a NeMo run would stay there), not of this one.
   before = os.path.getmtime(nemo)
   longer = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8'))
   assert longer.returncode == 0 and 'at step 6' in longer.stdout, longer.stderr[-3000:]
-  assert os.path.getmtime(nemo) > before and sorted(_metrics(tmp_path / 'run')) == list(
-      range(1, 9))
+  rows = _metrics(tmp_path / 'run')
+  assert os.path.getmtime(nemo) > before and sorted(rows) == list(range(1, 9))
+  from jkd import train
+  lr = {m: float(train.make_schedule(train.TrainConfig(
+      lr=1e-3, min_lr=9e-7, warmup_steps=1, constant_steps=0, max_steps=m))(6)) for m in (6, 8)}
+  assert lr[6] == pytest.approx(9e-7) and rows[7]['train/lr'] == pytest.approx(lr[8], rel=1e-6)
+  assert ('resuming at step 6 under another learning-rate schedule (train.max_steps=6 -> 8): '
+          f'step 7 at lr {lr[8]:.4g}, {lr[6]:.4g} under the old one') in longer.stdout
+  assert json.loads((tmp_path / 'run' / 'run.json').read_text())['schedule']['max_steps'] == 8
   # A checkpoint past max_steps, and a .nemo older than the latest checkpoint (not this run's),
   # are refused before training, and nothing is overwritten.
   shorter = _run(_train_cli(store, tmp_path / 'run', *args))
