@@ -142,8 +142,9 @@ def get_config(arg=None):
   c.train.save_interval = 100  # checkpoint every this many steps; a multiple of val_check_interval
   #   when validating
   c.train.limit_val_batches = -1  # full batches per validation; -1 = all; 0 = no validation
-  c.train.limit_train_batches = -1  # an epoch's batches, for max_epochs when max_steps=-1; -1 =
-  #   all (batches run on through the shuffled stream: the next epoch starts mid-batch)
+  c.train.limit_train_batches = -1  # an epoch's batches, as max_epochs counts them (so with
+  #   max_steps set, a bound too); -1 = all (batches run on through the shuffled stream: the
+  #   next epoch starts mid-batch)
   c.train.checkpoint_max_to_keep = 3  # orbax checkpoints kept in <workdir>/checkpoints
   c.train.pack = False  # pack several examples per row (segment ids); False = one per row (NeMo);
   #   needs max_steps, max_epochs=-1 and one process
