@@ -147,6 +147,26 @@ def test_missing_torch_dist_data_file_is_a_clear_error(tmp_path):
     from_nemo.load_nemo(str(tmp_path / 'd'))
 
 
+def test_torch_dist_metadata_of_torch_2_3_is_read(tmp_path):
+  """torch <= 2.3 pickled its checkpoint metadata with torch.distributed._shard's
+  TensorProperties (the class torch still has): the same allow-listed records, read alike."""
+  import pickle
+
+  from torch.distributed._shard.sharded_tensor import metadata as shard_metadata
+  hf = _hf('llama')
+  fx.write_torch_dist(tmp_path / 'd', 'llama', hf)
+  path = tmp_path / 'd' / 'model_weights' / '.metadata'
+  with open(path, 'rb') as f:
+    meta = pickle.load(f)
+  for entry in meta.state_dict_metadata.values():
+    if hasattr(entry, 'properties'):
+      entry.properties = shard_metadata.TensorProperties(dtype=entry.properties.dtype)
+  blob = pickle.dumps(meta)
+  assert shard_metadata.__name__.encode() in blob
+  path.write_bytes(blob)
+  assert _diff(tmp_path / 'd', hf) <= 1e-5
+
+
 def test_gzip_tar_and_extracted_directory_are_read(tmp_path):
   hf = _hf('nemotron')
   fx.write_legacy(tmp_path / 'm.nemo', 'nemotron', hf)

@@ -46,13 +46,16 @@ class _Record:
 
 
 _DCP = 'torch.distributed.checkpoint.'
+# torch <= 2.3's checkpoint metadata holds the TensorProperties of torch.distributed._shard.
+_SHARD = 'torch.distributed._shard.sharded_tensor.metadata'
 _RECORDS = {(_DCP + 'metadata', n) for n in (
     'Metadata', 'TensorStorageMetadata', 'TensorProperties', 'ChunkStorageMetadata',
-    'BytesStorageMetadata', 'MetadataIndex', 'StorageMeta')} | {(_DCP + 'filesystem',
-                                                                 '_StorageInfo')}
+    'BytesStorageMetadata', 'MetadataIndex', 'StorageMeta')} | {
+        (_DCP + 'filesystem', '_StorageInfo'), (_SHARD, 'TensorProperties')}
 _FUNCTIONS = {
     ('torch', 'Size'): tuple,
     (_DCP + 'metadata', '_MEM_FORMAT_ENCODING'): int,
+    (_SHARD, 'MEM_FORMAT_ENCODING'): int,
     ('torch.serialization', '_get_layout'): str,
     ('pathlib', 'PosixPath'): lambda *parts: '/'.join(parts),
     ('pathlib._local', 'PosixPath'): lambda *parts: '/'.join(parts),
