@@ -285,6 +285,39 @@ def test_unsupported_setting_names_the_key(tmp_path, key, value):
     from_nemo.load_nemo(_edit_config(tmp_path, 'llama', **{key: value}))
 
 
+@pytest.mark.parametrize('key, value, message', [
+    ('layernorm_epsilon', None, 'layernorm_epsilon=None is not a number'),
+    ('rotary_percentage', 'half', "rotary_percentage='half' is not a number"),
+    ('rotary_base', [10000], r'rotary_base=\[10000\] is not a number'),
+    ('tokenizer', 'gpt2', "tokenizer='gpt2' is not a section"),
+])
+def test_a_malformed_config_value_names_the_key(tmp_path, key, value, message):
+  """A null, a word or a list where NeMo has a number or a section: a ValueError naming the
+  key (what jkd.main words as one line), not a TypeError."""
+  with pytest.raises(ValueError, match=r'd: model_config\.yaml: ' + message):
+    from_nemo.load_nemo(_edit_config(tmp_path, 'llama', **{key: value}))
+
+
+def test_malformed_weights_metadata_and_pickles_are_named(tmp_path):
+  """A sharded_backend that is a list, and a legacy model_weights.ckpt that pickles a list or a
+  bare tensor instead of a state dict."""
+  import io
+  import shutil
+
+  import torch
+  fx.write_zarr(tmp_path / 'd', 'llama', _hf('llama'))
+  (tmp_path / 'd' / 'model_weights' / 'metadata.json').write_text('{"sharded_backend": ["zarr"]}')
+  with pytest.raises(ValueError, match=r"metadata\.json: sharded_backend=\['zarr'\] is not "):
+    from_nemo.load_nemo(str(tmp_path / 'd'))
+  shutil.rmtree(tmp_path / 'd' / 'model_weights')
+  for obj, kind in (([torch.zeros(2)], 'list'), (torch.zeros(2), 'tensor')):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    (tmp_path / 'd' / 'model_weights.ckpt').write_bytes(buf.getvalue())
+    with pytest.raises(ValueError, match=rf'model_weights\.ckpt: not a state dict .*: a {kind}'):
+      from_nemo.load_nemo(str(tmp_path / 'd'))
+
+
 def test_mismatched_tensor_shape_names_the_tensor(tmp_path):
   with pytest.raises(ValueError, match=r'fc1\.weight \(layer 0\): shape \(96, 64\) does not fit'):
     from_nemo.load_nemo(_edit_config(tmp_path, 'nemotron', ffn_hidden_size=48))

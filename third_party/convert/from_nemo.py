@@ -77,17 +77,29 @@ def model_config(raw: dict, *, vocab_size: int | None, padded_vocab: int, where:
         ffn_hidden_size=raw['ffn_hidden_size'], num_attention_heads=raw['num_attention_heads'],
         num_query_groups=raw.get('num_query_groups'), kv_channels=raw.get('kv_channels'),
         vocab_size=vocab_size or padded_vocab, padded_vocab_size=padded_vocab,
-        normalization=norm, layernorm_epsilon=float(raw.get('layernorm_epsilon', 1e-5)),
+        normalization=norm, layernorm_epsilon=_number(raw, 'layernorm_epsilon', 1e-5),
         activation=activation, gelu_tanh=gelu_tanh, bias=bool(raw.get('bias', True)),
         position_embedding_type=pos,
-        rotary_percentage=float(raw.get('rotary_percentage', 1.0)),
-        rotary_base=float(raw.get('rotary_base', 10000)),
+        rotary_percentage=_number(raw, 'rotary_percentage', 1.0),
+        rotary_base=_number(raw, 'rotary_base', 10000),
         max_position_embeddings=int(positions or raw.get('max_position_embeddings')
                                     or raw.get('encoder_seq_length', 512)),
         share_embeddings_and_output_weights=bool(
             raw.get('share_embeddings_and_output_weights', True)))
   except ValueError as e:
     raise ValueError(f'{where}: {e}') from None
+
+
+def _number(raw: dict, key: str, default: float) -> float:
+  """raw[key] (default when absent) as a float; a ValueError naming the key otherwise (null,
+  a list, a word)."""
+  value = raw.get(key, default)
+  try:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+      raise ValueError
+    return float(value)
+  except ValueError:
+    raise ValueError(f'{key}={value!r} is not a number') from None
 
 
 def _gelu_tanh(raw: dict, activation: str, where: str) -> bool:
@@ -315,6 +327,11 @@ def _legacy_sources(archive, raw: dict) -> list[Source]:
     # Only the pickles are read here; tensors stay in the (seekable) zip members.
     dicts = [torch_pickle.load(archive.open(ranks[(tp, pp)]), f'{archive.path}: '
                                f'{ranks[(tp, pp)]}') for tp in range(tp_size)]
+    for tp, d in enumerate(dicts):
+      if not isinstance(d, dict) or not all(isinstance(k, str) for k in d):
+        kind = 'tensor' if isinstance(d, torch_pickle.LazyTensor) else type(d).__name__
+        raise ValueError(f'{archive.path}: {ranks[(tp, pp)]}: not a state dict (names to '
+                         f'tensors): a {kind}')
     # fast-*glu fuses [gate_r; up_r] per rank; non-fast GLU keeps the up branch apart.
     fused_glu = gated and not any(k.endswith('dense_h_to_4h_2.weight') for k in dicts[0])
     for key in dicts[0]:
@@ -400,6 +417,9 @@ def open_nemo(archive: nemo_archive.NemoArchive):
   raw = read_raw_config(archive)
   tok = None
   if raw.get('tokenizer'):
+    if not isinstance(raw['tokenizer'], dict):
+      raise ValueError(f'{archive.path}: model_config.yaml: tokenizer={raw["tokenizer"]!r} is not '
+                       'a section (library, model, ...)')
     tok = tokenizer.from_nemo(archive, raw['tokenizer'], f'{archive.path}: model_config.yaml')
   if archive.exists('model_weights/metadata.json'):
     try:
@@ -407,7 +427,7 @@ def open_nemo(archive: nemo_archive.NemoArchive):
     except json.JSONDecodeError as e:
       raise ValueError(f'{archive.path}: model_weights/metadata.json: invalid JSON ({e})') from None
     backend = meta.get('sharded_backend') if isinstance(meta, dict) else None
-    if backend not in _DIST_BACKENDS:
+    if not isinstance(backend, str) or backend not in _DIST_BACKENDS:
       raise ValueError(f'{archive.path}: model_weights/metadata.json: sharded_backend='
                        f'{backend!r} is not supported (supported: {sorted(_DIST_BACKENDS)})')
     sources = _DIST_BACKENDS[backend](archive, 'model_weights')
