@@ -1,6 +1,7 @@
 """The .nemo exporter: round trips, torch's own DCP reader as the oracle, tokenizer artifacts."""
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -92,8 +93,19 @@ def test_torch_dcp_reads_the_export_as_megatron_core_tensors(tmp_path, arch):
     np.testing.assert_array_equal(sd[key].numpy(), want, err_msg=key)
     if key.startswith('model.decoder.layers.'):
       assert len(tensors[key].chunks) == ref.L, key
-  extra = [k for k in md.state_dict_metadata if k.endswith(f'_extra_state/shard_0_{ref.L}')]
-  assert len(extra) == 4
+  # The extra states a Megatron-Core GPT asks for (format doc §2b): five TE modules' per layer,
+  # and the output layer's (tied or not), as torch.save(None) blobs.
+  extra = sorted(k for k in md.state_dict_metadata if '._extra_state/' in k)
+  assert extra == sorted(
+      [f'model.decoder.layers.{m}._extra_state/shard_{i}_{ref.L}' for i in range(ref.L)
+       for m in ('self_attention.linear_qkv', 'self_attention.core_attention',
+                 'self_attention.linear_proj', 'mlp.linear_fc1', 'mlp.linear_fc2')]
+      + ['model.output_layer._extra_state/shard_0_1'])
+  blobs = {k: io.BytesIO() for k in extra}
+  load(blobs, storage_reader=reader, no_dist=True)
+  for blob in blobs.values():
+    blob.seek(0)
+    assert torch.load(blob, weights_only=True) is None
   raw = yaml.safe_load(open(os.path.join(out, 'model_config.yaml')))
   assert raw['mcore_gpt'] is True and raw['dist_ckpt_format'] == 'torch_dist'
   assert open(os.path.join(out, 'model_weights', 'metadata.json')).read().count('torch_dist')

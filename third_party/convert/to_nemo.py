@@ -6,7 +6,8 @@ What is written (../shared/docs/nemo_checkpoint_format.md §1, §2b, §7.2):
   model_weights/          metadata.json, common.pt ({}), .metadata, __0_0.distcp: MCore's keys
                           (`model.` prefix, TE names), layers stacked on a leading axis and
                           stored one chunk per layer as a TP=1 MCore save stores them, plus the
-                          Transformer Engine `_extra_state` entries MCore's loader asks for
+                          `_extra_state` entries MCore's loader asks for (TE modules', per
+                          layer, and the output layer's)
   <uuid>_<name>           tokenizer files, referenced from the config as `nemo:<uuid>_<name>`
 
 The inverse transforms mirror from_nemo's table: canonical torch [out, in] tensors from jkd
@@ -78,9 +79,12 @@ for _table, _prefix in ((from_nemo._MCORE_LAYER, 'model.decoder.layers.'),
                         (from_nemo._MCORE_GLOBAL, 'model.')):
   for _key, _canon in _table.items():
     _KEYS.setdefault(_canon, _prefix + _key)
-# Transformer Engine modules with an `_extra_state` per layer (MCore's TE spec).
-_TE_MODULES = ('self_attention.linear_qkv', 'self_attention.linear_proj', 'mlp.linear_fc1',
-               'mlp.linear_fc2')
+# The `_extra_state` entries a Megatron-Core GPT's sharded_state_dict asks for: one per layer of
+# each Transformer Engine module (MCore's TE spec), and the output layer's (ColumnParallelLinear
+# keeps one for TE compatibility; the module exists with a tied head too, without its weight).
+_TE_MODULES = ('self_attention.linear_qkv', 'self_attention.core_attention',
+               'self_attention.linear_proj', 'mlp.linear_fc1', 'mlp.linear_fc2')
+_GLOBAL_EXTRA_STATES = ('model.output_layer._extra_state/shard_0_1',)
 
 
 def _present(cfg: model.ModelConfig, params: dict) -> list[str]:
@@ -189,11 +193,12 @@ def _write_torch_dist(directory: str, cfg: model.ModelConfig, params: dict, dtyp
   for name in _present(cfg, params):
     per_layer, fn = _INVERSE[name]
     state[_KEYS[name]] = Stacked(fn) if per_layer else to_torch(fn(cfg, params))
-  for module in _TE_MODULES:  # TE extra state: None (no fp8 metadata), one per layer
-    for i in range(cfg.num_layers):
-      blob = io.BytesIO()
-      torch.save(None, blob)
-      state[f'model.decoder.layers.{module}._extra_state/shard_{i}_{cfg.num_layers}'] = blob
+  extra_states = [f'model.decoder.layers.{module}._extra_state/shard_{i}_{cfg.num_layers}'
+                  for module in _TE_MODULES for i in range(cfg.num_layers)]
+  for key in extra_states + list(_GLOBAL_EXTRA_STATES):  # None: no fp8 metadata
+    blob = io.BytesIO()
+    torch.save(None, blob)
+    state[key] = blob
   os.makedirs(directory)
   import warnings
   n_tensors = sum(cfg.num_layers if isinstance(v, Stacked) else 1 for v in state.values()
