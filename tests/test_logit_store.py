@@ -519,6 +519,16 @@ def test_nemo_import_checks(tmp_path):
      r"_0\.jsonl:1: tokens must hold numbers \(got 'U'-kind values, e\.g\. \['a'\]\)"),
     (lambda r: dict(r, loss_mask=[None] * len(r['loss_mask'])),
      r"_0\.jsonl:1: loss_mask must hold numbers"),
+    (lambda r: dict(r, tokens=3), r'_0\.jsonl:1: tokens must be a list of numbers, one per '
+     r'position \(got a single number\)'),
+    (lambda r: dict(r, log_sum_exp_logits=2.5), r'_0\.jsonl:1: log_sum_exp_logits must be a list'),
+    (lambda r: dict(r, topk_token_ids=r['topk_token_ids'][0]),
+     r'_0\.jsonl:1: topk_token_ids must be a list of rows of K numbers, one per position \(got 1 '),
+    # Fractional ids are no ids: refused, not truncated to integers.
+    (lambda r: dict(r, topk_token_ids=[[i + 0.5 for i in row] for row in r['topk_token_ids']]),
+     r'_0\.jsonl:1 \(example 0\) position 0: top-K id \d+\.5 is not an integer'),
+    (lambda r: dict(r, tokens=[t + 0.25 for t in r['tokens']]),
+     r'_0\.jsonl:1 \(example 0\) position 0: token id \d+\.25 is not an integer'),
 ])
 def test_nemo_import_rejects_malformed_records_naming_the_line(tmp_path, change, match):
   _, recs = write_nemo_chunks(tmp_path)
@@ -527,6 +537,24 @@ def test_nemo_import_rejects_malformed_records_naming_the_line(tmp_path, change,
   with pytest.raises(ValueError, match=match):
     _import_with(tmp_path, recs, 1, lambda r: None, name='bad')
   assert not os.path.exists(tmp_path / 'bad' / 'store')
+
+
+def test_an_empty_example_round_trips_through_nemo_jsonl(tmp_path):
+  """A one-token conversation has no positions: exported as NeMo writes an empty record
+  (top-K rows `[]`, without K), it imports back as the same empty example."""
+  meta = make_meta()
+  empty = ls.Record(0, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.uint8),
+                    np.zeros((0, K), np.int32), np.zeros((0, K), np.float32),
+                    np.zeros(0, np.float32))
+  write_store(str(tmp_path / 'a'), [empty], meta)
+  ls.mark_finished(str(tmp_path / 'a'), 'train', [0])
+  out = str(tmp_path / 'e_CHUNK_ID.jsonl')
+  nemo_jsonl.export_chunks(str(tmp_path / 'a'), 'train', out, n_examples_per_chunk=1)
+  assert json.loads(_lines(out, 1)[0])['topk_logits'] == []
+  nemo_jsonl.import_chunks(out, str(tmp_path / 'b'), 'train', meta, n_chunks=1,
+                           n_examples_per_chunk=1)
+  back = ls.Reader(str(tmp_path / 'b'), 'train')[0]
+  assert back.topk_ids.shape == (0, K) and back.tokens.shape == (0,)
 
 
 def test_nemo_import_names_a_chunk_that_is_not_utf8(tmp_path):

@@ -95,6 +95,9 @@ def check_record(rec: Record, meta: StoreMeta, *, sort: bool = False, where: str
   shapes = {'tokens': (s,), 'labels': (s,), 'loss_mask': (s,), 'topk_ids': (s, meta.k),
             'topk_logits': (s, meta.k), 'lse': (s,)}
   arrays = {name: np.asarray(getattr(rec, name)) for name in shapes}
+  for name in ('topk_ids', 'topk_logits'):  # an empty example's rows as JSON has them: []
+    if s == 0 and arrays[name].shape == (0,):
+      arrays[name] = arrays[name].reshape(0, meta.k)
   for name, shape in shapes.items():
     if arrays[name].shape != shape:
       raise ValueError(f'{where}: {name} has shape {list(arrays[name].shape)}, expected '
@@ -120,6 +123,12 @@ def check_record(rec: Record, meta: StoreMeta, *, sort: bool = False, where: str
 
 
 def _check_ids(ids, meta, where, what, positions):
+  if ids.dtype.kind == 'f':  # from JSON, say: 4.0 is an id, 4.5 (or NaN) no id at all
+    bad = ids != np.round(ids)
+    if bad.any():
+      r = np.argwhere(bad)[0]
+      raise ValueError(f'{where} position {int(positions[r[0]])}: {what} id {ids[tuple(r)]} '
+                       'is not an integer')
   bad = (ids < 0) | (ids >= meta.vocab_size)
   if bad.any():
     r = np.argwhere(bad)[0]

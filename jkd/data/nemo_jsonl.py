@@ -62,6 +62,11 @@ def _from_nemo(obj, index, pad_id, where):
     if v.dtype.kind not in 'biuf':
       raise ValueError(f'{where}: {k} must hold numbers (got {v.dtype.kind!r}-kind values, '
                        f'e.g. {v.ravel()[:1].tolist()})')
+    rows = k.startswith('topk_')  # a row of K per position; an empty example has no rows: []
+    if v.ndim != (2 if rows else 1) and not (rows and v.shape == (0,)):
+      raise ValueError(f'{where}: {k} must be a list of '
+                       f'{"rows of K numbers" if rows else "numbers"}, one per position (got '
+                       f'{"a single number" if v.ndim == 0 else f"{v.ndim} levels of lists"})')
   n = len(a['tokens'])
   if pad_id is not None:  # trailing eos padding of the batch layout: pad token, pad label, mask 0
     padlike = (a['tokens'] == pad_id) & (a['labels'] == pad_id) & (a['loss_mask'] == 0)
