@@ -170,9 +170,10 @@ RUN_FILE = 'run.json'  # in the workdir: the settings its checkpoints can only b
 SCHEDULE_KEYS = ('lr', 'min_lr', 'warmup_steps', 'constant_steps', 'max_steps')
 
 
-def _check_resumable(ls, config, tc, start: int) -> None:
+def _check_resumable(ls, config, tc, start: int, n_train: int) -> None:
   """A workdir's checkpoints continue only the data stream and optimizer they were saved with:
-  a resumed run with another seed, batch size, packing, length or data would restore an
+  a resumed run with another seed, batch size, packing, length or data (another path, or a
+  store that has grown: the shuffle is over its `n_train` examples) would restore an
   iterator of a different stream; another worker_count an iterator state of another form; another
   do_layer_norm_weight_decay an optimizer state of another structure. Such a resume is refused,
   naming the keys (keys a run.json from an older jkd lacks are not compared). A fresh run
@@ -187,7 +188,7 @@ def _check_resumable(ls, config, tc, start: int) -> None:
   now = {'seed': config.seed, 'train.global_batch_size': config.train.global_batch_size,
          'train.pack': config.train.pack, 'data.max_seq_length': config.data.max_seq_length,
          'data.train_file' if online else 'train.store': os.path.abspath(data),
-         'train.worker_count': config.train.worker_count,
+         'train split examples': n_train, 'train.worker_count': config.train.worker_count,
          'train.do_layer_norm_weight_decay': config.train.do_layer_norm_weight_decay}
   schedule = {k: getattr(tc, k) for k in SCHEDULE_KEYS}
   path = os.path.join(ls.workdir, RUN_FILE)
@@ -312,7 +313,7 @@ def run(config) -> dict[str, float]:
                                            enable_async_checkpointing=True,
                                            cleanup_tmp_directories=True))
   start = mngr.latest_step() or 0  # steps count from 1
-  _check_resumable(ls, config, tc, start)
+  _check_resumable(ls, config, tc, start, n_train)
   if start > last_step:  # would skip training and export a later state as this run's end
     raise ValueError(f'{ls.workdir}/checkpoints: the latest checkpoint is at step {start}, '
                      f'past this run\'s last step {last_step} (train.max_steps, max_epochs); '

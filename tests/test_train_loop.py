@@ -151,6 +151,14 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
                              '--config.seed=1', '--config.train.worker_count=1'))
   assert reseeded.returncode == 2 and (
       'saved with seed=0, train.worker_count=0 (now 1, 1)' in reseeded.stderr), reseeded.stderr
+  # A store of another size (grown by more extraction jobs) shuffles into another stream too.
+  run_json = tmp_path / 'run' / 'run.json'
+  saved = run_json.read_text()
+  run_json.write_text(json.dumps({**json.loads(saved), 'train split examples': 40}))
+  grown = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8'))
+  assert grown.returncode == 2 and (
+      'saved with train split examples=40 (now 48)' in grown.stderr), grown.stderr
+  run_json.write_text(saved)
   os.utime(nemo, (0, 0))
   old = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8'))
   assert old.returncode == 2 and 'student.nemo: already exists' in old.stderr, old.stderr
