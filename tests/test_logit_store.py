@@ -539,6 +539,21 @@ def test_nemo_import_rejects_malformed_records_naming_the_line(tmp_path, change,
   assert not os.path.exists(tmp_path / 'bad' / 'store')
 
 
+def test_a_reader_keeps_the_most_recently_used_blocks_open(tmp_path, monkeypatch):
+  """At most OPEN_BLOCKS blocks' handles stay open (the least recently used closed first),
+  and a reopened block reads as before."""
+  rng = np.random.default_rng(2)
+  meta = make_meta()
+  recs = [make_record(rng, i, 4) for i in range(12)]
+  write_store(str(tmp_path), recs, meta, block_size=2)  # 6 blocks
+  monkeypatch.setattr(ls, 'OPEN_BLOCKS', 2)
+  r = ls.Reader(str(tmp_path), 'train')
+  for i in (0, 2, 0, 4, 6, 0, 11, 1):
+    assert_same(r[i], recs[i], meta)
+    assert len(r._open) <= 2
+  assert list(r._open) == [5, 0]  # 0 was used last; 11 (block 5) before it
+
+
 def test_an_empty_example_round_trips_through_nemo_jsonl(tmp_path):
   """A one-token conversation has no positions: exported as NeMo writes an empty record
   (top-K rows `[]`, without K), it imports back as the same empty example."""

@@ -12,6 +12,7 @@ Legend: S tokens of an example, R its stored top-K rows (S, or its loss-mask pos
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import gzip
@@ -35,6 +36,11 @@ CODECS = ('zstd', 'none')
 TOKENS_PER_CHUNK = 4096  # per-token arrays: one small chunk covers most examples
 ROWS_PER_CHUNK = 64  # top-K arrays: a random example over-reads < 2 * 64 rows
 CACHE_BYTES = 64 << 20  # decoded-chunk cache per Reader (per Grain worker)
+# Blocks a Reader keeps open, the least recently used closed first: a store has a block per
+# extraction batch, and an open one holds its arrays' TensorStore handles (measured: 90 MiB for
+# 4000 blocks, growing with the store), while reopening one costs some 2 ms (an example's read
+# took 1.1 ms with its block open, 3.0 ms with 1024 of 4000 open, in random order).
+OPEN_BLOCKS = 8192
 _ARRAYS = ('tokens', 'labels', 'loss_mask', 'lse', 'topk_ids', 'topk_logits')
 _BLOCK_RE = re.compile(r'^p(\d{5,})-b(\d{6,})$')  # the widths grow past 99999 / 999999
 
@@ -482,17 +488,20 @@ class Reader:
     self.indices = idx[order]
     self._block_of = np.concatenate(block_of)[order] if block_of else np.zeros(0, np.int32)
     self._pos_of = np.concatenate(pos_of)[order] if pos_of else np.zeros(0, np.int32)
-    self._open, self._context = {}, None
+    self._open, self._context = collections.OrderedDict(), None
 
   def __getstate__(self):  # tensorstore handles are reopened in each process (Grain workers)
-    return {**self.__dict__, '_open': {}, '_context': None}
+    return {**self.__dict__, '_open': collections.OrderedDict(), '_context': None}
 
   def __len__(self) -> int:
     return len(self.indices)
 
   def _block(self, n):
     if n in self._open:
+      self._open.move_to_end(n)
       return self._open[n]
+    if len(self._open) >= OPEN_BLOCKS:
+      self._open.popitem(last=False)
     entry = self._entries[n]
     bdir = os.path.join(self.dir, 'blocks', entry['name'])
     where = f'{self.dir}: block {entry["name"]}'
