@@ -87,7 +87,7 @@ def token_metrics(student_logits_BxTxV, labels_BxT, loss_mask_BxT, teacher_ids_B
                               sft_loss_weight=0.0)
 
   # Calibration: bin b holds confidences in (b / N, (b + 1) / N]; conf > 0 always.
-  conf_BxT = jnp.exp(jnp.max(logp_BxTxV, axis=-1))
+  conf_BxT = jnp.where(m_BxT > 0, jnp.exp(jnp.max(logp_BxTxV, axis=-1)), 0.0)  # no NaN * 0
   correct_BxT = (pred_BxT == labels_BxTx1[..., 0]).astype(jnp.float32)
   bin_BxT = jnp.clip(jnp.ceil(conf_BxT * n_bins).astype(jnp.int32) - 1, 0, n_bins - 1)
   w_BxTxN = jax.nn.one_hot(bin_BxT, n_bins, dtype=jnp.float32) * m_BxT[..., None]

@@ -68,6 +68,16 @@ def test_metrics_match_numpy_reference(seed):
   assert got['perplexity'] == pytest.approx(math.exp(got['ce']), rel=1e-12)
 
 
+@pytest.mark.parametrize('bad', [np.inf, np.nan])
+def test_a_bad_logit_at_a_masked_position_changes_no_metric(bad):
+  """Masked positions are left out of every metric, ECE's sums too, whatever their logits."""
+  z, labels, mask, ids, t = random_inputs(4)
+  b, p = np.argwhere(mask == 0)[0]
+  z_bad = z.copy()
+  z_bad[b, p, 3] = bad
+  assert metrics(z_bad, labels, mask, ids, t) == metrics(z, labels, mask, ids, t)
+
+
 def test_ece_pairs_are_histograms():
   """Per-bin counts add up to the mask count; masked tokens fall in no bin."""
   z, labels, mask, ids, t = random_inputs(3)
