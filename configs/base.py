@@ -122,6 +122,7 @@ def get_config(arg=None):
   c.train.precision = 'bf16'  # compute dtype: bf16 | fp32 (params, moments, losses stay fp32)
   c.train.remat_policy = 'none'  # what the backward keeps: none | full | dots | dots_no_batch
   c.train.attention = 'auto'  # auto (cuDNN flash attention on GPU in bf16, else XLA) | xla | cudnn
+  #   (cudnn: refused unless on a GPU, in bf16, with a head dim a multiple of 8, at most 128)
   c.train.scan_unroll = 1  # layers per layer-scan iteration: 1 = a loop (quickest compile), 0 = all
   c.train.lr = 3e-5  # peak learning rate
   c.train.min_lr = 9e-7  # CosineAnnealing floor

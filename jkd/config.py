@@ -232,6 +232,11 @@ def _validate_train(config, mesh_shape) -> None:
     student = model.load_config(config.train.student)
     where = os.path.join(config.train.student, model.CONFIG_FILE)
   _check_model(student, config, where, mesh_shape)
+  from jkd import train
+  try:  # the student as training runs it (a head dim cuDNN takes, say)
+    train.run_config(student, train.train_config(config))
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from None
   if online:
     teacher_vocab = _check_teacher(config, mesh_shape).vocab_size
     teacher_where = os.path.join(config.extract.teacher, model.CONFIG_FILE)
@@ -319,6 +324,9 @@ def _train_settings(config, stored_k) -> None:
                      'packed batches an epoch makes is known only once packed, so epochs can '
                      'neither set nor bound the steps)')
   import jax
+  if config.train.attention == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ValueError(f"train.attention='cudnn': cuDNN's flash attention runs on a GPU, this run's "
+                     f"backend is {jax.default_backend()}; use auto (cuDNN where it can) or xla")
   if jax.process_count() > 1 and not config.train.pad_to_max_length:  # rows share one L
     raise ValueError(f'train.pad_to_max_length=False: needs one process '
                      f'({jax.process_count()} would pad their rows to different lengths)')

@@ -133,6 +133,10 @@ class ModelConfig:
       fail('remat_policy', f'unknown; expected one of {tuple(REMAT_POLICIES)}')
     if self.attention not in ATTENTIONS:
       fail('attention', f'unknown; expected one of {ATTENTIONS}')
+    if self.attention == 'cudnn' and not _cudnn_fits(self):
+      fail('attention', f'cuDNN\'s flash attention needs bfloat16 compute and a head dim that is '
+                        f'a multiple of 8, at most 128 (dtype {self.dtype}, head dim '
+                        f'{self.head_dim}); use auto or xla')
     if self.scan_unroll < 0:
       fail('scan_unroll', 'must be >= 0 (0 unrolls every layer)')
     if not self.layernorm_epsilon > 0:
@@ -294,8 +298,11 @@ def attention_implementation(cfg: ModelConfig) -> str:
   bf16 and the head dim one cuDNN takes (a multiple of 8, at most 128), XLA's otherwise."""
   if cfg.attention != 'auto':
     return cfg.attention
-  fits = cfg.dtype == 'bfloat16' and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
-  return 'cudnn' if fits and jax.default_backend() == 'gpu' else 'xla'
+  return 'cudnn' if _cudnn_fits(cfg) and jax.default_backend() == 'gpu' else 'xla'
+
+
+def _cudnn_fits(cfg: ModelConfig) -> bool:
+  return cfg.dtype == 'bfloat16' and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
 
 
 class Attention(nn.Module):

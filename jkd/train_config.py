@@ -111,6 +111,9 @@ class TrainConfig:
       fail('remat_policy', f'expected one of {tuple(model.REMAT_POLICIES)}')
     if self.attention not in model.ATTENTIONS:
       fail('attention', f'expected one of {model.ATTENTIONS}')
+    if self.attention == 'cudnn' and self.precision != 'bf16':
+      fail('attention', f"cuDNN's flash attention needs train.precision='bf16' (not "
+                        f'{self.precision!r}); use auto or xla')
     if self.scan_unroll < 0:
       fail('scan_unroll', 'must be >= 0 (0 unrolls every layer)')
     if self.reduction not in REDUCTIONS:

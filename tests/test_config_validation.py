@@ -116,6 +116,13 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
     'train export to HF without a HF class': (
         'train', {'train__export_hf': 'TMP/hf', 'model__activation': 'gelu'}, None,
         ['train.export_hf', 'config.model', 'position_embedding_type']),
+    'cudnn attention in fp32': ('train', {'train__attention': 'cudnn', 'train__precision': 'fp32'},
+                                None, ['train.attention', "train.precision='bf16'"]),
+    'cudnn attention on a CPU': ('train', {'train__attention': 'cudnn'}, None,
+                                 ['train.attention', 'runs on a GPU', 'backend is cpu']),
+    'cudnn attention for a head dim it cannot take': (
+        'train', {'train__attention': 'cudnn', 'model__kv_channels': 12}, 'a GPU',
+        ['config.model', "model.attention='cudnn'", 'head dim 12']),
     'no train batches': ('train', {'train__limit_train_batches': 0}, None,
                          ['train.limit_train_batches']),
     'checkpoints kept': ('train', {'train__checkpoint_max_to_keep': 0}, None,
@@ -191,6 +198,8 @@ def test_impossible_config_names_its_keys_before_any_write_or_compile(
     (tmp_path / 'taken.nemo').write_bytes(b'')
   elif change == 'two processes':
     monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  elif change == 'a GPU':
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   elif change == 'no torch':
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec',

@@ -100,7 +100,11 @@ def test_attention_implementation(cudnn_stand_in):
   cfg, params, _ = ref.llama()
   cfg16 = dataclasses.replace(cfg, dtype='bfloat16')
   assert model.attention_implementation(cfg16) == 'xla'  # the CPU backend
-  assert model.attention_implementation(dataclasses.replace(cfg, attention='cudnn')) == 'cudnn'
+  assert model.attention_implementation(dataclasses.replace(cfg16, attention='cudnn')) == 'cudnn'
+  # What cuDNN cannot run is refused when the config is made, naming the key.
+  with pytest.raises(ValueError, match=r"model\.attention='cudnn': .*needs bfloat16 compute .*"
+                                       r'\(dtype float32, head dim 16\)'):
+    dataclasses.replace(cfg, attention='cudnn')
   tokens = _tokens(2, 24)
   text = _cudnn_lowered(dataclasses.replace(cfg16, attention='cudnn'), params, tokens)
   assert '__cudnn$fmhaSoftmax(' in text and '__cudnn$fmhaSoftmaxBackward(' in text
