@@ -334,6 +334,16 @@ def _train_settings(config, stored_k) -> None:
     raise ValueError(f'train.pack=True: needs one process ({jax.process_count()} would pack '
                      'their own examples into different numbers of batches, and wait on each '
                      'other at the end of validation)')
+  if jax.process_count() > 1:  # each process feeds its own G/N rows of every batch
+    from jkd import sharding
+    mesh_cfg = mesh_config(config)
+    mesh = sharding.make_mesh(mesh_cfg.axes, mesh_cfg.shape)
+    problem = sharding.process_rows_problem(sharding.batch_sharding(mesh, mesh_cfg.rules),
+                                            config.train.global_batch_size, jax.process_count())
+    if problem:
+      raise ValueError(f'mesh.shape={tuple(config.mesh.shape)}: {problem}; with '
+                       f'{jax.process_count()} processes the batch axes (mesh.rules act_batch: '
+                       'data, fsdp) must split over the processes')
 
 
 def _check_model(cfg: model.ModelConfig, config, where: str, mesh_shape,

@@ -110,3 +110,21 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
   """Sharding of a [B, T, ...] input batch: batch over the 'act_batch' rule, rest replicated."""
   logical = ('act_batch',) + (None,) * (ndim - 1)
   return NamedSharding(mesh, nn.logical_to_mesh_axes(logical, rules))
+
+
+def process_rows_problem(batch: NamedSharding, n_rows: int, n_processes: int,
+                         process_of: Callable[[Any], int] = lambda d: d.process_index) -> str:
+  """'' when process p's devices hold exactly rows [p*n/N, (p+1)*n/N) of a batch laid out by
+  `batch` (what each process's loader reads and jax.make_array_from_process_local_data places);
+  else what goes wrong. A batch axis not split across the processes (the mesh's process-spanning
+  axis a model axis, say) gives several processes the same rows, each with its own data."""
+  per = n_rows // n_processes
+  held: dict[int, set[int]] = {}
+  for device, index in batch.devices_indices_map((n_rows, 1)).items():
+    held.setdefault(process_of(device), set()).update(range(*index[0].indices(n_rows)))
+  for p in sorted(held):
+    if held[p] != set(range(p * per, (p + 1) * per)):
+      return (f'process {p}\'s devices hold {len(held[p])} of the batch\'s {n_rows} rows '
+              f'(rows {min(held[p])}..{max(held[p])}), not its own {per} '
+              f'({p * per}..{(p + 1) * per - 1})')
+  return ''

@@ -156,6 +156,10 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
                                   ['train.pack', 'train.max_steps']),
     'packing bounded by epochs': ('train', {'train__pack': True, 'train__max_steps': 2000},
                                   None, ['train.pack', 'train.max_epochs=-1']),
+    # (All 8 devices are process 0's here, so any mesh gives process 0 every row.)
+    'batch not split over the processes': ('train', {'mesh__shape': (1, 1, -1)}, 'two processes',
+                                           ['mesh.shape=(1, 1, -1)', "process 0's devices hold "
+                                            '8 of the batch', 'act_batch']),
     'packing with several processes': ('train', {'train__pack': True, 'train__max_steps': 2000,
                                                  'train__max_epochs': -1},
                                        'two processes', ['train.pack', 'one process']),

@@ -1,5 +1,7 @@
 """Mesh construction, the logical-axis rules, and sharded == unsharded on 8 simulated devices."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -91,3 +93,21 @@ def test_rules_naming_an_unknown_mesh_axis_are_rejected():
     config.mesh.rules = (('embed', 'model'),)
   with pytest.raises(ValueError, match=r"mesh\.rules: logical axis 'embed' maps to 'model'"):
     jkd_config.mesh_config(config)
+
+
+@pytest.mark.parametrize('shape, process_of, problem', [
+    ((1, 8, 1), lambda d: d.id // 4, ''),  # two processes of four devices, batch over fsdp
+    ((2, 2, 2), lambda d: d.id // 4, ''),  # data spans the processes
+    ((1, 4, 2), lambda d: d.id // 4, ''),  # tensor within a process
+    ((1, 1, 8), lambda d: d.id // 4, "process 0's devices hold 16 of the batch's 16 rows"),
+    ((1, 2, 4), lambda d: d.id % 2, "process 0's devices hold 16 of the batch's 16 rows"),
+    ((1, 8, 1), lambda d: 1 - d.id // 4, "process 0's devices hold 8 of the batch's 16 rows "
+                                          r'\(rows 8..15\), not its own 8 \(0..7\)'),
+])
+def test_each_process_must_hold_its_own_rows_of_the_batch(devices8, shape, process_of, problem):
+  """With several processes, process p feeds rows [p*G/N, (p+1)*G/N) of every batch: the
+  batch's sharding must put exactly those rows on its devices, none on another's."""
+  rules = _smoke()[1].rules
+  mesh = sharding.make_mesh(('data', 'fsdp', 'tensor'), shape)
+  got = sharding.process_rows_problem(sharding.batch_sharding(mesh, rules), 16, 2, process_of)
+  assert (got == '') if not problem else re.match(problem, got), got
