@@ -206,6 +206,11 @@ def reduce_token_losses(kd_BxT, sft_BxT, loss_mask_BxT, *, kd_loss_weight=1.0,
 def topk_kd_from_stats(student_topk_BxTxK, teacher_logits_BxTxK, loss_mask_BxT, *,
                        kd_loss_weight=1.0, sft_loss_weight=0.0, **kwargs):
   """(loss, metrics) from per-token statistics; kwargs as in `topk_kd_per_token`."""
+  # A masked-out token's non-finite teacher logit (-inf) becomes -1e30: the token is left out
+  # of the loss, and left as it is, its gradient would be 0 * inf = NaN (reverse KL).
+  teacher_logits_BxTxK = jnp.where(
+      jnp.isfinite(teacher_logits_BxTxK) | (loss_mask_BxT[..., None] > 0), teacher_logits_BxTxK,
+      _NEG)
   kd_BxT, sft_BxT = topk_kd_per_token(student_topk_BxTxK, teacher_logits_BxTxK,
                                       kd_loss_weight=kd_loss_weight,
                                       sft_loss_weight=sft_loss_weight, **kwargs)
@@ -257,20 +262,20 @@ def topk_kd_loss(student_logits_BxTxV, teacher_ids_BxTxK, teacher_logits_BxTxK, 
   if cross_tokenizer:
     student_topk_BxTxK, ids_BxTxK = jax.lax.top_k(x_BxTxV, K)
   else:
-    ids_BxTxK = teacher_ids_BxTxK.astype(jnp.int32)
-    student_topk_BxTxK = jnp.take_along_axis(x_BxTxV, ids_BxTxK, axis=-1, mode='clip')
+    ids_BxTxK = jnp.clip(teacher_ids_BxTxK.astype(jnp.int32), 0, V - 1)  # -1 would wrap to V-1
+    student_topk_BxTxK = jnp.take_along_axis(x_BxTxV, ids_BxTxK, axis=-1)
 
   stats = {}
   if sft_loss_weight > 0 or (norm == 'full' and temperature == 1):
     stats['student_lse_BxT'] = jax.nn.logsumexp(x_BxTxV, axis=-1)
   if sft_loss_weight > 0:
-    labels_BxTx1 = labels_BxT.astype(jnp.int32)[..., None]
-    stats['label_logit_BxT'] = jnp.take_along_axis(x_BxTxV, labels_BxTx1, -1, mode='clip')[..., 0]
+    labels_BxTx1 = jnp.clip(labels_BxT.astype(jnp.int32), 0, V - 1)[..., None]
+    stats['label_logit_BxT'] = jnp.take_along_axis(x_BxTxV, labels_BxTx1, -1)[..., 0]
   if norm == 'full' and temperature != 1:
     stats['student_lse_kd_BxT'] = jax.nn.logsumexp(x_BxTxV / temperature, axis=-1)
   if tail:
     in_k_BxTxV = jnp.put_along_axis(jnp.zeros((B, T, V), bool), ids_BxTxK, True, axis=-1,
-                                    inplace=False, mode='clip')
+                                    inplace=False)
     stats['student_tail_lse_BxT'] = jax.nn.logsumexp(jnp.where(in_k_BxTxV, _NEG, x_BxTxV), -1)
   return topk_kd_from_stats(student_topk_BxTxK, teacher_logits_BxTxK, loss_mask_BxT,
                             teacher_lse_BxT=teacher_lse_BxT, **stats, **options)

@@ -419,6 +419,33 @@ def test_a_minus_inf_teacher_logit_is_probability_zero(name):
 
 
 @pytest.mark.parametrize('kd_loss', losses.KD_LOSSES)
+def test_a_masked_token_with_a_minus_inf_teacher_logit_changes_nothing(kd_loss):
+  """A -inf (or NaN) teacher logit at a masked-out token is left out of the loss and of its
+  gradient: the same loss and gradient as with a finite one there (reverse KL's product rule
+  gave 0 * inf = NaN)."""
+  batch = make_batch(15)
+  b, p = np.argwhere(batch['mask'] == 0)[0]
+  want = run_jkd(batch, kd_loss=kd_loss, sft_loss_weight=0.4)
+  for bad in (-np.inf, np.nan):
+    batch['t'][b, p, -1] = bad
+    got = run_jkd(batch, kd_loss=kd_loss, sft_loss_weight=0.4)
+    assert got[0] == want[0] and np.array_equal(got[2], want[2]), bad
+
+
+@pytest.mark.parametrize('field', ['ids', 'labels'])
+def test_ids_outside_the_vocabulary_are_clamped_into_it(field):
+  """-1 reads as id 0 and V as V - 1 (documented: such ids appear at masked positions only), not
+  wrapped around to V - 1 as numpy-style negative indexing would."""
+  batch = make_batch(16, mask='ones')
+  at = (0, 0, 1) if field == 'ids' else (0, 0)
+  for bad, same in ((-1, 0), (V, V - 1)):
+    changed, clamped = ({**batch, field: batch[field].copy()} for _ in range(2))
+    changed[field][at], clamped[field][at] = bad, same
+    np.testing.assert_array_equal(run_jkd(changed, sft_loss_weight=0.4)[2],
+                                  run_jkd(clamped, sft_loss_weight=0.4)[2])
+
+
+@pytest.mark.parametrize('kd_loss', losses.KD_LOSSES)
 def test_tail_finite_when_teacher_has_no_tail(kd_loss):
   """Protects the tail bucket when the stored lse leaves the teacher no tail mass (p_tail = 0),
   against float64 definitions: forward KL drops the bucket; reverse KL charges the student's

@@ -245,7 +245,7 @@ def _fused_loss(h, w, ids, t, labels, mask, teacher_lse, *, plan, options, cross
   p = w.shape[1]
   offset = 0 if axis_name is None else lax.axis_index(axis_name) * p
   n_valid = jnp.clip(plan.vocab_size - offset, 0, p).astype(jnp.int32)
-  ids = jnp.clip(ids.astype(jnp.int32), 0, plan.vocab_size - 1)  # as take_along_axis 'clip'
+  ids = jnp.clip(ids.astype(jnp.int32), 0, plan.vocab_size - 1)  # as jkd.losses clamps them
   labels = jnp.clip(labels.astype(jnp.int32), 0, plan.vocab_size - 1)
   if cross_tokenizer:
     ids = vs.student_topk_ids(h, w, n_valid, offset, ids.shape[1], plan, axis_name)
