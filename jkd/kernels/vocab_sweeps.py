@@ -112,20 +112,22 @@ def sweep_bwd(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
     lses, coefs = fam[:len(lses)], fam[len(lses):]
   rows_Nx1 = jnp.arange(h.shape[0])[:, None]
   h_DxN = _materialized(h.T) if plan.cpu else h.T
+  if plan.impl == 'pallas':
+    exact_NxJ = _sparse_dl(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan)
 
   def step(carry, c0, width):
     d_h_NxD, d_w_DxP = carry
-    if plan.impl == 'pallas':
-      dl_NxC = vt.pallas_chunk_dl(h, w, lids, n_valid, lses, coefs, jnp.asarray(c0, jnp.int32),
-                                  width, plan)
-    else:  # fp32 until the sparse terms are in: XLA:CPU scatters bf16 in fp32 and then feeds
-      # the dots below fp32 operands, at half the speed of its bf16 ones
-      keeps = _xla_keep_masks(lids, n_valid, c0, width, plan)
-      dl_NxC = vt.dense_dl(_xla_x(h, w, c0, width, plan), keeps, lses, coefs, plan)
     rel_NxJ = sp_ids - c0
     rel_NxJ = jnp.where((rel_NxJ >= 0) & (rel_NxJ < width), rel_NxJ, width)
-    dl_NxC = dl_NxC.at[rows_Nx1, rel_NxJ].add(sp_vals.astype(dl_NxC.dtype), mode='drop')
-    dl_NxC = dl_NxC.astype(plan.cdt)
+    if plan.impl == 'pallas':  # the kernel's dlogits (compute dtype), the sparse columns set
+      dl_NxC = vt.pallas_chunk_dl(h, w, lids, n_valid, lses, coefs, jnp.asarray(c0, jnp.int32),
+                                  width, plan)
+      dl_NxC = dl_NxC.at[rows_Nx1, rel_NxJ].set(exact_NxJ, mode='drop')
+    else:  # fp32 until the sparse terms are in (see _sparse_dl; and XLA:CPU scatters bf16 in
+      # fp32 and then feeds the dots below fp32 operands, at half the speed of its bf16 ones)
+      keeps = _xla_keep_masks(lids, n_valid, c0, width, plan)
+      dl_NxC = vt.dense_dl(_xla_x(h, w, c0, width, plan), keeps, lses, coefs, plan)
+      dl_NxC = dl_NxC.at[rows_Nx1, rel_NxJ].add(sp_vals, mode='drop').astype(plan.cdt)
     w_DxC = lax.dynamic_slice_in_dim(w, c0, width, axis=1).astype(plan.cdt)
     d_h_NxD = d_h_NxD + lax.dot_general(dl_NxC, w_DxC, (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.float32)
@@ -136,6 +138,21 @@ def sweep_bwd(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
   d_h, d_w = _loop_chunks(w.shape[1], chunk, step,
                           (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, w.dtype)), align)
   return d_h[:n, :d], d_w[:d, :p]
+
+
+def _sparse_dl(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
+  """dlogits at the sparse columns [N, J] (compute dtype): their dense part and every sparse
+  value at that column (the K ids, the label), summed in fp32 before one rounding. The kernel's
+  dlogits are rounded to the compute dtype first, and a sparse value added to them there would
+  lose what they cancel to: a confident label's p - 1 is below bf16's resolution of p, as is a
+  converged student's q - p at the teacher's ids (full-vocabulary forms)."""
+  ok_NxJ = sp_ids >= 0  # -1: none (off this shard's columns, or masked)
+  x_NxJ = gather_x(h, w, jnp.where(ok_NxJ, sp_ids, 0), plan)
+  in_k_NxJ = (sp_ids[:, :, None] == lids[:, None, :]).any(-1) if plan.tail else None
+  keeps = vt.keep_masks(jnp.where(ok_NxJ, sp_ids, n_valid), n_valid, in_k_NxJ, plan)
+  same_NxJxJ = sp_ids[:, :, None] == sp_ids[:, None, :]  # a column named twice sums both
+  total_NxJ = jnp.einsum('nij,nj->ni', same_NxJxJ.astype(jnp.float32), sp_vals)
+  return (vt.dense_dl(x_NxJ, keeps, lses, coefs, plan) + total_NxJ).astype(plan.cdt)
 
 
 def rows_sweep(h, w, lids, n_valid, sp_ids, ok, plan, axis_name, cotangents=None):
