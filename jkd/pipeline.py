@@ -63,31 +63,33 @@ class _Stages:
     """`outputs` exist once the stage finished; `home` (default: outputs) is what to delete
     to redo it."""
     self.settings.update(settings or {})
-    key = _compared(json.loads(json.dumps(self.settings, sort_keys=True, default=str)))
+    now = json.loads(json.dumps(self.settings, sort_keys=True, default=str))
+    key = _compared(now)
     done = self.record.get(name)
-    if done is not None:
-      done = {**done, 'settings': _compared(done['settings'])}
     finished = done is not None and done.get('finished', True)
     if finished and all(os.path.exists(o) for o in outputs):
-      if done['settings'] == key:
+      if _compared(done['settings']) == key:
         print(f'[pipeline] {name}: cached ({", ".join(outputs) or self.file})')
         self.timings.append({'stage': name, 'seconds': 0.0, 'cached': True})
         return done.get('result')
       if outputs:  # never overwrite a finished stage's files made with other settings
         raise ValueError(f'stage {name!r} finished in {os.path.dirname(self.file)} with other '
-                         f'settings ({_diff(done["settings"], key)}); delete '
+                         f'settings ({_diff(_compared(done["settings"]), key)}); delete '
                          f'{home or " and ".join(outputs)} to redo it, or use another workdir')
     # Files left by an interrupted run, or by a finished one whose outputs are partly gone:
     # extraction and training would continue them, under the settings they were made with.
     partial = [o for o in ([home] if home else outputs) if os.path.exists(o)]
-    if done is not None and partial and done['settings'] != key:
+    was = _compared(done['settings'] if done else {}, continued=True)
+    will = {k: v for k, v in _compared(now, continued=True).items()
+            if k in was or k not in _BOUND_WHEN_CONTINUED}  # an older record lacks them
+    if done is not None and partial and was != will:
       raise ValueError(f'stage {name!r} {"finished" if finished else "was interrupted"} in '
                        f'{os.path.dirname(self.file)} with other settings '
-                       f'({_diff(done["settings"], key)}) and its files would be continued '
+                       f'({_diff(was, will)}) and its files would be continued '
                        f'with these: rerun with the old settings, or delete '
                        f'{" and ".join(partial)} to redo it')
     if outputs:
-      self._write(name, {'settings': key, 'finished': False})
+      self._write(name, {'settings': now, 'finished': False})
     print(f'[pipeline] {name} ...')
     t0 = time.perf_counter()
     result = fn()
@@ -95,7 +97,7 @@ class _Stages:
     seconds = time.perf_counter() - t0
     print(f'[pipeline] {name}: {seconds:.1f}s')
     self.timings.append({'stage': name, 'seconds': seconds, 'cached': False})
-    self._write(name, {'settings': key, 'seconds': seconds, 'finished': True,
+    self._write(name, {'settings': now, 'seconds': seconds, 'finished': True,
                        'result': result if isinstance(result, dict) else None})
     return result
 
@@ -114,11 +116,16 @@ def _diff(old: dict, new: dict) -> str:
 # Keys that change how a stage runs but not what it writes: a change leaves its cache valid.
 _NEUTRAL = ('train.worker_count', 'train.wandb_project', 'train.checkpoint_max_to_keep',
             'train.save_interval')
+# ... but an interrupted training continues its checkpoints, whose Grain iterator state has a
+# form per worker_count (the train loop refuses another).
+_BOUND_WHEN_CONTINUED = ('train.worker_count',)
 
 
-def _compared(settings: dict) -> dict:
-  """The settings a stage's record is compared on: all but the _NEUTRAL keys."""
-  return {k: v for k, v in settings.items() if k not in _NEUTRAL}
+def _compared(settings: dict, continued: bool = False) -> dict:
+  """The settings a stage's record is compared on: all but the _NEUTRAL keys (for a stage
+  whose files are continued, all but those that stay neutral then)."""
+  skip = set(_NEUTRAL) - (set(_BOUND_WHEN_CONTINUED) if continued else set())
+  return {k: v for k, v in settings.items() if k not in skip}
 
 
 def _flat(config, *keys: str) -> dict:

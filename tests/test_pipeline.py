@@ -172,6 +172,31 @@ def test_an_interrupted_stage_continues_with_its_own_settings_only(tmp_path):
                                     outputs=[str(out / 'done')], home=str(out))
 
 
+def test_worker_count_is_neutral_for_a_finished_stage_only(tmp_path):
+  """A finished stage is cached under another train.worker_count (how it ran, not what it
+  wrote); an interrupted one is not continued under one, whose checkpoints hold a Grain
+  iterator state of another form (the train loop would refuse it, naming restore_from_path)."""
+  out, settings = tmp_path / 'out', {'train.lr': 1e-4, 'train.worker_count': 0}
+
+  def crash():
+    out.mkdir(exist_ok=True)
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    pipeline._Stages(str(tmp_path))('train', crash, settings=settings,
+                                    outputs=[str(out / 'done')], home=str(out))
+  other = {**settings, 'train.worker_count': 2}
+  with pytest.raises(ValueError, match=r'interrupted .*\(train\.worker_count: 0 -> 2\)'):
+    pipeline._Stages(str(tmp_path))('train', lambda: None, settings=other,
+                                    outputs=[str(out / 'done')], home=str(out))
+  pipeline._Stages(str(tmp_path))('train', lambda: (out / 'done').touch(), settings=settings,
+                                  outputs=[str(out / 'done')], home=str(out))
+  ran = []
+  pipeline._Stages(str(tmp_path))('train', lambda: ran.append(1), settings=other,
+                                  outputs=[str(out / 'done')], home=str(out))
+  assert ran == []  # cached
+
+
 def test_without_validation_step0_is_the_whole_splits_ce():
   """limit_val_batches=0 lets the validation split be smaller than one batch (config
   validation allows it): the full-batch evaluation, which would find no batch, is not run."""
