@@ -69,11 +69,9 @@ for vm in "${VMS[@]}"; do
     ssh_run "$vm" "mkdir -p $dir && tar -xzf jkd-src.tgz -C $dir && rm jkd-src.tgz"
   else
     clone="if [ ! -d $dir/.git ]; then git clone $(quote "$CLONE_URL") $dir; fi"
-    if [[ -n $CLONE_REF ]]; then  # a branch, tag or commit: whatever origin has now
-      clone+=" && git -C $dir fetch origin $(quote "$CLONE_REF") && git -C $dir checkout --detach FETCH_HEAD"
-    else
-      clone+=" && git -C $dir pull --ff-only"
-    fi
+    # A branch, tag or commit (--ref), else origin's default branch: whatever origin has now,
+    # checked out detached (a pull would fail on the detached HEAD an earlier --ref left)
+    clone+=" && git -C $dir fetch origin $(quote "${CLONE_REF:-HEAD}") && git -C $dir checkout --detach FETCH_HEAD"
     ssh_run "$vm" "$clone"
   fi
   ssh_run "$vm" "cd $dir && bash scripts/gcp/remote_setup.sh --extras $(quote "$EXTRAS") --gpus $(quote "$GPUS_PER_VM")"
