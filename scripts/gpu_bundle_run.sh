@@ -108,12 +108,14 @@ main() {
       export JKD_XLA_FLAGS_OFF=1
     fi
   fi
-  local rc=0
+  local rc=0 s
+  if [[ $DRY_RUN != 1 ]]; then  # an earlier call's logs (a warm machine) are not this one's
+    for s in "${STEPS[@]}"; do rm -f "$CHECK_DIR/$s.log"; done
+  fi
   run env PYTHON="$PY" "T_DEVICES=$T_DEVICES" "T_PYTEST=$T_PYTEST" "T_BENCH_LOSS=$T_BENCH_LOSS" \
     "T_BENCH_TRAIN=$T_BENCH_TRAIN" "T_SMOKE=$T_SMOKE" bash scripts/gpu_check.sh \
     --out "$CHECK_DIR" ${CHECK_ARGS[@]+"${CHECK_ARGS[@]}"} || rc=$?
   if [[ $DRY_RUN != 1 ]]; then
-    local s
     for s in "${STEPS[@]}"; do
       if [[ -f $CHECK_DIR/$s.log ]]; then
         cp "$CHECK_DIR/$s.log" "$RESULTS/gpu_check-$s.log"
