@@ -42,6 +42,10 @@ class Tokenizer:
       self.vocab_size = self._sp.vocab_size()
     elif library == 'huggingface':
       self._hf = tokenizers.Tokenizer.from_str(files[HF_FILE].decode('utf-8'))
+      # A tokenizer.json saved with truncation or padding would cut or pad every encode;
+      # transformers (NeMo's AutoTokenizer) turns both off unless asked, and so does jkd.
+      self._hf.no_truncation()
+      self._hf.no_padding()
       self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
     else:
       raise ValueError(f'tokenizer library {library!r}: expected sentencepiece or huggingface')

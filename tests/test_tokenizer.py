@@ -180,6 +180,23 @@ def test_huggingface_tokenizer_json_member(tmp_path, gpt2_files):
   assert tok.encode(TEXTS[0]) == ref.encode(TEXTS[0], add_special_tokens=False).ids
 
 
+def test_a_tokenizer_json_saved_with_truncation_and_padding_encodes_whole_text(tmp_path,
+                                                                              gpt2_files):
+  """tokenizers applies a file's own truncation and padding blocks to every encode; transformers
+  (NeMo's AutoTokenizer) turns them off, and so does jkd: the same ids as without them."""
+  data = _gpt2_nemo(tmp_path, gpt2_files, 'megatron').files['tokenizer.json']
+  spec = json.loads(data)
+  spec['truncation'] = {'direction': 'Right', 'max_length': 3, 'strategy': 'LongestFirst',
+                        'stride': 0}
+  spec['padding'] = {'strategy': {'Fixed': 64}, 'direction': 'Right', 'pad_to_multiple_of': None,
+                     'pad_id': 0, 'pad_type_id': 0, 'pad_token': '<|endoftext|>'}
+  plain = jt.Tokenizer('huggingface', {'tokenizer.json': data}, bos_id=None, eos_id=0, pad_id=None)
+  saved = jt.Tokenizer('huggingface', {'tokenizer.json': json.dumps(spec).encode()}, bos_id=None,
+                       eos_id=0, pad_id=None)
+  assert 3 < len(plain.encode(TEXTS[0])) < 64
+  assert saved.encode(TEXTS[0]) == plain.encode(TEXTS[0])
+
+
 def write_gguf_tokenizer(path, *, model='gpt2', pre='gpt2', tokens=(), merges=(), types=None):
   import gguf
   w = gguf.GGUFWriter(str(path), 'llama')
