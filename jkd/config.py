@@ -175,6 +175,10 @@ def _pipeline_runs(config) -> None:
   if d.reduction == 'nemo':  # an unknown one: the training checks below name it
     raise ValueError("distill.reduction='nemo': mode=pipeline needs 'global_token_mean', so "
                      'that validation CE is a token mean over the split, as evaluated at step 0')
+  if d.logits_scale != 1:
+    raise ValueError(f'distill.logits_scale={d.logits_scale}: mode=pipeline needs 1, so that '
+                     'validation CE (val/sft_loss, on the scaled logits) is the CE evaluated at '
+                     'step 0 and in the metrics table')
   if t.limit_val_batches not in (-1, 0):
     raise ValueError(f'train.limit_val_batches={t.limit_val_batches}: mode=pipeline needs -1 '
                      '(the whole split, as evaluated at step 0) or 0 (no validation curves)')

@@ -139,6 +139,8 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
                             ['data.format', 'chatml']),
     'pipeline pure KD': ('pipeline', {**_PIPE, 'distill__sft_loss_weight': 0.0}, None,
                          ['distill.sft_loss_weight', 'val/sft_loss']),
+    'pipeline curve on scaled logits': ('pipeline', {**_PIPE, 'distill__logits_scale': 2.0}, None,
+                                        ['distill.logits_scale', 'step 0']),
     'pipeline curve of part of the split': ('pipeline', {**_PIPE, 'train__limit_val_batches': 1},
                                             None, ['train.limit_val_batches', 'step 0']),
     'pipeline curve of micro-batch means': ('pipeline', {**_PIPE, 'distill__reduction': 'nemo'},
