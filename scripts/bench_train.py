@@ -228,17 +228,17 @@ def scan_unroll(flags):
 
 
 def jkd_setup(s, np_batch, flags, remat, **overrides):
-  """(state, step, batch on the mesh) for shapes s: random init, all devices on the fsdp axis."""
+  """(state, step, batch on the mesh) for shapes s: random init, on one device (the PyTorch
+  column runs on one, and MFU divides by one device's peak)."""
   tc = dataclasses.replace(
       train.TrainConfig(), global_batch_size=s['batch'], micro_batch_size=s['micro_batch'],
       max_steps=1000, warmup_steps=10, constant_steps=0, lr=LR, min_lr=LR / 10,
       kd_loss='fwd_kl', kd_loss_weight=KD_WEIGHT, sft_loss_weight=SFT_WEIGHT,
       decay_norm_scales=False,  # as the PyTorch groups: no decay on norms
-      precision=flags.precision, seed=flags.seed, remat_policy=remat, attention=flags.attention,
-      scan_unroll=scan_unroll(flags),
-      **overrides)
+      precision=flags.precision, seed=flags.seed, remat_policy=remat,
+      scan_unroll=scan_unroll(flags), **{'attention': flags.attention, **overrides})
   cfg, rules = student_config(s), base.LOGICAL_AXIS_RULES
-  mesh = sharding.make_mesh(('data', 'fsdp', 'tensor'), (1, -1, 1))
+  mesh = sharding.make_mesh(('data', 'fsdp', 'tensor'), (1, 1, 1), jax.devices()[:1])
   state, state_sh = train.init_state(cfg, tc, None, mesh, rules)
   b_sh = train.batch_shardings(mesh, rules)
   batch = {k: jax.device_put(np_batch[k], b_sh[k]) for k in train.BATCH_KEYS}
@@ -281,9 +281,11 @@ def build_jkd(s, np_batch, flags, impl):
 def xla_flops_loop_free(s, np_batch, flags):
   """(XLA flops, formula FLOPs) of the step at 1 layer, reference loss, 1 micro-step: every
   loop then runs once, so XLA's count (a while body counted once) is the whole program's; no
-  remat, whose recomputation the formula leaves out."""
+  remat, whose recomputation the formula leaves out; XLA's attention (cost analysis counts no
+  FLOPs in a custom call such as cuDNN's)."""
   s1 = dict(s, layers=1, micro_batch=s['batch'])
-  state, step, batch = jkd_setup(s1, np_batch, flags, 'none', loss_impl='reference')
+  state, step, batch = jkd_setup(s1, np_batch, flags, 'none', loss_impl='reference',
+                                 attention='xla')
   return xla_flops(step.lower(state, batch).compile()), model_flops(s1)[0]
 
 
@@ -456,7 +458,8 @@ def main(flags):
   flops, n_mm, n_total = model_flops(s)
   tokens = s['batch'] * s['seq_len']
   print(f"jkd train step vs PyTorch reference | jax {jax.__version__}, backend "
-        f"{jax.default_backend()}, {jax.device_count()} device(s): {jax.devices()[0].device_kind}")
+        f"{jax.default_backend()}: one {jax.devices()[0].device_kind} for each column (of "
+        f"{jax.device_count()} here)")
   print(f"student: layers={s['layers']} D={s['hidden']} F={s['ffn']} heads={s['heads']} "
         f"kv_heads={s['kv_heads']} V={s['vocab']} untied, {n_total / 1e6:.1f}M params "
         f"(N_mm {n_mm / 1e6:.1f}M)")

@@ -6,6 +6,7 @@ import runpy
 import subprocess
 import sys
 
+import jax
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,6 +83,15 @@ def test_malloc_env_records_only_allocator_settings(bench):
   env = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1', 'MALLOC_ARENA_MAX': '1', 'HOME': '/root'}
   assert bench['malloc_env'](env) == 'GLIBC_TUNABLES=glibc.malloc.hugetlb=1 MALLOC_ARENA_MAX=1'
   assert bench['malloc_env']({'HOME': '/root'}).startswith('allocator defaults')
+
+
+def test_the_jkd_column_runs_on_one_device_of_several(bench, devices8):
+  """The PyTorch column runs on one device and MFU divides by one device's peak: on a machine
+  with several (an 8-GPU VM), jkd's step takes one of them too, not all."""
+  flags = bench['parse_flags'](TINY + ['--precision', 'fp32'])
+  s, _, _ = bench['resolve'](flags)
+  state, _, batch = bench['jkd_setup'](s, bench['make_batch'](s, 0), flags, 'none')
+  assert {len(x.sharding.device_set) for x in jax.tree.leaves((state, batch))} == {1}
 
 
 def test_tiny_run_prints_both_columns_and_the_ratio():
