@@ -133,6 +133,12 @@ class ChunkedJsonl:
     return out
 
 
+def _drain(workers):
+  """Batches a Grain loader of `workers` holds read ahead: one from each worker and their
+  prefetch buffers' (2 x 4 read threads each)."""
+  return max(1, workers) * (1 + 2 * 4)
+
+
 def du(path):
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
@@ -144,6 +150,10 @@ def main():
   ap.add_argument('--nemo-reads', type=int, default=24, help='random ChunkedJsonl accesses to time')
   ap.add_argument('--workdir', default=None, help='kept if given; a temp dir otherwise')
   args = ap.parse_args()
+  if args.examples // 8 <= 2 * _drain(2):
+    ap.error(f'--examples={args.examples}: the Grain rows time batches of 8 in steady state, '
+             f'after {_drain(2)} and before the last {_drain(2)}: give more than '
+             f'{8 * 2 * _drain(2) + 8}')
   work = args.workdir or tempfile.mkdtemp(prefix='jkd-bench-store-')
   os.makedirs(work, exist_ok=True)
   per_chunk = args.examples // args.chunks
@@ -183,6 +193,8 @@ def main():
   parts = {a: sum(du(os.path.join(blocks, b, a)) for b in os.listdir(blocks))
            for a in ('topk_ids', 'topk_logits', 'lse', 'tokens', 'labels', 'loss_mask')}
   print('  bf16 store by array, B/token: ' + ', '.join(f'{a} {n / tokens:.1f}' for a, n in parts.items()))
+  print('  bf16 rounds the top-K logits (the store default, lossy); fp32 holds the JSONL\'s '
+        'values exactly (the like-for-like size)')
   print(f'  NeMo JSONL per padded position: {jsonl / padded:.0f} B ({padded / tokens:.2f} positions per '
         f'real token); without its padding the store would still be '
         f'{jsonl / padded / (rows[1][1] / tokens):.1f}x smaller; import took {import_s:.0f} s')
@@ -204,15 +216,17 @@ def main():
     it = loader.make_loader(os.path.join(work, 'store'), 'train', batch_size=8, seed=0,
                             num_epochs=1, max_seq_length=MAX_LEN, pad_id=EOS, worker_count=workers,
                             shard_index=0, shard_count=1)
-    # Start-up is not reading: one batch from each worker, then the batches their prefetch
-    # buffers (2 x 4 read threads each) filled meanwhile, which were read before any clock.
-    for _ in range(max(1, workers) * (1 + 2 * 4)):
-      next(it, None)
+    # Steady state only: start-up is not reading (the first batches, and those the prefetch
+    # buffers filled meanwhile), and the last ones were read before they were asked for. With
+    # the buffers full at both ends of the clock, the batches taken equal those read.
+    for _ in range(_drain(workers)):
+      next(it)
     t, n = time.perf_counter(), 0
-    for b in it:
-      n += len(b['tokens'])
+    for _ in range(len(records) // 8 - 2 * _drain(workers)):
+      n += len(next(it)['tokens'])
     rates.append((f'jkd Grain make_loader, shuffled, batch 8, {workers} workers',
                   n / (time.perf_counter() - t)))
+    it.close()
   print(f'\nrandom access (shuffled order, K={K})                       examples/s   vs NeMo')
   for name, rate in rates:
     print(f'  {name:58s} {rate:9.1f} {rate / nemo_rate:9.0f}x')
