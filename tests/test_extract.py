@@ -117,9 +117,9 @@ def _records(store, split='train'):
 
 
 def test_store_holds_each_example_equal_to_the_unsharded_teacher(teacher_dir, tmp_path):
-  """CLI on the (2, 2, 2) mesh: every example's record equals lax.top_k of the unsharded
-  teacher run on that example alone (so neither padding nor batching nor data-parallel
-  placement leaks between examples), and each record sits at its own index."""
+  """CLI on the (2, 2, 2) mesh: every example's record holds that example (tokens, labels,
+  mask of the data's example of its index) and equals lax.top_k of the unsharded teacher on it
+  (so neither padding nor batching nor data-parallel placement leaks between examples)."""
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
   proc = subprocess.run(_extract_cli(teacher_dir, tmp_path / 'store',
                                      '--config.mesh.shape=(2,2,2)'),
@@ -127,13 +127,24 @@ def test_store_holds_each_example_equal_to_the_unsharded_teacher(teacher_dir, tm
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = _records(tmp_path / 'store')
   assert sorted(records) == list(range(48))
-  cfg, params = model.load(str(teacher_dir / 'teacher'))
-  for index in (0, 7, 13, 47):
-    rec = records[index]
-    ids, vals, lse, _ = _reference(cfg, params, rec.tokens[None], k=8)
-    np.testing.assert_allclose(rec.topk_logits, vals[0], atol=1e-4)
-    np.testing.assert_allclose(rec.lse, lse[0], atol=1e-4)
-    assert (rec.topk_ids == ids[0]).mean() > 0.99
+  cfg, params, _, examples, _ = in_process(teacher_dir, tmp_path / 'unused')
+  # The reference: the unsharded teacher on the data's own examples, right-padded into one
+  # batch (a causal model's logits at a position see no later one).
+  longest = max(len(e['tokens']) for e in examples)
+  tokens = np.zeros((len(examples), longest), np.int32)
+  for e in examples:
+    tokens[e['index'], :len(e['tokens'])] = e['tokens']
+  ids, vals, lse, shifted = _reference(cfg, params, tokens, k=8)
+  for e in examples:
+    rec, i, n = records[e['index']], e['index'], len(e['tokens'])
+    for field in ('tokens', 'labels', 'loss_mask'):  # the record of this very example
+      np.testing.assert_array_equal(getattr(rec, field), e[field], err_msg=f'{i} {field}')
+    np.testing.assert_allclose(rec.topk_logits, vals[i, :n], atol=1e-4, err_msg=str(i))
+    np.testing.assert_allclose(rec.lse, lse[i, :n], atol=1e-4, err_msg=str(i))
+    # Ids: the teacher's own logit at each stored id is the stored value (ties may reorder).
+    np.testing.assert_allclose(np.take_along_axis(shifted[i, :n], rec.topk_ids, -1),
+                               rec.topk_logits, atol=1e-4, err_msg=str(i))
+    assert (rec.topk_ids == ids[i, :n]).mean() > 0.99
 
 
 def in_process(teacher_dir, output, **settings):

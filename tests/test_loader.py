@@ -147,12 +147,17 @@ def test_packing(store):
   assert len(seen) > len(list(_loader(store, pack=True, batch_size=3))) * 3  # rows hold > 1
 
 
-def test_top_k_truncation(store):
-  for b in _loader(store, top_k=3, shuffle=False):
+@pytest.mark.parametrize('shuffle', [False, True])
+def test_top_k_truncation(store, shuffle):
+  """top_k=3 keeps each position's first 3 of the stored K (the largest, as NeMo's order
+  puts them), ids with their own logits, in every row."""
+  for b in _loader(store, top_k=3, shuffle=shuffle):
     assert b['topk_ids'].shape[2] == b['topk_logits'].shape[2] == 3
-    rec = store[1][int(b['tokens'][0, 0])]
-    s = min(len(rec.tokens), MAX_LEN)
-    np.testing.assert_array_equal(b['topk_logits'][0, :s], rec.topk_logits[:s, :3])
+    for row in range(b['tokens'].shape[0]):
+      rec = store[1][int(b['tokens'][row, 0])]
+      s = min(len(rec.tokens), MAX_LEN)
+      np.testing.assert_array_equal(b['topk_ids'][row, :s], rec.topk_ids[:s, :3])
+      np.testing.assert_array_equal(b['topk_logits'][row, :s], rec.topk_logits[:s, :3])
   with pytest.raises(ValueError, match=r'top_k=9 not in \[1, stored K=8\]'):
     _loader(store, top_k=9)
   with pytest.raises(ValueError, match='max_seq_length=50 must be a positive multiple of 8'):

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -67,7 +68,8 @@ def _run_processes(cmd, n: int, timeout: float = 900) -> list[str]:
 
 def test_two_processes_train_as_one_process_of_eight_devices(store, tmp_path):
   """(1, 8, 1) mesh, FSDP across the two processes: the same losses, gradient norms and
-  validation loss at every step (metrics.jsonl, written by process 0 only), checkpoints too."""
+  validation loss at every step (metrics.jsonl, written by process 0 only), and the same
+  checkpoints: steps, and the last one's params, which each process saved its shards of."""
   args = ('--config.train.max_steps=4', '--config.train.val_check_interval=2',
           '--config.train.save_interval=2', '--config.train.limit_val_batches=2')
   _run_processes(tt._train_cli(store, tmp_path / 'one', *args), 1)
@@ -80,6 +82,10 @@ def test_two_processes_train_as_one_process_of_eight_devices(store, tmp_path):
     for key in keys:
       assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
   assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == ['2', '4']
+  (sa, pa), (sb, pb) = tt._final_params(tmp_path / 'one'), tt._final_params(tmp_path / 'two')
+  assert sa == sb == 4
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
 
 
 def _config(**kw):

@@ -56,9 +56,16 @@ def _check_kills_at_stage_ends(whole, cut):
   # The whole run's compilation cache (conftest's): the chain's runs compile the same programs
   # and its kills land at stage ends, never inside a cache write.
   environ = harness.env(cut, JAX_COMPILATION_CACHE_DIR=os.environ['JAX_COMPILATION_CACHE_DIR'])
+  killed = []  # the stage each kill left recorded as started, not finished
+
+  def unfinished():
+    record = json.loads((cut / 'stages.json').read_text())
+    killed.extend(name for name, entry in record.items() if not entry.get('finished', True))
   kills = harness.kill_chain(argv, environ, cut, n_points=n_stages, kills=4, seed=17,
-                             only='pipeline.stage_done')
-  assert len(kills) == 4
+                             only='pipeline.stage_done', after_kill=unfinished)
+  assert [k.position for k in kills] == [2, 3, 8, 10]
+  assert killed == ['teacher: export .nemo', 'teacher: export .nemo', 'student: export .nemo',
+                    'student: import .nemo'], killed
   a, b = (json.loads((d / 'results.json').read_text()) for d in (whole, cut))
   for key in ('metrics', 'val', 'samples'):
     assert a[key] == b[key], key

@@ -48,11 +48,18 @@ def _metrics(workdir) -> dict[int, dict]:
 
 
 def _final_params(workdir):
+  """(last step, its params) of a workdir's checkpoints, restored onto one device (whatever
+  devices and processes saved them)."""
+  import jax
   import orbax.checkpoint as ocp
   ckpt = os.path.join(workdir, 'checkpoints')
   step = max(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  path = os.path.join(ckpt, str(step), 'state')
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as ckptr:
-    return step, ckptr.restore(os.path.join(ckpt, str(step), 'state'))['params']
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                          ckptr.metadata(path).item_metadata.tree)
+    return step, ckptr.restore(path, target)['params']
 
 
 @pytest.mark.parametrize('keys,n_train,want', [
