@@ -19,6 +19,7 @@ saves, exit 143 (Ctrl-C: KeyboardInterrupt) (jkd.distributed.Preemption).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import itertools
 import json
 import math
@@ -59,7 +60,7 @@ def loop_settings(config) -> LoopSettings:
       max_seq_length=config.data.max_seq_length)
 
 
-def _summary_writer(logdir: str, purge_step: int):
+def _summary_writer(logdir: str):
   """tensorboardX's SummaryWriter, imported without torch: where torch is installed (the convert
   extra), tensorboardX imports it only to accept torch tensors, ~2 s of every training start;
   jkd logs Python floats."""
@@ -71,27 +72,36 @@ def _summary_writer(logdir: str, purge_step: int):
   finally:
     if hide:
       del sys.modules['torch']
-  return tensorboardX.SummaryWriter(logdir, purge_step=purge_step)
+  return tensorboardX.SummaryWriter(logdir)
 
 
 class _Metrics:
   """TensorBoard + metrics.jsonl (+ W&B) on process 0; scalars only. A run starting at step
   `start` (0, or a resumed checkpoint's) first drops what was logged after it (steps it is about
-  to run again), so every step is logged once, as an uninterrupted run logs it."""
+  to run again), so every step is logged once, as an uninterrupted run logs it. metrics.jsonl
+  (flushed every step) is the record: TensorBoard's files, which a killed run may not have
+  flushed, are written anew from it."""
 
   def __init__(self, ls: LoopSettings, config, start: int):
     self.on = jax.process_index() == 0
     self.tb = self.jsonl = self.wandb = None
     if not self.on:
       return
-    self.tb = _summary_writer(os.path.join(ls.workdir, 'tensorboard'), purge_step=start + 1)
     path = os.path.join(ls.workdir, 'metrics.jsonl')
+    kept = []
     if os.path.exists(path):  # a fresh start (0) keeps nothing of a run killed before a save
       with open(path) as f:
         kept = [line for line in f if line.endswith('\n') and json.loads(line)['step'] <= start]
       with open(path + '.tmp', 'w') as f:
         f.writelines(kept)
       os.replace(path + '.tmp', path)
+    tb_dir = os.path.join(ls.workdir, 'tensorboard')
+    for old in glob.glob(os.path.join(tb_dir, 'events.out.tfevents.*')):
+      os.remove(old)
+    self.tb = _summary_writer(tb_dir)
+    for line in kept:
+      row = json.loads(line)
+      self._tb_row(row.pop('step'), row)
     self.jsonl = open(path, 'a')
     if ls.wandb_project:
       try:
@@ -110,11 +120,14 @@ class _Metrics:
       self.wandb = wandb.init(project=ls.wandb_project, dir=ls.workdir, id=run_id,
                               config=config.to_dict(), resume='allow')
 
+  def _tb_row(self, step: int, values: dict[str, float]) -> None:
+    for name, value in values.items():
+      self.tb.add_scalar(name, value, step)
+
   def write(self, step: int, values: dict[str, float]) -> None:
     if not self.on:
       return
-    for name, value in values.items():
-      self.tb.add_scalar(name, value, step)
+    self._tb_row(step, values)
     self.jsonl.write(json.dumps({'step': step, **values}) + '\n')
     self.jsonl.flush()
     if self.wandb is not None:

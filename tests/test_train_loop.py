@@ -47,6 +47,28 @@ def _metrics(workdir) -> dict[int, dict]:
   return out
 
 
+def _tensorboard(workdir) -> dict[int, dict]:
+  """{step: {tag: value}} of the TensorBoard event files (TFRecord framing: length, its CRC,
+  the Event, its CRC), as float32 holds them."""
+  import glob
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for path in sorted(glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*'))):
+    with open(path, 'rb') as f:
+      data = f.read()
+    i = 0
+    while i + 12 <= len(data):
+      n = struct.unpack('<Q', data[i:i + 8])[0]
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      for v in event.summary.value:
+        assert v.tag not in out.get(event.step, {}), (v.tag, event.step)  # each logged once
+        out.setdefault(event.step, {})[v.tag] = v.simple_value
+  return out
+
+
 def _final_params(workdir):
   """(last step, its params) of a workdir's checkpoints, restored onto one device (whatever
   devices and processes saved them)."""

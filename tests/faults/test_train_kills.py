@@ -49,6 +49,12 @@ def _check_same_run(whole, cut):
   a, b = _rows(whole), _rows(cut)
   assert [r['step'] for r in b] == [r['step'] for r in a]  # each step logged once, in order
   assert a == b
+  # TensorBoard holds the same rows, each step once (a kill may leave its own files unflushed)
+  board = tl._tensorboard(cut)
+  assert sorted(board) == sorted({r['step'] for r in b})
+  for row in b:
+    got = board[row['step']]
+    assert all(got[k] == np.float32(v) for k, v in row.items() if k != 'step'), row['step']
   (sa, pa), (sb, pb) = tl._final_params(whole), tl._final_params(cut)
   assert sa == sb == 24
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, pa, pb)))
