@@ -29,6 +29,7 @@ import time
 import uuid
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -158,6 +159,9 @@ def _check_finite(values: dict[str, float], step: int) -> None:
     if not math.isfinite(value):
       raise FloatingPointError(f'{name} is {value} at step {step}; stopping (the last '
                                'checkpoint is intact)')
+
+
+_real_tokens = jax.jit(lambda segment_ids: jnp.sum(segment_ids > 0))  # padding has segment 0
 
 
 def _global(batch: dict, shardings: dict) -> dict:
@@ -422,7 +426,7 @@ def run(config) -> dict[str, float]:
     _check_finite(values, step)
     elapsed = time.perf_counter() - t0
     values.update({'train/consumed_samples': float(step * tc.global_batch_size),
-                   'train/step_time': elapsed, 'train/tokens_per_sec': tokens / elapsed})
+                   'train/step_time': elapsed, 'train/tokens_per_sec': float(tokens) / elapsed})
     metrics_out.write(step, values)
     last = values
     bar.set_postfix(loss=f'{values["train/loss"]:.4f}', lr=f'{values["train/lr"]:.2e}')
@@ -436,10 +440,10 @@ def run(config) -> dict[str, float]:
     try:
       for step in range(start + 1, last_step + 1):
         profiler.step(step, wait=state)  # starts or stops the trace (config.profile)
-        batch = next(train_it)
-        tokens = float((batch['segment_ids'] > 0).sum()) * jax.process_count()  # real tokens
+        batch = _global(next(train_it), batch_shardings)
+        tokens = _real_tokens(batch['segment_ids'])  # of the global batch, every process's rows
         t0 = time.perf_counter()
-        state, metrics = step_fn(state, _global(batch, batch_shardings), *extra)
+        state, metrics = step_fn(state, batch, *extra)
         settle()  # step n-1, while step n runs
         pending = (step, metrics, t0, tokens)
         bar.update(1)

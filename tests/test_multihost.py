@@ -68,7 +68,8 @@ def _run_processes(cmd, n: int, timeout: float = 900) -> list[str]:
 
 def test_two_processes_train_as_one_process_of_eight_devices(store, tmp_path):
   """(1, 8, 1) mesh, FSDP across the two processes: the same losses, gradient norms and
-  validation loss at every step (metrics.jsonl, written by process 0 only), and the same
+  validation loss at every step (metrics.jsonl, written by process 0 only), the same token
+  counts (tokens/s x step time), and the same
   checkpoints: steps, and the last one's params, which each process saved its shards of."""
   args = ('--config.train.max_steps=4', '--config.train.val_check_interval=2',
           '--config.train.save_interval=2', '--config.train.limit_val_batches=2')
@@ -81,6 +82,9 @@ def test_two_processes_train_as_one_process_of_eight_devices(store, tmp_path):
     keys += ['val/loss'] if step % 2 == 0 else []
     for key in keys:
       assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
+    # tokens/s x step time: the real tokens of the global batch, every process's rows counted
+    tokens = [r['train/tokens_per_sec'] * r['train/step_time'] for r in (a[step], b[step])]
+    assert tokens[1] == pytest.approx(tokens[0], rel=1e-9) and tokens[0] > 0, step
   assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == ['2', '4']
   (sa, pa), (sb, pb) = tt._final_params(tmp_path / 'one'), tt._final_params(tmp_path / 'two')
   assert sa == sb == 4
