@@ -11,7 +11,10 @@ files are tokenized with the teacher's tokenizer and the step computes the teach
 stops with the step in the message when a loss or gradient norm is not finite. Metrics go to
 TensorBoard event files under `<workdir>/tensorboard`, to `<workdir>/metrics.jsonl` (one JSON
 object per step, one more per validation) and to a progress bar; W&B too when
-`train.wandb_project` is set. The teacher never enters a checkpoint. `config.profile` traces a
+`train.wandb_project` is set: the step's losses, grad_norm and lr, consumed_samples, step_time
+(wall time from dispatching the step to reading its metrics; a step that compiled, the first
+of a run or of a new batch length, includes its compile) and tokens_per_sec (the global
+batch's real tokens over step_time). The teacher never enters a checkpoint. `config.profile` traces a
 window of steps (jkd/profiling.py). SIGTERM (or a first Ctrl-C) stops the run after a step it
 saves, exit 143 (Ctrl-C: KeyboardInterrupt) (jkd.distributed.Preemption).
 """
