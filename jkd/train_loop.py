@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -230,11 +231,39 @@ def _check_resumable(ls, config, tc, start: int, n_train: int) -> None:
                       if before[k] != schedule[k])
           + f'): step {start + 1} at lr {float(train.make_schedule(tc)(start)):.4g}, '
           f'{float(old(start)):.4g} under the old one')
+    now = {**saved, **now}  # the record of the run's exports, too
   now['schedule'] = schedule
   if jax.process_index() == 0:
     with open(path + '.tmp', 'w') as f:
       json.dump(now, f, indent=1, sort_keys=True)
     os.replace(path + '.tmp', path)
+
+
+def _stamp(path: str) -> list[int]:
+  st = os.stat(path)
+  return [st.st_mtime_ns, st.st_size if os.path.isfile(path) else -1]
+
+
+def _recorded_export(ls, path: str) -> bool:
+  """Whether `path` is the .nemo this workdir's run wrote at its end, unchanged since."""
+  run = os.path.join(ls.workdir, RUN_FILE)
+  if not os.path.isfile(run):
+    return False
+  with open(run) as f:
+    return json.load(f).get('exports', {}).get(os.path.abspath(path)) == _stamp(path)
+
+
+def _record_export(ls, path: str) -> None:
+  """Records the .nemo the run's end wrote in run.json (process 0; temp file, rename)."""
+  run = os.path.join(ls.workdir, RUN_FILE)
+  if jax.process_index() != 0 or not os.path.isfile(run):
+    return
+  with open(run) as f:
+    saved = json.load(f)
+  saved.setdefault('exports', {})[os.path.abspath(path)] = _stamp(path)
+  with open(run + '.tmp', 'w') as f:
+    json.dump(saved, f, indent=1, sort_keys=True)
+  os.replace(run + '.tmp', run)
 
 
 def _validate(eval_fn, state, tc, ls, pad_id, shardings, sources, extra) -> dict[str, float]:
@@ -338,13 +367,16 @@ def run(config) -> dict[str, float]:
     raise ValueError(f'{ls.workdir}/checkpoints: the latest checkpoint is at step {start}, '
                      f'past this run\'s last step {last_step} (train.max_steps, max_epochs); '
                      'raise them or use another workdir')
-  # A .nemo already at the export path is overwritten only if it is this run's own (newer than
-  # the checkpoint it resumes from).
+  # A .nemo (a file, or a directory) already at the export path is overwritten only if it is
+  # this run's own: the one its end wrote (recorded in run.json; a run extended since resumes
+  # from later checkpoints), or one newer than the checkpoint it resumes from (a kill inside
+  # the export, before the record).
   nemo = ls.export_nemo or (os.path.join(ls.workdir, 'student.nemo')
                             if ls.save_nemo_on_train_end else '')
-  nemo_exists = bool(nemo) and os.path.isfile(nemo)
-  own_nemo = nemo_exists and start > 0 and os.path.getmtime(nemo) >= os.path.getmtime(
-      os.path.join(ls.workdir, 'checkpoints', str(start)))
+  nemo_exists = bool(nemo) and os.path.exists(nemo)
+  own_nemo = nemo_exists and start > 0 and (
+      _recorded_export(ls, nemo) or os.path.getmtime(nemo) >= os.path.getmtime(
+          os.path.join(ls.workdir, 'checkpoints', str(start))))
   if nemo_exists and not own_nemo:
     raise FileExistsError(f'{nemo}: already exists and is not this run\'s export (older than '
                           'its latest checkpoint, or no checkpoint); remove it or choose '
@@ -489,9 +521,13 @@ def run(config) -> dict[str, float]:
     if tok is not None:
       tokenizer.save(tok, final)
     from jkd import export
-    if own_nemo and os.path.isfile(nemo):
+    if own_nemo and os.path.isdir(nemo):
+      shutil.rmtree(nemo)
+    elif own_nemo and os.path.exists(nemo):
       os.remove(nemo)
     export.export(final, nemo=nemo, hf=ls.export_hf, dtype='bfloat16')
+    if nemo:
+      _record_export(ls, nemo)
   print(f'[train] {last_step} steps; ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(last.items())
                                                     if k.endswith('loss')))
   return last

@@ -34,8 +34,9 @@ def _train_cli(store, workdir, *extra):
           '--config.distill.sft_loss_weight=0.4', *extra]
 
 
-def _run(cmd):
-  return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+def _run(cmd, **env):
+  return subprocess.run(cmd, cwd=REPO, env={**ENV, **env}, capture_output=True, text=True,
+                        timeout=600)
 
 
 def _metrics(workdir) -> dict[int, dict]:
@@ -170,6 +171,17 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   assert ('resuming at step 6 under another learning-rate schedule (train.max_steps=6 -> 8): '
           f'step 7 at lr {lr[8]:.4g}, {lr[6]:.4g} under the old one') in longer.stdout
   assert json.loads((tmp_path / 'run' / 'run.json').read_text())['schedule']['max_steps'] == 8
+  # Extended again and killed after its last checkpoint (16), before its export: the rerun
+  # resumes there and replaces the .nemo, which run.json records as the one its end wrote (it
+  # is older than checkpoint 16, which an export newer than its checkpoint alone would not tell).
+  killed = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=16'),
+                JKD_FAULT_KILL='train.export@1')
+  assert killed.returncode == -9 and os.path.isdir(tmp_path / 'run' / 'checkpoints' / '16')
+  resumed = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=16'))
+  assert resumed.returncode == 0 and 'at step 16' in resumed.stdout, resumed.stderr[-3000:]
+  exports = json.loads((tmp_path / 'run' / 'run.json').read_text())['exports']
+  assert list(exports) == [str(nemo)] and os.path.getmtime(nemo) * 1e9 == pytest.approx(
+      exports[str(nemo)][0], abs=1e3)
   # A checkpoint past max_steps, and a .nemo older than the latest checkpoint (not this run's),
   # are refused before training, and nothing is overwritten.
   shorter = _run(_train_cli(store, tmp_path / 'run', *args))
@@ -189,9 +201,25 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
       'saved with train split examples=40 (now 48)' in grown.stderr), grown.stderr
   run_json.write_text(saved)
   os.utime(nemo, (0, 0))
-  old = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8'))
+  old = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=16'))
   assert old.returncode == 2 and 'student.nemo: already exists' in old.stderr, old.stderr
   assert os.path.getmtime(nemo) == 0 and 'train: ' not in old.stderr
+
+
+def test_a_directory_nemo_export_is_redone_by_its_run_and_refused_to_another(store, tmp_path):
+  """train.export_nemo without the .nemo suffix writes a directory: a rerun of the finished run
+  redoes it (it is the run's own), another workdir's run is refused before it trains."""
+  target = tmp_path / 'student_nemo'
+  args = ('--config.train.max_steps=2', '--config.train.val_check_interval=2',
+          '--config.train.save_interval=2', f'--config.train.export_nemo={target}')
+  first = _run(_train_cli(store, tmp_path / 'run', *args))
+  assert first.returncode == 0 and (target / 'model_config.yaml').is_file(), first.stderr[-3000:]
+  again = _run(_train_cli(store, tmp_path / 'run', *args))
+  assert again.returncode == 0 and 'at step 2' in again.stdout, again.stderr[-3000:]
+  other = _run(_train_cli(store, tmp_path / 'other', *args))
+  assert other.returncode == 2 and f'{target}: already exists and is not this run' in other.stderr
+  assert not (tmp_path / 'other' / 'checkpoints').exists() or not os.listdir(
+      tmp_path / 'other' / 'checkpoints')
 
 
 def test_restore_from_path_starts_from_its_params_with_a_new_schedule(store, tmp_path):
