@@ -90,6 +90,7 @@ class _Metrics:
   def __init__(self, ls: LoopSettings, config, start: int):
     self.on = jax.process_index() == 0
     self.tb = self.jsonl = self.wandb = None
+    self.at_start: dict[str, float] = {}  # the values logged at step `start` (a resume's)
     if not self.on:
       return
     path = os.path.join(ls.workdir, 'metrics.jsonl')
@@ -106,7 +107,10 @@ class _Metrics:
     self.tb = _summary_writer(tb_dir)
     for line in kept:
       row = json.loads(line)
-      self._tb_row(row.pop('step'), row)
+      step = row.pop('step')
+      self._tb_row(step, row)
+      if step == start:
+        self.at_start.update(row)
     self.jsonl = open(path, 'a')
     if ls.wandb_project:
       try:
@@ -448,7 +452,7 @@ def run(config) -> dict[str, float]:
 
   # Loop.
   metrics_out = _Metrics(ls, config, start)
-  last: dict[str, float] = {}
+  last: dict[str, float] = dict(metrics_out.at_start)  # a finished run's, when rerun
   pending = None  # (step, metrics, dispatch time, real tokens) of the step in flight
 
   def settle():  # reads the metrics of the step in flight

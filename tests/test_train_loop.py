@@ -156,6 +156,9 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   again = _run(_train_cli(store, tmp_path / 'run', *args))
   assert again.returncode == 0 and 'at step 6' in again.stdout, again.stderr[-3000:]
   assert 'learning-rate schedule' not in again.stdout  # the same schedule: nothing to say
+  summary = [[line for line in p.stdout.splitlines() if line.startswith('[train] 6 steps; ')]
+             for p in (proc, again)]
+  assert summary[0] == summary[1] and 'val/loss' in summary[0][0], summary  # the run's values
   # Extended to 8 steps, the run resumes at 6 and replaces its own export at the end. Its
   # schedule is the config's, over 8 steps, and it says so: step 7 is past the decay of the
   # 6-step one (min_lr; a NeMo run would stay there), not of this one.
