@@ -350,7 +350,7 @@ def test_wandb_run_continues_across_restarts(tmp_path, monkeypatch):
 _READ_EVENTS = '''
 import struct, sys
 from jkd import train_loop
-w = train_loop._summary_writer(sys.argv[1], purge_step=1)
+w = train_loop._summary_writer(sys.argv[1])
 w.add_scalar('train/loss', 2.5, 3)
 w.close()
 print('torch' in sys.modules)
