@@ -14,9 +14,9 @@ object per step, one more per validation) and to a progress bar; W&B too when
 `train.wandb_project` is set: the step's losses, grad_norm and lr, consumed_samples, step_time
 (wall time from dispatching the step to reading its metrics; a step that compiled, the first
 of a run or of a new batch length, includes its compile) and tokens_per_sec (the global
-batch's real tokens over step_time). The teacher never enters a checkpoint. `config.profile` traces a
-window of steps (jkd/profiling.py). SIGTERM (or a first Ctrl-C) stops the run after a step it
-saves, exit 143 (Ctrl-C: KeyboardInterrupt) (jkd.distributed.Preemption).
+batch's real tokens over step_time). The teacher never enters a checkpoint. `config.profile`
+traces a window of steps (jkd/profiling.py). SIGTERM (or a first Ctrl-C) stops the run after a
+step it saves, exit 143 (Ctrl-C: KeyboardInterrupt) (jkd.distributed.Preemption).
 """
 
 from __future__ import annotations
@@ -382,9 +382,9 @@ def run(config) -> dict[str, float]:
       _recorded_export(ls, nemo) or os.path.getmtime(nemo) >= os.path.getmtime(
           os.path.join(ls.workdir, 'checkpoints', str(start))))
   if nemo_exists and not own_nemo:
-    raise FileExistsError(f'{nemo}: already exists and is not this run\'s export (older than '
-                          'its latest checkpoint, or no checkpoint); remove it or choose '
-                          'another train.export_nemo')
+    raise FileExistsError(f'{nemo}: already exists and is not this run\'s export (not the one '
+                          'its end wrote, nor newer than its latest checkpoint); remove it or '
+                          'choose another train.export_nemo')
 
   # Model and optimizer: the student's params, or a random init of config.model.
   tok = None
