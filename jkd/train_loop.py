@@ -237,9 +237,14 @@ def _check_resumable(ls, config, tc, start: int, n_train: int) -> None:
           f'{float(old(start)):.4g} under the old one')
     now = {**saved, **now}  # the record of the run's exports, too
   now['schedule'] = schedule
+  _write_run(path, now)
+
+
+def _write_run(path: str, record: dict) -> None:
+  """run.json from process 0, atomically (temp file, rename)."""
   if jax.process_index() == 0:
     with open(path + '.tmp', 'w') as f:
-      json.dump(now, f, indent=1, sort_keys=True)
+      json.dump(record, f, indent=1, sort_keys=True)
     os.replace(path + '.tmp', path)
 
 
@@ -265,9 +270,7 @@ def _record_export(ls, path: str) -> None:
   with open(run) as f:
     saved = json.load(f)
   saved.setdefault('exports', {})[os.path.abspath(path)] = _stamp(path)
-  with open(run + '.tmp', 'w') as f:
-    json.dump(saved, f, indent=1, sort_keys=True)
-  os.replace(run + '.tmp', run)
+  _write_run(run, saved)
 
 
 def _validate(eval_fn, state, tc, ls, pad_id, shardings, sources, extra) -> dict[str, float]:
