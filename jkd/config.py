@@ -347,7 +347,7 @@ def _train_settings(config, stored_k) -> None:
     if problem:
       raise ValueError(f'mesh.shape={tuple(config.mesh.shape)}: {problem}; with '
                        f'{jax.process_count()} processes the batch axes (mesh.rules act_batch: '
-                       'data, fsdp) must split over the processes')
+                       f'{dict(mesh_cfg.rules).get("act_batch")}) must split over the processes')
 
 
 def _check_model(cfg: model.ModelConfig, config, where: str, mesh_shape,
