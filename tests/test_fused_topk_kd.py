@@ -336,6 +336,37 @@ def test_row_blocks_run_three_dots():
   assert len(hlo.dot_dtypes(text)) == 3
 
 
+def _column_gathers(jaxpr):
+  """Gathers of w_out columns ([R, P] -> [R, N, J], `vs.gather_x`) in a jaxpr and its
+  sub-jaxprs (loop bodies, platform branches)."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'gather':
+      count += eqn.invars[0].aval.ndim == 2 and eqn.outvars[0].aval.ndim == 3
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          sub = sub.jaxpr
+        if isinstance(sub, jax.extend.core.Jaxpr):
+          count += _column_gathers(sub)
+  return count
+
+
+@pytest.mark.parametrize('mode', ['fwd_kl_sft', 'tail_bwd_kl'])
+def test_pallas_backward_reuses_the_forwards_sparse_x(mode):
+  """The Pallas path gathers w_out's columns at the sparse ids in the forward only: the
+  gradient's trace holds as many column gathers as the loss's alone (the backward's exact
+  sparse dlogits start from the forward's x, a [N, J] residual)."""
+  b = make_batch(3)
+
+  def f(h, w):
+    return fk.fused_topk_kd(h, w, b['ids'], b['t'], b['labels'], b['mask'],
+                            teacher_lse_N=b['lse'], vocab_size=V, **TILES, **MODES[mode])[0]
+  value_only = _column_gathers(jax.make_jaxpr(f)(b['h'], b['w']).jaxpr)
+  assert value_only > 0
+  assert _column_gathers(jax.make_jaxpr(jax.grad(f, (0, 1)))(b['h'], b['w']).jaxpr) == value_only
+
+
 @pytest.mark.parametrize('slab_bytes', [1, 4 * 4 * P, 1 << 30])
 @pytest.mark.parametrize('mode', ['parity_fwd_kl', 'jsd_temperature', 'cross_tokenizer_tail'])
 def test_gathered_columns_any_slab(monkeypatch, slab_bytes, mode):

@@ -117,8 +117,9 @@ def _fwd(plan, h_NxD, w_DxP, lids_NxK, llabels_N, n_valid):
   sp_NxJ, ok_NxJ = vs.sparse_ids(lids_NxK, llabels_N, n_valid, plan)
   x_NxJ, lses = (vs.sweep_fwd(h, w_DxP, lids_NxK, n_valid, sp_NxJ, plan) if plan.fams
                  else (vs.gather_x(h, w_DxP, sp_NxJ, plan), ()))
-  out = vs.named_stats(jnp.where(ok_NxJ, x_NxJ, 0.0), lids_NxK.shape[1], lses, plan)
-  return out, (h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, tuple(lses))
+  x_NxJ = jnp.where(ok_NxJ, x_NxJ, 0.0)
+  out = vs.named_stats(x_NxJ, lids_NxK.shape[1], lses, plan)
+  return out, (h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, x_NxJ, tuple(lses))
 
 
 def _bwd(plan, res, g):
@@ -127,15 +128,15 @@ def _bwd(plan, res, g):
 
 
 def _grads(plan, res, g):
-  """(d_h fp32, d_w) from the statistics' cotangents g."""
-  h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, lses = res
+  """(d_h fp32, d_w) from the statistics' cotangents g; x at the sparse ids is the forward's."""
+  h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, x_NxJ, lses = res
   h = h_NxD.astype(plan.cdt)
   sp_NxJ, ok_NxJ = vs.sparse_ids(lids_NxK, llabels_N, n_valid, plan)
   vals_NxJ = jnp.where(ok_NxJ, plan.scale * vs.sparse_cotangent(g, plan), 0.0)
   if plan.fams:
     coefs = [g[name] * (plan.scale / div) for name, div, _ in plan.fams]
     d_h, d_w = vs.sweep_bwd(h, w_DxP, lids_NxK, n_valid, lses, coefs,
-                            jnp.where(ok_NxJ, sp_NxJ, -1), vals_NxJ, plan)
+                            jnp.where(ok_NxJ, sp_NxJ, -1), vals_NxJ, x_NxJ, plan)
   else:
     d_h, d_w = vs.scatter_bwd(h, w_DxP, sp_NxJ, vals_NxJ, plan)
   return d_h, d_w

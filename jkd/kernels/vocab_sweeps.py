@@ -12,7 +12,8 @@ columns, R rows of a block or slab). Two sweeps:
   block (three dots against the column sweeps' four, an fp32 [D, P] d_w accumulator).
 The sparse x (the K ids, the label) come from the chunk or block in memory in the xla sweeps, and
 otherwise from gathered columns of w_out (`gather_x`), in slabs of R rows of w_out: R rows of [P]
-fit in cache on CPU, the [R, N, J] gathers stay bounded on GPU. Without a family (NeMo parity, no
+fit in cache on CPU, the [R, N, J] gathers stay bounded on GPU; gathered once, in the forward
+(the backward's exact sparse dlogits start from the forward's x). Without a family (NeMo parity, no
 SFT) gathered columns and a scatter-add for d_w (`scatter_bwd`) are the whole job.
 """
 
@@ -103,17 +104,19 @@ def sweep_fwd(h, w, lids, n_valid, sp_ids, plan):
   return x_sp_NxJ, [vt.finish(m_N, l_N) for m_N, l_N in state]
 
 
-def sweep_bwd(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
+def sweep_bwd(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, x_sp_NxJ, plan):
   """(d_h fp32 [N, D], d_w [D, P]): per vocabulary chunk, dense dlogits (kernel or jnp) plus
-  the sparse terms scattered in; d_h += dl @ w_c^T, d_w[:, chunk] = h^T @ dl."""
+  the sparse terms scattered in; d_h += dl @ w_c^T, d_w[:, chunk] = h^T @ dl. x_sp_NxJ: the
+  forward's x at the sparse ids (the Pallas form's exact sparse dlogits start from it)."""
   n, d, p = h.shape[0], h.shape[1], w.shape[1]
   if plan.impl == 'pallas':
-    h, w, lids, sp_ids, sp_vals, *fam = _padded(plan, h, w, lids, sp_ids, sp_vals, *lses, *coefs)
+    h, w, lids, sp_ids, sp_vals, x_sp_NxJ, *fam = _padded(plan, h, w, lids, sp_ids, sp_vals,
+                                                          x_sp_NxJ, *lses, *coefs)
     lses, coefs = fam[:len(lses)], fam[len(lses):]
   rows_Nx1 = jnp.arange(h.shape[0])[:, None]
   h_DxN = _materialized(h.T) if plan.cpu else h.T
   if plan.impl == 'pallas':
-    exact_NxJ = _sparse_dl(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan)
+    exact_NxJ = _sparse_dl(x_sp_NxJ, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan)
 
   def step(carry, c0, width):
     d_h_NxD, d_w_DxP = carry
@@ -140,14 +143,14 @@ def sweep_bwd(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
   return d_h[:n, :d], d_w[:d, :p]
 
 
-def _sparse_dl(h, w, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
-  """dlogits at the sparse columns [N, J] (compute dtype): their dense part and every sparse
-  value at that column (the K ids, the label), summed in fp32 before one rounding. The kernel's
-  dlogits are rounded to the compute dtype first, and a sparse value added to them there would
-  lose what they cancel to: a confident label's p - 1 is below bf16's resolution of p, as is a
-  converged student's q - p at the teacher's ids (full-vocabulary forms)."""
+def _sparse_dl(x_NxJ, lids, n_valid, lses, coefs, sp_ids, sp_vals, plan):
+  """dlogits at the sparse columns [N, J] (compute dtype) from x there (the forward's): their
+  dense part and every sparse value at that column (the K ids, the label), summed in fp32 before
+  one rounding. The kernel's dlogits are rounded to the compute dtype first, and a sparse value
+  added to them there would lose what they cancel to: a confident label's p - 1 is below bf16's
+  resolution of p, as is a converged student's q - p at the teacher's ids (full-vocabulary
+  forms)."""
   ok_NxJ = sp_ids >= 0  # -1: none (off this shard's columns, or masked)
-  x_NxJ = gather_x(h, w, jnp.where(ok_NxJ, sp_ids, 0), plan)
   in_k_NxJ = (sp_ids[:, :, None] == lids[:, None, :]).any(-1) if plan.tail else None
   keeps = vt.keep_masks(jnp.where(ok_NxJ, sp_ids, n_valid), n_valid, in_k_NxJ, plan)
   same_NxJxJ = sp_ids[:, :, None] == sp_ids[:, None, :]  # a column named twice sums both
