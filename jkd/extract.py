@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 from jkd import config as jkd_config
-from jkd import distributed, faults, model, profiling, sharding, tokenizer
+from jkd import distributed, faults, model, profiling, sharding, tokenizer, train_config
 
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - _NEG) must not be NaN
 
@@ -94,12 +94,15 @@ def teacher_topk(cfg: model.ModelConfig, mesh, rules, *, k: int, vocab_tile: int
   (here by `topk_fn`, or inside the train step for online distillation)."""
   if not 0 < k <= cfg.vocab_size:
     raise ValueError(f'extract.top_k={k}: must be in [1, vocab_size={cfg.vocab_size}]')
-  batch = nn.logical_to_mesh_axes(('act_batch',), rules)[0]
   vocab = nn.logical_to_mesh_axes(('vocab',), rules)[0]
   vocab_axis = vocab if vocab is None or isinstance(vocab, str) else tuple(vocab)
-  if vocab_axis is not None and cfg.padded_vocab % math.prod(
-      mesh.shape[a] for a in ((vocab_axis,) if isinstance(vocab_axis, str) else vocab_axis)):
+  vocab_axes = () if vocab is None else (vocab,) if isinstance(vocab, str) else tuple(vocab)
+  if cfg.padded_vocab % math.prod(mesh.shape[a] for a in vocab_axes):
     raise ValueError(f'padded vocab {cfg.padded_vocab} does not divide over the vocab axis')
+  # Rows split over the batch axes that do not split the vocabulary: a device merging its
+  # vocabulary shard's statistics with the other shards' must hold the same rows as they do.
+  batch = tuple(a for a in train_config.rule_axes(rules, 'act_batch') if a not in vocab_axes)
+  batch = batch or None
 
   def local(h_NxD, w_DxPs):
     return _shard_topk(h_NxD, w_DxPs, k=k, tile=vocab_tile, vocab_size=cfg.vocab_size,

@@ -42,14 +42,24 @@ def _mesh(shape):
                             jax.devices()[:int(np.prod(shape))])
 
 
-@pytest.mark.parametrize('shape', [(1, 1, 1), (2, 2, 2), (1, 1, 8), (8, 1, 1)])
-def test_sharded_sweep_equals_lax_topk_of_unsharded_teacher(devices8, shape):
-  """fp32 noise of sharded reductions only (logits are O(10) here). Vocab split over 'tensor' (tiles of 96 do not divide the 512/TP columns; 12 padded
-  columns beyond V=500): values, ids, logsumexp equal the unsharded full-logit reference."""
+# The vocabulary over 'fsdp' and 'tensor', which the batch also uses ('fsdp'): each vocabulary
+# shard's statistics must still be merged with those of the same rows.
+SHARED_AXIS_RULES = tuple((name, ('fsdp', 'tensor') if name == 'vocab' else target)
+                          for name, target in RULES)
+
+
+@pytest.mark.parametrize('shape,rules', [((1, 1, 1), RULES), ((2, 2, 2), RULES),
+                                         ((1, 1, 8), RULES), ((8, 1, 1), RULES),
+                                         ((2, 2, 2), SHARED_AXIS_RULES),
+                                         ((1, 4, 2), SHARED_AXIS_RULES)])
+def test_sharded_sweep_equals_lax_topk_of_unsharded_teacher(devices8, shape, rules):
+  """fp32 noise of sharded reductions only (logits are O(10) here). Vocab split over 'tensor'
+  (tiles of 96 do not divide the 512/TP columns; 12 padded columns beyond V=500), or over a
+  batch axis too: values, ids, logsumexp equal the unsharded full-logit reference."""
   cfg, params = _teacher()
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 24), np.int32)
   ids, vals, lse = jax.device_get(
-      extract.topk_fn(cfg, _mesh(shape), RULES, k=K, vocab_tile=96)(params, tokens))
+      extract.topk_fn(cfg, _mesh(shape), rules, k=K, vocab_tile=96)(params, tokens))
   ref_ids, ref_vals, ref_lse, shifted = _reference(cfg, params, tokens)
   np.testing.assert_allclose(vals, ref_vals, atol=1e-4)
   np.testing.assert_allclose(lse, ref_lse, atol=1e-4)
