@@ -529,6 +529,8 @@ def test_nemo_import_checks(tmp_path):
      r'_0\.jsonl:1 \(example 0\) position 0: top-K id \d+\.5 is not an integer'),
     (lambda r: dict(r, tokens=[t + 0.25 for t in r['tokens']]),
      r'_0\.jsonl:1 \(example 0\) position 0: token id \d+\.25 is not an integer'),
+    (lambda r: dict(r, topk_token_ids=[[float('inf')] + row[1:] for row in r['topk_token_ids']]),
+     r'_0\.jsonl:1 \(example 0\) position 0: top-K id inf is not an integer'),
 ])
 def test_nemo_import_rejects_malformed_records_naming_the_line(tmp_path, change, match):
   _, recs = write_nemo_chunks(tmp_path)

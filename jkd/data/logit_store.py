@@ -129,8 +129,8 @@ def check_record(rec: Record, meta: StoreMeta, *, sort: bool = False, where: str
 
 
 def _check_ids(ids, meta, where, what, positions):
-  if ids.dtype.kind == 'f':  # from JSON, say: 4.0 is an id, 4.5 (or NaN) no id at all
-    bad = ids != np.round(ids)
+  if ids.dtype.kind == 'f':  # from JSON, say: 4.0 is an id, 4.5 (or NaN, Infinity) no id at all
+    bad = ~np.isfinite(ids) | (ids != np.round(ids))
     if bad.any():
       r = np.argwhere(bad)[0]
       raise ValueError(f'{where} position {int(positions[r[0]])}: {what} id {ids[tuple(r)]} '
