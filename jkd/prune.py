@@ -67,8 +67,13 @@ def block_importance(cfg: model.ModelConfig, params: model.Params, tokens_BxT,
   return importance_L
 
 
+def _is_index(x) -> bool:
+  """An integer, not a bool (True is an int in Python, and numpy indexes with bools as masks)."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def _check_num_keep(num_layers: int, num_keep, keep_first_last: bool) -> None:
-  if not isinstance(num_keep, (int, np.integer)) or not 1 <= num_keep <= num_layers:
+  if not _is_index(num_keep) or not 1 <= num_keep <= num_layers:
     raise ValueError(f'num_keep={num_keep!r}: must be an integer in [1, {num_layers}]')
   if keep_first_last and num_layers > 1 and num_keep < 2:
     raise ValueError(f'num_keep={num_keep}: keeping the first and last layers needs >= 2')
@@ -94,14 +99,14 @@ def prune_depth(cfg: model.ModelConfig, params: model.Params,
                 keep: list[int]) -> tuple[model.ModelConfig, model.Params]:
   """The model made of layers `keep` (in order); embeddings, width and head are unchanged."""
   keep = list(keep)
-  if not keep or any(not isinstance(k, (int, np.integer)) for k in keep):
+  if not keep or not all(_is_index(k) for k in keep):
     raise ValueError(f'keep={keep!r}: must be a non-empty list of layer indices')
   if any(b <= a for a, b in zip(keep, keep[1:])):
     raise ValueError(f'keep={keep}: must be sorted and without repeats')
   if keep[0] < 0 or keep[-1] >= cfg.num_layers:
     raise ValueError(f'keep={keep}: indices must lie in [0, {cfg.num_layers})')
   model.check_params(cfg, params)
-  index = np.asarray(keep)
+  index = np.asarray(keep, np.int64)
   pruned = dict(params, layers=jax.tree.map(lambda a: a[index], params['layers']))
   return dataclasses.replace(cfg, num_layers=len(keep)), pruned
 

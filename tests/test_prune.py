@@ -70,7 +70,8 @@ def test_prune_all_layers_is_bit_identical_and_wrong_keep_is_detected(five_layer
   assert np.abs(_forward(wrong_cfg, wrong_params, tokens) - theirs).max() > 1e-2
 
 
-@pytest.mark.parametrize('keep', [[], [0, 0], [2, 1], [0, 5], [-1, 2], [0.0, 1]])
+@pytest.mark.parametrize('keep', [[], [0, 0], [2, 1], [0, 5], [-1, 2], [0.0, 1], [False, True],
+                                  [np.bool_(False), np.bool_(True)]])
 def test_prune_depth_rejects_bad_keep(keep):
   cfg, params, _ = ref.llama()
   with pytest.raises(ValueError, match='keep='):
@@ -136,6 +137,7 @@ def test_choose_layers_ranks_and_keeps_first_last():
 @pytest.mark.parametrize('importance, num_keep, match', [
     ([0.1, 0.2, 0.3], 0, 'num_keep'), ([0.1, 0.2, 0.3], 4, 'num_keep'),
     ([0.1, 0.2, 0.3], 1, 'first and last'), ([0.1, 0.2, 0.3], 2.0, 'num_keep'),
+    ([0.1, 0.2, 0.3], True, 'num_keep=True: must be an integer'),
     ([], 1, 'importance'), ([[0.1, 0.2]], 1, 'importance'), ([0.1, np.nan], 2, 'importance')])
 def test_choose_layers_rejects_bad_arguments(importance, num_keep, match):
   with pytest.raises(ValueError, match=match):
