@@ -41,8 +41,11 @@ class _Stages:
   """Runs the stages in order, timing each, and records in stages.json each stage with files
   as started, and every stage once finished.
 
-  A stage is cached when the record says it finished with the same settings (its own and
-  every earlier stage's: what depends on a changed setting is redone) and its outputs exist.
+  A stage's settings are the keys it reads and, through `after`, those of the stages whose
+  outputs it reads (theirs in turn): a changed setting redoes what depends on it, no more. A
+  stage is cached when the record says it finished with the same settings (a record's other
+  keys are ones the stage does not read: an older record kept every earlier stage's) and its
+  outputs exist.
   Finished outputs made with other settings are an error naming the keys and the outputs to
   delete: the pipeline never writes over finished files. A stage with files is recorded as
   started before it runs: an interrupted one continues (extraction and training resume) with
@@ -56,30 +59,37 @@ class _Stages:
     if os.path.isfile(self.file):
       with open(self.file, encoding='utf-8') as f:
         self.record = json.load(f)
-    self.settings: dict = {}
+    self.settings: dict[str, dict] = {}  # this run's, by stage
     self.timings: list[dict] = []
 
-  def __call__(self, name: str, fn, *, settings: dict | None = None, outputs=(), home=None):
-    """`outputs` exist once the stage finished; `home` (default: outputs) is what to delete
-    to redo it."""
-    self.settings.update(settings or {})
-    now = json.loads(json.dumps(self.settings, sort_keys=True, default=str))
+  def __call__(self, name: str, fn, *, settings: dict | None = None, after=(), outputs=(),
+               home=None):
+    """`settings`: the keys the stage reads; `after`: the stages whose outputs it reads (run
+    before it); `outputs` exist once the stage finished; `home` (default: outputs) is what to
+    delete to redo it."""
+    now = {}
+    for stage in after:
+      now.update(self.settings[stage])
+    now.update(settings or {})
+    now = self.settings[name] = json.loads(json.dumps(now, sort_keys=True, default=str))
     key = _compared(now)
     done = self.record.get(name)
+    old = {k: v for k, v in _compared(done['settings'] if done else {}).items() if k in now}
     finished = done is not None and done.get('finished', True)
     if finished and all(os.path.exists(o) for o in outputs):
-      if _compared(done['settings']) == key:
+      if old == key:
         print(f'[pipeline] {name}: cached ({", ".join(outputs) or self.file})')
         self.timings.append({'stage': name, 'seconds': 0.0, 'cached': True})
         return done.get('result')
       if outputs:  # never overwrite a finished stage's files made with other settings
         raise ValueError(f'stage {name!r} finished in {os.path.dirname(self.file)} with other '
-                         f'settings ({_diff(_compared(done["settings"]), key)}); delete '
+                         f'settings ({_diff(old, key)}); delete '
                          f'{home or " and ".join(outputs)} to redo it, or use another workdir')
     # Files left by an interrupted run, or by a finished one whose outputs are partly gone:
     # extraction and training would continue them, under the settings they were made with.
     partial = [o for o in ([home] if home else outputs) if os.path.exists(o)]
-    was = _compared(done['settings'] if done else {}, continued=True)
+    was = {k: v for k, v in _compared(done['settings'] if done else {}, continued=True).items()
+           if k in now}
     will = {k: v for k, v in _compared(now, continued=True).items()
             if k in was or k not in _BOUND_WHEN_CONTINUED}  # an older record lacks them
     if done is not None and partial and was != will:
@@ -145,17 +155,19 @@ def _is_model_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, model.CONFIG_FILE))
 
 
-def _through_nemo(stages: _Stages, name: str, src_dir: str, nemo_path: str, dst_dir: str,
-                  dtype: str) -> None:
-  """model dir -> .nemo (Megatron-Core torch_dist) -> model dir: the real .nemo import path."""
+def _through_nemo(stages: _Stages, name: str, source_stage: str, src_dir: str, nemo_path: str,
+                  dst_dir: str, dtype: str) -> str:
+  """model dir -> .nemo (Megatron-Core torch_dist) -> model dir: the real .nemo import path.
+  Returns the name of the import stage (what reads dst_dir runs after it)."""
   def export_nemo():
     if os.path.exists(nemo_path):  # not recorded as finished: a run killed before its record
       os.remove(nemo_path)
     export.export(src_dir, nemo=nemo_path, dtype=dtype)
   stages(f'{name}: export .nemo', export_nemo, settings={'export.dtype': dtype},
-         outputs=[nemo_path])
+         after=[source_stage], outputs=[nemo_path])
   stages(f'{name}: import .nemo', lambda: convert.convert(nemo_path, dst_dir),
-         outputs=[os.path.join(dst_dir, model.CONFIG_FILE)])
+         after=[f'{name}: export .nemo'], outputs=[os.path.join(dst_dir, model.CONFIG_FILE)])
+  return f'{name}: import .nemo'
 
 
 def _random_teacher(config, out_dir: str) -> None:
@@ -315,16 +327,18 @@ def run(config) -> dict:
   t_start = time.perf_counter()
   path = lambda *a: os.path.join(wd, *a)  # noqa: E731
 
-  # 1. Teacher: source -> model dir -> teacher.nemo -> model dir.
+  # Each stage names the settings it reads and the stages whose outputs it reads (`after`).
+  # 1. Teacher: source -> model dir -> teacher.nemo -> model dir (a random one: config.model
+  # initialised with the seed, its vocabulary padded for the mesh).
   stages('teacher: import', lambda: _teacher_source(config, path('teacher_source')),
-         settings=_flat(config, 'pipeline.teacher', 'seed',
-                        *(['model'] if p.teacher == 'random' else [])),
+         settings=_flat(config, 'pipeline.teacher',
+                        *(['seed', 'model', 'mesh'] if p.teacher == 'random' else [])),
          outputs=[path('teacher_source', model.CONFIG_FILE)])
   teacher = path('teacher')
-  _through_nemo(stages, 'teacher', path('teacher_source'), path('teacher.nemo'), teacher,
-                config.export.dtype)
+  teacher_stage = _through_nemo(stages, 'teacher', 'teacher: import', path('teacher_source'),
+                                path('teacher.nemo'), teacher, config.export.dtype)
 
-  # 2. Data.
+  # 2. Data (its own split seed).
   train_file, val_file = path('data', 'train.jsonl'), path('data', 'val.jsonl')
   stages('data', lambda: _data(config, path('data')),
          settings=_flat(config, 'pipeline.corpus', 'pipeline.system_prompt',
@@ -339,34 +353,45 @@ def run(config) -> dict:
   pruned = stages('student: prune', make_student,
                   settings=_flat(config, 'pipeline.student_layers',
                                  'pipeline.calibration_examples', 'data'),
+                  after=[teacher_stage, 'data'],
                   outputs=[path('student_pruned', model.CONFIG_FILE)]) or {}
   student = path('student_init')
-  _through_nemo(stages, 'student', path('student_pruned'), path('student_init.nemo'), student,
-                config.export.dtype)
+  student_stage = _through_nemo(stages, 'student', 'student: prune', path('student_pruned'),
+                                path('student_init.nemo'), student, config.export.dtype)
 
   # 4. Teacher top-K -> logit store (resumable: a rerun computes only missing examples).
   from jkd import extract
   ext = _sub(config, **{'': {'mode': 'extract'},
                         'extract': {'teacher': teacher, 'output': path('store')},
                         'data': {'train_file': train_file, 'validation_file': val_file}})
-  stages('extract', lambda: extract.run(ext), settings=_flat(config, 'extract'),
+  stages('extract', lambda: extract.run(ext), settings=_flat(config, 'extract', 'data'),
+         after=[teacher_stage, 'data'],
          outputs=[path('store', 'train'), path('store', 'validation')])
 
-  # 5. Two students, same init / data order / steps.
+  # 5. Two students, same init / data order / steps; the SFT-only one reads
+  # pipeline.sft_only_weight for the distill weights.
   from jkd import train_loop
-  for run_name, label in RUNS:
+  trained = [f'train: {label}' for _, label in RUNS]
+  for (run_name, _), stage in zip(RUNS, trained):
     dirs = _run_dirs(wd, run_name)
-    stages(f'train: {label}',
+    distill = (_flat(config, 'distill') if run_name == 'kd' else
+               {k: v for k, v in _flat(config, 'distill', 'pipeline.sft_only_weight').items()
+                if k not in ('distill.kd_loss_weight', 'distill.sft_loss_weight')})
+    stages(stage,
            lambda r=run_name: train_loop.run(_train_config(config, wd, r, student, path('store'))),
-           settings=_flat(config, 'train', 'distill', 'mesh', 'pipeline.sft_only_weight'),
+           settings={**_flat(config, 'train', 'mesh', 'data', 'seed'), **distill},
+           after=[student_stage, 'extract'],
            outputs=[dirs['nemo'], os.path.join(dirs['hf'], 'config.json')], home=dirs['workdir'])
 
   # 6. Evaluation on the validation split.
   models = {'teacher': teacher, 'init': student, **{r: _run_dirs(wd, r)['model'] for r, _ in RUNS}}
+  read = _flat(config, 'train', 'data')  # batch size, packing, lengths
   metrics = stages('evaluate', lambda: {name: _evaluate(config, path('store'), d, name)
-                                        for name, d in models.items()})
+                                        for name, d in models.items()},
+                   settings=read, after=[teacher_stage, student_stage, 'extract', *trained])
   init_ce = _step0_ce(config, metrics, lambda: stages('evaluate: init on full batches', lambda: (
-      _evaluate(config, path('store'), student, 'init (full batches)', full_batches=True))))
+      _evaluate(config, path('store'), student, 'init (full batches)', full_batches=True)),
+      settings=read, after=[student_stage, 'extract']))
 
   # 7. Replies to the same prompts.
   tok = tokenizer.load(teacher)
@@ -374,7 +399,8 @@ def run(config) -> dict:
   replies = stages('generate', lambda: _generate(
       config, prompts, {'teacher': teacher, **{r: _run_dirs(wd, r)['model'] for r, _ in RUNS}},
       chat.end_of_turn_id(tok, fmt=config.data.format)),
-      settings=_flat(config, 'pipeline.num_samples', 'pipeline.max_new_tokens'))
+      settings=_flat(config, 'pipeline.num_samples', 'pipeline.max_new_tokens', 'data.format'),
+      after=[teacher_stage, 'data', *trained])
 
   # 8. Report: both curves start at the shared init (step 0).
   t_cfg, s_cfg = model.load_config(teacher), model.load_config(student)

@@ -6,6 +6,7 @@ teacher is copied whole."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -225,3 +226,96 @@ def test_the_trained_steps_come_from_the_metrics_not_the_curve(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text(''.join(
       json.dumps({'step': s, 'train/loss': 1.0}) + '\n' for s in (1, 2, 3)))
   assert pipeline._val_curve(str(tmp_path), 5.0) == (([0], [5.0]), 3)
+
+
+class _Stop(Exception):
+  pass
+
+
+def _stub_stages(monkeypatch):
+  """pipeline.run with every stage's work replaced by writing its outputs; evaluate stops it."""
+  from jkd import extract, train_loop
+
+  def model_dir(d):
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, model.CONFIG_FILE), 'w', encoding='utf-8') as f:
+      f.write('{}')
+
+  def data(config, out):
+    os.makedirs(out, exist_ok=True)
+    for split in ('train', 'val'):
+      with open(os.path.join(out, f'{split}.jsonl'), 'w', encoding='utf-8') as f:
+        f.write('{}\n')
+
+  def store(config):
+    for split in ('train', 'validation'):
+      os.makedirs(os.path.join(config.extract.output, split), exist_ok=True)
+
+  def train(config):
+    os.makedirs(config.train.export_hf, exist_ok=True)
+    for path in (config.train.export_nemo, os.path.join(config.train.export_hf, 'config.json')):
+      with open(path, 'w', encoding='utf-8') as f:
+        f.write('{}')
+
+  def stop(*args, **kwargs):
+    raise _Stop
+  monkeypatch.setattr(pipeline, '_teacher_source', lambda config, out: model_dir(out))
+  monkeypatch.setattr(pipeline.export, 'export', lambda src, nemo, dtype: open(nemo, 'w').close())
+  monkeypatch.setattr(pipeline.convert, 'convert', lambda src, dst: model_dir(dst))
+  monkeypatch.setattr(pipeline, '_data', data)
+  monkeypatch.setattr(pipeline, '_calibration', lambda *args: (None, None))
+  monkeypatch.setattr(pipeline.prune, 'prune_model_dir',
+                      lambda src, dst, **kw: model_dir(dst) or {'keep': [0], 'importance': None})
+  monkeypatch.setattr(extract, 'run', store)
+  monkeypatch.setattr(train_loop, 'run', train)
+  monkeypatch.setattr(pipeline, '_evaluate', stop)
+
+
+def _stages_run(capsys, workdir, **changes):
+  """(the stages that ran before evaluate, the error) of pipeline.run on configs/demo.py:quick
+  with `changes` ({'section.key': value})."""
+  from configs import demo
+  config = demo.get_config('quick')
+  config.workdir = str(workdir)
+  for key, value in changes.items():
+    section, _, name = key.rpartition('.')
+    (config[section] if section else config)[name] = value
+  capsys.readouterr()
+  error = None
+  try:
+    pipeline.run(config)
+  except _Stop:
+    pass
+  except ValueError as e:
+    error = str(e)
+  started = [line[len('[pipeline] '):-len(' ...')]
+             for line in capsys.readouterr().out.splitlines() if line.endswith(' ...')]
+  return [name for name in started if name != 'evaluate'], error  # evaluate never finishes
+
+
+def test_a_changed_setting_redoes_only_the_stages_that_read_it(tmp_path, monkeypatch, capsys):
+  """Each stage is compared on the keys it reads and on those of the stages whose outputs it
+  reads: the seed (a SmolLM2 teacher) is read by the trainings only, pipeline.sft_only_weight by
+  the SFT-only training only, the KD weights by the KD training only (the SFT-only one sets its
+  own); the data's settings by what reads the data (the pruning first), not by the teacher."""
+  _stub_stages(monkeypatch)
+  ran, error = _stages_run(capsys, tmp_path)
+  assert error is None and len(ran) == 10 and ran[-2:] == ['train: KD + SFT', 'train: SFT only']
+  assert _stages_run(capsys, tmp_path) == ([], None)
+  ran, error = _stages_run(capsys, tmp_path, seed=1)
+  assert ran == [] and error.startswith("stage 'train: KD + SFT' finished") and (
+      '(seed: 0 -> 1)' in error), error
+  ran, error = _stages_run(capsys, tmp_path, **{'pipeline.sft_only_weight': 0.5})
+  assert ran == [] and error.startswith("stage 'train: SFT only' finished") and (
+      '(pipeline.sft_only_weight: 1.0 -> 0.5)' in error), error
+  ran, error = _stages_run(capsys, tmp_path, **{'distill.kd_loss_weight': 0.5})
+  assert ran == [] and error.startswith("stage 'train: KD + SFT' finished") and (
+      '(distill.kd_loss_weight: 1.0 -> 0.5)' in error), error
+  shutil.rmtree(tmp_path / 'kd')
+  assert _stages_run(capsys, tmp_path, **{'distill.kd_loss_weight': 0.5}) == (
+      ['train: KD + SFT'], None)
+  shutil.rmtree(tmp_path / 'data')
+  ran, error = _stages_run(capsys, tmp_path, **{'distill.kd_loss_weight': 0.5,
+                                                'pipeline.max_val_examples': 7})
+  assert ran == ['data'] and error.startswith("stage 'student: prune' finished") and (
+      '(pipeline.max_val_examples: ' in error), error
