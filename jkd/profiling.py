@@ -6,7 +6,9 @@
 Steps are train steps in mode=train and teacher batches in mode=extract, counting from 1. The
 session writes `<dir>/plugins/profile/<timestamp>/<host>.xplane.pb` (TensorBoard's profile
 plugin, XProf) and, with `create_perfetto_trace`, `perfetto_trace.json.gz` beside it
-(ui.perfetto.dev). Every process traces its own devices and host.
+(ui.perfetto.dev). Every process traces its own devices and host; with several processes, each
+into `<dir>/process_<i>` (hosts' sessions would otherwise share a timestamp folder, where the
+Perfetto conversion expects one host's trace, and two processes of one host one file name).
 """
 
 from __future__ import annotations
@@ -27,12 +29,17 @@ class ProfileSettings:
   create_perfetto_trace: bool  # also perfetto_trace.json.gz
 
 
-def settings(config) -> ProfileSettings:
-  """config.profile (checked by jkd.config.validate) -> ProfileSettings; '' dir = workdir/profile."""
+def settings(config, process_index: int | None = None,
+             process_count: int | None = None) -> ProfileSettings:
+  """config.profile (checked by jkd.config.validate) -> ProfileSettings; '' dir = workdir/profile,
+  and with several processes (default: this run's) the process's own folder under it."""
   p = config.profile
+  directory = p.dir or os.path.join(config.workdir, 'profile')
+  if (jax.process_count() if process_count is None else process_count) > 1:
+    index = jax.process_index() if process_index is None else process_index
+    directory = os.path.join(directory, f'process_{index}')
   return ProfileSettings(
-      start_step=p.start_step, steps=p.steps,
-      dir=p.dir or os.path.join(config.workdir, 'profile'),
+      start_step=p.start_step, steps=p.steps, dir=directory,
       host_tracer_level=p.host_tracer_level, python_tracer=p.python_tracer,
       create_perfetto_trace=p.create_perfetto_trace)
 
@@ -68,10 +75,12 @@ class Profiler:
   def close(self, wait=None) -> None:
     if not self.active:
       return
-    if wait is not None:
-      jax.block_until_ready(wait)
-    jax.profiler.stop_trace()
-    self.active, self.done = False, True
+    try:
+      if wait is not None:
+        jax.block_until_ready(wait)
+      jax.profiler.stop_trace()
+    finally:  # once only: a failed stop (raised to the loop) is not retried by its cleanup
+      self.active, self.done = False, True
     print(f'[profile] steps {self.first}..{self.n} -> {self.s.dir}')
 
   def __enter__(self):

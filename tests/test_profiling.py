@@ -96,6 +96,29 @@ def test_settings_default_dir_is_under_the_workdir():
   c = base.get_config()
   assert profiling.settings(c).dir == os.path.join(c.workdir, 'profile')
   assert profiling.settings(c).start_step == -1  # off by default
+  assert profiling.settings(c, process_index=1, process_count=2).dir == os.path.join(
+      c.workdir, 'profile', 'process_1')  # several processes: each its own folder
+  c.profile.dir = '/x/p'
+  assert profiling.settings(c, process_index=0, process_count=1).dir == '/x/p'
+
+
+def test_a_failed_stop_is_not_retried_by_the_cleanup(devices8, tmp_path, monkeypatch):
+  """A stop_trace that raises (a bad trace folder, say) reaches the loop once; the `with`
+  block's close after it does not stop again (it would raise again and skip the rest of the
+  loop's cleanup)."""
+  stops, stop = [], jax.profiler.stop_trace
+
+  def failing_stop():  # as the Perfetto conversion fails: after the session stopped
+    stops.append(1)
+    stop()
+    raise RuntimeError('Invalid trace folder')
+  profiler = profiling.Profiler(_settings(tmp_path, 1, 1))
+  with pytest.raises(RuntimeError, match='Invalid trace folder'):
+    with profiler:
+      profiler.step(1)
+      monkeypatch.setattr(jax.profiler, 'stop_trace', failing_stop)
+      profiler.step(2)
+  assert stops == [1] and not profiler.active
 
 
 @pytest.fixture(scope='module')
