@@ -72,8 +72,10 @@ def settings(config, environ=None) -> Settings | None:
     raise ValueError(f'{where["num_processes"]}={num}: must be >= 1')
   if pid is not None and (pid < 0 or (num is not None and pid >= num)):
     raise ValueError(f'{where["process_id"]}={pid}: must be in [0, num_processes={num})')
-  if address is not None and ':' not in address:
-    raise ValueError(f'{where["coordinator_address"]}={address!r}: expected HOST:PORT')
+  port = address.rsplit(':', 1)[1] if address is not None and ':' in address else ''
+  if address is not None and not (port.isdigit() and 0 < int(port) < 65536):
+    raise ValueError(f'{where["coordinator_address"]}={address!r}: expected HOST:PORT, a port '
+                     'in 1..65535')
   s = Settings(address, num, pid, ids, bool(d.auto), int(d.initialization_timeout))
   if d.auto:
     return s
@@ -275,6 +277,28 @@ class Preemption:
     if self._interrupted:
       raise KeyboardInterrupt(STOPPED)
     raise SystemExit(STOPPED_EXIT)
+
+
+def sync(name: str) -> None:
+  """Every process waits here until all have come (nothing to wait for with one process)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def whole_on_process_0(tree):
+  """`tree`'s arrays whole, as numpy, on process 0 (None on the others): gathered leaf by
+  leaf, a collective every process calls, so that the other processes hold one leaf at a
+  time. With one process, `tree` itself (the writers take each leaf to the host in turn)."""
+  import jax
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+  keep = jax.process_index() == 0
+  return jax.tree.map(
+      lambda x: (lambda whole: whole if keep else None)(
+          multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
 def progress_file():

@@ -23,7 +23,6 @@ _PROBES = ('Hello world', 'two  spaces', ' leading space', 'line\nbreak\n', 'ün
 
 def _tokenizer(directory: str):
   if not os.path.isdir(os.path.join(directory, 'tokenizer')):
-    print(f'[export] note: {directory} has no tokenizer; the export will have none')
     return None
   return tokenizer.load(directory)
 
@@ -49,9 +48,16 @@ def export(source: str, *, nemo: str = '', hf: str = '', dtype: str = 'bfloat16'
   check_targets(model.load_config(source), nemo=nemo, hf=hf,
                 where=os.path.join(source, model.CONFIG_FILE))
   cfg, params = model.load(source, dtype=None)  # as stored: the writers cast tensor by tensor
+  return export_params(cfg, params, _tokenizer(source), nemo=nemo, hf=hf, dtype=dtype)
+
+
+def export_params(cfg: model.ModelConfig, params: model.Params, tok, *, nemo: str = '',
+                  hf: str = '', dtype: str = 'bfloat16') -> list[str]:
+  """Writes the requested exports of a model in memory (`tok`: its tokenizer, or None)."""
   # No device_get of the whole tree: the HF writer takes each tensor to the host as it converts
   # it (a numpy view on CPU); the .nemo writer takes the tree, in its stored dtypes.
-  tok = _tokenizer(source)
+  if tok is None:
+    print('[export] note: the model has no tokenizer; the export will have none')
   written = []
   if nemo:
     from third_party.convert import to_nemo

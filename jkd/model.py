@@ -511,18 +511,25 @@ def save_parts(directory: str, cfg: ModelConfig, parts: Iterable[Params]) -> Non
 
   Each part is written (orbax partial save) before the next is asked for, so a converter
   can stream a model that does not fit in memory. `model_config.json` is written last: a
-  directory without it is an incomplete write.
+  directory without it is an incomplete write. With several processes (a directory all of
+  them see), every one calls this with its shards; process 0 alone clears the directory and
+  writes the config.
   """
   from orbax.checkpoint import v1 as ocp
+
+  from jkd import distributed
   directory = os.path.abspath(directory)
   config_path = os.path.join(directory, CONFIG_FILE)
   params_dir = os.path.join(directory, PARAMS_DIR)
-  if os.path.exists(config_path):
-    os.remove(config_path)  # the directory is incomplete until the new config lands
-  # A killed earlier write may have left orbax's `params.partial_save*` behind.
-  for stale in [params_dir] + glob.glob(params_dir + '.partial_save*'):
-    shutil.rmtree(stale, ignore_errors=True)
-  os.makedirs(directory, exist_ok=True)
+  primary = jax.process_index() == 0
+  if primary:
+    if os.path.exists(config_path):
+      os.remove(config_path)  # the directory is incomplete until the new config lands
+    # A killed earlier write may have left orbax's `params.partial_save*` behind.
+    for stale in [params_dir] + glob.glob(params_dir + '.partial_save*'):
+      shutil.rmtree(stale, ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
+  distributed.sync(f'jkd model.save cleared {directory}')
   written: dict = {}  # shapes only, to check the whole tree before finalizing
   ctx = ocp.Context()
   # Weights barely compress (random mantissas), and zstd costs a second copy of each leaf in
@@ -537,10 +544,12 @@ def save_parts(directory: str, cfg: ModelConfig, parts: Iterable[Params]) -> Non
     check_params(cfg, written, directory)
     ocp.partial.finalize(params_dir)
     faults.point('model.params_finalized')  # complete, but not until the config lands
-  tmp = config_path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-  os.replace(tmp, config_path)
+  if primary:
+    tmp = config_path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    os.replace(tmp, config_path)
+  distributed.sync(f'jkd model.save wrote {directory}')
 
 
 def _merge(into: dict, part: dict) -> None:

@@ -520,21 +520,27 @@ def run(config) -> dict[str, float]:
                     f'{ls.workdir}/checkpoints)')
 
   # The student as a model directory (and .nemo / HF when asked). A rerun (after a kill in here,
-  # or of a finished or extended run) redoes them, over this run's own .nemo.
+  # or of a finished or extended run) redoes them, over this run's own .nemo. Several processes
+  # save the model directory together; process 0 writes the exports from the whole params.
   if ls.save_nemo_on_train_end or ls.export_nemo or ls.export_hf:
     final = os.path.join(ls.workdir, 'student')
     faults.point('train.export')
     model.save(final, cfg, state.params)
-    if tok is not None:
-      tokenizer.save(tok, final)
-    from jkd import export
-    if own_nemo and os.path.isdir(nemo):
-      shutil.rmtree(nemo)
-    elif own_nemo and os.path.exists(nemo):
-      os.remove(nemo)
-    export.export(final, nemo=nemo, hf=ls.export_hf, dtype='bfloat16')
-    if nemo:
-      _record_export(ls, nemo)
+    params = distributed.whole_on_process_0(state.params)
+    if jax.process_index() == 0:
+      if tok is not None:
+        tokenizer.save(tok, final)
+      from jkd import export
+      if own_nemo and os.path.isdir(nemo):
+        shutil.rmtree(nemo)
+      elif own_nemo and os.path.exists(nemo):
+        os.remove(nemo)
+      export.check_targets(cfg, nemo=nemo, hf=ls.export_hf)
+      export.export_params(cfg, params, tok, nemo=nemo, hf=ls.export_hf, dtype='bfloat16')
+      if nemo:
+        _record_export(ls, nemo)
+    del params
+    distributed.sync('jkd train: exported')
   print(f'[train] {last_step} steps; ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(last.items())
                                                     if k.endswith('loss')))
   return last

@@ -6,18 +6,20 @@ Each equivalence launches the CLI as 2 processes of 4 CPU devices, joined throug
 coordinator on 127.0.0.1 (gloo collectives between them), and as 1 process of 8 devices.
 """
 
+import glob
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 
 import jax
 import numpy as np
 import pytest
 
 from configs import base
-from jkd import distributed
+from jkd import distributed, model
 from tests import test_extract as te
 from tests import test_train_loop as tt
 
@@ -70,11 +72,24 @@ def test_two_processes_train_as_one_process_of_eight_devices(store, tmp_path):
   """(1, 8, 1) mesh, FSDP across the two processes: the same losses, gradient norms and
   validation loss at every step (metrics.jsonl, written by process 0 only), the same token
   counts (tokens/s x step time), and the same
-  checkpoints: steps, and the last one's params, which each process saved its shards of."""
+  checkpoints: steps, and the last one's params, which each process saved its shards of; and
+  the same exports at the end (the model directory saved together, .nemo and HF written by
+  process 0 from the whole params). Two processes profile steps 2..3 with a Perfetto file each,
+  in folders of their own."""
   args = ('--config.train.max_steps=4', '--config.train.val_check_interval=2',
           '--config.train.save_interval=2', '--config.train.limit_val_batches=2')
-  _run_processes(tt._train_cli(store, tmp_path / 'one', *args), 1)
-  _run_processes(tt._train_cli(store, tmp_path / 'two', *args), 2)
+  profile = ('--config.profile.start_step=2', '--config.profile.steps=2',
+             '--config.profile.create_perfetto_trace=True')
+  for run, n in (('one', 1), ('two', 2)):
+    _run_processes(tt._train_cli(
+        store, tmp_path / run, *args, f'--config.train.export_hf={tmp_path / run / "hf"}',
+        f'--config.train.export_nemo={tmp_path / run / "student.nemo"}',
+        *(profile if n > 1 else ())), n)
+  for i in range(2):
+    session = glob.glob(str(tmp_path / 'two' / 'profile' / f'process_{i}' / 'plugins' /
+                            'profile' / '*'))
+    assert len(session) == 1 and glob.glob(session[0] + '/*.xplane.pb'), session
+    assert os.path.isfile(os.path.join(session[0], 'perfetto_trace.json.gz'))
   a, b = tt._metrics(tmp_path / 'one'), tt._metrics(tmp_path / 'two')
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   for step in a:
@@ -90,6 +105,18 @@ def test_two_processes_train_as_one_process_of_eight_devices(store, tmp_path):
   assert sa == sb == 4
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
+  (_, ma), (_, mb) = (model.load(str(tmp_path / run / 'student')) for run in ('one', 'two'))
+  for x, y, z in zip(jax.tree.leaves(ma), jax.tree.leaves(mb), jax.tree.leaves(pa), strict=True):
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(x, z, rtol=1e-5, atol=1e-7)  # the last checkpoint's params
+  from safetensors.torch import load_file
+  ha, hb = (load_file(str(tmp_path / run / 'hf' / 'model.safetensors')) for run in ('one', 'two'))
+  assert sorted(ha) == sorted(hb) and ha
+  for name in ha:  # bf16 in the file: a last-bit difference of the fp32 params may round apart
+    np.testing.assert_allclose(hb[name].float().numpy(), ha[name].float().numpy(), rtol=1e-2,
+                               atol=1e-6, err_msg=name)
+  for run in ('one', 'two'):
+    assert tarfile.is_tarfile(tmp_path / run / 'student.nemo')
 
 
 def _config(**kw):
@@ -120,6 +147,9 @@ def test_distributed_settings_come_from_config_then_environment():
      r'distributed\.process_id=2'),
     ({}, {'JAX_PROCESS_ID': 'x'}, r'JAX_PROCESS_ID=.x.: not an integer'),
     ({'coordinator_address': 'host'}, {}, r'distributed\.coordinator_address=.host.: expected'),
+    ({}, {'JAX_COORDINATOR_ADDRESS': '10.0.0.1:84x6'},
+     r'JAX_COORDINATOR_ADDRESS=.10\.0\.0\.1:84x6.: expected HOST:PORT, a port in 1\.\.65535'),
+    ({'coordinator_address': '[::1]:0'}, {}, r'coordinator_address=.\[::1\]:0.: expected'),
     ({'num_processes': 0}, {}, r'distributed\.num_processes=0'),
 ])
 def test_bad_distributed_settings_name_the_key(kw, env, message):
@@ -215,7 +245,7 @@ _STOP_LOOP = '''
 import os, signal, sys, time
 import jax
 from configs import base
-from jkd import distributed
+from jkd import distributed, model
 config = base.get_config()
 config.mode, when, sig, children = sys.argv[1:]
 SIG = signal.SIGINT if sig.startswith('INT') else signal.SIGTERM  # INT2: Ctrl-C twice
@@ -352,7 +382,7 @@ def test_an_ignored_sigint_stays_ignored():
 
 _GONE_READER = '''
 import sys
-from jkd import distributed
+from jkd import distributed, model
 f = distributed.progress_file() if sys.argv[1] == '1' else sys.stderr
 f.write('first\\n')
 f.flush()
