@@ -142,12 +142,18 @@ def zoomed_range(curves, extra=()) -> tuple[float, float] | None:
 
 
 def _fmt(x) -> str:
-  """4 significant digits; thousands separators instead of an exponent for large values."""
+  """4 significant digits; thousands separators for large values, leading zeros for small
+  ones, never an exponent."""
   if x is None:
     return DASH
   x = float(x)
   # Compared after rounding: 9999.7 rounds to 1.000e+04 in 4 digits.
-  return f'{x:,.0f}' if abs(float(f'{x:.4g}')) >= 1e4 else f'{x:#.4g}'.rstrip('.')
+  if abs(float(f'{x:.4g}')) >= 1e4:
+    return f'{x:,.0f}'
+  if 0 < abs(x) < 1e-4:  # where the g format turns to an exponent: as many decimals instead
+    exponent = int(f'{x:.3e}'.split('e')[1])  # of the value rounded to 4 digits
+    return f'{x:.{3 - exponent}f}'
+  return f'{x:#.4g}'.rstrip('.')
 
 
 def _cell(text: str) -> str:

@@ -242,6 +242,8 @@ def test_results_validation(tmp_path):
 
 
 @pytest.mark.parametrize('x,text', [(0.08812, '0.08812'), (4.618, '4.618'), (9999.4, '9999'),
-                                    (9999.7, '10,000'), (12345.6, '12,346'), (None, report.DASH)])
+                                    (9999.7, '10,000'), (12345.6, '12,346'), (None, report.DASH),
+                                    (1.2345e-5, '0.00001234'), (-2.5e-7, '-0.0000002500'),
+                                    (0.0, '0.000')])
 def test_numbers_have_4_digits_or_thousands_separators_never_an_exponent(x, text):
   assert report._fmt(x) == text
