@@ -43,9 +43,8 @@ class _Stages:
 
   A stage's settings are the keys it reads and, through `after`, those of the stages whose
   outputs it reads (theirs in turn): a changed setting redoes what depends on it, no more. A
-  stage is cached when the record says it finished with the same settings (a record's other
-  keys are ones the stage does not read: an older record kept every earlier stage's) and its
-  outputs exist.
+  stage is cached when the record says it finished with the same settings (compared on the
+  keys that the record and this run both have) and its outputs exist.
   Finished outputs made with other settings are an error naming the keys and the outputs to
   delete: the pipeline never writes over finished files. A stage with files is recorded as
   started before it runs: an interrupted one continues (extraction and training resume) with
@@ -72,9 +71,12 @@ class _Stages:
       now.update(self.settings[stage])
     now.update(settings or {})
     now = self.settings[name] = json.loads(json.dumps(now, sort_keys=True, default=str))
-    key = _compared(now)
     done = self.record.get(name)
-    old = {k: v for k, v in _compared(done['settings'] if done else {}).items() if k in now}
+    recorded = done['settings'] if done else {}
+    # Compared on the keys both have: a record's others are keys this stage does not read (an
+    # older record kept every earlier stage's), and keys it lacks were not read when it ran.
+    both = lambda d: {k: v for k, v in d.items() if k in now and k in recorded}  # noqa: E731
+    old, key = both(_compared(recorded)), both(_compared(now))
     finished = done is not None and done.get('finished', True)
     if finished and all(os.path.exists(o) for o in outputs):
       if old == key:
@@ -88,10 +90,7 @@ class _Stages:
     # Files left by an interrupted run, or by a finished one whose outputs are partly gone:
     # extraction and training would continue them, under the settings they were made with.
     partial = [o for o in ([home] if home else outputs) if os.path.exists(o)]
-    was = {k: v for k, v in _compared(done['settings'] if done else {}, continued=True).items()
-           if k in now}
-    will = {k: v for k, v in _compared(now, continued=True).items()
-            if k in was or k not in _BOUND_WHEN_CONTINUED}  # an older record lacks them
+    was, will = both(_compared(recorded, continued=True)), both(_compared(now, continued=True))
     if done is not None and partial and was != will:
       raise ValueError(f'stage {name!r} {"finished" if finished else "was interrupted"} in '
                        f'{os.path.dirname(self.file)} with other settings '

@@ -297,10 +297,18 @@ def test_a_changed_setting_redoes_only_the_stages_that_read_it(tmp_path, monkeyp
   """Each stage is compared on the keys it reads and on those of the stages whose outputs it
   reads: the seed (a SmolLM2 teacher) is read by the trainings only, pipeline.sft_only_weight by
   the SFT-only training only, the KD weights by the KD training only (the SFT-only one sets its
-  own); the data's settings by what reads the data (the pruning first), not by the teacher."""
+  own); the data's settings by what reads the data (the pruning first), not by the teacher.
+  Records are compared on the keys both they and the run have."""
   _stub_stages(monkeypatch)
   ran, error = _stages_run(capsys, tmp_path)
   assert error is None and len(ran) == 10 and ran[-2:] == ['train: KD + SFT', 'train: SFT only']
+  assert _stages_run(capsys, tmp_path) == ([], None)
+  # Records of an older jkd: a stage's record holding keys it does not read (every earlier
+  # stage's), or lacking keys it reads now (not read when it ran): compared on the keys in both.
+  record = json.loads((tmp_path / 'stages.json').read_text())
+  record['data']['settings']['seed'] = 7
+  del record['train: KD + SFT']['settings']['distill.kd_loss']
+  (tmp_path / 'stages.json').write_text(json.dumps(record))
   assert _stages_run(capsys, tmp_path) == ([], None)
   ran, error = _stages_run(capsys, tmp_path, seed=1)
   assert ran == [] and error.startswith("stage 'train: KD + SFT' finished") and (
