@@ -28,8 +28,15 @@ LOGICAL_AXIS_RULES = (
 )
 
 
+def check_variant(arg, where: str, variants=()) -> None:
+  """ValueError for a `--config FILE:VARIANT` that FILE does not define."""
+  if arg not in (None, '', *variants):
+    expected = ' or '.join(('none',) + tuple(variants))
+    raise ValueError(f'{where}: unknown variant {arg!r} (expected {expected})')
+
+
 def get_config(arg=None):
-  del arg
+  check_variant(arg, 'configs/base.py')
   c = ConfigDict()
   # Stage to run: train | extract | convert | eval | export | pipeline. The defaults below are NeMo-
   # Aligner's training settings; mode=pipeline wants others (configs/demo.py sets them).

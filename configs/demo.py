@@ -62,6 +62,7 @@ def get_config(arg=None):
   c.distill.reduction = 'global_token_mean'  # validation CE is then a token mean, as evaluated
   c.distill.loss_impl = 'fused'
 
+  base.check_variant(arg, 'configs/demo.py', ('quick',))
   if arg == 'quick':
     c.workdir = '/tmp/jkd/demo_quick'
     c.pipeline.max_train_examples = 256
@@ -73,6 +74,4 @@ def get_config(arg=None):
     c.train.max_steps = 24
     c.train.val_check_interval = 4
     c.train.save_interval = 24
-  elif arg not in (None, ''):
-    raise ValueError(f'configs/demo.py: unknown variant {arg!r} (expected none or quick)')
   return c

@@ -11,6 +11,7 @@ from configs import base
 
 
 def get_config(arg=None):
-  c = base.get_config(arg)
+  base.check_variant(arg, 'configs/eval.py')
+  c = base.get_config()
   c.mode = 'eval'
   return c

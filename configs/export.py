@@ -12,6 +12,7 @@ from configs import base
 
 
 def get_config(arg=None):
-  c = base.get_config(arg)
+  base.check_variant(arg, 'configs/export.py')
+  c = base.get_config()
   c.mode = 'export'
   return c

@@ -28,6 +28,7 @@ STORE = 'data/oasst/logits'  # the logit store both stages share
 
 
 def get_config(arg=None):
+  base.check_variant(arg, 'configs/nemotron8b_gpt2b.py', ('extract', 'train'))
   c = base.get_config()
   c.mode = arg or 'train'  # extract | train
   c.workdir = 'results/kd_log_dir'  # NeMo: exp_manager.explicit_log_dir

@@ -9,11 +9,11 @@ and 12 steps. The numbers mean nothing; the artifacts and their formats are what
 checks.
 """
 
-from configs import demo
+from configs import base, demo
 
 
 def get_config(arg=None):
-  del arg
+  base.check_variant(arg, 'configs/smoke.py')
   c = demo.get_config()
   c.workdir = '/tmp/jkd/smoke'
   c.seed = 0

@@ -275,3 +275,17 @@ def test_a_random_teacher_vocabulary_is_padded_to_fit_the_mesh(tmp_path, devices
   pipeline._random_teacher(c, str(tmp_path / 'teacher_random'))
   cfg = model.load_config(str(tmp_path / 'teacher_random'))
   assert tok.vocab_size % 2 and (cfg.vocab_size, cfg.padded_vocab) == (tok.vocab_size, 256)
+
+
+@pytest.mark.parametrize('name,variants', [
+    ('base', ()), ('convert', ()), ('eval', ()), ('export', ()), ('extract', ()), ('smoke', ()),
+    ('demo', ('quick',)), ('nemotron8b_gpt2b', ('extract', 'train'))])
+def test_a_config_files_unknown_variant_is_refused(name, variants):
+  """`--config configs/X.py:VARIANT` with a variant X does not define is an error naming the
+  file and its variants (a misspelt one ran the default config)."""
+  module = importlib.import_module(f'configs.{name}')
+  for arg in (None, '', *variants):
+    module.get_config(arg)
+  with pytest.raises(ValueError, match=rf"configs/{name}\.py: unknown variant 'bogus' "
+                                       rf"\(expected none{''.join(' or ' + v for v in variants)}\)"):
+    module.get_config('bogus')
