@@ -236,6 +236,10 @@ def _validate_train(config, mesh_shape) -> None:
     student = model.load_config(config.train.student)
     where = os.path.join(config.train.student, model.CONFIG_FILE)
   _check_model(student, config, where, mesh_shape)
+  if config.train.restore_from_path:  # its params, before anything is loaded or compiled
+    from jkd import train_loop
+    train_loop.check_checkpoint(student, config.train.restore_from_path,
+                                f'train.restore_from_path, for the student of {where}')
   from jkd import train
   try:  # the student as training runs it (a head dim cuDNN takes, say)
     train.run_config(student, train.train_config(config))

@@ -195,10 +195,11 @@ RUN_FILE = 'run.json'  # in the workdir: the settings its checkpoints can only b
 SCHEDULE_KEYS = ('lr', 'min_lr', 'warmup_steps', 'constant_steps', 'max_steps')
 
 
-def _check_resumable(ls, config, tc, start: int, n_train: int) -> None:
+def _check_resumable(ls, config, tc, start: int, n_train: int, teacher_id: dict) -> None:
   """A workdir's checkpoints continue only the data stream and optimizer they were saved with:
   a resumed run with another seed, batch size, packing, length or data (another path, or a
-  store that has grown: the shuffle is over its `n_train` examples) would restore an
+  store that has grown: the shuffle is over its `n_train` examples, or that holds another
+  teacher's top-K, `teacher_id`: the KD objective would change) would restore an
   iterator of a different stream; another worker_count an iterator state of another form; another
   do_layer_norm_weight_decay an optimizer state of another structure. Such a resume is refused,
   naming the keys (keys a run.json from an older jkd lacks are not compared). A fresh run
@@ -214,7 +215,8 @@ def _check_resumable(ls, config, tc, start: int, n_train: int) -> None:
          'train.pack': config.train.pack, 'data.max_seq_length': config.data.max_seq_length,
          'data.train_file' if online else 'train.store': os.path.abspath(data),
          'train split examples': n_train, 'train.worker_count': config.train.worker_count,
-         'train.do_layer_norm_weight_decay': config.train.do_layer_norm_weight_decay}
+         'train.do_layer_norm_weight_decay': config.train.do_layer_norm_weight_decay,
+         **teacher_id}
   schedule = {k: getattr(tc, k) for k in SCHEDULE_KEYS}
   path = os.path.join(ls.workdir, RUN_FILE)
   if start > 0 and os.path.isfile(path):
@@ -238,6 +240,25 @@ def _check_resumable(ls, config, tc, start: int, n_train: int) -> None:
     now = {**saved, **now}  # the record of the run's exports, too
   now['schedule'] = schedule
   _write_run(path, now)
+
+
+def check_checkpoint(cfg, step_dir: str, where: str) -> None:
+  """ValueError, before any restore, when checkpoint step `step_dir` (`<run>/checkpoints/<step>`)
+  is none or holds params of other shapes than `cfg` builds (orbax would fail deep inside its
+  restore); `where` names what pointed at it and the fix."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+  state = os.path.join(step_dir, 'state')
+  if not os.path.isdir(state):
+    raise ValueError(f'{where}: {step_dir} is no checkpoint step (expected '
+                     '<workdir>/checkpoints/<step>, a directory holding state/)')
+  tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state)).tree
+  shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree.get('params', {}),
+                        is_leaf=lambda m: hasattr(m, 'shape'))
+  try:
+    model.check_params(cfg, shapes, state)
+  except ValueError as e:
+    raise ValueError(f'{e} ({where})') from None
 
 
 def _write_run(path: str, record: dict) -> None:
@@ -343,11 +364,13 @@ def run(config) -> dict[str, float]:
         sources[split] = loader.ExamplesSource(chat.read_jsonl(
             path, teacher_tok, fmt=config.data.format, max_seq_length=ls.max_seq_length), path)
     stored_k, teacher_vocab, n_train = ext.top_k, teacher_cfg.vocab_size, len(sources['train'])
+    teacher_id = {'extract.top_k': ext.top_k, 'extract.teacher': os.path.abspath(ext.teacher)}
     if 'validation' in sources:
       n_val = len(sources['validation'])
   else:
     meta = logit_store.read_meta(os.path.join(tc.store, 'train'))
     stored_k, teacher_vocab = meta.k, meta.vocab_size
+    teacher_id = {'store k': meta.k, 'store teacher': meta.teacher_fingerprint}
     n_train = logit_store.check_finished(tc.store, 'train')
     if os.path.isdir(os.path.join(tc.store, 'validation')):
       n_val = logit_store.check_finished(tc.store, 'validation')
@@ -369,7 +392,7 @@ def run(config) -> dict[str, float]:
                                            enable_async_checkpointing=True,
                                            cleanup_tmp_directories=True))
   start = mngr.latest_step() or 0  # steps count from 1
-  _check_resumable(ls, config, tc, start, n_train)
+  _check_resumable(ls, config, tc, start, n_train, teacher_id)
   if start > last_step:  # would skip training and export a later state as this run's end
     raise ValueError(f'{ls.workdir}/checkpoints: the latest checkpoint is at step {start}, '
                      f'past this run\'s last step {last_step} (train.max_steps, max_epochs); '
@@ -403,6 +426,11 @@ def run(config) -> dict[str, float]:
   if online and tok is None:
     tok = teacher_tok
   pad_id = tok.eos_id if tok is not None and tok.eos_id is not None else 0  # NeMo pads with eos
+
+  if start:  # before the student is loaded
+    check_checkpoint(cfg, os.path.join(os.path.abspath(ls.workdir), 'checkpoints', str(start)),
+                     'this workdir\'s checkpoints are of another student than train.student '
+                     'or config.model: set those back, or use another workdir')
 
   # Shardings and init.
   param_shardings = sharding.shardings_for(

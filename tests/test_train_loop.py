@@ -202,7 +202,18 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   grown = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8'))
   assert grown.returncode == 2 and (
       'saved with train split examples=40 (now 48)' in grown.stderr), grown.stderr
+  # A store at the same path with another teacher's top-K (or another K): another objective.
+  run_json.write_text(json.dumps({**json.loads(saved), 'store teacher': 'another'}))
+  retaught = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8'))
+  assert retaught.returncode == 2 and "saved with store teacher='another'" in retaught.stderr, (
+      retaught.stderr)
   run_json.write_text(saved)
+  # Another student (config.model here): its params are not the checkpoints', refused naming
+  # them before the student is built (orbax's own error comes deep inside its restore).
+  deeper = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=16',
+                           '--config.model.num_layers=3'))
+  assert deeper.returncode == 2 and 'parameters do not match the model config' in deeper.stderr
+  assert 'checkpoints are of another student' in deeper.stderr.strip().splitlines()[-1]
   os.utime(nemo, (0, 0))
   old = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=16'))
   assert old.returncode == 2 and 'student.nemo: already exists' in old.stderr, old.stderr
@@ -243,6 +254,15 @@ def test_restore_from_path_starts_from_its_params_with_a_new_schedule(store, tmp
   assert [b[s]['train/lr'] for s in (1, 2)] == [a[s]['train/lr'] for s in (1, 2)]
   assert b[1]['train/loss'] < a[1]['train/loss'] - 1e-4
   assert sorted(os.listdir(tmp_path / 'second' / 'checkpoints')) == ['2']
+  # A path that is no checkpoint step, or a step of another student: refused by the config
+  # checks, naming the key.
+  for bad, message in ((f'{tmp_path}/first/checkpoints', 'is no checkpoint step'),
+                       (f'{tmp_path}/first/checkpoints/2', 'parameters do not match')):
+    proc = _run(_train_cli(store, tmp_path / 'third', '--config.train.max_steps=2', *args,
+                           f'--config.train.restore_from_path={bad}',
+                           '--config.model.num_layers=3'))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and message in last and 'train.restore_from_path' in last, last
 
 
 def test_a_validation_split_without_a_full_batch_is_refused(store, tmp_path, monkeypatch):
