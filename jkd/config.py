@@ -255,12 +255,21 @@ def _validate_train(config, mesh_shape) -> None:
     top_k, teacher_vocab = config.distill.top_k, meta.vocab_size
     if top_k is not None and top_k > meta.k:
       raise ValueError(f'distill.top_k={top_k}: exceeds k={meta.k} of {teacher_where}')
-  if student.vocab_size != teacher_vocab and not config.distill.cross_tokenizer:
-    raise ValueError(f'{teacher_where}: the teacher\'s vocab_size {teacher_vocab} differs from '
-                     f'the student\'s {student.vocab_size} ({where}); set '
-                     'distill.cross_tokenizer')
+  check_same_vocab(student.vocab_size, teacher_vocab, config.distill.cross_tokenizer, where,
+                   teacher_where)
   from jkd import export  # the HF class now, not after training (the .nemo: train_loop)
   export.check_targets(student, hf=config.train.export_hf, where=f'train.export_hf, {where}')
+
+
+def check_same_vocab(student_vocab: int, teacher_vocab: int, cross_tokenizer: bool,
+                     student_where: str, teacher_where: str) -> None:
+  """ValueError when the vocabularies differ without distill.cross_tokenizer."""
+  if student_vocab != teacher_vocab and not cross_tokenizer:
+    raise ValueError(f'{teacher_where}: the teacher\'s vocab_size {teacher_vocab} differs from '
+                     f'the student\'s {student_vocab} ({student_where}): the student reads the '
+                     'teacher\'s token ids, so both need one tokenizer (distill.cross_tokenizer, '
+                     'NeMo\'s pairing of the K by rank, is only for a student that reads the '
+                     'teacher\'s ids as its own)')
 
 
 def _validate_eval(config, mesh_shape) -> None:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkd import losses, model
+from jkd import losses, model, tokenizer
 
 Pairs = dict[str, tuple]
 BATCH_KEYS = ('tokens', 'labels', 'loss_mask', 'topk_ids', 'topk_logits', 'segment_ids',
@@ -172,7 +172,11 @@ def evaluate_store(model_dir: str, store: str, *, split: str = 'validation', bat
   partial batch, as training's validation does."""
   from tqdm import tqdm
 
-  from jkd.data import loader
+  from jkd.data import loader, logit_store
+  if os.path.isdir(os.path.join(model_dir, 'tokenizer')):
+    tokenizer.warn_if_not_the_stores(
+        tokenizer.load(model_dir), model_dir, store,
+        logit_store.read_meta(os.path.join(store, split)).tokenizer_fingerprint, 'eval')
   cfg, params = model.load(model_dir)
   cfg = dataclasses.replace(cfg, dtype='float32')
   source = loader.KDDataSource(store, split, pad_id=0)

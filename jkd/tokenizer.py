@@ -215,6 +215,18 @@ def from_gguf(path: str) -> Tokenizer | None:
                    pad_id=field('padding_token_id'))
 
 
+def warn_if_not_the_stores(tok: Tokenizer | None, model_dir: str, store: str,
+                           store_fingerprint: str, what: str) -> None:
+  """A warning when a model's tokenizer is not the one a logit store was extracted with
+  (`store_fingerprint`; '' when the store does not know): the model reads the store's token
+  ids. Not an error: another format of one vocabulary (a tokenizer.json and a SentencePiece
+  model, say) gives the same ids with other files."""
+  if tok is not None and store_fingerprint not in ('', tok.fingerprint):
+    print(f'[{what}] warning: the tokenizer of {model_dir} is not the one {store} was '
+          'extracted with (other files or special ids): the model reads the store\'s token '
+          'ids, so check that both tokenizers give the same ids')
+
+
 def save(tok: Tokenizer, model_dir: str) -> None:
   """Writes `model_dir/tokenizer/` (files, then the metadata) and swaps it in by rename."""
   final = os.path.join(model_dir, 'tokenizer')

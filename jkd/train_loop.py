@@ -420,9 +420,13 @@ def run(config) -> dict[str, float]:
       tok = tokenizer.load(tc.student)
   else:
     cfg = jkd_config.model_config(config)
-  if cfg.vocab_size != teacher_vocab and not tc.cross_tokenizer:
-    raise ValueError(f'the student vocabulary ({cfg.vocab_size}) differs from the teacher\'s '
-                     f'({teacher_vocab}); set distill.cross_tokenizer')
+  student_where = (os.path.join(tc.student, model.CONFIG_FILE) if tc.student else
+                   'config.model')
+  jkd_config.check_same_vocab(cfg.vocab_size, teacher_vocab, tc.cross_tokenizer, student_where,
+                              config.extract.teacher if online else tc.store)
+  if not online and not tc.cross_tokenizer:
+    tokenizer.warn_if_not_the_stores(tok, tc.student, tc.store, meta.tokenizer_fingerprint,
+                                     'train')
   if online and tok is None:
     tok = teacher_tok
   pad_id = tok.eos_id if tok is not None and tok.eos_id is not None else 0  # NeMo pads with eos

@@ -3,6 +3,7 @@ teacher (kills and restarts: tests/faults/)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -394,3 +395,28 @@ def test_summary_writer_leaves_torch_unimported(tmp_path):
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split('\n')[:2] == ['False', '3 train/loss 2.5'], proc.stdout
+
+
+def test_a_student_tokenizer_other_than_the_stores_is_warned_about(store, tmp_path, capsys):
+  """The store records its teacher tokenizer's fingerprint: a student whose tokenizer differs
+  (here in its pad id; same vocabulary size, which the config checks cannot tell apart) trains
+  with a warning, one with the store's tokenizer without; evaluation on the store too."""
+  from jkd import evaluate, tokenizer
+  teacher = store.parent / 'teacher'
+  for name, pad_id in (('same', None), ('other', 7)):
+    student = tmp_path / name
+    shutil.copytree(teacher, student)
+    if pad_id is not None:
+      tok = tokenizer.load(str(teacher))
+      tokenizer.save(tokenizer.Tokenizer(tok.library, tok.files, bos_id=tok.bos_id,
+                                         eos_id=tok.eos_id, pad_id=pad_id), str(student))
+    proc = _run(_train_cli(store, tmp_path / f'run_{name}', '--config.train.max_steps=1',
+                           '--config.train.limit_val_batches=0', '--config.train.save_interval=1',
+                           f'--config.train.student={student}'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warned = f'warning: the tokenizer of {student} is not the one {store} was extracted with'
+    assert (warned in proc.stdout) == (pad_id is not None), proc.stdout[-2000:]
+    capsys.readouterr()
+    evaluate.evaluate_store(str(student), str(store), batch_size=8, max_seq_length=64,
+                            max_batches=1)
+    assert (warned in capsys.readouterr().out) == (pad_id is not None)
