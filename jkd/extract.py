@@ -222,7 +222,9 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
   `preemption`, a SIGTERM or Ctrl-C ends the split after a committed batch
   (`preemption.stopping`), the split left unfinished for a rerun to complete."""
   from jkd.data import logit_store
-  last = len(examples) - 1 if s.end_idx < 0 else min(s.end_idx, len(examples) - 1)
+  wanted = selected(examples, s)
+  if not wanted:  # run() refuses this before loading the teacher; a direct call, here
+    raise range_error(None, source, len(examples))
   meta = logit_store.StoreMeta(k=s.top_k, vocab_size=cfg.vocab_size, values_dtype=s.values_dtype,
                                teacher_fingerprint=fingerprint(s.teacher),
                                tokenizer_fingerprint=tok.fingerprint if tok else '',
@@ -232,7 +234,7 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
                       source)
   _barrier(f'extract {split}: writers open')  # every process plans from the same committed set
   todo = {e['index']: len(e['tokens']) for e in examples
-          if s.start_idx <= e['index'] <= last and e['index'] not in writer.committed}
+          if e['index'] in wanted and e['index'] not in writer.committed}
   by_index = {e['index']: e for e in examples}
   fn = topk_fn(cfg, mesh, rules, k=s.top_k, vocab_tile=s.vocab_tile)
   rows = sharding.batch_sharding(mesh, rules)
@@ -272,9 +274,31 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
     return written
   _barrier(f'extract {split}: done')  # the split is complete when any process returns
   if jax.process_index() == 0:
-    logit_store.mark_finished(s.output, split, [e['index'] for e in examples
-                                                if s.start_idx <= e['index'] <= last])
+    logit_store.mark_finished(s.output, split, sorted(wanted))
   return written
+
+
+def selected(examples: Sequence[dict], s: Settings) -> set[int]:
+  """Indices of `examples` in s.start_idx..s.end_idx (inclusive; -1: to the last example)."""
+  last = math.inf if s.end_idx < 0 else s.end_idx
+  return {e['index'] for e in examples if s.start_idx <= e['index'] <= last}
+
+
+def range_error(config, source: str, n: int) -> ValueError:
+  """The error for an extract range (start_idx..end_idx or chunk) past the n examples of
+  `source`; `config`: the run's config, or None for a direct call (the range as Settings)."""
+  e = None if config is None else config.extract
+  if e is not None and e.examples_per_chunk > 0:
+    first = e.chunk_index * e.examples_per_chunk
+    keys = (f'extract.chunk_index={e.chunk_index} with extract.examples_per_chunk='
+            f'{e.examples_per_chunk} (indices {first}..{first + e.examples_per_chunk - 1})')
+    fix = f'its last chunk is extract.chunk_index={(n - 1) // e.examples_per_chunk}'
+  else:
+    keys = 'extract.start_idx' if e is None else f'extract.start_idx={e.start_idx}' + (
+        f', extract.end_idx={e.end_idx}' if e.end_idx >= 0 else '')
+    fix = f'set extract.start_idx to at most {n - 1}'
+  return ValueError(f'{keys}: selects no example of {source}, which holds {n} examples (indices '
+                    f'0..{n - 1}); {fix}')
 
 
 def settings(config) -> Settings:
@@ -293,25 +317,38 @@ def settings(config) -> Settings:
 def run(config) -> dict[str, int]:
   from jkd.data import chat
   s = settings(config)
+  tok = tokenizer.load(s.teacher)
+  # The data first: a range that selects none of the train split fails before the teacher
+  # loads. The range applies to both splits, so a chunk of a long train split may lie past the
+  # end of the shorter validation one: that job leaves validation alone (the jobs whose range
+  # covers it extract it) rather than mark an empty split finished, which training refuses.
+  splits = {}
+  for split, path in (('train', config.data.train_file),
+                      ('validation', config.data.validation_file)):
+    if not path:
+      continue
+    examples = chat.read_jsonl(path, tok, fmt=config.data.format,
+                               max_seq_length=s.max_seq_length)
+    source = f'data.{split}_file={path}'
+    if not selected(examples, s):
+      if split == 'train' or not config.data.train_file:
+        raise range_error(config, source, len(examples))
+      print(f'[extract] {split}: skipped, the extract range (from index {s.start_idx}) selects '
+            f'none of its {len(examples)} examples ({source})')
+      continue
+    splits[split] = (examples, source)
   mesh_cfg = jkd_config.mesh_config(config)
   mesh = sharding.make_mesh(mesh_cfg.axes, mesh_cfg.shape)  # batch_size fits it (jkd.config)
   cfg = dataclasses.replace(model.load_config(s.teacher), dtype=s.dtype)
-  tok = tokenizer.load(s.teacher)
   params_sharding = sharding.shardings_for(
       lambda: model.init(cfg, jax.random.key(0), boxed=True), mesh, mesh_cfg.rules)
   _, params = model.load(s.teacher, params_sharding, dtype=model.DTYPES[s.dtype])
   written = {}
   with distributed.Preemption() as preemption, \
        profiling.Profiler(profiling.settings(config)) as profiler:
-    for split, path in (('train', config.data.train_file),
-                        ('validation', config.data.validation_file)):
-      if not path:
-        continue
-      examples = chat.read_jsonl(path, tok, fmt=config.data.format,
-                                 max_seq_length=s.max_seq_length)
+    for split, (examples, source) in splits.items():
       written[split] = extract_split(examples, split, s, mesh, mesh_cfg.rules, cfg, params, tok,
-                                     profiler, source=f'data.{split}_file={path}',
-                                     preemption=preemption)
+                                     profiler, source=source, preemption=preemption)
       if preemption.stopping:
         break
       print(f'[extract] {split}: {written[split]} new examples -> {s.output}/{split}')

@@ -229,6 +229,60 @@ def test_resume_refuses_other_inputs_or_teacher_dtype(teacher_dir, tmp_path):
   assert resume(examples) == 48 - 12  # the same inputs resume
 
 
+def _run_config(root, store, **extract_keys):
+  """configs/extract.py on make_teacher's model and data (mode=extract's run(), in process)."""
+  c = base.get_config()
+  c.mode = 'extract'
+  c.extract.teacher, c.extract.output = str(root / 'teacher'), str(store)
+  c.data.train_file, c.data.format, c.data.max_seq_length = str(root / 'train.jsonl'), 'plain', 256
+  c.extract.top_k, c.extract.batch_size, c.extract.vocab_tile, c.extract.min_bucket = 8, 8, 64, 16
+  c.extract.dtype = c.extract.values_dtype = 'float32'
+  for key, value in extract_keys.items():
+    c.extract[key] = value
+  return c
+
+
+@pytest.mark.parametrize('keys, message', [
+    (dict(start_idx=100), r'^extract\.start_idx=100: selects no example of data\.train_file=\S+'
+                          r'train\.jsonl, which holds 48 examples \(indices 0\.\.47\); set '
+                          r'extract\.start_idx to at most 47$'),
+    (dict(start_idx=48, end_idx=60), r'^extract\.start_idx=48, extract\.end_idx=60: selects no '
+                                     r'example of .*48 examples'),
+    (dict(examples_per_chunk=10, chunk_index=5),
+     r'^extract\.chunk_index=5 with extract\.examples_per_chunk=10 \(indices 50\.\.59\): '
+     r'selects no example of .*48 examples .*its last chunk is extract\.chunk_index=4$'),
+])
+def test_range_past_the_data_fails_before_the_teacher_loads(teacher_dir, tmp_path, monkeypatch,
+                                                            keys, message):
+  """A start_idx/end_idx or chunk past the train split's end was a finished empty split (rc 0,
+  `0 new examples`) that training then refused without naming the store: now one line naming
+  the keys and the file's example count, before the teacher's weights load or the store opens."""
+  monkeypatch.setattr(extract.model, 'load', lambda *a, **k: pytest.fail('teacher loaded'))
+  with pytest.raises(ValueError, match=message) as e:
+    extract.run(_run_config(teacher_dir, tmp_path / 'store', **keys))
+  assert '\n' not in str(e.value) and not (tmp_path / 'store').exists()
+
+
+def test_range_past_the_validation_split_leaves_it_alone(teacher_dir, tmp_path, devices8):
+  """The range applies to both splits: a train chunk past the shorter validation split's end
+  extracts its train examples and leaves validation alone (an empty finished validation split
+  would fail training); a validation file given alone must have examples in range."""
+  with open(teacher_dir / 'train.jsonl') as f:
+    (tmp_path / 'val.jsonl').write_text(''.join(f.readlines()[:4]))
+  c = _run_config(teacher_dir, tmp_path / 'store', start_idx=40)
+  c.data.validation_file = str(tmp_path / 'val.jsonl')
+  assert extract.run(c) == {'train': 8}
+  assert sorted(_records(tmp_path / 'store')) == list(range(40, 48))
+  assert not (tmp_path / 'store' / 'validation').exists()
+  c.data.train_file = ''
+  with pytest.raises(ValueError, match=r'^extract\.start_idx=40: selects no example of '
+                     r'data\.validation_file=\S+val\.jsonl, which holds 4 examples'):
+    extract.run(c)
+  c.extract.start_idx = 2  # a range that covers it: validation 2..3
+  assert extract.run(c) == {'validation': 2}
+  assert sorted(_records(tmp_path / 'store', 'validation')) == [2, 3]
+
+
 def test_chunk_index_selects_nemo_style_chunks():
   """extract.examples_per_chunk / chunk_index: chunk i is indices [i*n, (i+1)*n - 1]."""
   c = base.get_config()
