@@ -485,6 +485,42 @@ def test_nemo_round_trip_without_padding(tmp_path):
     assert g['topk_token_ids'][s:] == [[EOS] * K] * (len(vals) - s)
 
 
+@pytest.mark.parametrize('args, line', [
+    (['--n-chunks', '0'], '--n-chunks 0: must be >= 1'),
+    (['--n-chunks', '-1'], '--n-chunks -1: must be >= 1'),
+    (['--n-examples-per-chunk', '0'], '--n-examples-per-chunk 0: must be >= 1'),
+    (['--k', '0'], '--k 0: must be >= 1'),
+    (['--vocab-size', '0'], '--vocab-size 0: must be >= 1'),
+    (['--k', '301'], '--k 301: exceeds --vocab-size 300'),
+])
+def test_nemo_import_cli_refuses_bad_counts_naming_the_flag(tmp_path, capsys, args, line):
+  """`--n-chunks 0` imported nothing with exit 0 (and marked an empty split finished); `--k 0`
+  failed in StoreMeta's words: each count is checked first, one line naming the flag, exit 2."""
+  template, _ = write_nemo_chunks(tmp_path)
+  store = tmp_path / 'store'
+  given = dict(zip(args[::2], args[1::2]))
+  argv = ['import', template, str(store)]
+  for flag, value in {'--n-chunks': '2', '--n-examples-per-chunk': '6', '--k': str(K),
+                      '--vocab-size': str(V_SMALL), **given}.items():
+    argv += [flag, value]
+  assert nemo_jsonl.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'jkd: error: {line}') and len(err.strip().splitlines()) == 1, err
+  assert not store.exists()
+
+
+def test_nemo_zero_chunks_are_refused_by_import_and_export(tmp_path, capsys):
+  """The library call refuses zero chunks too; export's optional chunk size likewise."""
+  template, _ = write_nemo_chunks(tmp_path)
+  with pytest.raises(ValueError, match=r'import_chunks: n_chunks=0, must be >= 1'):
+    nemo_jsonl.import_chunks(template, str(tmp_path / 'store'), 'train', make_meta(),
+                             n_chunks=0, n_examples_per_chunk=6)
+  assert not (tmp_path / 'store').exists()
+  assert nemo_jsonl.main(['export', str(tmp_path / 'store'), str(tmp_path / 'o_CHUNK_ID.jsonl'),
+                          '--n-examples-per-chunk', '0']) == 2
+  assert capsys.readouterr().err == 'jkd: error: --n-examples-per-chunk 0: must be >= 1\n'
+
+
 def test_nemo_import_checks(tmp_path):
   template, recs = write_nemo_chunks(tmp_path)
   store = str(tmp_path / 'store')

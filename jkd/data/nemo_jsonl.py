@@ -94,6 +94,9 @@ def import_chunks(path_template: str, root: str, split: str, meta: StoreMeta, *,
   """
   if index not in ('field', 'position'):
     raise ValueError(f"import_chunks: index={index!r}, expected 'field' or 'position'")
+  for name, value in (('n_chunks', n_chunks), ('n_examples_per_chunk', n_examples_per_chunk)):
+    if value < 1:  # zero chunks would import nothing and mark an empty split finished
+      raise ValueError(f'import_chunks: {name}={value}, must be >= 1')
   paths = chunk_paths(path_template, n_chunks)
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing:
@@ -194,6 +197,20 @@ def export_chunks(root: str, split: str, path_template: str, *,
   return len(paths)
 
 
+def _bad_argument(a) -> str | None:
+  """What is wrong with the parsed counts, naming the flag; None if nothing. Zero chunks
+  imported nothing and exited 0; a zero K or vocabulary failed in StoreMeta's words."""
+  flags = {'--n-chunks': 'n_chunks', '--n-examples-per-chunk': 'n_examples_per_chunk',
+           '--k': 'k', '--vocab-size': 'vocab_size'}
+  for flag, name in flags.items():
+    value = getattr(a, name, None)  # export has only --n-examples-per-chunk, and may omit it
+    if value is not None and value < 1:
+      return f'{flag} {value}: must be >= 1'
+  if a.command == 'import' and a.k > a.vocab_size:
+    return f'--k {a.k}: exceeds --vocab-size {a.vocab_size} (a row holds the top K of V logits)'
+  return None
+
+
 def main(argv=None) -> int:
   import argparse
   import sys
@@ -223,6 +240,9 @@ def main(argv=None) -> int:
   for q in (imp, exp):
     q.add_argument('--split', default='train')
   a = p.parse_args(argv)
+  if (bad := _bad_argument(a)) is not None:  # before StoreMeta words it without the flag
+    print(error_line(ValueError(bad)), file=sys.stderr)
+    return 2
   try:
     if a.command == 'import':
       meta = StoreMeta(k=a.k, vocab_size=a.vocab_size, values_dtype=a.values_dtype,
