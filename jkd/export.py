@@ -30,10 +30,18 @@ def _tokenizer(directory: str):
 def check_targets(cfg: model.ModelConfig, *, nemo: str = '', hf: str = '',
                   where: str = '') -> None:
   """What would fail only after the weights are loaded (or a training run is over): a .nemo
-  path already taken, a model with no Hugging Face class. `where` names the config."""
+  path already taken, an HF path that cannot be a directory, a model with no Hugging Face
+  class. `where` names the config."""
   if nemo and os.path.exists(nemo):
     raise FileExistsError(f'{nemo}: already exists; remove it or choose another path')
   if hf:
+    blocker = os.path.abspath(hf)  # the path itself, or the first of its parents that exists
+    while not os.path.lexists(blocker) and os.path.dirname(blocker) != blocker:
+      blocker = os.path.dirname(blocker)
+    if not os.path.isdir(blocker):  # a directory is fine: a rerun replaces its export
+      raise FileExistsError(f'{blocker}: exists and is not a directory (the Hugging Face export '
+                            f'{hf}{" of " + where if where else ""} is written as one); remove '
+                            'it or choose another path')
     from third_party.convert import to_hf
     try:
       to_hf.architecture(cfg)

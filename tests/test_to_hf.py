@@ -7,6 +7,8 @@ give the same logits as both the original HF model and jkd.
 
 import dataclasses
 import json
+import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -192,3 +194,61 @@ def test_sharded_export_loads_and_a_rerun_replaces_it(tmp_path):
   to_hf.export_hf(cfg, params, str(tmp_path))
   assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', 'model.safetensors']
   assert _max_diff(ref.hf_logits(_load(out, dtype=torch.float32), tokens), want) <= 1e-4
+
+
+@pytest.mark.parametrize('mode, key', [('train', 'train.export_hf'), ('export', 'export.hf')])
+@pytest.mark.parametrize('blocked', ['file', 'parent'])
+def test_hf_path_that_cannot_be_a_directory_fails_config_validation(tmp_path, mode, key,
+                                                                    blocked, devices8):
+  """train.export_hf / export.hf naming an existing file (or a path under one) failed with `File
+  exists` only after training or loading: jkd.config.validate, which runs before either, now
+  refuses it in one line naming the file and the key; an existing directory stays fine (a
+  rerun replaces its export)."""
+  from jkd import config as jkd_config
+  from tests import test_config_validation as tcv
+  tcv._inputs(tmp_path)
+  (tmp_path / 'taken').write_text('not a directory')
+  hf = tmp_path / 'taken' if blocked == 'file' else tmp_path / 'taken' / 'hf'
+  c = tcv._config(tmp_path, mode, **{key.replace('.', '__'): str(hf)})
+  with pytest.raises(FileExistsError) as e:
+    jkd_config.validate(c)
+  assert str(e.value).startswith(f'{tmp_path / "taken"}: exists and is not a directory (the '
+                                 f'Hugging Face export {hf} of {key}')
+  assert str(e.value).endswith('is written as one); remove it or choose another path')
+  (tmp_path / 'taken').unlink()
+  (tmp_path / 'taken').mkdir()
+  (tmp_path / 'taken' / 'hf').mkdir()
+  jkd_config.validate(c)
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o027])
+@pytest.mark.parametrize('max_shard_bytes', [to_hf.MAX_SHARD_BYTES, 100_000])
+def test_weights_get_the_permissions_of_their_sibling_files(tmp_path, umask, max_shard_bytes):
+  """safetensors wrote model.safetensors (and shards) 0600 beside 0644 config and tokenizer
+  files: another user serving the export could not read its weights. Every file of the export
+  now has the mode an ordinary new file gets under the process umask."""
+  cfg, params, _ = ref.llama()
+  old = os.umask(umask)
+  try:
+    to_hf.export_hf(cfg, params, str(tmp_path), max_shard_bytes=max_shard_bytes)
+  finally:
+    os.umask(old)
+  modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+  assert sum(name.endswith('.safetensors') for name in modes) == (
+      1 if max_shard_bytes == to_hf.MAX_SHARD_BYTES else len(modes) - 2)
+  assert modes == dict.fromkeys(modes, 0o666 & ~umask), {n: oct(m) for n, m in modes.items()}
+
+
+def test_umask_is_read_without_changing_it(monkeypatch):
+  """From /proc/self/status, or (no /proc) by setting and restoring it: same answer, unchanged."""
+  old = os.umask(0o027)
+  try:
+    assert to_hf._umask() == 0o027
+
+    def no_proc(*args, **kwargs):
+      raise OSError('no /proc')
+    monkeypatch.setattr(to_hf, 'open', no_proc, raising=False)  # shadows the builtin there
+    assert to_hf._umask() == 0o027
+    assert os.umask(0o027) == 0o027
+  finally:
+    os.umask(old)
