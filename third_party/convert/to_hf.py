@@ -264,6 +264,7 @@ def export_hf(cfg: model.ModelConfig, params: model.Params, out_dir: str, *,
       save_file(pending, path, metadata={'format': 'pt'})
     except (OSError, SafetensorError) as e:  # a full disk, ...: neither names the file
       raise OSError(f'{path}: {getattr(e, "strerror", None) or e}') from None
+    os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600; its siblings get the umask's
     shards.append((path, list(pending), nbytes))
     pending.clear()
 
@@ -300,6 +301,21 @@ def _tensors(cfg: model.ModelConfig, params: model.Params, np_dtype):
     for i in range(cfg.num_layers) if '{}' in name else [None]:
       w = transform(*[np.asarray(s if i is None else s[i], np.float32) for s in sources])
       yield name.format(i), np.ascontiguousarray(w.astype(np_dtype, copy=False))
+
+
+def _umask() -> int:
+  """The process umask, read without changing it where Linux shows it (os.umask sets it, and
+  another thread could create a file in between)."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def _write_json(path: str, obj) -> None:
