@@ -195,6 +195,7 @@ def _validate_convert(config, mesh_shape) -> None:
     if not config.convert[key]:
       raise ValueError(f'convert.{key} is empty: set --config.convert.{key}=PATH')
   _check_paths(config, ('convert.source',), ('convert.output',))
+  model.check_overwritable(config.convert.output, f'convert.output={config.convert.output}')
 
 
 def _validate_extract(config, mesh_shape) -> None:

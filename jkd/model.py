@@ -501,6 +501,24 @@ CONFIG_FILE = 'model_config.json'
 PARAMS_DIR = 'params'
 
 
+def check_overwritable(directory: str, what: str = '') -> None:
+  """ValueError when `directory` is a file, or a directory holding entries no model directory
+  has (hidden ones aside): writing a model directory there replaces its params/ and config.
+  A model directory, complete or not (a killed write), may be written over."""
+  if not os.path.lexists(directory):
+    return
+  if not os.path.isdir(directory):
+    raise ValueError(f'{directory}: {what + ": " if what else ""}exists and is not a directory')
+  own = (CONFIG_FILE, CONFIG_FILE + '.tmp', PARAMS_DIR, 'tokenizer', 'tokenizer.tmp')
+  foreign = sorted(e for e in os.listdir(directory) if not e.startswith('.') and e not in own
+                   and not e.startswith(PARAMS_DIR + '.partial_save'))
+  if foreign:
+    raise ValueError(f'{directory}: {what + ": " if what else ""}holds {", ".join(foreign[:5])}'
+                     f'{" ..." if len(foreign) > 5 else ""}, which no jkd model directory has; '
+                     'a model written there would replace its params/: choose a new or empty '
+                     'directory')
+
+
 def save(directory: str, cfg: ModelConfig, params: Params) -> None:
   """Writes a model directory that `load` reads; params keep their dtype."""
   save_parts(directory, cfg, [params])
@@ -522,6 +540,7 @@ def save_parts(directory: str, cfg: ModelConfig, parts: Iterable[Params]) -> Non
   config_path = os.path.join(directory, CONFIG_FILE)
   params_dir = os.path.join(directory, PARAMS_DIR)
   primary = jax.process_index() == 0
+  check_overwritable(directory)  # every process: each would fail alone
   if primary:
     if os.path.exists(config_path):
       os.remove(config_path)  # the directory is incomplete until the new config lands

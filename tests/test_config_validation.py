@@ -289,3 +289,28 @@ def test_a_config_files_unknown_variant_is_refused(name, variants):
   with pytest.raises(ValueError, match=rf"configs/{name}\.py: unknown variant 'bogus' "
                                        rf"\(expected none{''.join(' or ' + v for v in variants)}\)"):
     module.get_config('bogus')
+
+
+def test_convert_refuses_an_output_that_is_no_model_directory(tmp_path):
+  """convert.output may be new, empty, or a model directory (complete, or left by a killed
+  write): one holding anything else is refused before the conversion, which would replace its
+  params/; model.save refuses it too (every writer of model directories)."""
+  from jkd import model
+  _inputs(tmp_path)
+  out = tmp_path / 'out'
+  jkd_config.validate(_config(tmp_path, 'convert'))  # new
+  (out / 'params').mkdir(parents=True)
+  (out / 'params' / 'mine.txt').write_text('a user file')
+  (out / '.nfs0001').write_text('')
+  jkd_config.validate(_config(tmp_path, 'convert'))  # an interrupted write: params/ only
+  (out / 'notes.txt').write_text('a user file')
+  with pytest.raises(ValueError, match=rf'{out}: convert\.output={out}: holds notes\.txt, which '
+                                       'no jkd model directory has'):
+    jkd_config.validate(_config(tmp_path, 'convert'))
+  cfg = jkd_config.model_config(base.get_config())
+  with pytest.raises(ValueError, match='holds notes.txt'):
+    model.save(str(out), cfg, model.init(cfg, jax.random.key(0)))
+  assert (out / 'params' / 'mine.txt').is_file()  # nothing removed
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(ValueError, match='exists and is not a directory'):
+    jkd_config.validate(_config(tmp_path, 'convert', convert__output=str(tmp_path / 'file')))
