@@ -126,6 +126,9 @@ def validate(config) -> None:
   from jkd import sharding
   shape = sharding.mesh_shape(mesh.shape, jax.device_count())
   _validate_profile(config)
+  if config.mode in ('train', 'pipeline') and not config.workdir:
+    raise ValueError(f'workdir is empty: set --config.workdir=DIR (where mode={config.mode} '
+                     'writes)')
   {'pipeline': _validate_pipeline, 'convert': _validate_convert, 'extract': _validate_extract,
    'train': _validate_train, 'eval': _validate_eval, 'export': _validate_export}[config.mode](
        config, shape)
@@ -288,6 +291,9 @@ def _validate_eval(config, mesh_shape) -> None:
   _check_padded_length(config, 'evaluation')
   from jkd.data import logit_store
   _check_paths(config, ('eval.model', 'eval.store'), ('eval.output',))
+  if e.output and os.path.isdir(e.output):
+    raise IsADirectoryError(f'eval.output={e.output!r}: is a directory; name the JSON file to '
+                            'write')
   if e.output and not os.path.isdir(os.path.dirname(os.path.abspath(e.output))):
     raise FileNotFoundError(f'{os.path.dirname(os.path.abspath(e.output))}: no such directory '
                             f'(eval.output={e.output!r})')
