@@ -582,7 +582,11 @@ def _merge(into: dict, part: dict) -> None:
 def load_config(directory: str) -> ModelConfig:
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: not a jkd model directory (no {CONFIG_FILE})')
+    hint = ''
+    if os.path.isfile(directory):  # a .nemo, .gguf or checkpoint file, say
+      hint = ('; convert it into one first: python -m jkd.main --config configs/convert.py '
+              f'--config.convert.source={directory} --config.convert.output=DIR')
+    raise FileNotFoundError(f'{path}: not a jkd model directory (no {CONFIG_FILE}){hint}')
   with open(path) as f:
     try:
       d = json.load(f)
