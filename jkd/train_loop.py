@@ -208,7 +208,8 @@ def _check_resumable(ls, config, tc, start: int, n_train: int, teacher_id: dict)
   The learning-rate schedule is the config's, resumed or not (NeMo instead restores its
   scheduler's max_steps from the checkpoint, so a NeMo run extended by train.max_steps stays at
   min_lr): a resume under another schedule (an extended run, say) says so, with the next step's
-  learning rate under both, and records the new one."""
+  learning rate under both, and records the new one. So do other distill settings (the loss:
+  allowed, as in NeMo, and said)."""
   online = config.distill.teacher_source == 'online'
   data = config.data.train_file if online else config.train.store
   now = {'seed': config.seed, 'train.global_batch_size': config.train.global_batch_size,
@@ -218,6 +219,7 @@ def _check_resumable(ls, config, tc, start: int, n_train: int, teacher_id: dict)
          'train.do_layer_norm_weight_decay': config.train.do_layer_norm_weight_decay,
          **teacher_id}
   schedule = {k: getattr(tc, k) for k in SCHEDULE_KEYS}
+  distill = config.distill.to_dict()
   path = os.path.join(ls.workdir, RUN_FILE)
   if start > 0 and os.path.isfile(path):
     with open(path) as f:
@@ -229,16 +231,23 @@ def _check_resumable(ls, config, tc, start: int, n_train: int, teacher_id: dict)
                        + ', '.join(f'{now.get(k)!r}' for k in changed) + '); set those back, '
                        'or start another workdir with train.restore_from_path=<checkpoint>')
     before = saved.get('schedule', schedule)
-    if before == schedule:
+    if before != schedule:
+      old = train.make_schedule(dataclasses.replace(tc, **before))
+      print(f'[train] resuming at step {start} under another learning-rate schedule ('
+            + ', '.join(f'train.{k}={before[k]} -> {schedule[k]}' for k in SCHEDULE_KEYS
+                        if before[k] != schedule[k])
+            + f'): step {start + 1} at lr {float(train.make_schedule(tc)(start)):.4g}, '
+            f'{float(old(start)):.4g} under the old one')
+    was = saved.get('distill', distill)  # a run.json of an older jkd: recorded from now on
+    if was != distill:
+      print(f'[train] resuming at step {start} under other distill settings ('
+            + ', '.join(f'distill.{k}={was.get(k)!r} -> {distill.get(k)!r}'
+                        for k in sorted(set(was) | set(distill)) if was.get(k) != distill.get(k))
+            + f'): the loss is another from step {start + 1} on')
+    if before == schedule and saved.get('distill') == distill:
       return
-    old = train.make_schedule(dataclasses.replace(tc, **before))
-    print(f'[train] resuming at step {start} under another learning-rate schedule ('
-          + ', '.join(f'train.{k}={before[k]} -> {schedule[k]}' for k in SCHEDULE_KEYS
-                      if before[k] != schedule[k])
-          + f'): step {start + 1} at lr {float(train.make_schedule(tc)(start)):.4g}, '
-          f'{float(old(start)):.4g} under the old one')
     now = {**saved, **now}  # the record of the run's exports, too
-  now['schedule'] = schedule
+  now['schedule'], now['distill'] = schedule, distill
   _write_run(path, now)
 
 

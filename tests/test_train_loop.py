@@ -164,8 +164,11 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   # schedule is the config's, over 8 steps, and it says so: step 7 is past the decay of the
   # 6-step one (min_lr; a NeMo run would stay there), not of this one.
   before = os.path.getmtime(nemo)
-  longer = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8'))
+  longer = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8',
+                          '--config.distill.kd_loss_weight=0.5'))
   assert longer.returncode == 0 and 'at step 6' in longer.stdout, longer.stderr[-3000:]
+  assert ('resuming at step 6 under other distill settings (distill.kd_loss_weight=1.0 -> 0.5): '
+          'the loss is another from step 7 on') in longer.stdout  # allowed, as in NeMo, and said
   rows = _metrics(tmp_path / 'run')
   assert os.path.getmtime(nemo) > before and sorted(rows) == list(range(1, 9))
   from jkd import train
@@ -174,7 +177,8 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   assert lr[6] == pytest.approx(9e-7) and rows[7]['train/lr'] == pytest.approx(lr[8], rel=1e-6)
   assert ('resuming at step 6 under another learning-rate schedule (train.max_steps=6 -> 8): '
           f'step 7 at lr {lr[8]:.4g}, {lr[6]:.4g} under the old one') in longer.stdout
-  assert json.loads((tmp_path / 'run' / 'run.json').read_text())['schedule']['max_steps'] == 8
+  recorded = json.loads((tmp_path / 'run' / 'run.json').read_text())
+  assert recorded['schedule']['max_steps'] == 8 and recorded['distill']['kd_loss_weight'] == 0.5
   # Extended again and killed after its last checkpoint (16), before its export: the rerun
   # resumes there and replaces the .nemo, which run.json records as the one its end wrote (it
   # is older than checkpoint 16, which an export newer than its checkpoint alone would not tell).
