@@ -584,8 +584,8 @@ def load_config(directory: str) -> ModelConfig:
   if not os.path.isfile(path):
     hint = ''
     if os.path.isfile(directory):  # a .nemo, .gguf or checkpoint file, say
-      hint = ('; convert it into one first: python -m jkd.main --config configs/convert.py '
-              f'--config.convert.source={directory} --config.convert.output=DIR')
+      hint = ('; convert it into one first with mode=convert (configs/convert.py, '
+              f'--config.convert.source={directory} --config.convert.output=DIR)')
     raise FileNotFoundError(f'{path}: not a jkd model directory (no {CONFIG_FILE}){hint}')
   with open(path) as f:
     try:
