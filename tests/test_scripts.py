@@ -4,6 +4,7 @@ and for srun, that the arguments reach `python -m jkd.main` unchanged."""
 
 import glob
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -377,3 +378,15 @@ def test_gpu_check_summary_says_why_each_step_did_not_pass(tmp_path):
   assert 'smoke: skipped, no module torch' in summary and '(--skip)' not in summary
   summary = _gpu_check_summary(tmp_path, 'if [[ "$*" == *jkd.main* ]]; then exit 3; fi\n')
   assert 'smoke: FAILED, exit status 3' in summary, summary
+
+
+def test_slurm_coordinator_port_is_the_jobs_own():
+  """The coordinator's port comes from the job id (as JAX's Slurm detection derives it): two
+  jobs sharing a node do not collide; JAX_PORT overrides it; outside a job, 8476."""
+  def address(**env):
+    task = dry('scripts/slurm/train.sbatch', env=env)[1][-1]
+    return re.search(r'JAX_COORDINATOR_ADDRESS=(\S+)', task)[1]
+  assert address(SLURM_JOB_ID='123456') == f'FIRST_NODE_OF_THE_JOB:{123456 % 4096 + 61440}'
+  assert address(SLURM_JOB_ID='123457').endswith(f':{123457 % 4096 + 61440}')
+  assert address(SLURM_JOB_ID='123456', JAX_PORT='9000').endswith(':9000')
+  assert address().endswith(':8476')

@@ -23,6 +23,9 @@ if [[ -n ${SLURM_JOB_NODELIST:-} ]]; then
 else
   coordinator=FIRST_NODE_OF_THE_JOB  # dry run outside an allocation
 fi
+# The coordinator's port: JAX_PORT, else one of the job's own (as JAX's Slurm detection picks
+# it, from the job id), so that jobs sharing a node do not collide; 8476 outside a job.
+port=${JAX_PORT:-$(( ${SLURM_JOB_ID:-0} > 0 ? SLURM_JOB_ID % 4096 + 61440 : 8476 ))}
 gpus=${SLURM_GPUS_ON_NODE:-8}
 local_ids=$(seq -s, 0 $((gpus - 1)))
 if [[ -n $CONTAINER ]]; then
@@ -33,7 +36,7 @@ fi
 
 # The task's command: \$SLURM_PROCID is expanded by each task, the rest here.
 cmd="cd $(quote "$REPO") && source scripts/gcp/xla_flags.sh && \
-export JAX_COORDINATOR_ADDRESS=$coordinator:${JAX_PORT:-8476} \
+export JAX_COORDINATOR_ADDRESS=$coordinator:$port \
 JAX_NUM_PROCESSES=\${SLURM_NTASKS:-1} JAX_PROCESS_ID=\${SLURM_PROCID:-0} \
 JAX_LOCAL_DEVICE_IDS=$local_ids && \
 exec $(cmdline "$python" -m jkd.main --config "$CONFIG" "$@")"
