@@ -149,6 +149,35 @@ def test_resume_from_committed(tmp_path):
   assert len(ls.Reader(str(tmp_path), 'train')) == 6
 
 
+def test_a_second_writer_of_a_split_and_process_is_refused(tmp_path):
+  """Two jobs writing one split as the same process would remove each other's unfinished
+  blocks (each takes the other's for its own crash's): the second is refused while the first
+  lives, naming the lock; once it ends (killed here), a rerun opens the split and resumes.
+  Another process index, or a reopening by the writing process itself, is not refused."""
+  import subprocess
+  import sys
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time\nfrom jkd.data import logit_store as ls\n'
+       f'from tests.test_logit_store import make_meta\n'
+       f'w = ls.Writer({str(tmp_path)!r}, "train", make_meta(), process_index=0)\n'
+       'print("open", flush=True)\ntime.sleep(600)\n'],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
+      text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'open'
+    lock = tmp_path / 'train' / '.writer.p00000.lock'
+    with pytest.raises(ValueError, match=rf'another job is writing this split as process 0 '
+                                         rf'\(it holds {lock}\)'):
+      ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)
+    ls.Writer(str(tmp_path), 'train', make_meta(), process_index=1)
+  finally:
+    holder.kill()
+    holder.wait()
+  w = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)
+  ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)  # this process: its own lock
+  w.write_block([make_record(np.random.default_rng(0), 0, 4)])
+
+
 def test_block_numbers_past_six_digits(tmp_path):
   """Blocks are numbered per process with at least 6 digits; past 999999 a rerun still finds
   the next number and the reader keeps the blocks in numeric order."""
@@ -192,7 +221,8 @@ def test_process_manifests_merge(tmp_path):
   w1.write_block(recs[1::2])
   w0.write_block(recs[0::2][2:])
   names = sorted(os.listdir(tmp_path / 'train'))
-  assert names == ['blocks', 'manifest.json', 'manifest.p00000.json', 'manifest.p00001.json']
+  assert names == ['.writer.p00000.lock', '.writer.p00001.lock', 'blocks', 'manifest.json',
+                   'manifest.p00000.json', 'manifest.p00001.json']
   r = ls.Reader(str(tmp_path), 'train')
   assert r.indices.tolist() == list(range(8))
   for i in range(8):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
+import fcntl
 import glob
 import gzip
 import hashlib
@@ -319,8 +321,28 @@ def check_finished(root: str, split: str) -> int:
   return len(indices)
 
 
+def _lock_writer(split_dir: str, process_index: int):
+  """The open lock file that makes this process the split's one writer as `process_index` (a
+  second job would remove this one's unfinished blocks as its own crash's leftovers). A POSIX
+  lock: the process's own, released when it ends, however it ends; where the file system has
+  no locks, nothing is checked."""
+  path = os.path.join(split_dir, f'.writer.p{process_index:05d}.lock')
+  f = open(path, 'a')
+  try:
+    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    f.close()
+    if e.errno in (errno.EACCES, errno.EAGAIN):
+      raise ValueError(f'{split_dir}: another job is writing this split as process '
+                       f'{process_index} (it holds {path}); extraction or import jobs on one '
+                       'store run one after another') from None
+    return None
+  return f
+
+
 class Writer:
-  """Appends atomic blocks to one split; reopening resumes (see `committed`)."""
+  """Appends atomic blocks to one split; reopening resumes (see `committed`). One writer per
+  split and process index at a time (a lock file, held while the writing process lives)."""
 
   def __init__(self, root: str, split: str, meta: StoreMeta, *, sort: bool = False,
                process_index: int | None = None):
@@ -329,6 +351,7 @@ class Writer:
       process_index = jax.process_index()
     self.dir, self.meta, self.sort, self.process_index = os.path.join(root, split), meta, sort, process_index
     os.makedirs(os.path.join(self.dir, 'blocks'), exist_ok=True)
+    self._lock = _lock_writer(self.dir, process_index)
     self._create_or_check_meta()
     self._manifest = os.path.join(self.dir, f'manifest.p{process_index:05d}.json')
     manifests = _process_manifests(self.dir)
