@@ -550,12 +550,14 @@ def run(config) -> dict[str, float]:
           break
       settle()
     finally:
-      profiler.close()  # a window reaching past the last step ends with the run
-      bar.close()
-      mngr.wait_until_finished()
-      mngr.close()
-      train_it.close()  # stops its workers, which leave SIGTERM and SIGINT to this loop
-      metrics_out.close()
+      try:
+        profiler.close()  # a window reaching past the last step ends with the run
+      finally:  # and the rest closes even if stopping the trace fails
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        train_it.close()  # stops its workers, which leave SIGTERM and SIGINT to this loop
+        metrics_out.close()
   if preemption.stopping:  # after `step`, its checkpoint saved
     preemption.stop(f'training after step {step} (its checkpoint is saved in '
                     f'{ls.workdir}/checkpoints)')

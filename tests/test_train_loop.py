@@ -424,3 +424,37 @@ def test_a_student_tokenizer_other_than_the_stores_is_warned_about(store, tmp_pa
     evaluate.evaluate_store(str(student), str(store), batch_size=8, max_seq_length=64,
                             max_batches=1)
     assert (warned in capsys.readouterr().out) == (pad_id is not None)
+
+
+def test_a_failed_trace_stop_at_the_end_still_closes_the_run(store, tmp_path, monkeypatch,
+                                                             devices8):
+  """A profile window past the last step is stopped in the loop's cleanup; when stopping the
+  trace fails there (a bad trace folder, say), the error reaches the caller and the checkpoint
+  manager (and loader, metrics) are still closed."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  from configs import base
+  from jkd import config as jkd_config
+  from jkd import train_loop
+  c = base.get_config()
+  c.mode, c.workdir, c.train.store = 'train', str(tmp_path / 'run'), str(store)
+  c.model.vocab_size, c.model.padded_vocab_size = 300, 320
+  c.data.max_seq_length, c.train.global_batch_size = 64, 8
+  c.train.warmup_steps, c.train.constant_steps, c.train.lr = 1, 0, 1e-3
+  c.train.precision, c.train.max_epochs, c.train.max_steps = 'fp32', -1, 2
+  c.train.limit_val_batches, c.train.save_interval = 0, 2
+  c.profile.start_step, c.profile.steps = 2, 5
+  jkd_config.validate(c)
+  stop, closed = jax.profiler.stop_trace, []
+
+  def failing_stop():
+    stop()
+    raise RuntimeError('Invalid trace folder')
+  monkeypatch.setattr(jax.profiler, 'stop_trace', failing_stop)
+  close = ocp.CheckpointManager.close
+  monkeypatch.setattr(ocp.CheckpointManager, 'close',
+                      lambda self: (closed.append(True), close(self))[1])
+  with pytest.raises(RuntimeError, match='Invalid trace folder'):
+    train_loop.run(c)
+  assert closed and os.path.isdir(tmp_path / 'run' / 'checkpoints' / '2')
