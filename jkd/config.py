@@ -235,6 +235,13 @@ def _validate_train(config, mesh_shape) -> None:
   _check_paths(config, inputs + (('extract.teacher', 'data.train_file', 'data.validation_file')
                                  if online else ()),
                ('workdir', 'train.export_nemo', 'train.export_hf'))
+  final = os.path.realpath(os.path.join(config.workdir, 'student'))  # written at the end
+  for key in ('train.export_nemo', 'train.export_hf'):
+    real = os.path.realpath(_get(config, key) or os.sep)
+    if real == final or real.startswith(final + os.sep):
+      raise ValueError(f'{key}={_get(config, key)!r}: lies in {final}, the model directory the '
+                       'run writes at its end (a rerun would find it there); choose a path '
+                       'outside it')
   student, where = model_config(config), 'config.model'  # random init
   if config.train.student:
     student = model.load_config(config.train.student)

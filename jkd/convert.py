@@ -9,7 +9,6 @@ Dispatches on the source's format; each importer lives in third_party/convert/.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 from jkd import model, tokenizer
@@ -45,15 +44,7 @@ def _write(output: str, cfg: model.ModelConfig, tok, parts) -> None:
   elif tok.vocab_size > cfg.padded_vocab:
     raise ValueError(f'tokenizer vocab_size {tok.vocab_size} exceeds the embedding rows '
                      f'{cfg.padded_vocab}')
-  stale = os.path.join(output, model.CONFIG_FILE)
-  if os.path.exists(stale):
-    os.remove(stale)  # incomplete until save_parts writes the new config, last
-  if tok is not None:
-    os.makedirs(output, exist_ok=True)
-    tokenizer.save(tok, output)
-  else:  # an earlier conversion's tokenizer would be paired with these weights
-    shutil.rmtree(os.path.join(output, 'tokenizer'), ignore_errors=True)
-  model.save_parts(output, cfg, parts)
+  model.save_with_tokenizer(output, cfg, parts, tok)
 
 
 def run(config) -> str:

@@ -507,16 +507,33 @@ def check_overwritable(directory: str, what: str = '') -> None:
   A model directory, complete or not (a killed write), may be written over."""
   if not os.path.lexists(directory):
     return
+  where = what or directory
   if not os.path.isdir(directory):
-    raise ValueError(f'{directory}: {what + ": " if what else ""}exists and is not a directory')
+    raise ValueError(f'{where}: exists and is not a directory')
   own = (CONFIG_FILE, CONFIG_FILE + '.tmp', PARAMS_DIR, 'tokenizer', 'tokenizer.tmp')
   foreign = sorted(e for e in os.listdir(directory) if not e.startswith('.') and e not in own
-                   and not e.startswith(PARAMS_DIR + '.partial_save'))
+                   and not e.startswith(PARAMS_DIR + '.'))  # orbax's leftovers of a killed save
   if foreign:
-    raise ValueError(f'{directory}: {what + ": " if what else ""}holds {", ".join(foreign[:5])}'
-                     f'{" ..." if len(foreign) > 5 else ""}, which no jkd model directory has; '
-                     'a model written there would replace its params/: choose a new or empty '
-                     'directory')
+    raise ValueError(f'{where}: holds {", ".join(foreign[:5])}{" ..." if len(foreign) > 5 else ""}'
+                     ', which no jkd model directory has; a model written there would replace '
+                     'its params/: choose a new or empty directory')
+
+
+def save_with_tokenizer(directory: str, cfg: ModelConfig, parts: Iterable[Params], tok) -> None:
+  """A model directory whose tokenizer is `tok` (None: none, an earlier one removed): checked
+  before anything is written, the old config removed first, then the tokenizer, then
+  `save_parts`."""
+  from jkd import tokenizer
+  check_overwritable(directory)
+  config_path = os.path.join(directory, CONFIG_FILE)
+  if os.path.exists(config_path):
+    os.remove(config_path)  # incomplete until save_parts writes the new config, last
+  if tok is not None:
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save(tok, directory)
+  else:  # an earlier model's tokenizer would be paired with these weights
+    shutil.rmtree(os.path.join(directory, 'tokenizer'), ignore_errors=True)
+  save_parts(directory, cfg, parts)
 
 
 def save(directory: str, cfg: ModelConfig, params: Params) -> None:
@@ -548,7 +565,7 @@ def save_parts(directory: str, cfg: ModelConfig, parts: Iterable[Params]) -> Non
     for stale in [params_dir] + glob.glob(params_dir + '.partial_save*'):
       shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
-  distributed.sync(f'jkd model.save cleared {directory}')
+  distributed.sync('jkd model.save: cleared')  # one name on every host, whatever its mounts
   written: dict = {}  # shapes only, to check the whole tree before finalizing
   ctx = ocp.Context()
   # Weights barely compress (random mantissas), and zstd costs a second copy of each leaf in
@@ -568,7 +585,7 @@ def save_parts(directory: str, cfg: ModelConfig, parts: Iterable[Params]) -> Non
     with open(tmp, 'w') as f:
       json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
     os.replace(tmp, config_path)
-  distributed.sync(f'jkd model.save wrote {directory}')
+  distributed.sync('jkd model.save: written')
 
 
 def _merge(into: dict, part: dict) -> None:

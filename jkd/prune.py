@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -135,15 +134,8 @@ def prune_model_dir(src_dir: str, dst_dir: str, *, num_layers: int,
   else:
     keep = evenly_spaced(cfg.num_layers, num_layers)
   new_cfg, new_params = prune_depth(cfg, params, keep)
-  stale = os.path.join(dst_dir, model.CONFIG_FILE)
-  if os.path.exists(stale):
-    os.remove(stale)  # incomplete until model.save writes the new config, last
-  os.makedirs(dst_dir, exist_ok=True)
-  if os.path.isdir(os.path.join(src_dir, 'tokenizer')):
-    tokenizer.save(tokenizer.load(src_dir), dst_dir)
-  else:
-    shutil.rmtree(os.path.join(dst_dir, 'tokenizer'), ignore_errors=True)
-  model.save(dst_dir, new_cfg, new_params)
+  tok = tokenizer.load(src_dir) if os.path.isdir(os.path.join(src_dir, 'tokenizer')) else None
+  model.save_with_tokenizer(dst_dir, new_cfg, [new_params], tok)
   how = 'by block importance' if importance is not None else 'evenly spaced'
   print(f'[prune] {src_dir} -> {dst_dir}: kept {len(keep)}/{cfg.num_layers} layers '
         f'{how}: {keep}')

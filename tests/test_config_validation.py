@@ -128,6 +128,8 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
     'checkpoints kept': ('train', {'train__checkpoint_max_to_keep': 0}, None,
                          ['train.checkpoint_max_to_keep']),
     'no workdir': ('train', {'workdir': ''}, None, ['workdir is empty', '--config.workdir=DIR']),
+    'HF export inside the final student': ('train', {'train__export_hf': 'TMP/run/student/hf'},
+                                           None, ['train.export_hf', 'run/student', 'outside']),
     'a .nemo as the student': ('train', {'train__student': 'TMP/model.nemo'}, None,
                                ['model.nemo', 'not a jkd model directory', 'configs/convert.py',
                                 '--config.convert.source=']),
@@ -301,7 +303,7 @@ def test_a_config_files_unknown_variant_is_refused(name, variants):
 def test_convert_refuses_an_output_that_is_no_model_directory(tmp_path):
   """convert.output may be new, empty, or a model directory (complete, or left by a killed
   write): one holding anything else is refused before the conversion, which would replace its
-  params/; model.save refuses it too (every writer of model directories)."""
+  params/; the writers of model directories refuse it too, before removing anything."""
   from jkd import model
   _inputs(tmp_path)
   out = tmp_path / 'out'
@@ -311,13 +313,17 @@ def test_convert_refuses_an_output_that_is_no_model_directory(tmp_path):
   (out / '.nfs0001').write_text('')
   jkd_config.validate(_config(tmp_path, 'convert'))  # an interrupted write: params/ only
   (out / 'notes.txt').write_text('a user file')
-  with pytest.raises(ValueError, match=rf'{out}: convert\.output={out}: holds notes\.txt, which '
-                                       'no jkd model directory has'):
+  with pytest.raises(ValueError, match=rf'^convert\.output={out}: holds notes\.txt, which no '
+                                       'jkd model directory has'):
     jkd_config.validate(_config(tmp_path, 'convert'))
   cfg = jkd_config.model_config(base.get_config())
+  (out / 'model_config.json').write_text('{}')
+  params = model.init(cfg, jax.random.key(0))
   with pytest.raises(ValueError, match='holds notes.txt'):
-    model.save(str(out), cfg, model.init(cfg, jax.random.key(0)))
-  assert (out / 'params' / 'mine.txt').is_file()  # nothing removed
+    model.save(str(out), cfg, params)
+  with pytest.raises(ValueError, match='holds notes.txt'):  # convert's and prune's writer
+    model.save_with_tokenizer(str(out), cfg, [params], None)
+  assert (out / 'params' / 'mine.txt').is_file() and (out / 'model_config.json').is_file()
   (tmp_path / 'file').write_text('')
   with pytest.raises(ValueError, match='exists and is not a directory'):
     jkd_config.validate(_config(tmp_path, 'convert', convert__output=str(tmp_path / 'file')))
