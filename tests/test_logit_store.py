@@ -149,22 +149,33 @@ def test_resume_from_committed(tmp_path):
   assert len(ls.Reader(str(tmp_path), 'train')) == 6
 
 
+def _writer_in_another_process(root, *, hold: bool = False):
+  """A Writer of root's train split as process 0 in a new process: (it, its first line):
+  'open' (holding it while `hold`, else closed at once) or the error it got."""
+  import subprocess
+  import sys
+  code = ('import sys, time\nfrom jkd.data import logit_store as ls\n'
+          'from tests.test_logit_store import make_meta\n'
+          'try:\n'
+          f'  w = ls.Writer({str(root)!r}, "train", make_meta(), process_index=0)\n'
+          'except ValueError as e:\n'
+          '  print(e, flush=True)\n'
+          '  sys.exit()\n'
+          f'print("open", flush=True)\ntime.sleep({600 if hold else 0})\n')
+  proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return proc, proc.stdout.readline().strip()
+
+
 def test_a_second_writer_of_a_split_and_process_is_refused(tmp_path):
   """Two jobs writing one split as the same process would remove each other's unfinished
   blocks (each takes the other's for its own crash's): the second is refused while the first
-  lives, naming the lock; once it ends (killed here), a rerun opens the split and resumes.
-  Another process index, or a reopening by the writing process itself, is not refused."""
-  import subprocess
-  import sys
-  holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys, time\nfrom jkd.data import logit_store as ls\n'
-       f'from tests.test_logit_store import make_meta\n'
-       f'w = ls.Writer({str(tmp_path)!r}, "train", make_meta(), process_index=0)\n'
-       'print("open", flush=True)\ntime.sleep(600)\n'],
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
-      text=True)
+  lives, naming the lock; once it ends (killed here), the split opens again. Another process
+  index is not refused, nor is a reopening by the writing process itself, whose end leaves the
+  first writer's hold in place until that one closes."""
+  holder, line = _writer_in_another_process(tmp_path, hold=True)
   try:
-    assert holder.stdout.readline().strip() == 'open'
+    assert line == 'open'
     lock = tmp_path / 'train' / '.writer.p00000.lock'
     with pytest.raises(ValueError, match=rf'another job is writing this split as process 0 '
                                          rf'\(it holds {lock}\)'):
@@ -174,8 +185,17 @@ def test_a_second_writer_of_a_split_and_process_is_refused(tmp_path):
     holder.kill()
     holder.wait()
   w = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)
-  ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)  # this process: its own lock
+  again = ls.Writer(str(tmp_path), 'train', make_meta(), process_index=0)  # a rerun in-process
+  del again  # its descriptor closed would drop a POSIX lock of the process: it is not closed
+  proc, line = _writer_in_another_process(tmp_path)
+  proc.wait()
+  assert line.endswith(f'another job is writing this split as process 0 (it holds {lock}); '
+                       'extraction or import jobs on one store run one after another'), line
   w.write_block([make_record(np.random.default_rng(0), 0, 4)])
+  w.close()
+  proc, line = _writer_in_another_process(tmp_path)
+  proc.wait()
+  assert line == 'open'
 
 
 def test_block_numbers_past_six_digits(tmp_path):

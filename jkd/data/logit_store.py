@@ -321,12 +321,19 @@ def check_finished(root: str, split: str) -> int:
   return len(indices)
 
 
-def _lock_writer(split_dir: str, process_index: int):
-  """The open lock file that makes this process the split's one writer as `process_index` (a
-  second job would remove this one's unfinished blocks as its own crash's leftovers). A POSIX
-  lock: the process's own, released when it ends, however it ends; where the file system has
-  no locks, nothing is checked."""
+_HELD: dict[str, list] = {}  # lock file -> [its open file, writers of this process holding it]
+
+
+def _lock_writer(split_dir: str, process_index: int) -> str:
+  """Makes this process the split's one writer as `process_index` (a second job would remove
+  this one's unfinished blocks as its own crash's leftovers); returns the lock file's path for
+  `_unlock_writer`. A POSIX lock: the process's own, released when it ends however it ends, or
+  when any descriptor of the file closes, so each is opened once per process and counted.
+  Where the file system has no locks, nothing is checked."""
   path = os.path.join(split_dir, f'.writer.p{process_index:05d}.lock')
+  if path in _HELD:
+    _HELD[path][1] += 1
+    return path
   f = open(path, 'a')
   try:
     fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -336,13 +343,23 @@ def _lock_writer(split_dir: str, process_index: int):
       raise ValueError(f'{split_dir}: another job is writing this split as process '
                        f'{process_index} (it holds {path}); extraction or import jobs on one '
                        'store run one after another') from None
-    return None
-  return f
+  _HELD[path] = [f, 1]
+  return path
+
+
+def _unlock_writer(path: str) -> None:
+  held = _HELD.get(path)
+  if held is not None:
+    held[1] -= 1
+    if held[1] == 0:
+      del _HELD[path]
+      held[0].close()
 
 
 class Writer:
   """Appends atomic blocks to one split; reopening resumes (see `committed`). One writer per
-  split and process index at a time (a lock file, held while the writing process lives)."""
+  split and process index at a time: a lock file, held from opening until `close` (or the
+  writer's garbage collection, or the process's end)."""
 
   def __init__(self, root: str, split: str, meta: StoreMeta, *, sort: bool = False,
                process_index: int | None = None):
@@ -351,6 +368,7 @@ class Writer:
       process_index = jax.process_index()
     self.dir, self.meta, self.sort, self.process_index = os.path.join(root, split), meta, sort, process_index
     os.makedirs(os.path.join(self.dir, 'blocks'), exist_ok=True)
+    self._lock = None
     self._lock = _lock_writer(self.dir, process_index)
     self._create_or_check_meta()
     self._manifest = os.path.join(self.dir, f'manifest.p{process_index:05d}.json')
@@ -413,6 +431,17 @@ class Writer:
             'file, data format, chat template or data.max_seq_length?); extract into a new '
             'store, or rerun with the settings that made it')
 
+  def close(self) -> None:
+    """Releases the split to other jobs (also when the writer is garbage-collected); nothing
+    is buffered (every block commits in write_block)."""
+    if self._lock is not None:
+      _unlock_writer(self._lock)
+      self._lock = None
+
+  def __del__(self):
+    if getattr(self, '_lock', None) is not None:
+      self.close()
+
   @property
   def committed(self) -> frozenset[int]:
     """Example indices already stored (this and every other process, as of opening)."""
@@ -469,9 +498,6 @@ class Writer:
     self._committed.update(indices)
     self._view = None
     faults.point('store.block_committed')
-
-  def close(self) -> None:
-    """Nothing is buffered (every block commits in write_block); kept for symmetry."""
 
   def __enter__(self):
     return self
