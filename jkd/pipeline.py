@@ -169,13 +169,18 @@ def _through_nemo(stages: _Stages, name: str, source_stage: str, src_dir: str, n
   return f'{name}: import .nemo'
 
 
-def _random_teacher(config, out_dir: str) -> None:
-  """config.model with random weights and SmolLM2's tokenizer (tests and the smoke run)."""
-  tok = tokenizer.from_gguf(assets.smollm2_gguf())
+def _vocab_split(config) -> int:
+  """Into how many parts the mesh splits the vocabulary (a random teacher is padded for it)."""
   from jkd import sharding, train_config
   mesh = jkd_config.mesh_config(config)
   sizes = dict(zip(mesh.axes, sharding.mesh_shape(mesh.shape, jax.device_count())))
-  split = train_config.logical_axis_size(sizes, mesh.rules, 'vocab')
+  return train_config.logical_axis_size(sizes, mesh.rules, 'vocab')
+
+
+def _random_teacher(config, out_dir: str) -> None:
+  """config.model with random weights and SmolLM2's tokenizer (tests and the smoke run)."""
+  tok = tokenizer.from_gguf(assets.smollm2_gguf())
+  split = _vocab_split(config)
   padded = None if tok.vocab_size % split == 0 else -(-tok.vocab_size // (128 * split)) * (
       128 * split)  # as NeMo pads: to a multiple of 128 x the tensor-parallel size
   cfg = dataclasses.replace(jkd_config.model_config(config), vocab_size=tok.vocab_size,
@@ -245,10 +250,15 @@ def _run_dirs(wd: str, run: str) -> dict[str, str]:
           'nemo': os.path.join(d, 'student.nemo'), 'hf': os.path.join(d, 'student_hf')}
 
 
+def _distill_overrides(config, run: str) -> dict:
+  """The distill keys a training run sets over config.distill: the SFT-only run's weights."""
+  return {} if run == 'kd' else {'kd_loss_weight': 0.0,
+                                 'sft_loss_weight': config.pipeline.sft_only_weight}
+
+
 def _train_config(config, wd: str, run: str, student: str, store: str):
   dirs = _run_dirs(wd, run)
-  distill = {} if run == 'kd' else {'kd_loss_weight': 0.0,
-                                    'sft_loss_weight': config.pipeline.sft_only_weight}
+  distill = _distill_overrides(config, run)
   return _sub(config, **{'': {'mode': 'train', 'workdir': dirs['workdir']},
                          'train': {'student': student, 'store': store,
                                    'export_nemo': dirs['nemo'], 'export_hf': dirs['hf']},
@@ -328,10 +338,13 @@ def run(config) -> dict:
 
   # Each stage names the settings it reads and the stages whose outputs it reads (`after`).
   # 1. Teacher: source -> model dir -> teacher.nemo -> model dir (a random one: config.model
-  # initialised with the seed, its vocabulary padded for the mesh).
+  # initialised with the seed, its vocabulary padded for the mesh's vocabulary split).
+  teacher_read = _flat(config, 'pipeline.teacher')
+  if p.teacher == 'random':
+    teacher_read.update({'teacher vocab split': _vocab_split(config),
+                         **_flat(config, 'seed', 'model')})
   stages('teacher: import', lambda: _teacher_source(config, path('teacher_source')),
-         settings=_flat(config, 'pipeline.teacher',
-                        *(['seed', 'model', 'mesh'] if p.teacher == 'random' else [])),
+         settings=teacher_read,
          outputs=[path('teacher_source', model.CONFIG_FILE)])
   teacher = path('teacher')
   teacher_stage = _through_nemo(stages, 'teacher', 'teacher: import', path('teacher_source'),
@@ -373,9 +386,10 @@ def run(config) -> dict:
   trained = [f'train: {label}' for _, label in RUNS]
   for (run_name, _), stage in zip(RUNS, trained):
     dirs = _run_dirs(wd, run_name)
-    distill = (_flat(config, 'distill') if run_name == 'kd' else
-               {k: v for k, v in _flat(config, 'distill', 'pipeline.sft_only_weight').items()
-                if k not in ('distill.kd_loss_weight', 'distill.sft_loss_weight')})
+    overrides = {f'distill.{k}' for k in _distill_overrides(config, run_name)}
+    distill = {k: v for k, v in _flat(config, 'distill').items() if k not in overrides}
+    if overrides:
+      distill.update(_flat(config, 'pipeline.sft_only_weight'))
     stages(stage,
            lambda r=run_name: train_loop.run(_train_config(config, wd, r, student, path('store'))),
            settings={**_flat(config, 'train', 'mesh', 'data', 'seed'), **distill},

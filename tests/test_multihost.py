@@ -245,7 +245,7 @@ _STOP_LOOP = '''
 import os, signal, sys, time
 import jax
 from configs import base
-from jkd import distributed, model
+from jkd import distributed
 config = base.get_config()
 config.mode, when, sig, children = sys.argv[1:]
 SIG = signal.SIGINT if sig.startswith('INT') else signal.SIGTERM  # INT2: Ctrl-C twice
@@ -382,7 +382,7 @@ def test_an_ignored_sigint_stays_ignored():
 
 _GONE_READER = '''
 import sys
-from jkd import distributed, model
+from jkd import distributed
 f = distributed.progress_file() if sys.argv[1] == '1' else sys.stderr
 f.write('first\\n')
 f.flush()

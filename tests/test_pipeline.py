@@ -322,6 +322,18 @@ def test_a_changed_setting_redoes_only_the_stages_that_read_it(tmp_path, monkeyp
   shutil.rmtree(tmp_path / 'kd')
   assert _stages_run(capsys, tmp_path, **{'distill.kd_loss_weight': 0.5}) == (
       ['train: KD + SFT'], None)
+  # A random teacher reads the seed, config.model and the mesh's vocabulary split, not the rest
+  # of the mesh (the trainings do).
+  random = tmp_path / 'random'
+  assert len(_stages_run(capsys, random, **{'pipeline.teacher': 'random'})[0]) == 10
+  ran, error = _stages_run(capsys, random, **{'pipeline.teacher': 'random',
+                                              'mesh.shape': (8, 1, 1)})
+  assert ran == [] and error.startswith("stage 'train: KD + SFT' finished") and (
+      'mesh.shape' in error), error
+  ran, error = _stages_run(capsys, random, **{'pipeline.teacher': 'random',
+                                              'mesh.shape': (1, 1, 8)})
+  assert ran == [] and error.startswith("stage 'teacher: import' finished") and (
+      'teacher vocab split: 1 -> 8' in error), error
   shutil.rmtree(tmp_path / 'data')
   ran, error = _stages_run(capsys, tmp_path, **{'distill.kd_loss_weight': 0.5,
                                                 'pipeline.max_val_examples': 7})
