@@ -56,16 +56,18 @@ def export(source: str, *, nemo: str = '', hf: str = '', dtype: str = 'bfloat16'
   check_targets(model.load_config(source), nemo=nemo, hf=hf,
                 where=os.path.join(source, model.CONFIG_FILE))
   cfg, params = model.load(source, dtype=None)  # as stored: the writers cast tensor by tensor
-  return export_params(cfg, params, _tokenizer(source), nemo=nemo, hf=hf, dtype=dtype)
+  return export_params(cfg, params, _tokenizer(source), nemo=nemo, hf=hf, dtype=dtype,
+                       source=source)
 
 
 def export_params(cfg: model.ModelConfig, params: model.Params, tok, *, nemo: str = '',
-                  hf: str = '', dtype: str = 'bfloat16') -> list[str]:
-  """Writes the requested exports of a model in memory (`tok`: its tokenizer, or None)."""
+                  hf: str = '', dtype: str = 'bfloat16', source: str = 'the model') -> list[str]:
+  """Writes the requested exports of a model in memory (`tok`: its tokenizer, or None;
+  `source` names the model in messages)."""
   # No device_get of the whole tree: the HF writer takes each tensor to the host as it converts
   # it (a numpy view on CPU); the .nemo writer takes the tree, in its stored dtypes.
   if tok is None:
-    print('[export] note: the model has no tokenizer; the export will have none')
+    print(f'[export] note: {source} has no tokenizer; the export will have none')
   written = []
   if nemo:
     from third_party.convert import to_nemo

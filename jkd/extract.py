@@ -32,7 +32,6 @@ import os
 import time
 from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,9 +93,8 @@ def teacher_topk(cfg: model.ModelConfig, mesh, rules, *, k: int, vocab_tile: int
   (here by `topk_fn`, or inside the train step for online distillation)."""
   if not 0 < k <= cfg.vocab_size:
     raise ValueError(f'extract.top_k={k}: must be in [1, vocab_size={cfg.vocab_size}]')
-  vocab = nn.logical_to_mesh_axes(('vocab',), rules)[0]
-  vocab_axis = vocab if vocab is None or isinstance(vocab, str) else tuple(vocab)
-  vocab_axes = () if vocab is None else (vocab,) if isinstance(vocab, str) else tuple(vocab)
+  vocab_axes = train_config.rule_axes(rules, 'vocab')
+  vocab_axis = None if not vocab_axes else vocab_axes[0] if len(vocab_axes) == 1 else vocab_axes
   if cfg.padded_vocab % math.prod(mesh.shape[a] for a in vocab_axes):
     raise ValueError(f'padded vocab {cfg.padded_vocab} does not divide over the vocab axis')
   # Rows split over the batch axes that do not split the vocabulary: a device merging its
@@ -109,7 +107,7 @@ def teacher_topk(cfg: model.ModelConfig, mesh, rules, *, k: int, vocab_tile: int
                        vocab_axis=vocab_axis)
 
   head = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(batch, None),
-                                                   PartitionSpec(None, vocab)),
+                                                   PartitionSpec(None, vocab_axis)),
                        out_specs=(PartitionSpec(batch, None), PartitionSpec(batch, None),
                                   PartitionSpec(batch)), check_vma=False)
 

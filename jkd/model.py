@@ -21,6 +21,7 @@ import glob
 import json
 import math
 import os
+import shlex
 import shutil
 from typing import Any, Callable, Iterable
 
@@ -602,7 +603,7 @@ def load_config(directory: str) -> ModelConfig:
     hint = ''
     if os.path.isfile(directory):  # a .nemo, .gguf or checkpoint file, say
       hint = ('; convert it into one first with mode=convert (configs/convert.py, '
-              f'--config.convert.source={directory} --config.convert.output=DIR)')
+              f'--config.convert.source={shlex.quote(directory)} --config.convert.output=DIR)')
     raise FileNotFoundError(f'{path}: not a jkd model directory (no {CONFIG_FILE}){hint}')
   with open(path) as f:
     try:

@@ -433,7 +433,7 @@ def run(config) -> dict[str, float]:
                    'config.model')
   jkd_config.check_same_vocab(cfg.vocab_size, teacher_vocab, tc.cross_tokenizer, student_where,
                               config.extract.teacher if online else tc.store)
-  if not online and not tc.cross_tokenizer:
+  if not online and not tc.cross_tokenizer and jax.process_index() == 0:
     tokenizer.warn_if_not_the_stores(tok, tc.student, tc.store, meta.tokenizer_fingerprint,
                                      'train')
   if online and tok is None:
@@ -570,20 +570,23 @@ def run(config) -> dict[str, float]:
     faults.point('train.export')
     model.save(final, cfg, state.params)
     params = distributed.whole_on_process_0(state.params)
-    if jax.process_index() == 0:
-      if tok is not None:
-        tokenizer.save(tok, final)
-      from jkd import export
-      if own_nemo and os.path.isdir(nemo):
-        shutil.rmtree(nemo)
-      elif own_nemo and os.path.exists(nemo):
-        os.remove(nemo)
-      export.check_targets(cfg, nemo=nemo, hf=ls.export_hf)
-      export.export_params(cfg, params, tok, nemo=nemo, hf=ls.export_hf, dtype='bfloat16')
-      if nemo:
-        _record_export(ls, nemo)
-    del params
-    distributed.sync('jkd train: exported')
+    try:
+      if jax.process_index() == 0:
+        if tok is not None:
+          tokenizer.save(tok, final)
+        from jkd import export
+        if own_nemo and os.path.isdir(nemo):
+          shutil.rmtree(nemo)
+        elif own_nemo and os.path.exists(nemo):
+          os.remove(nemo)
+        export.check_targets(cfg, nemo=nemo, hf=ls.export_hf)
+        export.export_params(cfg, params, tok, nemo=nemo, hf=ls.export_hf, dtype='bfloat16',
+                             source=final)
+        if nemo:
+          _record_export(ls, nemo)
+    finally:  # the others wait here, also for a process 0 that failed (its error is the run's)
+      del params
+      distributed.sync('jkd train: exported')
   print(f'[train] {last_step} steps; ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(last.items())
                                                     if k.endswith('loss')))
   return last
