@@ -295,8 +295,9 @@ def test_a_config_files_unknown_variant_is_refused(name, variants):
   module = importlib.import_module(f'configs.{name}')
   for arg in (None, '', *variants):
     module.get_config(arg)
+  expected = ''.join(' or ' + v for v in variants)
   with pytest.raises(ValueError, match=rf"configs/{name}\.py: unknown variant 'bogus' "
-                                       rf"\(expected none{''.join(' or ' + v for v in variants)}\)"):
+                                       rf"\(expected none{expected}\)"):
     module.get_config('bogus')
 
 
