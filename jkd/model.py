@@ -562,8 +562,9 @@ def save_parts(directory: str, cfg: ModelConfig, parts: Iterable[Params]) -> Non
   if primary:
     if os.path.exists(config_path):
       os.remove(config_path)  # the directory is incomplete until the new config lands
-    # A killed earlier write may have left orbax's `params.partial_save*` behind.
-    for stale in [params_dir] + glob.glob(params_dir + '.partial_save*'):
+    # A killed earlier write may have left orbax's `params.partial_save*` (or other temporary
+    # `params.*`) behind.
+    for stale in [params_dir] + glob.glob(params_dir + '.*'):
       shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
   distributed.sync('jkd model.save: cleared')  # one name on every host, whatever its mounts
