@@ -44,7 +44,7 @@ def _write(output: str, cfg: model.ModelConfig, tok, parts) -> None:
   elif tok.vocab_size > cfg.padded_vocab:
     raise ValueError(f'tokenizer vocab_size {tok.vocab_size} exceeds the embedding rows '
                      f'{cfg.padded_vocab}')
-  model.save_with_tokenizer(output, cfg, parts, tok)
+  model.save_parts(output, cfg, parts, tok)
 
 
 def run(config) -> str:

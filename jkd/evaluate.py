@@ -173,9 +173,10 @@ def evaluate_store(model_dir: str, store: str, *, split: str = 'validation', bat
   from tqdm import tqdm
 
   from jkd.data import loader, logit_store
-  if os.path.isdir(os.path.join(model_dir, 'tokenizer')):
+  tok = tokenizer.load_if_saved(model_dir)
+  if tok is not None:
     tokenizer.warn_if_not_the_stores(
-        tokenizer.load(model_dir), model_dir, store,
+        tok, model_dir, store,
         logit_store.read_meta(os.path.join(store, split)).tokenizer_fingerprint, 'eval')
   cfg, params = model.load(model_dir)
   cfg = dataclasses.replace(cfg, dtype='float32')

@@ -21,12 +21,6 @@ _PROBES = ('Hello world', 'two  spaces', ' leading space', 'line\nbreak\n', 'ün
            'x = f(1, 2)  # note')
 
 
-def _tokenizer(directory: str):
-  if not os.path.isdir(os.path.join(directory, 'tokenizer')):
-    return None
-  return tokenizer.load(directory)
-
-
 def check_targets(cfg: model.ModelConfig, *, nemo: str = '', hf: str = '',
                   where: str = '') -> None:
   """What would fail only after the weights are loaded (or a training run is over): a .nemo
@@ -56,7 +50,7 @@ def export(source: str, *, nemo: str = '', hf: str = '', dtype: str = 'bfloat16'
   check_targets(model.load_config(source), nemo=nemo, hf=hf,
                 where=os.path.join(source, model.CONFIG_FILE))
   cfg, params = model.load(source, dtype=None)  # as stored: the writers cast tensor by tensor
-  return export_params(cfg, params, _tokenizer(source), nemo=nemo, hf=hf, dtype=dtype,
+  return export_params(cfg, params, tokenizer.load_if_saved(source), nemo=nemo, hf=hf, dtype=dtype,
                        source=source)
 
 

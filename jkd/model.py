@@ -520,40 +520,27 @@ def check_overwritable(directory: str, what: str = '') -> None:
                      'its params/: choose a new or empty directory')
 
 
-def save_with_tokenizer(directory: str, cfg: ModelConfig, parts: Iterable[Params], tok) -> None:
-  """A model directory whose tokenizer is `tok` (None: none, an earlier one removed): checked
-  before anything is written, the old config removed first, then the tokenizer, then
-  `save_parts`."""
-  from jkd import tokenizer
-  check_overwritable(directory)
-  config_path = os.path.join(directory, CONFIG_FILE)
-  if os.path.exists(config_path):
-    os.remove(config_path)  # incomplete until save_parts writes the new config, last
-  if tok is not None:
-    os.makedirs(directory, exist_ok=True)
-    tokenizer.save(tok, directory)
-  else:  # an earlier model's tokenizer would be paired with these weights
-    shutil.rmtree(os.path.join(directory, 'tokenizer'), ignore_errors=True)
-  save_parts(directory, cfg, parts)
+def save(directory: str, cfg: ModelConfig, params: Params, tok=None) -> None:
+  """Writes a model directory that `load` reads; params keep their dtype; `tok`: its
+  tokenizer (jkd.tokenizer), or None."""
+  save_parts(directory, cfg, [params], tok)
 
 
-def save(directory: str, cfg: ModelConfig, params: Params) -> None:
-  """Writes a model directory that `load` reads; params keep their dtype."""
-  save_parts(directory, cfg, [params])
-
-
-def save_parts(directory: str, cfg: ModelConfig, parts: Iterable[Params]) -> None:
-  """Writes a model directory from partial params trees with disjoint leaves, one at a time.
+def save_parts(directory: str, cfg: ModelConfig, parts: Iterable[Params], tok=None) -> None:
+  """Writes a model directory from partial params trees with disjoint leaves, one at a time,
+  with tokenizer `tok` (None: none; an earlier one is removed, as it would be paired with
+  these weights).
 
   Each part is written (orbax partial save) before the next is asked for, so a converter
   can stream a model that does not fit in memory. `model_config.json` is written last: a
-  directory without it is an incomplete write. With several processes (a directory all of
-  them see), every one calls this with its shards; process 0 alone clears the directory and
-  writes the config.
+  directory without it is an incomplete write. A directory holding what no model directory
+  has is refused before anything is removed (`check_overwritable`). With several processes (a
+  directory all of them see), every one calls this with its shards; process 0 alone clears the
+  directory and writes the tokenizer and the config.
   """
   from orbax.checkpoint import v1 as ocp
 
-  from jkd import distributed
+  from jkd import distributed, tokenizer
   directory = os.path.abspath(directory)
   config_path = os.path.join(directory, CONFIG_FILE)
   params_dir = os.path.join(directory, PARAMS_DIR)
@@ -567,6 +554,10 @@ def save_parts(directory: str, cfg: ModelConfig, parts: Iterable[Params]) -> Non
     for stale in [params_dir] + glob.glob(params_dir + '.*'):
       shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(directory, exist_ok=True)
+    if tok is not None:
+      tokenizer.save(tok, directory)
+    else:
+      shutil.rmtree(os.path.join(directory, 'tokenizer'), ignore_errors=True)
   distributed.sync('jkd model.save: cleared')  # one name on every host, whatever its mounts
   written: dict = {}  # shapes only, to check the whole tree before finalizing
   ctx = ocp.Context()

@@ -185,8 +185,7 @@ def _random_teacher(config, out_dir: str) -> None:
       128 * split)  # as NeMo pads: to a multiple of 128 x the tensor-parallel size
   cfg = dataclasses.replace(jkd_config.model_config(config), vocab_size=tok.vocab_size,
                             padded_vocab_size=padded)
-  model.save(out_dir, cfg, model.init(cfg, jax.random.key(config.seed)))
-  tokenizer.save(tok, out_dir)
+  model.save(out_dir, cfg, model.init(cfg, jax.random.key(config.seed)), tok)
 
 
 def _teacher_source(config, out_dir: str) -> None:

@@ -134,8 +134,7 @@ def prune_model_dir(src_dir: str, dst_dir: str, *, num_layers: int,
   else:
     keep = evenly_spaced(cfg.num_layers, num_layers)
   new_cfg, new_params = prune_depth(cfg, params, keep)
-  tok = tokenizer.load(src_dir) if os.path.isdir(os.path.join(src_dir, 'tokenizer')) else None
-  model.save_with_tokenizer(dst_dir, new_cfg, [new_params], tok)
+  model.save(dst_dir, new_cfg, new_params, tokenizer.load_if_saved(src_dir))
   how = 'by block importance' if importance is not None else 'evenly spaced'
   print(f'[prune] {src_dir} -> {dst_dir}: kept {len(keep)}/{cfg.num_layers} layers '
         f'{how}: {keep}')

@@ -242,6 +242,11 @@ def save(tok: Tokenizer, model_dir: str) -> None:
   os.replace(tmp, final)
 
 
+def load_if_saved(model_dir: str) -> Tokenizer | None:
+  """The tokenizer of `model_dir`, or None when it has none (no `tokenizer/` folder)."""
+  return load(model_dir) if os.path.isdir(os.path.join(model_dir, 'tokenizer')) else None
+
+
 def load(model_dir: str) -> Tokenizer:
   """The tokenizer `save` wrote into `model_dir`."""
   folder = os.path.join(model_dir, 'tokenizer')

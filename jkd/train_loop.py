@@ -425,8 +425,7 @@ def run(config) -> dict[str, float]:
   tok = None
   if tc.student:
     cfg = model.load_config(tc.student)
-    if os.path.isdir(os.path.join(tc.student, 'tokenizer')):
-      tok = tokenizer.load(tc.student)
+    tok = tokenizer.load_if_saved(tc.student)
   else:
     cfg = jkd_config.model_config(config)
   student_where = (os.path.join(tc.student, model.CONFIG_FILE) if tc.student else
@@ -568,12 +567,10 @@ def run(config) -> dict[str, float]:
   if ls.save_nemo_on_train_end or ls.export_nemo or ls.export_hf:
     final = os.path.join(ls.workdir, 'student')
     faults.point('train.export')
-    model.save(final, cfg, state.params)
+    model.save(final, cfg, state.params, tok)
     params = distributed.whole_on_process_0(state.params)
     try:
       if jax.process_index() == 0:
-        if tok is not None:
-          tokenizer.save(tok, final)
         from jkd import export
         if own_nemo and os.path.isdir(nemo):
           shutil.rmtree(nemo)

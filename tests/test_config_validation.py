@@ -306,6 +306,7 @@ def test_convert_refuses_an_output_that_is_no_model_directory(tmp_path):
   write): one holding anything else is refused before the conversion, which would replace its
   params/; the writers of model directories refuse it too, before removing anything."""
   from jkd import model
+  from tests.test_data_chat import char_tokenizer
   _inputs(tmp_path)
   out = tmp_path / 'out'
   jkd_config.validate(_config(tmp_path, 'convert'))  # new
@@ -322,8 +323,8 @@ def test_convert_refuses_an_output_that_is_no_model_directory(tmp_path):
   params = model.init(cfg, jax.random.key(0))
   with pytest.raises(ValueError, match='holds notes.txt'):
     model.save(str(out), cfg, params)
-  with pytest.raises(ValueError, match='holds notes.txt'):  # convert's and prune's writer
-    model.save_with_tokenizer(str(out), cfg, [params], None)
+  with pytest.raises(ValueError, match='holds notes.txt'):  # with a tokenizer (convert, prune)
+    model.save_parts(str(out), cfg, [params], char_tokenizer())
   assert (out / 'params' / 'mine.txt').is_file() and (out / 'model_config.json').is_file()
   (tmp_path / 'file').write_text('')
   with pytest.raises(ValueError, match='exists and is not a directory'):

@@ -368,7 +368,6 @@ class Writer:
       process_index = jax.process_index()
     self.dir, self.meta, self.sort, self.process_index = os.path.join(root, split), meta, sort, process_index
     os.makedirs(os.path.join(self.dir, 'blocks'), exist_ok=True)
-    self._lock = None
     self._lock = _lock_writer(self.dir, process_index)
     self._create_or_check_meta()
     self._manifest = os.path.join(self.dir, f'manifest.p{process_index:05d}.json')
