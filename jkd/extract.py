@@ -223,6 +223,7 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
   wanted = selected(examples, s)
   if not wanted:  # run() refuses this before loading the teacher; a direct call, here
     raise range_error(None, source, len(examples))
+  logit_store.check_total(s.output, split, len(examples), source)
   meta = logit_store.StoreMeta(k=s.top_k, vocab_size=cfg.vocab_size, values_dtype=s.values_dtype,
                                teacher_fingerprint=fingerprint(s.teacher),
                                tokenizer_fingerprint=tok.fingerprint if tok else '',
@@ -272,7 +273,7 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
     return written
   _barrier(f'extract {split}: done')  # the split is complete when any process returns
   if jax.process_index() == 0:
-    logit_store.mark_finished(s.output, split, sorted(wanted))
+    logit_store.mark_finished(s.output, split, sorted(wanted), total=len(examples))
   return written
 
 
@@ -313,7 +314,7 @@ def settings(config) -> Settings:
 
 
 def run(config) -> dict[str, int]:
-  from jkd.data import chat
+  from jkd.data import chat, logit_store
   s = settings(config)
   tok = tokenizer.load(s.teacher)
   # The data first: a range that selects none of the train split fails before the teacher
@@ -334,6 +335,7 @@ def run(config) -> dict[str, int]:
       print(f'[extract] {split}: skipped, the extract range (from index {s.start_idx}) selects '
             f'none of its {len(examples)} examples ({source})')
       continue
+    logit_store.check_total(s.output, split, len(examples), source)  # before the teacher loads
     splits[split] = (examples, source)
   mesh_cfg = jkd_config.mesh_config(config)
   mesh = sharding.make_mesh(mesh_cfg.axes, mesh_cfg.shape)  # batch_size fits it (jkd.config)

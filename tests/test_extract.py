@@ -283,6 +283,31 @@ def test_range_past_the_validation_split_leaves_it_alone(teacher_dir, tmp_path, 
   assert sorted(_records(tmp_path / 'store', 'validation')) == [2, 3]
 
 
+def test_chunks_that_never_ran_keep_the_split_untrainable(teacher_dir, tmp_path, monkeypatch):
+  """A chunk job records its data's example count: with chunk 1 of 0..15, 16..31, 32..47 never
+  run the split is refused, naming its indices (it trained as a 32-example split); data of
+  another size is refused before the teacher loads."""
+  from jkd.data import logit_store
+  c = _run_config(teacher_dir, tmp_path / 'store', examples_per_chunk=16, chunk_index=0)
+  assert extract.run(c) == {'train': 16}
+  c.extract.chunk_index = 2
+  assert extract.run(c) == {'train': 16}
+  with pytest.raises(ValueError, match=r"16 of the data's 48 examples \(indices 16\.\.31\) were "
+                     'never extracted'):
+    logit_store.check_finished(str(tmp_path / 'store'), 'train')
+  with open(teacher_dir / 'train.jsonl') as f:
+    (tmp_path / 'more.jsonl').write_text(f.read() * 2)
+  c.data.train_file, c.extract.chunk_index = str(tmp_path / 'more.jsonl'), 1
+  monkeypatch.setattr(extract.model, 'load', lambda *a, **k: pytest.fail('teacher loaded'))
+  with pytest.raises(ValueError, match=r'train: extracted from data of 48 examples; '
+                     r'data\.train_file=\S+more\.jsonl holds 96'):
+    extract.run(c)
+  monkeypatch.undo()
+  c.data.train_file = str(teacher_dir / 'train.jsonl')
+  assert extract.run(c) == {'train': 16}
+  assert logit_store.check_finished(str(tmp_path / 'store'), 'train') == 48
+
+
 def test_chunk_index_selects_nemo_style_chunks():
   """extract.examples_per_chunk / chunk_index: chunk i is indices [i*n, (i+1)*n - 1]."""
   c = base.get_config()

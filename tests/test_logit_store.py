@@ -231,6 +231,40 @@ def test_only_finished_jobs_make_a_split_trainable(tmp_path):
   assert json.load(open(tmp_path / 'train' / 'finished.json'))['indices'] == [[0, 6]]
 
 
+def test_a_range_no_job_ran_keeps_a_split_untrainable(tmp_path):
+  """Jobs record how many examples their data holds: a split whose finished jobs cover only
+  part of it (a chunk job that never ran) is refused, naming the missing indices, where it
+  used to pass as a smaller, complete split. Data of another size is refused up front."""
+  rng = np.random.default_rng(0)
+  recs = [make_record(rng, i, 5) for i in range(10)]
+  write_store(str(tmp_path), recs[:4] + recs[8:], make_meta())
+  ls.mark_finished(str(tmp_path), 'train', range(4), total=10)  # chunk 0 of 0..3, 4..7, 8..9
+  ls.mark_finished(str(tmp_path), 'train', [8, 9], total=10)  # chunk 2; chunk 1 never ran
+  with pytest.raises(ValueError, match=r"train: 4 of the data's 10 examples \(indices 4\.\.7\) "
+                     'were never extracted'):
+    ls.check_finished(str(tmp_path), 'train')
+  ls.check_total(str(tmp_path), 'train', 10, 'data.train_file=x')
+  with pytest.raises(ValueError, match=r'train: extracted from data of 10 examples; '
+                     'data.train_file=x holds 12'):
+    ls.check_total(str(tmp_path), 'train', 12, 'data.train_file=x')
+  write_store(str(tmp_path), recs[4:8], make_meta())
+  ls.mark_finished(str(tmp_path), 'train', range(4, 8))  # an import: no total, the one kept
+  assert ls.check_finished(str(tmp_path), 'train') == 10
+  assert json.load(open(tmp_path / 'train' / 'finished.json')) == {
+      'schema_version': ls.SCHEMA_VERSION, 'indices': [[0, 10]], 'total': 10}
+  assert ls._ranges([0, 1, 2, 5, 7, 8, 10, 12]) == '0..2, 5, 7..8 and 2 more ranges'
+
+
+def test_store_files_that_are_not_objects_are_refused(tmp_path):
+  """A manifest.json (or finished.json) holding valid JSON that is not an object was an
+  AttributeError traceback."""
+  rng = np.random.default_rng(0)
+  write_store(str(tmp_path), [make_record(rng, 0, 5)], make_meta())
+  (tmp_path / 'train' / 'manifest.json').write_text('[]')
+  with pytest.raises(ValueError, match=r'manifest\.json holds a JSON list, not an object'):
+    ls.read_meta(str(tmp_path / 'train'))
+
+
 def test_process_manifests_merge(tmp_path):
   """Per-process writers never share a file; the reader merges their manifests."""
   rng = np.random.default_rng(0)

@@ -222,11 +222,14 @@ def _write_json(path, obj):
 def _read_json(path, what):
   try:
     with open(path) as f:
-      return json.load(f)
+      obj = json.load(f)
   except FileNotFoundError:
     raise FileNotFoundError(f'{what}: {path} is missing') from None
   except json.JSONDecodeError as e:
     raise ValueError(f'{what}: {path} is not valid JSON ({e})') from None
+  if not isinstance(obj, dict):  # every file of the store holds one object
+    raise ValueError(f'{what}: {path} holds a JSON {type(obj).__name__}, not an object')
+  return obj
 
 
 def _runs(indices):
@@ -292,32 +295,66 @@ def _process_manifests(split_dir):
 FINISHED_FILE = 'finished.json'
 
 
-def _finished(split_dir: str) -> np.ndarray:
-  """The example indices finished jobs recorded in the split (none before the first)."""
+def _finished(split_dir: str) -> tuple[np.ndarray, int | None]:
+  """(the example indices finished jobs recorded in the split, none before the first; the
+  number of examples of the data they were extracted from, None where no job recorded it)."""
   path = os.path.join(split_dir, FINISHED_FILE)
-  return _unruns(_read_json(path, 'logit store')['indices']) if os.path.exists(path) else (
-      np.zeros(0, np.int64))
+  if not os.path.exists(path):
+    return np.zeros(0, np.int64), None
+  m = _read_json(path, 'logit store')
+  return _unruns(m['indices']), m.get('total')
 
 
-def mark_finished(root: str, split: str, indices) -> None:
+def mark_finished(root: str, split: str, indices, total: int | None = None) -> None:
   """Records that a job (an extraction or import of `indices`) finished: every example it was
   asked for is committed. Blocks commit one by one, so without this a killed job's store would
-  read as a smaller, complete one; training checks it (`check_finished`)."""
+  read as a smaller, complete one; training checks it (`check_finished`). `total`: how many
+  examples the job's data holds (indices 0..total-1), so that a range no job ran (a chunk job
+  that never started) is missed too; None keeps what an earlier job recorded."""
   split_dir = os.path.join(root, split)
-  done = set(indices) | set(_finished(split_dir).tolist())
-  _write_json(os.path.join(split_dir, FINISHED_FILE),
-              {'schema_version': SCHEMA_VERSION, 'indices': _runs(sorted(done))})
+  before, before_total = _finished(split_dir)
+  done = set(indices) | set(before.tolist())
+  record = {'schema_version': SCHEMA_VERSION, 'indices': _runs(sorted(done))}
+  total = before_total if total is None else total
+  if total is not None:
+    record['total'] = total
+  _write_json(os.path.join(split_dir, FINISHED_FILE), record)
+
+
+def check_total(root: str, split: str, total: int, source: str) -> None:
+  """Refuses to extend a split with a job on data of another size than its finished jobs',
+  before anything runs (`source` names the data)."""
+  split_dir = os.path.join(root, split)
+  recorded = _finished(split_dir)[1] if os.path.isdir(split_dir) else None
+  if recorded is not None and recorded != total:
+    raise ValueError(f'{split_dir}: extracted from data of {recorded} examples; {source} holds '
+                     f'{total}: extract it into another store, or use the data it came from')
+
+
+def _ranges(indices) -> str:
+  """[0, 1, 2, 7] -> '0..2, 7' (the first three runs, then how many more)."""
+  runs = [f'{a}..{b - 1}' if b - a > 1 else f'{a}' for a, b in _runs(indices)]
+  return ', '.join(runs[:3]) + (f' and {len(runs) - 3} more ranges' if len(runs) > 3 else '')
 
 
 def check_finished(root: str, split: str) -> int:
-  """The number of examples of the split, after checking that finished jobs wrote them all."""
+  """The number of examples of the split, after checking that finished jobs wrote them all,
+  and all of the data they recorded they came from."""
   split_dir = os.path.join(root, split)
   indices = Reader(root, split, validate=False).indices
-  stray = indices[~np.isin(indices, _finished(split_dir))]
+  finished, total = _finished(split_dir)
+  stray = indices[~np.isin(indices, finished)]
   if len(stray):
     raise ValueError(f'{split_dir}: {len(stray)} of {len(indices)} examples (indices '
                      f'{stray[0]}..{stray[-1]}) are from an extraction or import that did not '
                      'finish; rerun it with the same settings to complete the split')
+  if total is not None:
+    missing = np.setdiff1d(np.arange(total), finished)
+    if len(missing):
+      raise ValueError(f'{split_dir}: {len(missing)} of the data\'s {total} examples (indices '
+                       f'{_ranges(missing)}) were never extracted (their job did not run); '
+                       'extract them (extract.start_idx/end_idx, or the extract.chunk_index '
+                       'that covers them) to complete the split')
   return len(indices)
 
 
