@@ -291,6 +291,14 @@ def test_read_jsonl(tmp_path, mistral):
   path.write_text('{"input": "a", "output": "b"}\n["a list"]\n')
   with pytest.raises(ValueError, match=r'train\.jsonl:2: plain record: expected an object'):
     chat.read_jsonl(str(path), mistral, fmt='plain', max_seq_length=64)
+  # A lone surrogate escape (valid JSON, half an emoji) was a tokenizer traceback naming no line
+  bad = dict(RECORD, conversations=[*RECORD['conversations'][:1],
+                                    {'from': 'Assistant', 'value': 'x\ud800y'}])
+  plain = {'input': 'a', 'output': 'b'}
+  for fmt, good, record in (('chat', RECORD, bad), ('plain', plain, dict(plain, input='a\udfff'))):
+    path.write_text(json.dumps(good) + '\n' + json.dumps(record) + '\n')
+    with pytest.raises(ValueError, match=r'train\.jsonl:2: a lone surrogate \\ud[8f]'):
+      chat.read_jsonl(str(path), mistral, fmt=fmt, max_seq_length=64)
   path.write_text('{"input": "a", "output": "b"}\n')
   (ex,) = chat.read_jsonl(str(path), mistral, fmt='plain', max_seq_length=64)
   assert ex['tokens'].tolist() == [264, 287] and ex['loss_mask'].tolist() == [1, 1]

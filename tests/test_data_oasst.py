@@ -150,6 +150,35 @@ def test_bad_trees_file_names_the_line(tmp_path):
 
 
 
+def test_trees_that_are_not_text_or_give_nothing_are_refused(tmp_path):
+  """A lone surrogate escape ("\\ud83d", valid JSON: half an emoji a tool cut) failed at the
+  write with no file named, after train.jsonl was written, leaving val.jsonl.part; a file of
+  flat messages (the *.messages.jsonl of the same release) wrote two empty files and exit 0."""
+  bad = branching_tree()
+  bad['prompt']['replies'][1]['text'] = 'x\ud83dy'
+  src = tmp_path / 't.jsonl'
+  src.write_text(json.dumps(branching_tree()) + '\n' + json.dumps(bad) + '\n')
+  assert '\\ud83d' in src.read_text()
+  with pytest.raises(ValueError, match=r"t\.jsonl:2: a lone surrogate \\ud83d after '.*x'"):
+    oasst.convert_trees(str(src), str(tmp_path / 'o'))
+  assert not (tmp_path / 'o').exists()
+  flat = tmp_path / 'messages.jsonl'
+  flat.write_text(''.join(json.dumps({k: v for k, v in message(f'm{i}', 'prompter', 'hi').items()
+                                      if k != 'replies'}) + '\n' for i in range(3)))
+  with pytest.raises(ValueError, match=r'messages\.jsonl: no message tree with a reply'):
+    oasst.convert_trees(str(flat), str(tmp_path / 'o'))
+  assert oasst.main([str(flat), str(tmp_path / 'o')]) == 2 and not (tmp_path / 'o').exists()
+  with pytest.raises(ValueError, match='no conversation of two or more lines'):
+    (tmp_path / 'one.yml').write_text('conversations:\n- - Lonely line\n')
+    oasst.convert_chatterbot(str(tmp_path / 'one.yml'), str(tmp_path / 'o'))
+
+
+def test_a_failed_write_leaves_no_part_file(tmp_path):
+  with pytest.raises(TypeError):
+    oasst.write_jsonl(str(tmp_path / 'x.jsonl'), [{'a': 1}, {'b': object()}])
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_unreadable_files_are_one_error_naming_the_file(tmp_path):
   """A cut download, a .gz that is not gzip and non-UTF-8 text (trees or chatterbot YAML):
   one ValueError naming the file, and exit 2 from the command line."""

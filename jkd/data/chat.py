@@ -103,6 +103,18 @@ def _check_record(record) -> tuple[str, list[dict], str | None, str]:
   return system, convs, gtype, record.get('mask', 'User')
 
 
+def check_text(obj) -> None:
+  """Refuses a record whose strings are not Unicode text: a lone surrogate escape such as
+  "\\ud83d" (half an emoji that a tool cut, still valid JSON) made every tokenizer fail with a
+  traceback, and a UTF-8 writer with an error naming no file."""
+  try:
+    json.dumps(obj, ensure_ascii=False).encode('utf-8')
+  except UnicodeEncodeError as e:
+    raise ValueError(f'a lone surrogate \\u{ord(e.object[e.start]):04x} after '
+                     f'{e.object[max(0, e.start - 24):e.start]!r}: not Unicode text (half of a '
+                     'character cut in two?)') from None
+
+
 def render(record: dict, tokens: ChatTokens = ChatTokens()) -> Rendered:
   """The strings NeMo builds from a chat record (no tokenisation)."""
   system, convs, gtype, mask_role = _check_record(record)
@@ -397,6 +409,7 @@ def read_jsonl(path: str, tok, *, fmt: str = 'chat', max_seq_length: int | None,
         if not line.strip():
           continue
         record = json.loads(line)
+        check_text(record)
         if fmt == 'chat':
           ids, mask = encode_chat(record, tok, tokens=chat_tokens)
         elif fmt == 'chatml':

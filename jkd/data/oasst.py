@@ -39,6 +39,8 @@ import zlib
 
 import yaml
 
+from jkd.data import chat
+
 # examples/nlp/data/steerlm/common.py
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -126,22 +128,31 @@ def read_trees(path: str) -> list[tuple[int, dict]]:
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
-  """One `json.dumps(ensure_ascii=False)` line per record; replaced atomically."""
-  with open(path + '.part', 'w', encoding='utf-8') as f:
-    for record in records:
-      f.write(json.dumps(record, ensure_ascii=False) + '\n')
+  """One `json.dumps(ensure_ascii=False)` line per record; replaced atomically (a failed write
+  leaves neither the file nor its `.part`)."""
+  try:
+    with open(path + '.part', 'w', encoding='utf-8') as f:
+      for record in records:
+        f.write(json.dumps(record, ensure_ascii=False) + '\n')
+  except BaseException:
+    if os.path.exists(path + '.part'):
+      os.remove(path + '.part')
+    raise
   os.replace(path + '.part', path)
 
 
-def _split_write(items: list, to_records, out_dir: str, seed: int, train_fraction: float
-                 ) -> tuple[int, int]:
-  """Shuffle items with `seed` (as random.seed(seed); random.shuffle), cut, expand, write."""
+def _split_write(items: list, to_records, out_dir: str, seed: int, train_fraction: float,
+                 nothing: str) -> tuple[int, int]:
+  """Shuffle items with `seed` (as random.seed(seed); random.shuffle), cut, expand, write;
+  `nothing`: the error when no item gives a record (written files would fail only later)."""
   if not 0.0 <= train_fraction <= 1.0:
     raise ValueError(f'train_fraction={train_fraction}: must be in [0, 1]')
   items = list(items)
   random.Random(seed).shuffle(items)
   cut = int(len(items) * train_fraction)
   train, val = to_records(items[:cut]), to_records(items[cut:])
+  if not train and not val:
+    raise ValueError(nothing)
   os.makedirs(out_dir, exist_ok=True)
   write_jsonl(os.path.join(out_dir, 'train.jsonl'), train)
   write_jsonl(os.path.join(out_dir, 'val.jsonl'), val)
@@ -157,12 +168,15 @@ def convert_trees(trees_path: str, out_dir: str, *, seed: int = 10,
     out = []
     for lineno, tree in items:
       try:
+        chat.check_text(tree)
         out.extend(records_from_trees([tree]))
       except ValueError as e:
         raise ValueError(f'{trees_path}:{lineno}: {e}') from None
     return out
 
-  return _split_write(trees, to_records, out_dir, seed, train_fraction)
+  return _split_write(trees, to_records, out_dir, seed, train_fraction,
+                      f'{trees_path}: no message tree with a reply, so no conversation (is it '
+                      'the *.trees.jsonl(.gz) file? the messages file has no trees)')
 
 
 def read_chatterbot(yaml_dir_or_files) -> list[list[str]]:
@@ -230,7 +244,7 @@ def convert_chatterbot(yaml_dir_or_files, out_dir: str, seed: int = 10,
       convs.append(conv)
   return _split_write(
       convs, lambda items: [chatterbot_record(c, system) for c in items if len(c) > 1], out_dir,
-      seed, train_fraction)
+      seed, train_fraction, f'{yaml_dir_or_files}: no conversation of two or more lines')
 
 
 def main(argv: list[str] | None = None) -> int:
