@@ -151,8 +151,8 @@ def get_config(arg=None):
   #   when validating
   c.train.limit_val_batches = -1  # full batches per validation; -1 = all; 0 = no validation
   c.train.limit_train_batches = -1  # an epoch's batches, as max_epochs counts them (so with
-  #   max_steps set, a bound too); -1 = all (batches run on through the shuffled stream: the
-  #   next epoch starts mid-batch)
+  #   max_steps set, a bound too; needs max_epochs >= 1); -1 = all (batches run on through the
+  #   shuffled stream: the next epoch starts mid-batch)
   c.train.checkpoint_max_to_keep = 3  # orbax checkpoints kept in <workdir>/checkpoints
   c.train.pack = False  # pack several examples per row (segment ids); False = one per row (NeMo);
   #   needs max_steps, max_epochs=-1 and one process

@@ -223,7 +223,6 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
   wanted = selected(examples, s)
   if not wanted:  # run() refuses this before loading the teacher; a direct call, here
     raise range_error(None, source, len(examples))
-  logit_store.check_total(s.output, split, len(examples), source)
   meta = logit_store.StoreMeta(k=s.top_k, vocab_size=cfg.vocab_size, values_dtype=s.values_dtype,
                                teacher_fingerprint=fingerprint(s.teacher),
                                tokenizer_fingerprint=tok.fingerprint if tok else '',

@@ -98,6 +98,9 @@ class TrainConfig:
       fail('max_epochs', 'must be positive, or -1 for no bound (with train.max_steps)')
     if self.max_steps == -1 and self.max_epochs == -1:
       fail('max_epochs', 'train.max_steps=-1 and max_epochs=-1: nothing bounds the run')
+    if self.limit_train_batches > 0 and self.max_epochs == -1:  # it would bound nothing
+      fail('limit_train_batches', 'bounds an epoch, and train.max_epochs=-1 counts none: set '
+           'max_epochs, or leave limit_train_batches at -1')
     if self.max_steps > 0 and self.warmup_steps + self.constant_steps > self.max_steps:
       fail('constant_steps', f'warmup_steps={self.warmup_steps} + constant_steps exceed '
            f'max_steps={self.max_steps} (NeMo would run the rest at min_lr without decay)')

@@ -216,6 +216,7 @@ def _check_resumable(ls, config, tc, start: int, n_train: int, teacher_id: dict)
          'train.pack': config.train.pack, 'data.max_seq_length': config.data.max_seq_length,
          'data.train_file' if online else 'train.store': os.path.abspath(data),
          'train split examples': n_train, 'train.worker_count': config.train.worker_count,
+         **({'data.format': config.data.format} if online else {}),  # the store fixes it
          'train.do_layer_norm_weight_decay': config.train.do_layer_norm_weight_decay,
          **teacher_id}
   schedule = {k: getattr(tc, k) for k in SCHEDULE_KEYS}
@@ -317,11 +318,15 @@ def _validate(eval_fn, state, tc, ls, pad_id, shardings, sources, extra) -> dict
       total = evaluate.add_pairs(total, jax.device_get(metrics))
   finally:
     it.close()  # its workers ignore SIGTERM and SIGINT (_loader): they stop here
-  if total is None:  # e.g. packed rows fewer than one batch: nothing to log would be a silent gap
-    raise ValueError(f'validation: the split gives no full batch of train.global_batch_size='
-                     f'{tc.global_batch_size} rows; use more validation examples or set '
-                     'train.limit_val_batches=0 (no validation)')
+  if total is None:  # checked before training (run): nothing to log would be a silent gap
+    raise _no_val_batch(tc, 'validation: the split gives no full batch')
   return _scalars(total, 'val')
+
+
+def _no_val_batch(tc, why: str) -> ValueError:
+  return ValueError(f'{why} of train.global_batch_size={tc.global_batch_size} rows: validation '
+                    'would log nothing; use more validation examples or set '
+                    'train.limit_val_batches=0 (no validation)')
 
 
 def run_length(tc, n_train: int) -> tuple[int, int]:
@@ -335,9 +340,11 @@ def run_length(tc, n_train: int) -> tuple[int, int]:
   epoch_steps = per_epoch * tc.max_epochs if tc.max_epochs > 0 else None
   schedule_steps = tc.max_steps if tc.max_steps > 0 else epoch_steps
   last_step = schedule_steps if epoch_steps is None else min(schedule_steps, epoch_steps)
-  if last_step <= 0:
-    raise ValueError(f'train: nothing to do ({n_train} train examples, global_batch_size '
-                     f'{tc.global_batch_size}, max_steps {tc.max_steps})')
+  if last_step <= 0:  # only epochs of no full batch make none
+    raise ValueError(f'train.max_epochs={tc.max_epochs}: runs no step, an epoch of {n_train} '
+                     f'train examples holding no full batch of train.global_batch_size='
+                     f'{tc.global_batch_size}; use more examples, or set train.max_steps with '
+                     'train.max_epochs=-1 (the stream repeats)')
   if last_step < schedule_steps:
     print(f'[train] train.max_epochs={tc.max_epochs} ends the run at step {last_step} of '
           f'train.max_steps={schedule_steps} ({per_epoch} steps an epoch), as in NeMo: the '
@@ -381,16 +388,14 @@ def run(config) -> dict[str, float]:
     stored_k, teacher_vocab = meta.k, meta.vocab_size
     teacher_id = {'store k': meta.k, 'store teacher': meta.teacher_fingerprint}
     n_train = logit_store.check_finished(tc.store, 'train')
-    if os.path.isdir(os.path.join(tc.store, 'validation')):
-      n_val = logit_store.check_finished(tc.store, 'validation')
+    if tc.limit_val_batches != 0 and os.path.isdir(os.path.join(tc.store, 'validation')):
+      n_val = logit_store.check_finished(tc.store, 'validation')  # not read without validation
   train.validate_config(config, stored_k=stored_k, n_devices=jax.device_count())
   last_step, schedule_steps = run_length(tc, n_train)
   tc = dataclasses.replace(tc, max_steps=schedule_steps)  # validated again: before any write
   has_val = n_val is not None and tc.limit_val_batches != 0
   if has_val and n_val < tc.global_batch_size:
-    raise ValueError(f'the validation split has {n_val} examples, fewer than one batch of '
-                     f'train.global_batch_size={tc.global_batch_size}: validation would log '
-                     'nothing; use more examples or set train.limit_val_batches=0 (no validation)')
+    raise _no_val_batch(tc, f'the validation split has {n_val} examples, fewer than one batch')
 
   # This workdir's checkpoints, and what resuming them must agree with: checked before anything
   # is loaded or compiled.
@@ -438,6 +443,15 @@ def run(config) -> dict[str, float]:
   if online and tok is None:
     tok = teacher_tok
   pad_id = tok.eos_id if tok is not None and tok.eos_id is not None else 0  # NeMo pads with eos
+  if has_val and ls.pack:  # packed rows can be fewer than one batch: known only by packing
+    it = _loader(tc, dataclasses.replace(ls, worker_count=0), 'validation', shuffle=False,
+                 num_epochs=1, pad_id=pad_id, seed=0, sources=sources)
+    try:
+      if next(it, None) is None:
+        raise _no_val_batch(tc, f'the validation split\'s {n_val} examples pack into fewer '
+                                'rows than one batch')
+    finally:
+      it.close()
 
   if start:  # before the student is loaded
     check_checkpoint(cfg, os.path.join(os.path.abspath(ls.workdir), 'checkpoints', str(start)),

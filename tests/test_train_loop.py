@@ -104,10 +104,30 @@ def test_run_length_is_nemos(keys, n_train, want, capsys):
   assert ('ends the run at step' in capsys.readouterr().out) == (want[0] < want[1])
 
 
+def test_an_online_resume_keeps_the_data_format(tmp_path):
+  """Online, the data file's records are tokenised at every start: a resume under another
+  data.format would continue the restored stream over other tokens (it was accepted)."""
+  from configs import base
+  from jkd import train_config, train_loop
+  config = base.get_config()
+  config.workdir, config.distill.teacher_source = str(tmp_path), 'online'
+  config.data.train_file, config.train.max_steps = str(tmp_path / 'train.jsonl'), 10
+  config.train.warmup_steps = config.train.constant_steps = 0
+  ls, tc = train_loop.loop_settings(config), train_config.train_config(config)
+  teacher = {'extract.top_k': 4, 'extract.teacher': '/t'}
+  train_loop._check_resumable(ls, config, tc, 0, 48, teacher)  # a fresh start records
+  train_loop._check_resumable(ls, config, tc, 5, 48, teacher)
+  config.data.format = 'chatml'
+  with pytest.raises(ValueError, match=r"saved with data\.format='chat' \(now 'chatml'\)"):
+    train_loop._check_resumable(ls, config, tc, 5, 48, teacher)
+
+
 def test_run_length_with_nothing_to_do():
   from jkd import train, train_loop
   tc = train.TrainConfig(global_batch_size=8, warmup_steps=0, constant_steps=0)
-  with pytest.raises(ValueError, match='nothing to do \\(7 train examples'):
+  with pytest.raises(ValueError, match=r'^train\.max_epochs=1: runs no step, an epoch of 7 train '
+                     r'examples holding no full batch of train\.global_batch_size=8; .*'
+                     r'train\.max_epochs=-1'):
     train_loop.run_length(tc, 7)
 
 
@@ -280,9 +300,22 @@ def test_a_validation_split_without_a_full_batch_is_refused(store, tmp_path, mon
   assert small.returncode == 2 and 'validation split has 48 examples' in small.stderr, (
       small.stderr[-3000:])
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
-  off = _run(_train_cli(store, tmp_path / 'off', *args, '--config.train.limit_val_batches=0'))
+  # Validation off: the validation split is not read, so an unfinished one does not matter
+  # (it was refused as unfinished).
+  shutil.copytree(store, tmp_path / 'store')
+  os.remove(tmp_path / 'store' / 'validation' / 'finished.json')
+  off = _run(_train_cli(tmp_path / 'store', tmp_path / 'off', *args,
+                        '--config.train.limit_val_batches=0'))
   assert off.returncode == 0, off.stderr[-3000:]
   assert not any('val/loss' in r for r in _metrics(tmp_path / 'off').values())
+  # Packed into rows of 256 tokens, 48 examples give fewer rows than a batch of 16: refused
+  # before training (it failed at the first validation, with no checkpoint saved).
+  packed = _run(_train_cli(store, tmp_path / 'packed', *args[1:], '--config.train.pack=True',
+                           '--config.train.global_batch_size=16',
+                           '--config.data.max_seq_length=256'))
+  assert packed.returncode == 2 and "the validation split's 48 examples pack into fewer rows " \
+      'than one batch of train.global_batch_size=16' in packed.stderr, packed.stderr[-3000:]
+  assert '[train]' not in packed.stdout and not os.path.exists(tmp_path / 'packed' / 'metrics.jsonl')
 
   from jkd import train, train_loop
   monkeypatch.setattr(train_loop, '_loader', lambda *a, **k: (b for b in ()))  # closable
