@@ -57,21 +57,31 @@ class LazyTensor:
 
   def load(self) -> np.ndarray:
     itemsize = self.dtype.itemsize
+    where = f'{self.storage.zf.filename}: {self.storage.member}'
+    # The view must lie inside the storage and hold each element once: as_strided checks
+    # nothing, so a negative stride read memory outside the buffer (a crafted file segfaulted)
+    # and a zero one made a small storage a tensor of any size.
+    if (len(self.stride) != len(self.shape) or self.offset < 0
+        or any(n < 0 for n in self.shape) or any(s < 0 for s in self.stride)):
+      raise ValueError(f'{where}: a tensor view of shape {self.shape}, strides {self.stride}, '
+                       f'offset {self.offset}: not a checkpoint tensor')
     if not self.shape:
       count = 1
     else:  # elements spanned by this view of the storage
       count = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride) if n > 0)
       if any(n == 0 for n in self.shape):
         return np.zeros(self.shape, self.dtype)
+      if np.prod(self.shape, dtype=object) > count:
+        raise ValueError(f'{where}: a tensor view of shape {self.shape}, strides {self.stride} '
+                         'repeats storage elements (an expanded tensor): not a checkpoint tensor')
     try:
       with self.storage.zf.open(self.storage.member) as f:
         f.seek(self.offset * itemsize)
         buf = f.read(count * itemsize)
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a damaged member or its header
-      raise ValueError(f'{self.storage.zf.filename}: {self.storage.member} is unreadable '
-                       f'({e}); the checkpoint is damaged') from None
+      raise ValueError(f'{where} is unreadable ({e}); the checkpoint is damaged') from None
     if len(buf) != count * itemsize:
-      raise ValueError(f'{self.storage.zf.filename}: {self.storage.member} is truncated')
+      raise ValueError(f'{where} is truncated')
     flat = np.frombuffer(buf, self.dtype)
     view = np.lib.stride_tricks.as_strided(
         flat, self.shape, tuple(s * itemsize for s in self.stride), writeable=False)
