@@ -172,7 +172,8 @@ def get_config(arg=None):
   c.distill.target_logits_scale = 1.0  # multiplies the stored teacher logits
   c.distill.top_k = config_dict.placeholder(int)  # use the first top_k stored entries; None = all
   c.distill.cross_tokenizer = False  # pair the student's own top-K with the teacher's by rank
-  c.distill.tail = False  # jkd: add the residual mass as a (K+1)-th bucket (needs the stored lse)
+  c.distill.tail = False  # jkd: add the residual mass as a (K+1)-th bucket (needs the stored lse;
+  #   from bfloat16 values, extract.values_dtype's default, a tail below ~1e-4 is rounding noise)
   c.distill.student_norm = config_dict.placeholder(str)  # jkd: topk | full; None = topk (NeMo),
   #   full with tail=True (which refuses topk)
   c.distill.beta = 0.5  # jkd: JSD mixing weight (kd_loss=jsd)
