@@ -448,6 +448,38 @@ def test_weight_decay_groups_as_nemo():
     assert sum(flat.values()) == 8 + 3 * norms
 
 
+def test_optimizer_is_apex_adamw_with_nemos_defaults():
+  """Three AdamW updates of random gradients equal a numpy transcription of apex's FusedAdam
+  (adam_w_mode, bias correction) at NeMo-Aligner's defaults (betas 0.9 / 0.98, eps 1e-8,
+  weight decay 0.01), decay on kernels and none on biases: the moments, their correction and
+  beta2 are checked here independently of the step tests, whose reference uses the same optax
+  transform."""
+  tc = dataclasses.replace(train.TrainConfig(), lr=1e-3, min_lr=1e-4, warmup_steps=1,
+                           constant_steps=0, max_steps=5, decay_norm_scales=False)
+  assert (tc.betas, tc.eps, tc.weight_decay) == ((0.9, 0.98), 1e-8, 0.01)
+  rng = np.random.default_rng(0)
+  params = {'kernel': rng.normal(size=(4, 3)).astype(np.float32),
+            'bias': rng.normal(size=(3,)).astype(np.float32)}
+  opt = train.make_optimizer(tc)
+  state, got = opt.init(params), params
+  want = {k: v.astype(np.float64) for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in want.items()}
+  v = {k: np.zeros_like(x) for k, x in want.items()}
+  for n in range(3):
+    grads = {k: rng.normal(size=x.shape).astype(np.float32) for k, x in params.items()}
+    updates, state = opt.update(grads, state, got)
+    got = optax.apply_updates(got, updates)
+    lr = float(train.make_schedule(tc)(n))
+    for k in want:
+      g = grads[k].astype(np.float64)
+      m[k] = 0.9 * m[k] + 0.1 * g
+      v[k] = 0.98 * v[k] + 0.02 * g * g
+      adam = (m[k] / (1 - 0.9**(n + 1))) / (np.sqrt(v[k] / (1 - 0.98**(n + 1))) + 1e-8)
+      want[k] = want[k] - lr * (adam + (0.01 * want[k] if k == 'kernel' else 0.0))
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=2e-6, atol=1e-7, err_msg=k)
+
+
 @pytest.mark.parametrize('decay_norm_scales', [True, False])
 def test_optimizer_decays_norm_scales_by_lr_times_wd(decay_norm_scales):
   """With zero gradients AdamW's update is the decay alone, p -= lr * wd * p (apex's
