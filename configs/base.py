@@ -155,7 +155,8 @@ def get_config(arg=None):
   #   shuffled stream: the next epoch starts mid-batch)
   c.train.checkpoint_max_to_keep = 3  # orbax checkpoints kept in <workdir>/checkpoints
   c.train.pack = False  # pack several examples per row (segment ids); False = one per row (NeMo);
-  #   needs max_steps, max_epochs=-1 and one process
+  #   needs max_steps, max_epochs=-1 and one process (with cuDNN attention the segment mask is
+  #   a [B, 1, T, T] bias: jkd.model.attention_implementation)
   c.train.pad_to_max_length = True  # pad every batch to data.max_seq_length (one compiled shape)
   c.train.worker_count = 0  # Grain worker processes (0 = in-process reads)
   c.train.wandb_project = ''  # also log to Weights & Biases under this project; '' = off

@@ -178,12 +178,42 @@ class ModelConfig:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> 'ModelConfig':
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
+  def from_dict(cls, d: dict[str, Any], saved: bool = False) -> 'ModelConfig':
+    """From a dict (a model_config.json, config.model), each value of its field's type: JSON's
+    "false" (a string) was true, `true` the integer 1. `saved`: a model directory's file,
+    which must also name every setting of the architecture (SAVED_KEYS): one left out took
+    its default silently (a missing rotary_base moved the logits by 2e-2)."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
     if unknown:
       raise ValueError(f'model config: unknown keys {unknown}')
+    if saved:
+      missing = [k for k in SAVED_KEYS if k not in d
+                 and (k != 'gelu_tanh' or d.get('activation', 'gelu') in GELUS)]
+      if missing:
+        raise ValueError(f'model config: missing keys {missing} (every setting of the '
+                         'architecture is named; jkd writes them all)')
+    for key, value in d.items():
+      kind, _, optional = fields[key].partition(' | ')
+      if value is None and optional == 'None':
+        continue
+      if not (isinstance(value, _KINDS[kind]) and (kind == 'bool') == isinstance(value, bool)):
+        raise ValueError(f'model.{key}={value!r}: must be {_KIND_NAMES[kind]}'
+                         + (' or null' if optional else ''))
     return cls(**d)
+
+
+_KINDS = {'int': int, 'float': (int, float), 'bool': bool, 'str': str}
+_KIND_NAMES = {'int': 'an integer', 'float': 'a number', 'bool': 'true or false',
+               'str': 'a string'}
+# The keys a saved model_config.json must hold: every setting that changes the forward pass
+# (gelu_tanh for GELU activations). The rest (init, compute dtype, remat, attention kernel,
+# scan unrolling) change how it runs, and take their defaults.
+SAVED_KEYS = ('num_layers', 'hidden_size', 'ffn_hidden_size', 'num_attention_heads',
+              'vocab_size', 'padded_vocab_size', 'num_query_groups', 'kv_channels',
+              'normalization', 'layernorm_epsilon', 'activation', 'gelu_tanh', 'bias',
+              'position_embedding_type', 'rotary_percentage', 'rotary_base',
+              'max_position_embeddings', 'share_embeddings_and_output_weights')
 
 
 def _param(init, axes):
@@ -295,8 +325,10 @@ def apply_rope(x_BxTxNxH, positions_BxT, rotary_dim: int, base: float):
 
 def attention_implementation(cfg: ModelConfig) -> str:
   """'xla' or 'cudnn' for cfg.attention. 'auto' takes cuDNN's flash attention (no [T, T] scores
-  in memory; a segment mask becomes its bias input) when jax's backend is a GPU, the compute is
-  bf16 and the head dim one cuDNN takes (a multiple of 8, at most 128), XLA's otherwise."""
+  in memory) when jax's backend is a GPU, the compute is bf16 and the head dim one cuDNN takes
+  (a multiple of 8, at most 128), XLA's otherwise. Packed rows' segment mask becomes cuDNN's
+  bias input, though: a [B, 1, T, T] bf16 tensor, and in the backward its (unused) gradient
+  per layer (jax 0.10 always forms it; seen in the program lowered for cuda, not measured)."""
   if cfg.attention != 'auto':
     return cfg.attention
   return 'cudnn' if _cudnn_fits(cfg) and jax.default_backend() == 'gpu' else 'xla'
@@ -395,8 +427,12 @@ class Decoder(nn.Module):
     embed = self.param('embed', _param(nn.initializers.normal(cfg.init_method_std),
                                        ('vocab', 'embed')),
                        (cfg.padded_vocab, cfg.hidden_size), jnp.float32)
-    x_BxTxD = jnp.take(embed, tokens_BxT, axis=0)
+    x_BxTxD = jnp.take(embed, tokens_BxT, axis=0)  # ids past the table: NaN (take's fill)
     if cfg.position_embedding_type == 'learned_absolute':
+      if tokens_BxT.shape[1] > cfg.max_position_embeddings:  # NaN rows otherwise, all of them
+        raise ValueError(f'rows of {tokens_BxT.shape[1]} tokens: the learned position table of '
+                         f'model.max_position_embeddings={cfg.max_position_embeddings} has no '
+                         'row past it')
       pos_embed = self.param('pos_embed', _param(nn.initializers.normal(cfg.init_method_std),
                                                  (None, 'embed')),
                              (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32)
@@ -471,6 +507,7 @@ def logits_from_hidden(cfg: ModelConfig, params: Params, hidden_BxTxD):
 def forward(cfg: ModelConfig, params: Params, tokens_BxT, *, segment_ids_BxT=None,
             positions_BxT=None):
   """fp32 logits [B, T, V] for int tokens [B, T]; causal, packed when segment ids are given.
+  Token ids lie in [0, padded vocab): others make the row's logits NaN.
 
   Not jitted here: wrap in `jax.jit` (cfg static) inside `jkd.sharding.activate(...)` to get
   the activation sharding constraints.
@@ -602,8 +639,10 @@ def load_config(directory: str) -> ModelConfig:
       d = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f'{path}: invalid JSON: {e}') from None
+  if not isinstance(d, dict):
+    raise ValueError(f'{path}: holds a JSON {type(d).__name__}, not an object')
   try:
-    return ModelConfig.from_dict(d)
+    return ModelConfig.from_dict(d, saved=True)
   except (TypeError, ValueError) as e:
     raise ValueError(f'{path}: {e}') from None
 
@@ -619,15 +658,13 @@ def load(directory: str, shardings=None, dtype=jnp.float32) -> tuple[ModelConfig
   if shardings is None:
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
                              abstract)
+  # Checked before reading: orbax's own error names neither the file nor the config.
+  stored = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                        ocp.metadata(path).metadata, is_leaf=lambda m: hasattr(m, 'dtype'))
+  check_params(cfg, stored, f'{path} (its {CONFIG_FILE})')
   if dtype is None:
-    stored = jax.tree_util.tree_leaves_with_path(
-        ocp.metadata(path).metadata, is_leaf=lambda x: hasattr(x, 'dtype'))
-    stored = {jax.tree_util.keystr(p): m.dtype for p, m in stored}
-    wanted = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract)}
-    if wanted != set(stored):
-      missing, extra = sorted(wanted - set(stored))[:8], sorted(set(stored) - wanted)[:8]
-      raise ValueError(f'{path}: its parameters do not match {CONFIG_FILE} (missing {missing}, '
-                       f'extra {extra})')
+    stored = {jax.tree_util.keystr(p): m.dtype
+              for p, m in jax.tree_util.tree_leaves_with_path(stored)}
     dtypes = jax.tree_util.tree_map_with_path(lambda p, _: stored[jax.tree_util.keystr(p)],
                                               abstract)
   else:

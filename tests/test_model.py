@@ -301,9 +301,14 @@ def test_load_in_the_stored_dtypes(tmp_path):
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, want)))
   other = dataclasses.replace(cfg, position_embedding_type='rope')  # no pos_embed
   (tmp_path / 'm' / model.CONFIG_FILE).write_text(json.dumps(other.to_dict()))
-  with pytest.raises(ValueError, match=r"do not match model_config.json \(missing \[\], extra "
-                                       r"\[\"\['pos_embed'\]\"\]"):
-    model.load(str(tmp_path / 'm'), dtype=None)
+  for dtype in (None, jnp.float32):  # the default dtype was orbax's error, naming no file
+    with pytest.raises(ValueError, match=r"m/params \(its model_config\.json\): parameters do "
+                                         r"not match the model config: unexpected \['pos_embed'\]"):
+      model.load(str(tmp_path / 'm'), dtype=dtype)
+  (tmp_path / 'm' / model.CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), 'num_layers': 3}))
+  with pytest.raises(ValueError, match=r"\['layers'\]\['attn'\]\['o'\]\['bias'\]: shape "
+                                       r"\(2, 64\) != expected \(3, 64\)"):
+    model.load(str(tmp_path / 'm'))
 
 
 def test_save_over_a_killed_partial_write(tmp_path):
@@ -323,6 +328,16 @@ def test_load_rejects_a_directory_that_is_not_a_model(tmp_path):
   (tmp_path / 'model_config.json').write_text('{"num_layers": 2')
   with pytest.raises(ValueError, match='invalid JSON'):
     model.load(str(tmp_path))
+
+
+def test_rows_longer_than_the_learned_position_table_are_refused():
+  """jnp.take fills past its table with NaN, and attention spreads it to every position of
+  the row: a longer row is refused when traced instead (rope models have no table)."""
+  cfg, params, _ = ref.gpt3()  # learned positions, a table of 64
+  tokens = np.zeros((1, cfg.max_position_embeddings + 1), np.int32)
+  with pytest.raises(ValueError, match=r'rows of 65 tokens: .*max_position_embeddings=64'):
+    model.forward(cfg, params, tokens)
+  assert np.isfinite(model.forward(cfg, params, tokens[:, :-1])).all()
 
 
 def test_check_params_names_the_mismatching_path():
@@ -363,3 +378,45 @@ def test_bad_config_values_raise_naming_the_key(override, key):
 def test_unknown_config_key_is_rejected():
   with pytest.raises(ValueError, match='unknown keys'):
     model.ModelConfig.from_dict({**_GOOD, 'hiden_size': 3})
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('gelu_tanh', 'false', 'must be true or false'),  # a non-empty string was true
+    ('bias', 0, 'must be true or false'),
+    ('num_layers', True, 'must be an integer'),  # was 1 layer, then orbax's shape error
+    ('layernorm_epsilon', '1e-5', 'must be a number'),
+    ('scan_unroll', 1.5, 'must be an integer'),  # a TypeError traceback at the forward
+    ('kv_channels', 16.0, 'must be an integer or null'),
+    ('rotary_base', False, 'must be a number'),
+])
+def test_saved_config_values_of_the_wrong_type_name_the_key(tmp_path, key, value, message):
+  """model_config.json values are checked against their fields' types, on one line naming the
+  file and key; a saved file must name every architecture setting (SAVED_KEYS)."""
+  cfg = model.ModelConfig(**_GOOD)
+  (tmp_path / model.CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), key: value}))
+  with pytest.raises(ValueError, match=rf'model_config\.json: model\.{key}=.*: {message}$'):
+    model.load_config(str(tmp_path))
+
+
+def test_a_saved_config_names_every_architecture_setting(tmp_path):
+  cfg = dataclasses.replace(model.ModelConfig(**_GOOD), position_embedding_type='rope',
+                            rotary_base=5000.0)
+  saved = cfg.to_dict()
+  for key in ('init_method_std', 'dtype', 'remat_policy', 'attention', 'scan_unroll'):
+    del saved[key]  # how it runs: defaults
+  (tmp_path / model.CONFIG_FILE).write_text(json.dumps(saved))
+  assert model.load_config(str(tmp_path)) == cfg
+  del saved['rotary_base']  # took 10000 silently
+  (tmp_path / model.CONFIG_FILE).write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match=r"model_config\.json: model config: missing keys "
+                                       r"\['rotary_base'\]"):
+    model.load_config(str(tmp_path))
+  saved = {k: v for k, v in cfg.to_dict().items() if k != 'gelu_tanh'}
+  (tmp_path / model.CONFIG_FILE).write_text(json.dumps({**saved, 'activation': 'swiglu'}))
+  assert model.load_config(str(tmp_path)).activation == 'swiglu'  # no GELU: not needed
+  (tmp_path / model.CONFIG_FILE).write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match=r"missing keys \['gelu_tanh'\]"):
+    model.load_config(str(tmp_path))
+  (tmp_path / model.CONFIG_FILE).write_text('[]')
+  with pytest.raises(ValueError, match='holds a JSON list, not an object'):
+    model.load_config(str(tmp_path))
