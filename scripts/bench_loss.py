@@ -2,10 +2,12 @@
 
   .venv/bin/python scripts/bench_loss.py            # both parts, a few minutes on 2 CPU cores
   .venv/bin/python scripts/bench_loss.py --skip-time
+  .venv/bin/python scripts/bench_loss.py --precision mixed   # (a) in training's precision only
 
 (a) compiles (never runs) value_and_grad w.r.t. (hidden, w_out) of `fused_topk_kd` and of
-`topk_kd_loss(hidden @ w_out)` at N=4096, D=2048, V=256000, K=100, in three precisions, and
-prints `memory_analysis().temp_size_in_bytes` of each; target: fused <= 1/20 of full.
+`topk_kd_loss(hidden @ w_out)` at N=4096, D=2048, V=256000, K=100, in three precisions
+(`--precision`), and prints `memory_analysis().temp_size_in_bytes` of each; target: fused <=
+1/20 of full.
 (b) times both, forward + backward, at CPU-runnable shapes; target: fused <= 1.0x of full.
 `fused_topk_kd`'s default, implementation='auto', is `fused xla` on CPU (the chunked jnp sweeps)
 and `fused pallas` on GPU; on CPU the Pallas kernels only run in interpret mode, so `fused
@@ -76,18 +78,18 @@ def temp_bytes(fn, args):
   return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-PRECISIONS = {  # (hidden dtype, w_out dtype, compute dtype)
-    'fp32': (jnp.float32, jnp.float32, None),
-    'bf16 compute, fp32 master w_out': (jnp.bfloat16, jnp.float32, jnp.bfloat16),
-    'bf16 hidden and w_out': (jnp.bfloat16, jnp.bfloat16, None),
+PRECISIONS = {  # --precision: (name, hidden dtype, w_out dtype, compute dtype)
+    'fp32': ('fp32', jnp.float32, jnp.float32, None),
+    'mixed': ('bf16 compute, fp32 master w_out', jnp.bfloat16, jnp.float32, jnp.bfloat16),
+    'bf16': ('bf16 hidden and w_out', jnp.bfloat16, jnp.bfloat16, None),
 }
 
 
-def memory(n=4096, d=2048, v=256000, k=100):
+def memory(n=4096, d=2048, v=256000, k=100, precisions=tuple(PRECISIONS)):
   backend = jax.default_backend()
   print(f'(a) XLA temp bytes of value_and_grad(hidden, w_out), N={n} D={d} V={v} K={k}, '
         f'compiled for {backend}, not run')
-  for precision, (h_dtype, w_dtype, cdt) in PRECISIONS.items():
+  for precision, h_dtype, w_dtype, cdt in (PRECISIONS[p] for p in precisions):
     args = abstract_args(n, d, v, k, h_dtype, w_dtype)
     print(f'-- {precision}\n{"mode":26s} {"full jnp":>10s} {"fused pallas":>13s} '
           f'{"fused xla":>10s} {"full/pallas":>12s} {"full/xla":>9s}')
@@ -140,8 +142,11 @@ if __name__ == '__main__':
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--skip-memory', action='store_true')
   parser.add_argument('--skip-time', action='store_true')
+  parser.add_argument('--precision', choices=(*PRECISIONS, 'all'), default='all',
+                      help="part (a)'s precisions: mixed is training's (bf16 compute, fp32 "
+                           'master weights); all three by default')
   flags = parser.parse_args()
   if not flags.skip_memory:
-    memory()
+    memory(precisions=tuple(PRECISIONS) if flags.precision == 'all' else (flags.precision,))
   if not flags.skip_time:
     timing()

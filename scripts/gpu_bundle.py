@@ -32,7 +32,7 @@ from collections.abc import Callable
 KEEP = ('general.', 'tokenizer.')  # metadata prefixes the tokenizer-only GGUF keeps
 # The GPU image's packages that the bundle leaves alone, printed next to the bundled ones.
 IMAGE_PACKAGES = ('jax', 'jaxlib', 'jax-cuda13-plugin', 'numpy', 'ml_dtypes', 'torch',
-                  'safetensors', 'huggingface_hub')
+                  'safetensors', 'huggingface_hub', 'protobuf', 'etils', 'absl-py', 'typer')
 
 
 def _kept(key: str) -> bool:

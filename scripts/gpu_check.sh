@@ -20,22 +20,26 @@ OUT=${GPU_CHECK_DIR:-/tmp/jkd/gpu_check}
 PYTHON=${PYTHON:-.venv/bin/python}
 SKIP=()
 NEEDS_SKIP=()  # steps `needs` skipped (a missing module), reported by `needs` itself
-# Per-step limits in seconds; they sum to 600, so the whole check ends within 10 minutes.
+# Per-step limits in seconds; they sum to 600, so the whole check ends within 10 minutes (a
+# step that ignores the limit's SIGTERM is killed 10 s later).
 T_DEVICES=${T_DEVICES:-30}
-T_PYTEST=${T_PYTEST:-150}
-T_BENCH_LOSS=${T_BENCH_LOSS:-150}
-T_BENCH_TRAIN=${T_BENCH_TRAIN:-150}
+T_BENCH_TRAIN=${T_BENCH_TRAIN:-180}
+T_PYTEST=${T_PYTEST:-140}
+T_BENCH_LOSS=${T_BENCH_LOSS:-130}
 T_SMOKE=${T_SMOKE:-120}
+export PYTHONUNBUFFERED=1  # a step stopped at its limit keeps what it printed in its log
 
 usage() {
   cat << EOF
 Usage: $(basename "$0") [--out DIR] [--skip STEP]... [--dry-run]
 
-Steps (timeout in seconds, override with the variable):
+Steps, in this order (timeout in seconds, override with the variable):
   devices      jax sees a GPU                                         [T_DEVICES=$T_DEVICES]
+  bench_train  scripts/bench_train.py --device gpu --preset 1b (MFU; without the formula's
+               loop-free cross-check, which CPU runs make)            [T_BENCH_TRAIN=$T_BENCH_TRAIN]
   pytest       pytest -m gpu (JAX_PLATFORMS=cuda: conftest defaults to cpu) [T_PYTEST=$T_PYTEST]
-  bench_loss   scripts/bench_loss.py (compiles and times on the GPU)  [T_BENCH_LOSS=$T_BENCH_LOSS]
-  bench_train  scripts/bench_train.py --device gpu --preset 1b (MFU)  [T_BENCH_TRAIN=$T_BENCH_TRAIN]
+  bench_loss   scripts/bench_loss.py --precision mixed (compiles and times on the GPU; the
+               precision training uses)                               [T_BENCH_LOSS=$T_BENCH_LOSS]
   smoke        configs/smoke.py with profile.start_step=5, profile.steps=3; a
                *.xplane.pb must appear under OUT/smoke/*/profile      [T_SMOKE=$T_SMOKE]
 
@@ -81,11 +85,11 @@ step() {
   fi
   echo "== $name" >&2
   if [[ $DRY_RUN == 1 ]]; then
-    run timeout "$limit" "$@"
+    run timeout -k 10 "$limit" "$@"
     return
   fi
   local rc=0 t0=$SECONDS
-  run timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" || rc=$?
+  run timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log" || rc=$?
   if ((rc == 0)); then
     results+=("$name: ok ($((SECONDS - t0)) s)")
   else
@@ -118,15 +122,17 @@ run mkdir -p "$OUT"
 step devices "$T_DEVICES" env JAX_PLATFORMS=cuda "$PYTHON" -c \
   'import jax; print(jax.__version__, jax.devices()); assert jax.default_backend() == "gpu"'
 
+# The MFU figure first, while the most time is left. torch's side is skipped by the script
+# itself when torch has no CUDA.
+step bench_train "$T_BENCH_TRAIN" "$PYTHON" scripts/bench_train.py --device gpu --preset 1b \
+  --skip-flops-check
+
 needs pytest pytest transformers torch
 step pytest "$T_PYTEST" env JAX_PLATFORMS=cuda "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests
 
 # bench_loss.py has no device flag: it compiles part (a) and times part (b) on the default
 # backend, the GPU here (it prints which).
-step bench_loss "$T_BENCH_LOSS" "$PYTHON" scripts/bench_loss.py
-
-# torch's side is skipped by the script itself when torch has no CUDA.
-step bench_train "$T_BENCH_TRAIN" "$PYTHON" scripts/bench_train.py --device gpu --preset 1b
+step bench_loss "$T_BENCH_LOSS" "$PYTHON" scripts/bench_loss.py --precision mixed
 
 # The smoke pipeline's stages (teacher -> .nemo needs torch) on a tiny random teacher; its two
 # 12-step trains (KD + SFT, SFT only) each trace steps 5-7 into <run>/profile. A fresh workdir:

@@ -305,17 +305,25 @@ def test_gpu_check_commands_use_existing_flags_and_keys():
   cmds = dry('scripts/gpu_check.sh', '--out', '/tmp/gc')
   words = [' '.join(c) for c in cmds]
   assert any('JAX_PLATFORMS=cuda' in w and '-m pytest -m gpu' in w for w in words), words
-  assert any(w.endswith('scripts/bench_loss.py') for w in words), words
-  assert any(w.endswith('scripts/bench_train.py --device gpu --preset 1b') for w in words)
+  assert any(w.endswith('scripts/bench_loss.py --precision mixed') for w in words), words
+  assert any(w.endswith('scripts/bench_train.py --device gpu --preset 1b --skip-flops-check')
+             for w in words)
   smoke = cmds[-1][-1]
   assert ('-m jkd.main --config configs/smoke.py --config.workdir=/tmp/gc/smoke '
           '--config.profile.start_step=5 --config.profile.steps=3') in smoke
-  assert all(c[:2] == ['timeout', c[1]] and c[1].isdigit() for c in cmds if c[0] == 'timeout')
-  assert sum(int(c[1]) for c in cmds if c[0] == 'timeout') <= 600  # the 10-minute budget
+  steps = [c for c in cmds if c[0] == 'timeout']
+  assert all(c[1:3] == ['-k', '10'] and c[3].isdigit() for c in steps), steps
+  assert sum(int(c[3]) for c in steps) <= 600  # the 10-minute budget
+  # the MFU figure right after the device check, while the most time is left
+  assert 'bench_train.py' in ' '.join(steps[1]), steps
   # The flags exist in the benchmarks' argparse (--help exits before jax is imported) ...
   help_text = subprocess.run([sys.executable, 'scripts/bench_train.py', '--help'], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout
   assert '--device {auto,cpu,gpu}' in help_text and "'1b'" in help_text
+  assert '--skip-flops-check' in help_text
+  help_text = subprocess.run([sys.executable, 'scripts/bench_loss.py', '--help'], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout
+  assert '--precision {fp32,mixed,bf16,all}' in help_text
   # ... and the keys in the config.
   sys.path.insert(0, REPO)
   from configs import smoke
