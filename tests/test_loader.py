@@ -94,8 +94,15 @@ def test_global_batches_do_not_depend_on_the_process_count(store, count):
   assert [sum((p[j] for p in parts), []) for j in range(len(whole))] == whole
 
 
-def test_default_shard_is_the_jax_process(store):
+def test_default_shard_is_the_jax_process(store, monkeypatch):
+  """With one process the default reads everything; as process 1 of 2 (jax's answers faked)
+  it reads what shard 1 of 2 reads, which a hard-coded (0, 1) would not."""
+  import jax
   assert sorted(_ids(_loader(store, shard_index=None, shard_count=None))) == list(range(N))
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  assert _ids(_loader(store, shard_index=None, shard_count=None)) == _ids(
+      _loader(store, shard_index=1, shard_count=2)) != _ids(_loader(store))
 
 
 def test_batches_pad_like_nemo(store):
