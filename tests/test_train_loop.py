@@ -315,7 +315,8 @@ def test_a_validation_split_without_a_full_batch_is_refused(store, tmp_path, mon
                            '--config.data.max_seq_length=256'))
   assert packed.returncode == 2 and "the validation split's 48 examples pack into fewer rows " \
       'than one batch of train.global_batch_size=16' in packed.stderr, packed.stderr[-3000:]
-  assert '[train]' not in packed.stdout and not os.path.exists(tmp_path / 'packed' / 'metrics.jsonl')
+  assert '[train]' not in packed.stdout
+  assert not os.path.exists(tmp_path / 'packed' / 'metrics.jsonl')
 
   from jkd import train, train_loop
   monkeypatch.setattr(train_loop, '_loader', lambda *a, **k: (b for b in ()))  # closable
