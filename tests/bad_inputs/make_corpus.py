@@ -406,6 +406,15 @@ def data_invalid_utf8(d: Path, shared) -> dict:
 
 
 @kind
+def data_lone_surrogate(d: Path, shared) -> dict:
+  """A record holding "\\ud83d" (valid JSON: half of an emoji a tool cut in two)."""
+  data = b'{"input": "fine", "output": "ok"}\n{"input": "smile \\ud83d", "output": "no"}\n'
+  return case(_extract_data(d, 'data.jsonl', data),
+              r"jkd: error: data\.jsonl:2: a lone surrogate \\ud83d after '\{\"input\": \"smile ': not Unicode "
+              r'text \(half of a character cut in two\?\)', 'data.jsonl:2', [('store', '')])
+
+
+@kind
 def data_empty_file(d: Path, shared) -> dict:
   """A data file with blank lines only."""
   return case(_extract_data(d, 'data.jsonl', b'\n\n'),
@@ -536,6 +545,32 @@ def store_unfinished(d: Path, shared) -> dict:
               r'jkd: error: store/train: 48 of 48 examples \(indices 0\.\.47\) are from an '
               r'extraction or import that did not finish; rerun it with the same settings to '
               r'complete the split', 'store/train', [('run/checkpoints', '')])
+
+
+@kind
+def store_chunk_never_ran(d: Path, shared) -> dict:
+  """A store whose chunk jobs finished, but one chunk's job never ran: the data had 64
+  examples, the finished jobs cover 0..47."""
+  shutil.copytree(shared.store, d / 'store')
+  finished = d / 'store' / 'train' / 'finished.json'
+  finished.write_text(json.dumps({**json.loads(finished.read_text()), 'total': 64}))
+  return case(jkd('base.py', **{**TRAIN, 'train__store': 'store'}),
+              r"jkd: error: store/train: 16 of the data's 64 examples \(indices 48\.\.63\) were "
+              r'never extracted \(their job did not run\); extract them .*', 'store/train',
+              [('run/checkpoints', '')])
+
+
+@kind
+def model_config_wrong_type(d: Path, shared) -> dict:
+  """A model directory whose model_config.json says "bias": "false" (a string, which was
+  taken as true)."""
+  (d / 'model').mkdir()
+  shutil.copytree(shared.teacher / 'params', d / 'model' / 'params')
+  config = json.loads((shared.teacher / MODEL_DIR).read_text())
+  (d / 'model' / MODEL_DIR).write_text(json.dumps({**config, 'bias': 'false'}))
+  return case(jkd('export.py', export__source='model', export__hf='hf'),
+              r"jkd: error: model/model_config\.json: model\.bias='false': must be true or "
+              r'false', 'model/model_config.json', [('hf', '')])
 
 
 # --- outputs ---------------------------------------------------------------------------------
