@@ -108,7 +108,9 @@ def get_config(arg=None):
   c.extract.batch_size = 8  # examples per teacher forward (global; a multiple of the batch devices)
   c.extract.vocab_tile = 4096  # LM-head columns per step of the vocabulary sweep
   c.extract.min_bucket = 64  # examples are padded to power-of-two multiples of this
-  c.extract.start_idx = 0  # first example index to extract (NeMo's start_from_idx)
+  c.extract.start_idx = 0  # first example index to extract (NeMo's start_from_idx); a range is
+  #   one job's share: training needs every example of the file extracted (to train on part of
+  #   it, extract a file of that part)
   c.extract.end_idx = -1  # last example index, inclusive (NeMo's end_at_idx); -1 = the end
   c.extract.examples_per_chunk = 0  # > 0: extract only chunk `chunk_index` of this many examples
   c.extract.chunk_index = 0  # (NeMo's per-chunk runs: indices [i*n, (i+1)*n - 1]; overrides the range)

@@ -100,6 +100,15 @@ class ModelConfig:
     def fail(key, msg):
       raise ValueError(f'model.{key}={getattr(self, key)!r}: {msg}')
 
+    # Each value of its field's type, however the config was built (a model_config.json's
+    # "false", a string, was true; `true` the integer 1).
+    for field in dataclasses.fields(self):
+      kind, _, optional = field.type.partition(' | ')
+      value = getattr(self, field.name)
+      if value is None and optional == 'None':
+        continue
+      if not (isinstance(value, _KINDS[kind]) and (kind == 'bool') == isinstance(value, bool)):
+        fail(field.name, f'must be {_KIND_NAMES[kind]}' + (' or null' if optional else ''))
     for key in ('num_layers', 'hidden_size', 'ffn_hidden_size', 'num_attention_heads',
                 'vocab_size', 'max_position_embeddings'):
       if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
@@ -179,27 +188,20 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any], saved: bool = False) -> 'ModelConfig':
-    """From a dict (a model_config.json, config.model), each value of its field's type: JSON's
-    "false" (a string) was true, `true` the integer 1. `saved`: a model directory's file,
-    which must also name every setting of the architecture (SAVED_KEYS): one left out took
-    its default silently (a missing rotary_base moved the logits by 2e-2)."""
-    fields = {f.name: f.type for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
+    """From a dict (a model_config.json, config.model). `saved`: a model directory's file,
+    which must name every setting of the architecture (SAVED_KEYS): one left out took its
+    default silently (a missing rotary_base moved the logits by 2e-2)."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
       raise ValueError(f'model config: unknown keys {unknown}')
     if saved:
       missing = [k for k in SAVED_KEYS if k not in d
                  and (k != 'gelu_tanh' or d.get('activation', 'gelu') in GELUS)]
       if missing:
-        raise ValueError(f'model config: missing keys {missing} (every setting of the '
-                         'architecture is named; jkd writes them all)')
-    for key, value in d.items():
-      kind, _, optional = fields[key].partition(' | ')
-      if value is None and optional == 'None':
-        continue
-      if not (isinstance(value, _KINDS[kind]) and (kind == 'bool') == isinstance(value, bool)):
-        raise ValueError(f'model.{key}={value!r}: must be {_KIND_NAMES[kind]}'
-                         + (' or null' if optional else ''))
+        hint = ('; jkd before 2026-11-29 wrote no gelu_tanh: add "gelu_tanh": false, the erf '
+                'form it computed' if missing == ['gelu_tanh'] else '')
+        raise ValueError(f'model config: missing keys {missing} (a saved config names every '
+                         f'setting of the architecture){hint}')
     return cls(**d)
 
 

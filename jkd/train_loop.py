@@ -190,6 +190,12 @@ def _loader(tc, ls, split: str, *, shuffle: bool, num_epochs, pad_id: int, seed:
       pad_to_max=ls.pad_to_max_length, source=sources.get(split), workers_ignore_signals=True)
 
 
+def _val_loader(tc, ls, pad_id: int, sources: dict):
+  """The validation split's full batches, in order, once."""
+  return _loader(tc, ls, 'validation', shuffle=False, num_epochs=1, pad_id=pad_id, seed=0,
+                 sources=sources)
+
+
 RUN_FILE = 'run.json'  # in the workdir: the settings its checkpoints can only be resumed with
 # The learning-rate schedule's settings (max_steps: its length), recorded in RUN_FILE too.
 SCHEDULE_KEYS = ('lr', 'min_lr', 'warmup_steps', 'constant_steps', 'max_steps')
@@ -308,8 +314,7 @@ def _validate(eval_fn, state, tc, ls, pad_id, shardings, sources, extra) -> dict
   """Summed (sum, count) metrics over the first limit_val_batches full batches of the
   validation split (all of them when -1)."""
   from jkd import evaluate
-  it = _loader(tc, ls, 'validation', shuffle=False, num_epochs=1, pad_id=pad_id, seed=0,
-               sources=sources)
+  it = _val_loader(tc, ls, pad_id, sources)
   total = None
   try:
     for batch in itertools.islice(it, tc.limit_val_batches if tc.limit_val_batches >= 0
@@ -376,7 +381,7 @@ def run(config) -> dict[str, float]:
     teacher_tok = tokenizer.load(ext.teacher)
     for split, path in (('train', config.data.train_file),
                         ('validation', config.data.validation_file)):
-      if path:
+      if path and (split == 'train' or tc.limit_val_batches != 0):  # not read without validation
         sources[split] = loader.ExamplesSource(chat.read_jsonl(
             path, teacher_tok, fmt=config.data.format, max_seq_length=ls.max_seq_length), path)
     stored_k, teacher_vocab, n_train = ext.top_k, teacher_cfg.vocab_size, len(sources['train'])
@@ -444,8 +449,7 @@ def run(config) -> dict[str, float]:
     tok = teacher_tok
   pad_id = tok.eos_id if tok is not None and tok.eos_id is not None else 0  # NeMo pads with eos
   if has_val and ls.pack:  # packed rows can be fewer than one batch: known only by packing
-    it = _loader(tc, dataclasses.replace(ls, worker_count=0), 'validation', shuffle=False,
-                 num_epochs=1, pad_id=pad_id, seed=0, sources=sources)
+    it = _val_loader(tc, dataclasses.replace(ls, worker_count=0), pad_id, sources)
     try:
       if next(it, None) is None:
         raise _no_val_batch(tc, f'the validation split\'s {n_val} examples pack into fewer '

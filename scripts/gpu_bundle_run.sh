@@ -3,9 +3,10 @@
 # scripts/gpu_bundle.sh built (it copies this file in as DIR/run.sh): installs DIR/whl into
 # /tmp/site (first on PYTHONPATH, so its pinned versions win over the image's), points
 # JKD_CACHE at DIR/cache, prints nvidia-smi and the versions in use, then runs the check with
-# step limits that sum to 530 s, so install, check and copies end inside one 600 s call. The
-# step logs and this run's whole output land flat in $OUT (what the device call sends back,
-# at most 8 files); the check's own folder (the smoke workdir) stays on the machine.
+# step limits that sum to 515 s (540 s if every step ignored its SIGTERM), so install, check
+# and copies end inside one 600 s call. The step logs and this run's whole output land flat
+# in $OUT (what the device call sends back, at most 8 files); the check's own folder (the smoke
+# workdir) stays on the machine.
 #
 #   bash .device/run.sh               # one device call, from the repository root,
 #                                     # carry [".device"], timeout_s 600
@@ -23,11 +24,11 @@ RESULTS=${OUT:-/tmp/jkd/gpu_bundle}     # $OUT: the device call's folder that co
 CHECK_DIR=${CHECK_DIR:-/tmp/jkd/gpu_check}  # gpu_check.sh --out: logs and the smoke workdir
 SITE=${SITE:-/tmp/site}
 HOST_PYTHON=${HOST_PYTHON:-python3}     # the image's Python 3.12 (with torch and CUDA jax)
-# gpu_check.sh's step limits in seconds (its defaults sum to 600): 530 here.
-T_DEVICES=${T_DEVICES:-30}
+# gpu_check.sh's step limits in seconds (its defaults sum to 600): 515 here.
+T_DEVICES=${T_DEVICES:-25}
 T_BENCH_TRAIN=${T_BENCH_TRAIN:-150}  # 1.1B: torch's column, then jkd's compile and 13 steps
-T_PYTEST=${T_PYTEST:-120}
-T_BENCH_LOSS=${T_BENCH_LOSS:-110}  # part (a) compiles 9 programs at V=256000
+T_PYTEST=${T_PYTEST:-115}
+T_BENCH_LOSS=${T_BENCH_LOSS:-105}  # part (a) compiles 9 programs at V=256000
 T_SMOKE=${T_SMOKE:-120}  # 75-87 s on 2 CPU cores, a whole run from the bundle
 STEPS=(devices bench_train pytest bench_loss smoke)  # gpu_check.sh's logs, STEP.log
 CHECK_ARGS=()

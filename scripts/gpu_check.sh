@@ -21,7 +21,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 SKIP=()
 NEEDS_SKIP=()  # steps `needs` skipped (a missing module), reported by `needs` itself
 # Per-step limits in seconds; they sum to 600, so the whole check ends within 10 minutes (a
-# step that ignores the limit's SIGTERM is killed 10 s later).
+# step that ignores its limit's SIGTERM is killed 5 s later: at most 25 s more in all).
 T_DEVICES=${T_DEVICES:-30}
 T_BENCH_TRAIN=${T_BENCH_TRAIN:-180}
 T_PYTEST=${T_PYTEST:-140}
@@ -85,18 +85,20 @@ step() {
   fi
   echo "== $name" >&2
   if [[ $DRY_RUN == 1 ]]; then
-    run timeout -k 10 "$limit" "$@"
+    run timeout -k 5 "$limit" "$@"
     return
   fi
   local rc=0 t0=$SECONDS
-  run timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log" || rc=$?
+  run timeout -k 5 "$limit" "$@" 2>&1 | tee "$OUT/$name.log" || rc=$?
   if ((rc == 0)); then
     results+=("$name: ok ($((SECONDS - t0)) s)")
   else
     failed=1
     local why="exit status $rc"
-    if ((rc == 124)); then
+    if ((rc == 124 || (rc == 137 && SECONDS - t0 >= limit))); then  # 137: SIGTERM ignored
       why="timed out after $limit s"
+    elif ((rc == 137)); then
+      why="killed (SIGKILL: out of host memory?)"
     fi
     results+=("$name: FAILED, $why (log: $OUT/$name.log)")
   fi

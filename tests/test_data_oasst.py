@@ -171,9 +171,14 @@ def test_trees_that_are_not_text_or_give_nothing_are_refused(tmp_path):
   with pytest.raises(ValueError, match='no conversation of two or more lines'):
     (tmp_path / 'one.yml').write_text('conversations:\n- - Lonely line\n')
     oasst.convert_chatterbot(str(tmp_path / 'one.yml'), str(tmp_path / 'o'))
+  (tmp_path / 'cut.yml').write_text('conversations:\n- - Hi\n  - There\n- - "x\\ud83dy"\n  - ok\n')
+  with pytest.raises(ValueError, match=r"cut\.yml: conversations\[1\]: a lone surrogate \\ud83d"):
+    oasst.convert_chatterbot(str(tmp_path / 'cut.yml'), str(tmp_path / 'o'))
+  assert not (tmp_path / 'o').exists()
 
 
 def test_a_failed_write_leaves_no_part_file(tmp_path):
+  """A write that fails halfway removes its .part (it was left beside the outputs)."""
   with pytest.raises(TypeError):
     oasst.write_jsonl(str(tmp_path / 'x.jsonl'), [{'a': 1}, {'b': object()}])
   assert list(tmp_path.iterdir()) == []

@@ -253,6 +253,12 @@ def test_a_range_no_job_ran_keeps_a_split_untrainable(tmp_path):
   assert json.load(open(tmp_path / 'train' / 'finished.json')) == {
       'schema_version': ls.SCHEMA_VERSION, 'indices': [[0, 10]], 'total': 10}
   assert ls._ranges([0, 1, 2, 5, 7, 8, 10, 12]) == '0..2, 5, 7..8 and 2 more ranges'
+  with pytest.raises(ValueError, match='extracted from data of 10 examples, this job.s of 12'):
+    ls.mark_finished(str(tmp_path), 'train', [0], total=12)  # a direct call: run() checks first
+  finished = tmp_path / 'train' / 'finished.json'
+  finished.write_text(json.dumps({**json.loads(finished.read_text()), 'total': '10'}))
+  with pytest.raises(ValueError, match=r"finished\.json: total '10' is not a count of examples"):
+    ls.check_finished(str(tmp_path), 'train')
 
 
 def test_store_files_that_are_not_objects_are_refused(tmp_path):

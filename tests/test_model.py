@@ -369,6 +369,9 @@ _GOOD = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_hea
     (dict(num_query_groups=0), 'num_query_groups'),
     (dict(padded_vocab_size=0), 'padded_vocab_size'),
     (dict(position_embedding_type='rope', rotary_base=-1.0), 'rotary_base'),
+    (dict(bias='false'), 'bias'),  # of the wrong type, however the config is built
+    (dict(num_layers=True), 'num_layers'),
+    (dict(layernorm_epsilon='1e-5'), 'layernorm_epsilon'),
 ])
 def test_bad_config_values_raise_naming_the_key(override, key):
   with pytest.raises(ValueError, match=rf'model\.{key}='):
@@ -399,6 +402,8 @@ def test_saved_config_values_of_the_wrong_type_name_the_key(tmp_path, key, value
 
 
 def test_a_saved_config_names_every_architecture_setting(tmp_path):
+  """A model_config.json must name every setting that changes the forward pass (one left out
+  took its default silently); the run-time settings may be left out."""
   cfg = dataclasses.replace(model.ModelConfig(**_GOOD), position_embedding_type='rope',
                             rotary_base=5000.0)
   saved = cfg.to_dict()
@@ -415,7 +420,7 @@ def test_a_saved_config_names_every_architecture_setting(tmp_path):
   (tmp_path / model.CONFIG_FILE).write_text(json.dumps({**saved, 'activation': 'swiglu'}))
   assert model.load_config(str(tmp_path)).activation == 'swiglu'  # no GELU: not needed
   (tmp_path / model.CONFIG_FILE).write_text(json.dumps(saved))
-  with pytest.raises(ValueError, match=r"missing keys \['gelu_tanh'\]"):
+  with pytest.raises(ValueError, match=r"missing keys \['gelu_tanh'\] .*add \"gelu_tanh\": false"):
     model.load_config(str(tmp_path))
   (tmp_path / model.CONFIG_FILE).write_text('[]')
   with pytest.raises(ValueError, match='holds a JSON list, not an object'):

@@ -378,6 +378,15 @@ def test_online_teacher_equals_training_from_the_store(store, tmp_path):
     for key in ('train/loss', 'train/kd_loss', 'train/sft_loss'):
       assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
   assert b[3]['val/loss'] == pytest.approx(a[3]['val/loss'], rel=1e-4)
+  # Without validation the validation file is not read (a bad one stopped the run).
+  (tmp_path / 'bad.jsonl').write_text('{not json\n')
+  noval = _run(_train_cli(
+      '', tmp_path / 'noval', '--config.train.max_steps=1', '--config.train.limit_val_batches=0',
+      '--config.distill.teacher_source=online', f'--config.extract.teacher={root}/teacher',
+      f'--config.data.train_file={root}/train.jsonl',
+      f'--config.data.validation_file={tmp_path}/bad.jsonl', '--config.data.format=plain',
+      '--config.extract.top_k=8', '--config.extract.vocab_tile=64'))
+  assert noval.returncode == 0, noval.stderr[-3000:]
 
 
 def test_wandb_run_continues_across_restarts(tmp_path, monkeypatch):

@@ -302,7 +302,10 @@ def _finished(split_dir: str) -> tuple[np.ndarray, int | None]:
   if not os.path.exists(path):
     return np.zeros(0, np.int64), None
   m = _read_json(path, 'logit store')
-  return _unruns(m['indices']), m.get('total')
+  total = m.get('total')
+  if total is not None and (type(total) is not int or total < 0):
+    raise ValueError(f'logit store: {path}: total {total!r} is not a count of examples')
+  return _unruns(m['indices']), total
 
 
 def mark_finished(root: str, split: str, indices, total: int | None = None) -> None:
@@ -313,6 +316,9 @@ def mark_finished(root: str, split: str, indices, total: int | None = None) -> N
   that never started) is missed too; None keeps what an earlier job recorded."""
   split_dir = os.path.join(root, split)
   before, before_total = _finished(split_dir)
+  if None not in (total, before_total) and total != before_total:  # run() checks it up front
+    raise ValueError(f'{split_dir}: extracted from data of {before_total} examples, this job\'s '
+                     f'of {total}')
   done = set(indices) | set(before.tolist())
   record = {'schema_version': SCHEMA_VERSION, 'indices': _runs(sorted(done))}
   total = before_total if total is None else total
@@ -346,7 +352,7 @@ def check_finished(root: str, split: str) -> int:
   stray = indices[~np.isin(indices, finished)]
   if len(stray):
     raise ValueError(f'{split_dir}: {len(stray)} of {len(indices)} examples (indices '
-                     f'{stray[0]}..{stray[-1]}) are from an extraction or import that did not '
+                     f'{_ranges(stray)}) are from an extraction or import that did not '
                      'finish; rerun it with the same settings to complete the split')
   if total is not None:
     missing = np.setdiff1d(np.arange(total), finished)

@@ -211,6 +211,10 @@ def read_chatterbot(yaml_dir_or_files) -> list[list[str]]:
     bad = []
     for i, conv in enumerate(data['conversations']):
       if isinstance(conv, list) and all(isinstance(s, str) for s in conv):
+        try:
+          chat.check_text(conv)  # YAML's "\ud83d" escape reads as a lone surrogate too
+        except ValueError as e:
+          raise ValueError(f'{path}: conversations[{i}]: {e}') from None
         convs.append(conv)
       else:
         bad.append(i)

@@ -410,8 +410,9 @@ def data_lone_surrogate(d: Path, shared) -> dict:
   """A record holding "\\ud83d" (valid JSON: half of an emoji a tool cut in two)."""
   data = b'{"input": "fine", "output": "ok"}\n{"input": "smile \\ud83d", "output": "no"}\n'
   return case(_extract_data(d, 'data.jsonl', data),
-              r"jkd: error: data\.jsonl:2: a lone surrogate \\ud83d after '\{\"input\": \"smile ': not Unicode "
-              r'text \(half of a character cut in two\?\)', 'data.jsonl:2', [('store', '')])
+              r"jkd: error: data\.jsonl:2: a lone surrogate \\ud83d after "
+              r"'\{\"input\": \"smile ': not Unicode text \(half of a character cut in two\?\)",
+              'data.jsonl:2', [('store', '')])
 
 
 @kind

@@ -57,7 +57,7 @@ def model_config(raw: dict, *, vocab_size: int | None, padded_vocab: int, where:
     if raw.get(key) not in allowed:
       raise ValueError(f'{where}: unsupported setting {key}={raw.get(key)!r}')
   for key in ('num_layers', 'hidden_size', 'ffn_hidden_size', 'num_attention_heads'):
-    if not isinstance(raw.get(key), int):
+    if not isinstance(raw.get(key), int) or isinstance(raw.get(key), bool):
       raise ValueError(f'{where}: {key} is missing or not an integer ({raw.get(key)!r})')
   norm = raw.get('normalization', 'layernorm')
   if norm not in _NORMALIZATIONS:
@@ -82,14 +82,14 @@ def model_config(raw: dict, *, vocab_size: int | None, padded_vocab: int, where:
         num_query_groups=raw.get('num_query_groups'), kv_channels=raw.get('kv_channels'),
         vocab_size=vocab_size or padded_vocab, padded_vocab_size=padded_vocab,
         normalization=norm, layernorm_epsilon=_number(raw, 'layernorm_epsilon', 1e-5),
-        activation=activation, gelu_tanh=gelu_tanh, bias=bool(raw.get('bias', True)),
+        activation=activation, gelu_tanh=gelu_tanh, bias=raw.get('bias', True),
         position_embedding_type=pos,
         rotary_percentage=_number(raw, 'rotary_percentage', 1.0),
         rotary_base=_number(raw, 'rotary_base', 10000),
         max_position_embeddings=int(positions or raw.get('max_position_embeddings')
                                     or raw.get('encoder_seq_length', 512)),
-        share_embeddings_and_output_weights=bool(
-            raw.get('share_embeddings_and_output_weights', True)))
+        share_embeddings_and_output_weights=raw.get('share_embeddings_and_output_weights',
+                                                    True))
   except ValueError as e:
     raise ValueError(f'{where}: {e}') from None
 
@@ -198,8 +198,8 @@ _TP_CONCAT_AXIS = {'embedding': 0, 'output.weight': 0, 'qkv.weight': 0, 'qkv.bia
                    'proj.weight': 1, 'fc2.weight': 1}
 
 
-# Replicated copies may differ by up to this fraction of the largest value (at least 1):
-# Megatron's replicated norms drift apart across ranks under sequence parallelism, by rounding.
+# Replicated copies may differ by this fraction of the tensor's largest value: Megatron's
+# replicated norms drift apart across ranks under sequence parallelism, by rounding.
 REPLICA_TOLERANCE = 1e-2
 
 
@@ -212,11 +212,10 @@ def merge_tp(name: str, shards: list[np.ndarray], fused_glu: bool, where: str = 
   axis = _TP_CONCAT_AXIS.get(name)
   if axis is None:  # replicated: norms, row-parallel biases, position embeddings
     first = shards[0].astype(np.float32)
-    worst = max(float(np.max(np.abs(s.astype(np.float32) - first), initial=0.0))
-                for s in shards[1:])
-    if worst > 0:
-      scale = float(np.max(np.abs(first), initial=0.0))
-      if not worst <= REPLICA_TOLERANCE * max(scale, 1.0):
+    if not all(np.array_equal(first, s) for s in shards[1:]):  # NaN included
+      worst = max(float(np.max(np.abs(s.astype(np.float32) - first))) for s in shards[1:])
+      scale = float(np.max(np.abs(first)))
+      if not worst <= REPLICA_TOLERANCE * scale + 1e-6:  # NaN fails too
         raise ValueError(f'the tensor-parallel ranks hold different values of this replicated '
                          f'tensor (by up to {worst:.3g}, its values up to {scale:.3g}): ranks '
                          'of different checkpoints?')

@@ -71,9 +71,13 @@ class LazyTensor:
       count = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride) if n > 0)
       if any(n == 0 for n in self.shape):
         return np.zeros(self.shape, self.dtype)
-      if np.prod(self.shape, dtype=object) > count:
-        raise ValueError(f'{where}: a tensor view of shape {self.shape}, strides {self.stride} '
-                         'repeats storage elements (an expanded tensor): not a checkpoint tensor')
+      span = 1  # dimensions by stride: each must step past all inner ones, or elements repeat
+      for s, n in sorted((s, n) for n, s in zip(self.shape, self.stride) if n > 1):
+        if s < span:
+          raise ValueError(f'{where}: a tensor view of shape {self.shape}, strides '
+                           f'{self.stride} repeats storage elements (an expanded tensor): not '
+                           'a checkpoint tensor')
+        span += s * (n - 1)
     try:
       with self.storage.zf.open(self.storage.member) as f:
         f.seek(self.offset * itemsize)
