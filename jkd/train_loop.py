@@ -201,7 +201,8 @@ RUN_FILE = 'run.json'  # in the workdir: the settings its checkpoints can only b
 SCHEDULE_KEYS = ('lr', 'min_lr', 'warmup_steps', 'constant_steps', 'max_steps')
 
 
-def _check_resumable(ls, config, tc, start: int, n_train: int, teacher_id: dict) -> None:
+def _check_resumable(ls, config, tc, start: int, last_step: int, n_train: int,
+                     teacher_id: dict) -> dict | None:
   """A workdir's checkpoints continue only the data stream and optimizer they were saved with:
   a resumed run with another seed, batch size, packing, length or data (another path, or a
   store that has grown: the shuffle is over its `n_train` examples, or that holds another
@@ -215,7 +216,9 @@ def _check_resumable(ls, config, tc, start: int, n_train: int, teacher_id: dict)
   scheduler's max_steps from the checkpoint, so a NeMo run extended by train.max_steps stays at
   min_lr): a resume under another schedule (an extended run, say) says so, with the next step's
   learning rate under both, and records the new one. So do other distill settings (the loss:
-  allowed, as in NeMo, and said)."""
+  allowed, as in NeMo, and said). Returns the record to write, None when it stands: the caller
+  writes it once every check has passed, and only a run with steps to run (before
+  `last_step`) changes it: a refused or finished run's settings made no checkpoint."""
   online = config.distill.teacher_source == 'online'
   data = config.data.train_file if online else config.train.store
   now = {'seed': config.seed, 'train.global_batch_size': config.train.global_batch_size,
@@ -237,6 +240,8 @@ def _check_resumable(ls, config, tc, start: int, n_train: int, teacher_id: dict)
                        + ', '.join(f'{k}={saved.get(k)!r}' for k in changed) + ' (now '
                        + ', '.join(f'{now.get(k)!r}' for k in changed) + '); set those back, '
                        'or start another workdir with train.restore_from_path=<checkpoint>')
+    if start >= last_step:  # no step runs: nothing is trained under these settings
+      return None
     before = saved.get('schedule', schedule)
     if before != schedule:
       old = train.make_schedule(dataclasses.replace(tc, **before))
@@ -252,10 +257,10 @@ def _check_resumable(ls, config, tc, start: int, n_train: int, teacher_id: dict)
                         for k in sorted(set(was) | set(distill)) if was.get(k) != distill.get(k))
             + f'): the loss is another from step {start + 1} on')
     if before == schedule and saved.get('distill') == distill:
-      return
+      return None
     now = {**saved, **now}  # the record of the run's exports, too
   now['schedule'], now['distill'] = schedule, distill
-  _write_run(path, now)
+  return now
 
 
 def check_checkpoint(cfg, step_dir: str, where: str) -> None:
@@ -411,7 +416,7 @@ def run(config) -> dict[str, float]:
                                            enable_async_checkpointing=True,
                                            cleanup_tmp_directories=True))
   start = mngr.latest_step() or 0  # steps count from 1
-  _check_resumable(ls, config, tc, start, n_train, teacher_id)
+  record = _check_resumable(ls, config, tc, start, last_step, n_train, teacher_id)
   if start > last_step:  # would skip training and export a later state as this run's end
     raise ValueError(f'{ls.workdir}/checkpoints: the latest checkpoint is at step {start}, '
                      f'past this run\'s last step {last_step} (train.max_steps, max_epochs); '
@@ -511,7 +516,9 @@ def run(config) -> dict[str, float]:
   batch_shardings = train.batch_shardings(
       mesh, rules, train.RAW_KEYS if online else train.BATCH_KEYS)
 
-  # Loop.
+  # Loop: the settings its checkpoints will be saved with are recorded first.
+  if record is not None:
+    _write_run(os.path.join(ls.workdir, RUN_FILE), record)
   metrics_out = _Metrics(ls, config, start)
   last: dict[str, float] = dict(metrics_out.at_start)  # a finished run's, when rerun
   pending = None  # (step, metrics, dispatch time, real tokens) of the step in flight

@@ -115,11 +115,12 @@ def test_an_online_resume_keeps_the_data_format(tmp_path):
   config.train.warmup_steps = config.train.constant_steps = 0
   ls, tc = train_loop.loop_settings(config), train_config.train_config(config)
   teacher = {'extract.top_k': 4, 'extract.teacher': '/t'}
-  train_loop._check_resumable(ls, config, tc, 0, 48, teacher)  # a fresh start records
-  train_loop._check_resumable(ls, config, tc, 5, 48, teacher)
+  record = train_loop._check_resumable(ls, config, tc, 0, 10, 48, teacher)  # a fresh start
+  train_loop._write_run(str(tmp_path / train_loop.RUN_FILE), record)
+  assert train_loop._check_resumable(ls, config, tc, 5, 10, 48, teacher) is None  # it stands
   config.data.format = 'chatml'
   with pytest.raises(ValueError, match=r"saved with data\.format='chat' \(now 'chatml'\)"):
-    train_loop._check_resumable(ls, config, tc, 5, 48, teacher)
+    train_loop._check_resumable(ls, config, tc, 5, 10, 48, teacher)
 
 
 def test_run_length_with_nothing_to_do():
@@ -212,8 +213,20 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
       exports[str(nemo)][0], abs=1e3)
   # A checkpoint past max_steps, and a .nemo older than the latest checkpoint (not this run's),
   # are refused before training, and nothing is overwritten.
+  recorded = (tmp_path / 'run' / 'run.json').read_text()
   shorter = _run(_train_cli(store, tmp_path / 'run', *args))
   assert shorter.returncode == 2 and 'past this run\'s last step 6' in shorter.stderr, shorter.stderr
+  # Neither a refused run nor a rerun of the finished one (no step runs) records its settings:
+  # the record is of how the checkpoints were made (both rewrote it, and the first also said
+  # it was resuming under its schedule).
+  assert (tmp_path / 'run' / 'run.json').read_text() == recorded and (
+      'learning-rate schedule' not in shorter.stdout)
+  finished = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=16',
+                             '--config.distill.kd_loss_weight=0.25'))
+  assert finished.returncode == 0 and 'other distill settings' not in finished.stdout, (
+      finished.stderr[-3000:])
+  assert json.loads((tmp_path / 'run' / 'run.json').read_text())['distill'] == json.loads(
+      recorded)['distill']
   # Another seed would restore an iterator of another data stream: refused, named.
   # Another worker_count, an iterator state of another form (a bare KeyError from Grain).
   reseeded = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=8',
