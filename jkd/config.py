@@ -198,7 +198,12 @@ def _validate_convert(config, mesh_shape) -> None:
     if not config.convert[key]:
       raise ValueError(f'convert.{key} is empty: set --config.convert.{key}=PATH')
   _check_paths(config, ('convert.source',), ('convert.output',))
-  model.check_overwritable(config.convert.output, f'convert.output={config.convert.output}')
+  output = config.convert.output
+  model.check_overwritable(output, f'convert.output={output}')
+  if os.path.isfile(os.path.join(output, model.CONFIG_FILE)):  # as export refuses a .nemo
+    raise ValueError(f'convert.output={output}: already holds a jkd model ({model.CONFIG_FILE}), '
+                     'which the conversion would replace: remove it or choose another '
+                     'convert.output')
 
 
 def _validate_extract(config, mesh_shape) -> None:

@@ -305,9 +305,9 @@ def test_a_config_files_unknown_variant_is_refused(name, variants):
 
 
 def test_convert_refuses_an_output_that_is_no_model_directory(tmp_path):
-  """convert.output may be new, empty, or a model directory (complete, or left by a killed
-  write): one holding anything else is refused before the conversion, which would replace its
-  params/; the writers of model directories refuse it too, before removing anything."""
+  """convert.output may be new, empty, or a model directory left by a killed write: a complete
+  one, or one holding anything else, is refused before the conversion, which would replace its
+  params/; the writers of model directories refuse the latter too, before removing anything."""
   from jkd import model
   from tests.test_data_chat import char_tokenizer
   _inputs(tmp_path)
@@ -317,6 +317,12 @@ def test_convert_refuses_an_output_that_is_no_model_directory(tmp_path):
   (out / 'params' / 'mine.txt').write_text('a user file')
   (out / '.nfs0001').write_text('')
   jkd_config.validate(_config(tmp_path, 'convert'))  # an interrupted write: params/ only
+  (out / 'model_config.json').write_text('{}')  # a complete model: replaced silently before
+  with pytest.raises(ValueError, match=rf'^convert\.output={out}: already holds a jkd model '
+                                       r'\(model_config\.json\), which the conversion would '
+                                       'replace'):
+    jkd_config.validate(_config(tmp_path, 'convert'))
+  os.remove(out / 'model_config.json')
   (out / 'notes.txt').write_text('a user file')
   with pytest.raises(ValueError, match=rf'^convert\.output={out}: holds notes\.txt, which no '
                                        'jkd model directory has'):
