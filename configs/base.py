@@ -162,7 +162,8 @@ def get_config(arg=None):
   c.train.pad_to_max_length = True  # pad every batch to data.max_seq_length (one compiled shape)
   c.train.worker_count = 0  # Grain worker processes (0 = in-process reads)
   c.train.wandb_project = ''  # also log to Weights & Biases under this project; '' = off
-  c.train.save_nemo_on_train_end = False  # export <workdir>/student.nemo at the end (NeMo's key)
+  c.train.save_nemo_on_train_end = False  # export <workdir>/student.nemo at the end (NeMo's key;
+  #   every run ends by writing <workdir>/student, a model directory)
   c.train.export_nemo = ''  # .nemo path to export the student to at the end; '' = none
   c.train.export_hf = ''  # Hugging Face directory to export the student to at the end; '' = none
 
@@ -207,7 +208,7 @@ def get_config(arg=None):
   # mode=eval: a jkd model directory on a logit-store split (fp32, one device): CE, perplexity,
   # top-1 agreement with the teacher, KL to the teacher's top-K, ECE (jkd/evaluate.py).
   c.eval = ConfigDict()
-  c.eval.model = ''  # jkd model directory (mode=convert's, or an exporting run's <workdir>/student)
+  c.eval.model = ''  # jkd model directory (mode=convert's, or a training run's <workdir>/student)
   c.eval.store = ''  # logit store (mode=extract's): the teacher's top-K for the split
   c.eval.split = 'validation'  # the store split to evaluate on
   c.eval.batch_size = 8  # rows per batch (padded to multiples of 8 tokens)

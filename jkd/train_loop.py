@@ -586,13 +586,15 @@ def run(config) -> dict[str, float]:
     preemption.stop(f'training after step {step} (its checkpoint is saved in '
                     f'{ls.workdir}/checkpoints)')
 
-  # The student as a model directory (and .nemo / HF when asked). A rerun (after a kill in here,
-  # or of a finished or extended run) redoes them, over this run's own .nemo. Several processes
-  # save the model directory together; process 0 writes the exports from the whole params.
+  # The student as a model directory, always (what mode=eval and mode=export read; a run
+  # without exports left only checkpoints, which nothing else reads), and .nemo / HF when asked.
+  # A rerun (after a kill in here, or of a finished or extended run) redoes them, over this
+  # run's own .nemo. Several processes save the model directory together; process 0 writes the
+  # exports from the whole params.
+  final = os.path.join(ls.workdir, 'student')
+  faults.point('train.export')
+  model.save(final, cfg, state.params, tok)
   if ls.save_nemo_on_train_end or ls.export_nemo or ls.export_hf:
-    final = os.path.join(ls.workdir, 'student')
-    faults.point('train.export')
-    model.save(final, cfg, state.params, tok)
     params = distributed.whole_on_process_0(state.params)
     try:
       if jax.process_index() == 0:
@@ -609,6 +611,6 @@ def run(config) -> dict[str, float]:
     finally:  # the others wait here, also for a process 0 that failed (its error is the run's)
       del params
       distributed.sync('jkd train: exported')
-  print(f'[train] {last_step} steps; ' + ', '.join(f'{k} {v:.4g}' for k, v in sorted(last.items())
-                                                    if k.endswith('loss')))
+  losses = ', '.join(f'{k} {v:.4g}' for k, v in sorted(last.items()) if k.endswith('loss'))
+  print(f'[train] {last_step} steps; {losses}; the student: {final}')
   return last
