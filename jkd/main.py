@@ -79,6 +79,9 @@ def _parse_flags(argv):
         argv[i + 1] if arg == '--config' and i + 1 < len(argv) else '')
     if path and not os.path.isfile(path.split(':')[0]):
       _fail(f'{path.split(":")[0]}: no such config file (--config)')
+    folder = os.path.dirname(os.path.abspath(path.split(':')[0])) if path else ''
+    if os.path.basename(folder) == 'configs' and os.path.isfile(os.path.join(folder, 'base.py')):
+      sys.path.insert(0, os.path.dirname(folder))  # its `import configs.base`, from anywhere
   given = argv
   argv, none_keys = split_none(argv)
   _NONE_KEYS.extend(none_keys)

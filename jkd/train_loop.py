@@ -404,6 +404,10 @@ def run(config) -> dict[str, float]:
   last_step, schedule_steps = run_length(tc, n_train)
   tc = dataclasses.replace(tc, max_steps=schedule_steps)  # validated again: before any write
   has_val = n_val is not None and tc.limit_val_batches != 0
+  if n_val is None and tc.limit_val_batches != 0:  # said: the run logs no val/* at all
+    print('[train] no validation split (' + ('data.validation_file is empty' if online else
+                                            f'{tc.store} has no validation/') +
+          '): nothing is validated; train.limit_val_batches=0 says so without this note')
   if has_val and n_val < tc.global_batch_size:
     raise _no_val_batch(tc, f'the validation split has {n_val} examples, fewer than one batch')
 

@@ -299,6 +299,16 @@ def test_read_jsonl(tmp_path, mistral):
     path.write_text(json.dumps(good) + '\n' + json.dumps(record) + '\n')
     with pytest.raises(ValueError, match=r'train\.jsonl:2: a lone surrogate \\ud[8f]'):
       chat.read_jsonl(str(path), mistral, fmt=fmt, max_seq_length=64)
+  # OpenAssistant's trees file, given as data: gzip, then unzipped (a "no 'system'" before)
+  import gzip
+  tree = {'message_tree_id': 'x', 'prompt': {'text': 'hi', 'role': 'prompter', 'replies': []}}
+  path.write_bytes(gzip.compress((json.dumps(tree) + '\n').encode()))
+  with pytest.raises(ValueError, match=r'train\.jsonl: a gzip file, not JSONL: .*jkd\.data\.oasst'):
+    chat.read_jsonl(str(path), mistral, max_seq_length=64)
+  path.write_text(json.dumps(tree) + '\n')
+  with pytest.raises(ValueError, match=r'train\.jsonl:1: an OpenAssistant message tree, not a '
+                     r'chat record: convert .*jkd\.data\.oasst'):
+    chat.read_jsonl(str(path), mistral, max_seq_length=64)
   path.write_text('{"input": "a", "output": "b"}\n')
   (ex,) = chat.read_jsonl(str(path), mistral, fmt='plain', max_seq_length=64)
   assert ex['tokens'].tolist() == [264, 287] and ex['loss_mask'].tolist() == [1, 1]

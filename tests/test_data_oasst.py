@@ -184,7 +184,7 @@ def test_a_failed_write_leaves_no_part_file(tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
-def test_unreadable_files_are_one_error_naming_the_file(tmp_path):
+def test_unreadable_files_are_one_error_naming_the_file(tmp_path, capsys):
   """A cut download, a .gz that is not gzip and non-UTF-8 text (trees or chatterbot YAML):
   one ValueError naming the file, and exit 2 from the command line."""
   whole = tmp_path / 'trees.jsonl.gz'
@@ -206,6 +206,14 @@ def test_unreadable_files_are_one_error_naming_the_file(tmp_path):
   with pytest.raises(ValueError, match=r'latin\.yml: not UTF-8 text'):
     oasst.read_chatterbot(str(yml))
   assert oasst.main([str(cut), str(tmp_path / 'out')]) == 2
+  capsys.readouterr()
+  assert oasst.main([str(tmp_path / 'absent.jsonl'), str(tmp_path / 'out')]) == 2
+  assert capsys.readouterr().err == (f'jkd: error: {tmp_path}/absent.jsonl: No such file or '
+                                     'directory\n')  # was "[Errno 2] No such file ...: '...'"
+  (tmp_path / 'bad.yml').write_text('conversations: [\n - a: b\n')
+  assert oasst.main([str(tmp_path / 'bad.yml'), str(tmp_path / 'out')]) == 2
+  assert len(capsys.readouterr().err.splitlines()) == 1  # YAML's error is three lines
+  assert oasst.main(['--help']) == 0 and 'usage:' in capsys.readouterr().out
 
 
 CHATTERBOT = """categories:

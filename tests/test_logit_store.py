@@ -769,3 +769,6 @@ def test_nemo_export_needs_equal_chunks(tmp_path):
   with pytest.raises(ValueError, match='12 examples do not fill chunks of 5'):
     nemo_jsonl.export_chunks(str(tmp_path / 'store'), 'train', str(tmp_path / 'o_CHUNK_ID'),
                              n_examples_per_chunk=5)
+  with pytest.raises(FileNotFoundError, match=r'/absent: no such directory \(for the chunks '):
+    nemo_jsonl.export_chunks(str(tmp_path / 'store'), 'train',  # the error named a temp file
+                             str(tmp_path / 'absent' / 'o_CHUNK_ID'))

@@ -59,6 +59,17 @@ def test_typo_in_override_key_fails_loudly():
   assert proc.returncode != 0 and 'modle' in proc.stderr
 
 
+def test_a_config_file_loads_from_any_working_directory(tmp_path):
+  """configs/*.py import configs.base: from outside the repository that was
+  "--config: No module named 'configs'"."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ''}
+  proc = subprocess.run([sys.executable, '-m', 'jkd.main', '--config',
+                         os.path.join(REPO, 'configs', 'smoke.py'), '--config.mode=bogus'],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+      "jkd: error: mode='bogus': unknown"), proc.stderr
+
+
 def test_convert_of_missing_source_names_the_file(tmp_path):
   proc = _run('--config', 'configs/convert.py', f'--config.convert.source={tmp_path}/x.gguf',
               f'--config.convert.output={tmp_path}/out')

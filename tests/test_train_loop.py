@@ -321,6 +321,12 @@ def test_a_validation_split_without_a_full_batch_is_refused(store, tmp_path, mon
                         '--config.train.limit_val_batches=0'))
   assert off.returncode == 0, off.stderr[-3000:]
   assert not any('val/loss' in r for r in _metrics(tmp_path / 'off').values())
+  assert 'no validation split' not in off.stdout
+  # A store without a validation split (a NeMo chunk import, say) validates nothing, and says so
+  shutil.rmtree(tmp_path / 'store' / 'validation')
+  none = _run(_train_cli(tmp_path / 'store', tmp_path / 'none', *args))
+  assert none.returncode == 0 and f'no validation split ({tmp_path}/store has no validation/)' \
+      in none.stdout, none.stderr[-3000:]
   # Packed into rows of 256 tokens, 48 examples give fewer rows than a batch of 16: refused
   # before training (it failed at the first validation, with no checkpoint saved).
   packed = _run(_train_cli(store, tmp_path / 'packed', *args[1:], '--config.train.pack=True',

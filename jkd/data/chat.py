@@ -85,6 +85,9 @@ def _check_record(record) -> tuple[str, list[dict], str | None, str]:
   """(system, conversations, type, mask role) of a chat record, or a one-line ValueError."""
   if not isinstance(record, dict):
     raise ValueError(f'chat record: expected an object, got {type(record).__name__}')
+  if 'message_tree_id' in record:
+    raise ValueError('an OpenAssistant message tree, not a chat record: convert the trees file '
+                     'first (python -m jkd.data.oasst TREES.jsonl.gz OUT_DIR)')
   for key in ('system', 'conversations'):
     if key not in record:
       raise ValueError(f'chat record has no {key!r}')
@@ -403,6 +406,9 @@ def read_jsonl(path: str, tok, *, fmt: str = 'chat', max_seq_length: int | None,
     raise ValueError(f'format {fmt!r}: expected one of {", ".join(FORMATS)}')
   examples = []
   with open(path, 'rb') as f:
+    if f.peek(2)[:2] == b'\x1f\x8b':  # read as text: "can't decode byte 0x8b in position 1"
+      raise ValueError(f'{path}: a gzip file, not JSONL: decompress it (OpenAssistant trees: '
+                       'python -m jkd.data.oasst converts them)')
     for lineno, raw in enumerate(f, 1):
       try:
         line = raw.decode('utf-8')

@@ -436,8 +436,11 @@ class Writer:
       for field in dataclasses.fields(StoreMeta):
         a, b = getattr(old, field.name), getattr(self.meta, field.name)
         if a != b:
+          why = {'teacher_fingerprint': ' (another teacher made it)',
+                 'tokenizer_fingerprint': ' (another tokenizer made it)'}.get(field.name, '')
           raise ValueError(f'{self.dir}: existing store has {field.name}={a!r}, writer asked '
-                           f'{field.name}={b!r}') from None
+                           f'{field.name}={b!r}{why}; write to another store (extract.output) '
+                           'or use the settings it was made with') from None
     finally:
       os.remove(tmp)
 

@@ -181,6 +181,9 @@ def export_chunks(root: str, split: str, path_template: str, *,
     raise ValueError(f'export_chunks: {len(r)} examples do not fill chunks of '
                      f'{n_examples_per_chunk} (NeMo ChunkedJsonl needs equal chunks)')
   paths = chunk_paths(path_template, len(r) // n)
+  folder = os.path.dirname(paths[0]) or '.'
+  if not os.path.isdir(folder):  # else the error names a temporary file
+    raise FileNotFoundError(f'{folder}: no such directory (for the chunks {path_template})')
   tmps = [f'{path}.tmp-{uuid.uuid4().hex[:8]}' for path in paths]
   try:
     for c, tmp in enumerate(tmps):

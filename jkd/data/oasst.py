@@ -198,14 +198,14 @@ def read_chatterbot(yaml_dir_or_files) -> list[list[str]]:
     else:
       raise FileNotFoundError(f'{p}: no such file or directory')
   if not files:
-    raise ValueError(f'{yaml_dir_or_files}: no .yml files')
+    raise ValueError(f'{", ".join(yaml_dir_or_files)}: no .yml files')
   convs = []
   for path in files:
     with _named_read_errors(path), open(path, encoding='utf-8') as f:
       try:
         data = yaml.load(f, Loader=yaml.BaseLoader)
       except yaml.YAMLError as e:
-        raise ValueError(f'{path}: invalid YAML: {e}') from None
+        raise ValueError(f'{path}: invalid YAML: ' + ' '.join(str(e).split())) from None
     if not isinstance(data, dict) or not isinstance(data.get('conversations'), list):
       raise ValueError(f'{path}: expected a mapping with a conversations list')
     bad = []
@@ -253,9 +253,12 @@ def convert_chatterbot(yaml_dir_or_files, out_dir: str, seed: int = 10,
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  usage = 'usage: python -m jkd.data.oasst TREES.jsonl[.gz]|CHATTERBOT_DIR|FILE.yml OUT_DIR'
+  if argv in (['-h'], ['--help']):
+    print(usage + '\n\n' + __doc__.split('\n\n')[0])
+    return 0
   if len(argv) != 2:
-    print('usage: python -m jkd.data.oasst TREES.jsonl[.gz]|CHATTERBOT_DIR|FILE.yml OUT_DIR',
-          file=sys.stderr)
+    print(usage, file=sys.stderr)
     return 2
   src, out = argv
   try:
@@ -264,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
       n_train, n_val = convert_chatterbot(src, out)
   except (ValueError, OSError) as e:
-    print(f'jkd: error: {e}', file=sys.stderr)
+    from jkd.main import error_line  # an OSError names its file, not as "[Errno 2] ...: 'x'"
+    print(error_line(e), file=sys.stderr)
     return 2
   print(f'{out}/train.jsonl: {n_train} records, {out}/val.jsonl: {n_val} records')
   return 0

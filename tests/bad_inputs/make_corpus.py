@@ -521,7 +521,9 @@ def store_of_another_teacher(d: Path, shared) -> dict:
   tokenizer.save(tokenizer.load(str(shared.teacher)), str(d / 'teacher_b'))
   return case(jkd('extract.py', **{**EXTRACT, 'extract__teacher': 'teacher_b'}),
               r"jkd: error: store/train: existing store has teacher_fingerprint='[0-9a-f]+', "
-              r"writer asked teacher_fingerprint='[0-9a-f]+'", 'store/train',
+              r"writer asked teacher_fingerprint='[0-9a-f]+' \(another teacher made it\); "
+              r'write to another store \(extract\.output\) or use the settings it was made with',
+              'store/train',
               [('store', f'examples<={shared.n_stored()}')])
 
 
