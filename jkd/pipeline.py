@@ -86,7 +86,8 @@ class _Stages:
       if outputs:  # never overwrite a finished stage's files made with other settings
         raise ValueError(f'stage {name!r} finished in {os.path.dirname(self.file)} with other '
                          f'settings ({_diff(old, key)}); delete '
-                         f'{home or " and ".join(outputs)} to redo it, or use another workdir')
+                         f'{home or " and ".join(outputs)} to redo it{self._later(name, old, key)}'
+                         ', or use another workdir')
     # Files left by an interrupted run, or by a finished one whose outputs are partly gone:
     # extraction and training would continue them, under the settings they were made with.
     partial = [o for o in ([home] if home else outputs) if os.path.exists(o)]
@@ -97,8 +98,9 @@ class _Stages:
                        f'({_diff(was, will)}) and its files would be continued '
                        f'with these: rerun with the old settings, or delete '
                        f'{" and ".join(partial)} to redo it')
+    delete = [home] if home else list(outputs)  # recorded: what a later error names
     if outputs:
-      self._write(name, {'settings': now, 'finished': False})
+      self._write(name, {'settings': now, 'finished': False, 'delete': delete})
     print(f'[pipeline] {name} ...')
     t0 = time.perf_counter()
     result = fn()
@@ -107,8 +109,21 @@ class _Stages:
     print(f'[pipeline] {name}: {seconds:.1f}s')
     self.timings.append({'stage': name, 'seconds': seconds, 'cached': False})
     self._write(name, {'settings': now, 'seconds': seconds, 'finished': True,
-                       'result': result if isinstance(result, dict) else None})
+                       'result': result if isinstance(result, dict) else None,
+                       **({'delete': delete} if outputs else {})})
     return result
+
+  def _later(self, name: str, old: dict, new: dict) -> str:
+    """The other recorded stages with files that read a changed setting at its old value: they
+    need deleting too (one error at a time made a round of deleting and rerunning per stage)."""
+    changed = {k for k in old if old[k] != new.get(k)}
+    found = []
+    for stage, entry in self.record.items():
+      recorded = entry.get('settings', {})
+      if stage != name and entry.get('delete') and any(
+          k in recorded and recorded[k] == old[k] for k in changed):
+        found += [p for p in entry['delete'] if os.path.exists(p) and p not in found]
+    return f' (and {" and ".join(found)}, which read them too)' if found else ''
 
   def _write(self, name: str, entry: dict) -> None:
     self.record[name] = entry

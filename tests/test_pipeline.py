@@ -313,9 +313,12 @@ def test_a_changed_setting_redoes_only_the_stages_that_read_it(tmp_path, monkeyp
   ran, error = _stages_run(capsys, tmp_path, seed=1)
   assert ran == [] and error.startswith("stage 'train: KD + SFT' finished") and (
       '(seed: 0 -> 1)' in error), error
+  # ... naming the later stages' files that read the changed key too (one error per stage made
+  # a round of deleting and rerunning for each)
+  assert f'(and {tmp_path}/sft, which read them too)' in error, error
   ran, error = _stages_run(capsys, tmp_path, **{'pipeline.sft_only_weight': 0.5})
   assert ran == [] and error.startswith("stage 'train: SFT only' finished") and (
-      '(pipeline.sft_only_weight: 1.0 -> 0.5)' in error), error
+      '(pipeline.sft_only_weight: 1.0 -> 0.5)' in error) and 'read them too' not in error, error
   ran, error = _stages_run(capsys, tmp_path, **{'distill.kd_loss_weight': 0.5})
   assert ran == [] and error.startswith("stage 'train: KD + SFT' finished") and (
       '(distill.kd_loss_weight: 1.0 -> 0.5)' in error), error
