@@ -111,11 +111,11 @@ class ModelConfig:
         fail(field.name, f'must be {_KIND_NAMES[kind]}' + (' or null' if optional else ''))
     for key in ('num_layers', 'hidden_size', 'ffn_hidden_size', 'num_attention_heads',
                 'vocab_size', 'max_position_embeddings'):
-      if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+      if getattr(self, key) <= 0:  # integers, by the loop above
         fail(key, 'must be a positive integer')
     for key in ('padded_vocab_size', 'num_query_groups', 'kv_channels'):
       value = getattr(self, key)
-      if value is not None and (not isinstance(value, int) or value <= 0):
+      if value is not None and value <= 0:
         fail(key, 'must be None or a positive integer')
     if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
       fail('num_attention_heads',

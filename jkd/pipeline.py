@@ -78,6 +78,7 @@ class _Stages:
     both = lambda d: {k: v for k, v in d.items() if k in now and k in recorded}  # noqa: E731
     old, key = both(_compared(recorded)), both(_compared(now))
     finished = done is not None and done.get('finished', True)
+    delete = [home] if home else list(outputs)  # what to delete to redo it (recorded below)
     if finished and all(os.path.exists(o) for o in outputs):
       if old == key:
         print(f'[pipeline] {name}: cached ({", ".join(outputs) or self.file})')
@@ -85,12 +86,11 @@ class _Stages:
         return done.get('result')
       if outputs:  # never overwrite a finished stage's files made with other settings
         raise ValueError(f'stage {name!r} finished in {os.path.dirname(self.file)} with other '
-                         f'settings ({_diff(old, key)}); delete '
-                         f'{home or " and ".join(outputs)} to redo it{self._later(name, old, key)}'
-                         ', or use another workdir')
+                         f'settings ({_diff(old, key)}); delete {" and ".join(delete)} to '
+                         f'redo it{self._later(name, old, key)}, or use another workdir')
     # Files left by an interrupted run, or by a finished one whose outputs are partly gone:
     # extraction and training would continue them, under the settings they were made with.
-    partial = [o for o in ([home] if home else outputs) if os.path.exists(o)]
+    partial = [o for o in delete if os.path.exists(o)]
     was, will = both(_compared(recorded, continued=True)), both(_compared(now, continued=True))
     if done is not None and partial and was != will:
       raise ValueError(f'stage {name!r} {"finished" if finished else "was interrupted"} in '
@@ -98,8 +98,7 @@ class _Stages:
                        f'({_diff(was, will)}) and its files would be continued '
                        f'with these: rerun with the old settings, or delete '
                        f'{" and ".join(partial)} to redo it')
-    delete = [home] if home else list(outputs)  # recorded: what a later error names
-    if outputs:
+    if outputs:  # `delete` recorded: what a later stage's error names
       self._write(name, {'settings': now, 'finished': False, 'delete': delete})
     print(f'[pipeline] {name} ...')
     t0 = time.perf_counter()

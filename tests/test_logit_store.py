@@ -253,7 +253,8 @@ def test_a_range_no_job_ran_keeps_a_split_untrainable(tmp_path):
   assert json.load(open(tmp_path / 'train' / 'finished.json')) == {
       'schema_version': ls.SCHEMA_VERSION, 'indices': [[0, 10]], 'total': 10}
   assert ls._ranges([0, 1, 2, 5, 7, 8, 10, 12]) == '0..2, 5, 7..8 and 2 more ranges'
-  with pytest.raises(ValueError, match='extracted from data of 10 examples, this job.s of 12'):
+  with pytest.raises(ValueError, match="extracted from data of 10 examples; this job's data "
+                     'holds 12: extract it into another store'):
     ls.mark_finished(str(tmp_path), 'train', [0], total=12)  # a direct call: run() checks first
   finished = tmp_path / 'train' / 'finished.json'
   finished.write_text(json.dumps({**json.loads(finished.read_text()), 'total': '10'}))

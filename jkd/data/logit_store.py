@@ -316,9 +316,7 @@ def mark_finished(root: str, split: str, indices, total: int | None = None) -> N
   that never started) is missed too; None keeps what an earlier job recorded."""
   split_dir = os.path.join(root, split)
   before, before_total = _finished(split_dir)
-  if None not in (total, before_total) and total != before_total:  # run() checks it up front
-    raise ValueError(f'{split_dir}: extracted from data of {before_total} examples, this job\'s '
-                     f'of {total}')
+  _check_total(split_dir, before_total, total, 'this job\'s data')  # extract.run checked first
   done = set(indices) | set(before.tolist())
   record = {'schema_version': SCHEMA_VERSION, 'indices': _runs(sorted(done))}
   total = before_total if total is None else total
@@ -331,8 +329,12 @@ def check_total(root: str, split: str, total: int, source: str) -> None:
   """Refuses to extend a split with a job on data of another size than its finished jobs',
   before anything runs (`source` names the data)."""
   split_dir = os.path.join(root, split)
-  recorded = _finished(split_dir)[1] if os.path.isdir(split_dir) else None
-  if recorded is not None and recorded != total:
+  _check_total(split_dir, _finished(split_dir)[1] if os.path.isdir(split_dir) else None, total,
+               source)
+
+
+def _check_total(split_dir: str, recorded: int | None, total: int | None, source: str) -> None:
+  if None not in (recorded, total) and recorded != total:
     raise ValueError(f'{split_dir}: extracted from data of {recorded} examples; {source} holds '
                      f'{total}: extract it into another store, or use the data it came from')
 

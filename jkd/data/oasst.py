@@ -179,6 +179,13 @@ def convert_trees(trees_path: str, out_dir: str, *, seed: int = 10,
                       'the *.trees.jsonl(.gz) file? the messages file has no trees)')
 
 
+def _paths(yaml_dir_or_files) -> list[str]:
+  """A path or paths, as a list."""
+  if isinstance(yaml_dir_or_files, str):
+    return [yaml_dir_or_files]
+  return list(yaml_dir_or_files)
+
+
 def read_chatterbot(yaml_dir_or_files) -> list[list[str]]:
   """Conversations (lists of lines) of chatterbot-corpus YAML files, files in sorted order.
 
@@ -186,8 +193,7 @@ def read_chatterbot(yaml_dir_or_files) -> list[list[str]]:
   Entries that are not lists of strings (1.3.3's english/trivia.yml has a bare string) are
   skipped with one warning per file; a file that is not a conversations mapping is an error.
   """
-  if isinstance(yaml_dir_or_files, str):
-    yaml_dir_or_files = [yaml_dir_or_files]
+  yaml_dir_or_files = _paths(yaml_dir_or_files)
   files = []
   for p in yaml_dir_or_files:
     if os.path.isdir(p):
@@ -248,7 +254,8 @@ def convert_chatterbot(yaml_dir_or_files, out_dir: str, seed: int = 10,
       convs.append(conv)
   return _split_write(
       convs, lambda items: [chatterbot_record(c, system) for c in items if len(c) > 1], out_dir,
-      seed, train_fraction, f'{yaml_dir_or_files}: no conversation of two or more lines')
+      seed, train_fraction,
+      f'{", ".join(_paths(yaml_dir_or_files))}: no conversation of two or more lines')
 
 
 def main(argv: list[str] | None = None) -> int:

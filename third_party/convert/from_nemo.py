@@ -57,7 +57,7 @@ def model_config(raw: dict, *, vocab_size: int | None, padded_vocab: int, where:
     if raw.get(key) not in allowed:
       raise ValueError(f'{where}: unsupported setting {key}={raw.get(key)!r}')
   for key in ('num_layers', 'hidden_size', 'ffn_hidden_size', 'num_attention_heads'):
-    if not isinstance(raw.get(key), int) or isinstance(raw.get(key), bool):
+    if not isinstance(raw.get(key), int):  # a bool is refused by ModelConfig, naming the key
       raise ValueError(f'{where}: {key} is missing or not an integer ({raw.get(key)!r})')
   norm = raw.get('normalization', 'layernorm')
   if norm not in _NORMALIZATIONS:
