@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -215,16 +216,22 @@ exit 7
 """
 
 
-def test_launch_remote_command_hands_jkd_its_arguments_and_holds_the_vm(tmp_path):
-  """The VM side, run here: remote_run.sh under nohup, exact argv, JAX and XLA environment,
-  the log, and a second launch refused while the first runs."""
+def _remote_project(tmp_path, python_body=FAKE_PYTHON):
+  """A VM's project directory here: remote_run.sh, xla_flags.sh and a stand-in .venv python."""
   project = tmp_path / 'jkd'
   (project / 'scripts' / 'gcp').mkdir(parents=True)
   for name in ('remote_run.sh', 'xla_flags.sh'):
     shutil.copy(os.path.join(REPO, 'scripts', 'gcp', name), project / 'scripts' / 'gcp')
   (project / '.venv' / 'bin').mkdir(parents=True)
-  (project / '.venv' / 'bin' / 'python').write_text(FAKE_PYTHON)
+  (project / '.venv' / 'bin' / 'python').write_text(python_body)
   (project / '.venv' / 'bin' / 'python').chmod(0o755)
+  return project
+
+
+def test_launch_remote_command_hands_jkd_its_arguments_and_holds_the_vm(tmp_path):
+  """The VM side, run here: remote_run.sh under nohup, exact argv, JAX and XLA environment,
+  the log, and a second launch refused while the first runs."""
+  project = _remote_project(tmp_path)
   odd = ["--config.workdir=results/a b", "--config.data.train_file=it's.jsonl"]
   _, vm0, _ = dry('scripts/gcp/launch.sh', '--zone', 'z', '--vms', '2', '--allow-multi-host',
                   '--config', f'{TUTORIAL}:extract', '--', *odd)
@@ -251,6 +258,71 @@ def test_launch_remote_command_hands_jkd_its_arguments_and_holds_the_vm(tmp_path
   assert env['JAX_NUM_PROCESSES'] == '2' and env['JAX_PROCESS_ID'] == '0'
   assert '--xla_gpu_enable_latency_hiding_scheduler=true' in env['XLA_FLAGS']
   assert 'exit status 0' in log.read_text(), log.read_text()
+
+
+def _fake_gcloud(tmp_path, body: str) -> dict:
+  """ENV with a stand-in gcloud first on PATH: `body` is bash, the arguments in "$@"."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'gcloud').write_text('#!/bin/bash\n' + body)
+  (bin_dir / 'gcloud').chmod(0o755)
+  return {'DRY_RUN': '0', 'PATH': f'{bin_dir}:{ENV["PATH"]}'}
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return subprocess.run(['ps', '-o', 'stat=', '-p', str(pid)], capture_output=True,
+                        text=True).stdout.strip()[:1] not in ('Z', '')
+
+
+def test_launch_stops_the_started_processes_when_a_later_vm_fails(tmp_path):
+  """VM 0 starts, VM 1's ssh fails: VM 0's process, which would wait for VM 1 until the
+  initialization timeout and then abort holding the VM's lock, is stopped again."""
+  project = _remote_project(tmp_path)
+  env = _fake_gcloud(tmp_path, f'''vm=$3; while [[ $1 != --command ]]; do shift; done
+[[ $vm == jkd-0 ]] || {{ echo "ssh: connect to host $vm: Connection refused" >&2; exit 255; }}
+cd {shlex.quote(str(tmp_path))} && exec bash -c "$2"
+''')
+  proc = sh('scripts/gcp/launch.sh', '--zone', 'z', '--vms', '2', '--allow-multi-host',
+            '--coordinator-ip', '10.0.0.1', '--config', TUTORIAL, '--name', 'run', env=env)
+  assert proc.returncode == 255, proc.stderr
+  assert 'jkd-1 did not start (exit status 255): stopping the processes started on jkd-0' \
+      in proc.stderr, proc.stderr
+  assert 'started on' in proc.stdout and 'stopped the process started on' in proc.stdout
+  pid = int((project / 'logs' / 'run.vm0.pid').read_text())
+  deadline = time.time() + 10
+  while _alive(pid) and time.time() < deadline:
+    time.sleep(0.05)
+  assert not _alive(pid)
+
+
+def test_remote_run_logs_the_exit_status_of_a_terminated_run(tmp_path):
+  """A VM's shutdown sends SIGTERM to the whole session: python commits and exits 143, and the
+  log still ends with the status line the docs promise (the wrapper used to die first)."""
+  project = _remote_project(tmp_path, '#!/bin/bash\ntrap \'echo committed; exit 143\' TERM\n'
+                            'touch started; while true; do sleep 0.05; done\n')
+  log = open(tmp_path / 'vm0.log', 'w')
+  proc = subprocess.Popen(['setsid', 'bash', 'scripts/gcp/remote_run.sh', '--config', 'x'],
+                          cwd=project, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+  deadline = time.time() + 30
+  while not (project / 'started').exists() and time.time() < deadline:
+    time.sleep(0.05)
+  os.killpg(proc.pid, signal.SIGTERM)
+  assert proc.wait(timeout=30) == 143
+  text = (tmp_path / 'vm0.log').read_text()
+  assert 'committed' in text and text.rstrip().endswith('exit status 143'), text
+
+
+def test_fetch_results_copies_the_logs_of_a_run_without_a_workdir(tmp_path):
+  env = _fake_gcloud(tmp_path, 'for a; do [[ $a == *kd_log_dir ]] && exit 1; done\n'
+                     'echo "copied ${@: -2:1}"\n')
+  proc = sh('scripts/gcp/fetch_results.sh', '--zone', 'z', '--dest', str(tmp_path / 'out'),
+            env=env)
+  assert proc.returncode == 2 and 'copied jkd-0:jkd/logs' in proc.stdout, proc
+  assert 'could not copy results/kd_log_dir from jkd-0' in proc.stderr, proc.stderr
 
 
 def test_fetch_and_delete():

@@ -49,6 +49,12 @@ fi
 DEST=${DEST:-$REPO_ROOT/runs/gcp/$vm}
 
 run mkdir -p "$DEST"
+# Each path is tried: a run that stopped before its workdir existed still has its logs.
+missed=()
 for path in "${PATHS[@]}"; do
-  run gcloud compute scp --recurse "${GCLOUD_FLAGS[@]}" "$vm:$REMOTE_DIR/${path%/}" "$DEST/"
+  run gcloud compute scp --recurse "${GCLOUD_FLAGS[@]}" "$vm:$REMOTE_DIR/${path%/}" "$DEST/" ||
+    missed+=("$path")
 done
+if ((${#missed[@]})); then
+  die "could not copy ${missed[*]} from $vm (see above); the other paths are in $DEST"
+fi

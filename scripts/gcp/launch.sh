@@ -88,12 +88,32 @@ fi
 
 dir=$(quote "$REMOTE_DIR")
 jkd_args=$(cmdline --config "$CONFIG" ${EXTRA[@]+"${EXTRA[@]}"})  # bash < 4.4: empty is unset
+started=()  # the VMs whose process runs: a later VM that fails to start stops them again
+stop_started() {
+  local j
+  for j in "${started[@]}"; do
+    # The process waits in jax.distributed.initialize for the missing one: it has done no work.
+    local stop="cd $dir && kill -KILL -- -\$(cat logs/$NAME.vm$j.pid)"
+    ssh_run "${VMS[$j]}" "$stop && echo \"stopped the process started on \$(hostname)\"" || true
+  done
+}
 for i in "${!VMS[@]}"; do
   log="logs/$NAME.vm$i.log"
   env=''
   if ((NUM_VMS > 1)); then
     env="JAX_COORDINATOR_ADDRESS=$COORDINATOR_IP:$PORT JAX_NUM_PROCESSES=$NUM_VMS JAX_PROCESS_ID=$i "
   fi
-  # Refuse early (here, not in the detached log) when a run already holds the VM.
-  ssh_run "${VMS[$i]}" "set -e; cd $dir; mkdir -p logs; lock=logs/jkd.\$(hostname).lock; if ! flock -n \$lock true; then echo \"a jkd run is active on \$(hostname) (\$lock)\" >&2; exit 3; fi; ${env}nohup setsid bash scripts/gcp/remote_run.sh $jkd_args >> $log 2>&1 < /dev/null & echo \"started on \$(hostname): $REMOTE_DIR/$log\""
+  # Refuse early (here, not in the detached log) when a run already holds the VM. setsid makes
+  # the process a group leader: its pid, in logs/NAME.vmI.pid, names the group (stop_started).
+  rc=0
+  ssh_run "${VMS[$i]}" "set -e; cd $dir; mkdir -p logs; lock=logs/jkd.\$(hostname).lock; if ! flock -n \$lock true; then echo \"a jkd run is active on \$(hostname) (\$lock)\" >&2; exit 3; fi; ${env}nohup setsid bash scripts/gcp/remote_run.sh $jkd_args >> $log 2>&1 < /dev/null & echo \$! > logs/$NAME.vm$i.pid; echo \"started on \$(hostname): $REMOTE_DIR/$log\"" || rc=$?
+  if ((rc != 0)); then
+    if ((${#started[@]})); then
+      echo "$(basename "$0"): ${VMS[$i]} did not start (exit status $rc): stopping the" \
+        "processes started on ${started[*]/#/$VM_PREFIX-}" >&2
+      stop_started
+    fi
+    exit "$rc"
+  fi
+  started+=("$i")
 done

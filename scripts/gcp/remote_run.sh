@@ -24,6 +24,9 @@ fi
 
 echo "[remote_run] $(date -u +%FT%TZ) $(hostname) process ${JAX_PROCESS_ID:-0} of" \
   "${JAX_NUM_PROCESSES:-1}: python -m jkd.main $*"
+# A VM's shutdown (Spot preemption) sends SIGTERM to every process: python commits its work and
+# exits 143, and this shell, which a trap keeps alive until python ends, logs that status.
+trap : TERM
 rc=0
 .venv/bin/python -m jkd.main "$@" || rc=$?
 echo "[remote_run] $(date -u +%FT%TZ) exit status $rc"
