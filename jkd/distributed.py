@@ -46,7 +46,9 @@ def _int(value, key: str) -> int:
 
 def settings(config, environ=None) -> Settings | None:
   """The config's `distributed` section, each unset key from its environment variable; None
-  when this is a single-process run. ValueError naming the key (or variable) when incomplete."""
+  when this is a single-process run on all of the host's devices (one process with
+  `local_device_ids`: `num_processes=1`, no coordinator). ValueError naming the key (or
+  variable) when incomplete."""
   d, environ = config.distributed, os.environ if environ is None else environ
   where = {}  # key -> 'distributed.key' or the environment variable it came from
 
@@ -79,10 +81,10 @@ def settings(config, environ=None) -> Settings | None:
   s = Settings(address, num, pid, ids, bool(d.auto), int(d.initialization_timeout))
   if d.auto:
     return s
-  if address is None and num is None and pid is None:
-    return None  # nothing asks for more than one process
-  if num == 1 and pid in (None, 0):
-    return None  # one process needs no coordinator
+  if (address is None and num is None and pid is None) or (num == 1 and pid in (None, 0)):
+    # One process needs no coordinator; its devices, when named, are still applied.
+    return None if ids is None else dataclasses.replace(s, coordinator_address=None,
+                                                        num_processes=1, process_id=0)
   for key, value in (('coordinator_address', address), ('num_processes', num),
                      ('process_id', pid)):
     if value is None:
@@ -125,9 +127,15 @@ def initialize(config) -> Settings | None:
   s = settings(config)
   if s is None:
     return None
+  import jax
+  if s.num_processes == 1 and not s.auto:
+    # jax.distributed.initialize applies local_device_ids this way; one process skips it.
+    ids = ','.join(map(str, s.local_device_ids))
+    jax.config.update('jax_cuda_visible_devices', ids)
+    jax.config.update('jax_rocm_visible_devices', ids)
+    return s
   if s.process_id not in (None, 0) and s.coordinator_address is not None:
     wait_for_coordinator(s.coordinator_address, s.initialization_timeout)
-  import jax
   jax.config.update('jax_enable_preemption_service', config.mode in STOPPABLE_MODES)
   try:
     jax.distributed.initialize(

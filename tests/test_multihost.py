@@ -136,6 +136,15 @@ def test_distributed_settings_come_from_config_then_environment():
   s = distributed.settings(_config(process_id=2), environ=env)  # the config wins
   assert s.process_id == 2
   assert distributed.settings(_config(num_processes=1), environ={}) is None
+  # One process with its devices named (a single-node Slurm job sets JAX_LOCAL_DEVICE_IDS)
+  for kw, env, ids in (({'local_device_ids': '0,1,2,3'}, {}, (0, 1, 2, 3)),
+                       ({}, {'JAX_LOCAL_DEVICE_IDS': '2,3'}, (2, 3)),
+                       ({}, {'JAX_NUM_PROCESSES': '1', 'JAX_PROCESS_ID': '0',
+                             'JAX_COORDINATOR_ADDRESS': 'h:1', 'JAX_LOCAL_DEVICE_IDS': '0,1'},
+                        (0, 1))):
+    s = distributed.settings(_config(**kw), environ=env)
+    assert (s.coordinator_address, s.num_processes, s.process_id, s.local_device_ids) == (
+        None, 1, 0, ids), s
   auto = distributed.settings(_config(auto=True), environ={})  # JAX detects the rest
   assert auto.auto and auto.coordinator_address is None and auto.num_processes is None
 
@@ -239,6 +248,18 @@ def test_a_slurm_step_does_not_narrow_the_devices_of_an_explicit_run():
         p.kill()
   for p, out in zip(procs, outputs):
     assert p.returncode == 0 and 'visible all' in out, out[-2000:]
+
+
+def test_one_process_keeps_to_its_named_devices():
+  """JAX applies local_device_ids only inside jax.distributed.initialize: a single process (two
+  runs sharing a host, GPUs 0-3 and 4-7) used to get all of the host's devices."""
+  snippet = ('from configs import base; from jkd import distributed; import jax; '
+             'c = base.get_config(); c.distributed.local_device_ids = "4,5"; '
+             'distributed.initialize(c); '
+             'print("visible", jax.config.read("jax_cuda_visible_devices"), jax.process_count())')
+  proc = subprocess.run([sys.executable, '-c', snippet], cwd=tt.REPO, capture_output=True,
+                        text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0 and 'visible 4,5 1' in proc.stdout, proc.stderr[-2000:]
 
 
 _STOP_LOOP = '''
