@@ -273,8 +273,10 @@ def _validate_train(config, mesh_shape) -> None:
       raise ValueError(f'distill.top_k={top_k}: exceeds k={meta.k} of {teacher_where}')
   check_same_vocab(student.vocab_size, teacher_vocab, config.distill.cross_tokenizer, where,
                    teacher_where)
-  from jkd import export  # the HF class now, not after training (the .nemo: train_loop)
-  export.check_targets(student, hf=config.train.export_hf, where=f'train.export_hf, {where}')
+  from jkd import export  # the HF class now, not after training (what the exports would
+  # replace: train_loop, which knows the run's own earlier ones)
+  export.check_targets(student, hf=config.train.export_hf, where=f'train.export_hf, {where}',
+                       own=(config.train.export_hf,))
 
 
 def check_same_vocab(student_vocab: int, teacher_vocab: int, cross_tokenizer: bool,

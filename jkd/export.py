@@ -21,21 +21,32 @@ _PROBES = ('Hello world', 'two  spaces', ' leading space', 'line\nbreak\n', 'ün
            'x = f(1, 2)  # note')
 
 
+def hf_marker(hf: str) -> str:
+  """The file whose presence makes directory `hf` a Hugging Face model: its config.json,
+  written last by the exporter (a killed export has none, and is written over)."""
+  return os.path.join(hf, 'config.json')
+
+
 def check_targets(cfg: model.ModelConfig, *, nemo: str = '', hf: str = '',
-                  where: str = '') -> None:
-  """What would fail only after the weights are loaded (or a training run is over): a .nemo
-  path already taken, an HF path that cannot be a directory, a model with no Hugging Face
-  class. `where` names the config."""
-  if nemo and os.path.exists(nemo):
+                  where: str = '', own: tuple[str, ...] = ()) -> None:
+  """What would fail only after the weights are loaded (or a training run is over), or
+  destroy a model: a .nemo path already taken, an HF path that cannot be a directory or holds a
+  model (the export replaces its config, weights and tokenizer files), a model with no Hugging
+  Face class. `own`: the paths the caller may write over (its own earlier export). `where`
+  names the config."""
+  if nemo and nemo not in own and os.path.exists(nemo):
     raise FileExistsError(f'{nemo}: already exists; remove it or choose another path')
   if hf:
     blocker = os.path.abspath(hf)  # the path itself, or the first of its parents that exists
     while not os.path.lexists(blocker) and os.path.dirname(blocker) != blocker:
       blocker = os.path.dirname(blocker)
-    if not os.path.isdir(blocker):  # a directory is fine: a rerun replaces its export
+    if not os.path.isdir(blocker):
       raise FileExistsError(f'{blocker}: exists and is not a directory (the Hugging Face export '
                             f'{hf}{" of " + where if where else ""} is written as one); remove '
                             'it or choose another path')
+    if hf not in own and os.path.exists(hf_marker(hf)):
+      raise FileExistsError(f'{hf}: holds a Hugging Face model ({hf_marker(hf)}), which the '
+                            'export would replace; remove it or choose another path')
     from third_party.convert import to_hf
     try:
       to_hf.architecture(cfg)

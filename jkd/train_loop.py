@@ -295,23 +295,31 @@ def _stamp(path: str) -> list[int]:
   return [st.st_mtime_ns, st.st_size if os.path.isfile(path) else -1]
 
 
-def _recorded_export(ls, path: str) -> bool:
-  """Whether `path` is the .nemo this workdir's run wrote at its end, unchanged since."""
+PENDING = 'pending'  # run.json's record of an export begun: a kill may leave it in any state
+
+
+def _recorded_export(ls, marker: str) -> bool:
+  """Whether `marker` (a .nemo, an HF export's config.json) is the one this workdir's run
+  wrote at its end, unchanged since, or one its export was writing when it was killed."""
   run = os.path.join(ls.workdir, RUN_FILE)
   if not os.path.isfile(run):
     return False
   with open(run) as f:
-    return json.load(f).get('exports', {}).get(os.path.abspath(path)) == _stamp(path)
+    was = json.load(f).get('exports', {}).get(os.path.abspath(marker))
+  return was == PENDING or was == _stamp(marker)
 
 
-def _record_export(ls, path: str) -> None:
-  """Records the .nemo the run's end wrote in run.json (process 0; temp file, rename)."""
+def _record_exports(ls, markers: list[str], pending: bool) -> None:
+  """Records in run.json (process 0; temp file, rename) the exports about to be written
+  (`pending`), or written: each marker's mtime and size."""
   run = os.path.join(ls.workdir, RUN_FILE)
-  if jax.process_index() != 0 or not os.path.isfile(run):
+  if jax.process_index() != 0 or not os.path.isfile(run) or not markers:
     return
   with open(run) as f:
     saved = json.load(f)
-  saved.setdefault('exports', {})[os.path.abspath(path)] = _stamp(path)
+  exports = saved.setdefault('exports', {})
+  for marker in markers:
+    exports[os.path.abspath(marker)] = PENDING if pending else _stamp(marker)
   _write_run(run, saved)
 
 
@@ -425,20 +433,18 @@ def run(config) -> dict[str, float]:
     raise ValueError(f'{ls.workdir}/checkpoints: the latest checkpoint is at step {start}, '
                      f'past this run\'s last step {last_step} (train.max_steps, max_epochs); '
                      'raise them or use another workdir')
-  # A .nemo (a file, or a directory) already at the export path is overwritten only if it is
-  # this run's own: the one its end wrote (recorded in run.json; a run extended since resumes
-  # from later checkpoints), or one newer than the checkpoint it resumes from (a kill inside
-  # the export, before the record).
+  # A .nemo (a file, or a directory) or an HF model (its config.json) already at an export path
+  # is written over only if it is this run's own (recorded in run.json): the one its end wrote
+  # (a run extended since resumes from later checkpoints), or one it was writing when killed.
+  from jkd import export
   nemo = ls.export_nemo or (os.path.join(ls.workdir, 'student.nemo')
                             if ls.save_nemo_on_train_end else '')
-  nemo_exists = bool(nemo) and os.path.exists(nemo)
-  own_nemo = nemo_exists and start > 0 and (
-      _recorded_export(ls, nemo) or os.path.getmtime(nemo) >= os.path.getmtime(
-          os.path.join(ls.workdir, 'checkpoints', str(start))))
-  if nemo_exists and not own_nemo:
-    raise FileExistsError(f'{nemo}: already exists and is not this run\'s export (not the one '
-                          'its end wrote, nor newer than its latest checkpoint); remove it or '
-                          'choose another train.export_nemo')
+  markers = [m for m in (nemo, ls.export_hf and export.hf_marker(ls.export_hf)) if m]
+  for marker in markers:
+    if os.path.exists(marker) and not (start > 0 and _recorded_export(ls, marker)):
+      key = 'train.export_nemo' if marker == nemo else 'train.export_hf'
+      raise FileExistsError(f'{marker}: already exists and is not this run\'s export (recorded '
+                            f'in {ls.workdir}/{RUN_FILE}); remove it or choose another {key}')
 
   # Model and optimizer: the student's params, or a random init of config.model.
   tok = None
@@ -602,16 +608,17 @@ def run(config) -> dict[str, float]:
     params = distributed.whole_on_process_0(state.params)
     try:
       if jax.process_index() == 0:
-        from jkd import export
-        if own_nemo and os.path.isdir(nemo):
+        own = tuple(m for m in markers if os.path.exists(m) and _recorded_export(ls, m))
+        _record_exports(ls, markers, pending=True)
+        if nemo in own and os.path.isdir(nemo):
           shutil.rmtree(nemo)
-        elif own_nemo and os.path.exists(nemo):
+        elif nemo in own:
           os.remove(nemo)
-        export.check_targets(cfg, nemo=nemo, hf=ls.export_hf)
+        own_hf = ls.export_hf if ls.export_hf and export.hf_marker(ls.export_hf) in own else ''
+        export.check_targets(cfg, nemo=nemo, hf=ls.export_hf, own=(own_hf,))
         export.export_params(cfg, params, tok, nemo=nemo, hf=ls.export_hf, dtype='bfloat16',
                              source=final)
-        if nemo:
-          _record_export(ls, nemo)
+        _record_exports(ls, markers, pending=False)
     finally:  # the others wait here, also for a process 0 that failed (its error is the run's)
       del params
       distributed.sync('jkd train: exported')

@@ -269,7 +269,11 @@ def test_hf_export_of_a_sentencepiece_tokenizer_and_stale_tokenizers(tmp_path, c
           'model'].items() if k != 'tokenizer'}}))
   convert.convert(src, str(tmp_path / 'm'))
   assert not (tmp_path / 'm' / 'tokenizer').exists()
-  export.export(str(tmp_path / 'm'), hf=str(tmp_path / 'hf'), dtype='float32')
+  # mode=export refuses a directory holding a model; a training run's rerun replaces its own
+  with pytest.raises(FileExistsError, match=r'hf: holds a Hugging Face model .*config\.json'):
+    export.export(str(tmp_path / 'm'), hf=str(tmp_path / 'hf'), dtype='float32')
+  cfg, params = model.load(str(tmp_path / 'm'))
+  export.export_params(cfg, params, None, hf=str(tmp_path / 'hf'), dtype='float32')
   assert sorted(os.listdir(tmp_path / 'hf')) == ['config.json', 'model.safetensors']
 
 

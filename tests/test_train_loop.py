@@ -209,8 +209,8 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   resumed = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=16'))
   assert resumed.returncode == 0 and 'at step 16' in resumed.stdout, resumed.stderr[-3000:]
   exports = json.loads((tmp_path / 'run' / 'run.json').read_text())['exports']
-  assert list(exports) == [str(nemo)] and os.path.getmtime(nemo) * 1e9 == pytest.approx(
-      exports[str(nemo)][0], abs=1e3)
+  assert sorted(exports) == [str(tmp_path / 'hf' / 'config.json'), str(nemo)]
+  assert os.path.getmtime(nemo) * 1e9 == pytest.approx(exports[str(nemo)][0], abs=1e3)
   # A checkpoint past max_steps, and a .nemo older than the latest checkpoint (not this run's),
   # are refused before training, and nothing is overwritten.
   recorded = (tmp_path / 'run' / 'run.json').read_text()
@@ -256,6 +256,49 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   old = _run(_train_cli(store, tmp_path / 'run', *args, '--config.train.max_steps=16'))
   assert old.returncode == 2 and 'student.nemo: already exists' in old.stderr, old.stderr
   assert os.path.getmtime(nemo) == 0 and 'train: ' not in old.stderr
+
+
+def test_models_at_the_export_paths_are_refused_unless_the_runs_own(store, tmp_path):
+  """Another model at a run's export paths (a user's copy, another run's export) is refused
+  before the run trains: a resumed run used to take any .nemo newer than its checkpoint for its
+  own and delete it, and the HF export wrote over any directory's config, weights and
+  tokenizer. The run's own, also one a kill left half-written (recorded as pending), is
+  replaced."""
+  nemo, hf = tmp_path / 'out' / 'student_nemo', tmp_path / 'out' / 'hf'
+  common = ('--config.train.val_check_interval=2', '--config.train.save_interval=2')
+  first = _run(_train_cli(store, tmp_path / 'run', *common, '--config.train.max_steps=2'))
+  assert first.returncode == 0, first.stderr[-3000:]
+  (nemo / 'model_weights').mkdir(parents=True)  # both newer than checkpoint 2
+  hf.mkdir()
+  for path in (nemo / 'model_config.yaml', hf / 'config.json', hf / 'tokenizer.json'):
+    path.write_text('theirs')
+  args = (*common, '--config.train.max_steps=4', f'--config.train.export_nemo={nemo}',
+          f'--config.train.export_hf={hf}')
+  for drop in (None, nemo):
+    if drop:
+      shutil.rmtree(drop)
+    refused = _run(_train_cli(store, tmp_path / 'run', *args))
+    marker = hf / 'config.json' if drop else nemo
+    assert refused.returncode == 2 and (f'{marker}: already exists and is not this run\'s '
+                                        'export') in refused.stderr, refused.stderr[-3000:]
+    assert (hf / 'tokenizer.json').read_text() == 'theirs'
+    assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['2']
+  shutil.rmtree(hf)
+  done = _run(_train_cli(store, tmp_path / 'run', *args))
+  assert done.returncode == 0 and 'at step 2' in done.stdout, done.stderr[-3000:]
+  assert (nemo / 'model_config.yaml').read_text() != 'theirs' and (hf / 'config.json').is_file()
+  # Killed inside its export: run.json says pending, the files are in any state; the rerun (of
+  # the finished run: exports only) replaces them.
+  run_json = tmp_path / 'run' / 'run.json'
+  record = json.loads(run_json.read_text())
+  record['exports'] = {k: 'pending' for k in record['exports']}
+  run_json.write_text(json.dumps(record))
+  (hf / 'config.json').write_text('{}')
+  again = _run(_train_cli(store, tmp_path / 'run', *args))
+  assert again.returncode == 0, again.stderr[-3000:]
+  exports = json.loads(run_json.read_text())['exports']
+  assert sorted(exports) == [str(hf / 'config.json'), str(nemo)]
+  assert all(isinstance(v, list) for v in exports.values()), exports
 
 
 def test_a_directory_nemo_export_is_redone_by_its_run_and_refused_to_another(store, tmp_path):
