@@ -21,6 +21,7 @@ step it saves, exit 143 (Ctrl-C: KeyboardInterrupt) (jkd.distributed.Preemption)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import itertools
@@ -207,7 +208,8 @@ def _check_resumable(ls, config, tc, start: int, last_step: int, n_train: int,
   a resumed run with another seed, batch size, packing, length or data (another path, or a
   store that has grown: the shuffle is over its `n_train` examples, or that holds another
   teacher's top-K, `teacher_id`: the KD objective would change) would restore an
-  iterator of a different stream; another worker_count an iterator state of another form; another
+  iterator of a different stream; another worker_count or number of processes an iterator
+  state of another form; another
   do_layer_norm_weight_decay an optimizer state of another structure. Such a resume is refused,
   naming the keys (keys a run.json from an older jkd lacks are not compared). A fresh run
   records its settings.
@@ -225,6 +227,7 @@ def _check_resumable(ls, config, tc, start: int, last_step: int, n_train: int,
          'train.pack': config.train.pack, 'data.max_seq_length': config.data.max_seq_length,
          'data.train_file' if online else 'train.store': os.path.abspath(data),
          'train split examples': n_train, 'train.worker_count': config.train.worker_count,
+         'processes': jax.process_count(),  # the iterator state is one file per process
          **({'data.format': config.data.format} if online else {}),  # the store fixes it
          'train.do_layer_norm_weight_decay': config.train.do_layer_norm_weight_decay,
          **teacher_id}
@@ -371,6 +374,12 @@ def run_length(tc, n_train: int) -> tuple[int, int]:
 
 
 def run(config) -> dict[str, float]:
+  """Trains the student (config.train), resuming this workdir's run; the last metrics."""
+  with contextlib.ExitStack() as held:  # the workdir's lock, from when it is known to be used
+    return _run(config, held)
+
+
+def _run(config, held: contextlib.ExitStack) -> dict[str, float]:
   import grain
   import orbax.checkpoint as ocp
 
@@ -398,7 +407,8 @@ def run(config) -> dict[str, float]:
         sources[split] = loader.ExamplesSource(chat.read_jsonl(
             path, teacher_tok, fmt=config.data.format, max_seq_length=ls.max_seq_length), path)
     stored_k, teacher_vocab, n_train = ext.top_k, teacher_cfg.vocab_size, len(sources['train'])
-    teacher_id = {'extract.top_k': ext.top_k, 'extract.teacher': os.path.abspath(ext.teacher)}
+    teacher_id = {'extract.top_k': ext.top_k, 'extract.teacher': os.path.abspath(ext.teacher),
+                  'extract.dtype': ext.dtype}  # the teacher's logits, as a store's teacher_dtype
     if 'validation' in sources:
       n_val = len(sources['validation'])
   else:
@@ -422,6 +432,13 @@ def run(config) -> dict[str, float]:
   # This workdir's checkpoints, and what resuming them must agree with: checked before anything
   # is loaded or compiled.
   os.makedirs(ls.workdir, exist_ok=True)
+  # One run a workdir (a second would remove the first's checkpoint in the writing as its own
+  # leftover, and rewrite its metrics): each process holds its own lock, so all of a second
+  # job's processes stop here.
+  lock = os.path.join(ls.workdir, f'.train.p{jax.process_index():05d}.lock')
+  held.callback(distributed.unlock, distributed.lock(
+      lock, f'{ls.workdir}: another run is training in this workdir (it holds {lock}); wait '
+      'for it to end, or use another workdir'))
   mngr = ocp.CheckpointManager(
       os.path.join(os.path.abspath(ls.workdir), 'checkpoints'),
       options=ocp.CheckpointManagerOptions(max_to_keep=ls.checkpoint_max_to_keep,

@@ -123,6 +123,44 @@ def test_an_online_resume_keeps_the_data_format(tmp_path):
     train_loop._check_resumable(ls, config, tc, 5, 10, 48, teacher)
 
 
+def test_a_resume_by_another_number_of_processes_is_refused(tmp_path, monkeypatch):
+  """The data iterator's state is saved one file per process (process_I-of-N.json): resumed by
+  another number of processes (a 2-VM job restarted on the one VM left), Grain failed naming a
+  file, not the cause."""
+  from configs import base
+  from jkd import train_config, train_loop
+  config = base.get_config()
+  config.workdir, config.train.store = str(tmp_path), str(tmp_path / 'store')
+  ls, tc = train_loop.loop_settings(config), train_config.train_config(config)
+  monkeypatch.setattr(train_loop.jax, 'process_count', lambda: 2)
+  record = train_loop._check_resumable(ls, config, tc, 0, 10, 48, {})
+  train_loop._write_run(str(tmp_path / train_loop.RUN_FILE), record)
+  monkeypatch.undo()
+  with pytest.raises(ValueError, match=r'saved with processes=2 \(now 1\)'):
+    train_loop._check_resumable(ls, config, tc, 5, 10, 48, {})
+
+
+def test_a_second_run_in_a_training_workdir_is_refused(store, tmp_path):
+  """Two runs in one workdir broke both (the second removed the first's checkpoint in the
+  writing as a leftover of its own, and rewrote its metrics): a run holds the workdir."""
+  (tmp_path / 'run').mkdir()
+  lock = tmp_path / 'run' / '.train.p00000.lock'
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from jkd import distributed; '
+       'distributed.lock(sys.argv[1], "held"); print("held", flush=True); time.sleep(120)',
+       str(lock)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    second = _run(_train_cli(store, tmp_path / 'run', '--config.train.max_steps=2'))
+  finally:
+    holder.kill()
+    holder.wait()
+  assert second.returncode == 2 and (f'{tmp_path}/run: another run is training in this workdir '
+                                     f'(it holds {lock})') in second.stderr, second.stderr[-3000:]
+  assert not (tmp_path / 'run' / 'checkpoints').exists() or not os.listdir(
+      tmp_path / 'run' / 'checkpoints')
+
+
 def test_run_length_with_nothing_to_do():
   from jkd import train, train_loop
   tc = train.TrainConfig(global_batch_size=8, warmup_steps=0, constant_steps=0)
@@ -449,6 +487,17 @@ def test_online_teacher_equals_training_from_the_store(store, tmp_path):
       f'--config.data.validation_file={tmp_path}/bad.jsonl', '--config.data.format=plain',
       '--config.extract.top_k=8', '--config.extract.vocab_tile=64'))
   assert noval.returncode == 0, noval.stderr[-3000:]
+  # Resumed with the teacher in another precision: another objective, refused as another store
+  # teacher is (it went on, its KD loss another from the resumed step on).
+  bf16 = _run(_train_cli(
+      '', tmp_path / 'online', *args, '--config.train.max_steps=4',
+      '--config.distill.teacher_source=online', f'--config.extract.teacher={root}/teacher',
+      f'--config.data.train_file={root}/train.jsonl',
+      f'--config.data.validation_file={root}/train.jsonl', '--config.data.format=plain',
+      '--config.extract.top_k=8', '--config.extract.vocab_tile=64',
+      '--config.extract.dtype=bfloat16'))
+  assert bf16.returncode == 2 and (
+      "saved with extract.dtype='float32' (now 'bfloat16')" in bf16.stderr), bf16.stderr[-3000:]
 
 
 def test_wandb_run_continues_across_restarts(tmp_path, monkeypatch):

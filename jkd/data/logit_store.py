@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import errno
-import fcntl
 import glob
 import gzip
 import hashlib
@@ -29,7 +27,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-from jkd import faults
+from jkd import distributed, faults
 
 FORMAT = 'jkd-logit-store'
 SCHEMA_VERSION = 1
@@ -366,39 +364,14 @@ def check_finished(root: str, split: str) -> int:
   return len(indices)
 
 
-_HELD: dict[str, list] = {}  # lock file -> [its open file, writers of this process holding it]
-
-
 def _lock_writer(split_dir: str, process_index: int) -> str:
   """Makes this process the split's one writer as `process_index` (a second job would remove
   this one's unfinished blocks as its own crash's leftovers); returns the lock file's path for
-  `_unlock_writer`. A POSIX lock: the process's own, released when it ends however it ends, or
-  when any descriptor of the file closes, so each is opened once per process and counted.
-  Where the file system has no locks, nothing is checked."""
+  `distributed.unlock`."""
   path = os.path.join(split_dir, f'.writer.p{process_index:05d}.lock')
-  if path in _HELD:
-    _HELD[path][1] += 1
-    return path
-  f = open(path, 'a')
-  try:
-    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError as e:
-    f.close()
-    if e.errno in (errno.EACCES, errno.EAGAIN):
-      raise ValueError(f'{split_dir}: another job is writing this split as process '
-                       f'{process_index} (it holds {path}); extraction or import jobs on one '
-                       'store run one after another') from None
-  _HELD[path] = [f, 1]
-  return path
-
-
-def _unlock_writer(path: str) -> None:
-  held = _HELD.get(path)
-  if held is not None:
-    held[1] -= 1
-    if held[1] == 0:
-      del _HELD[path]
-      held[0].close()
+  return distributed.lock(path, f'{split_dir}: another job is writing this split as process '
+                          f'{process_index} (it holds {path}); extraction or import jobs on one '
+                          'store run one after another')
 
 
 class Writer:
@@ -482,7 +455,7 @@ class Writer:
     """Releases the split to other jobs (also when the writer is garbage-collected); nothing
     is buffered (every block commits in write_block)."""
     if self._lock is not None:
-      _unlock_writer(self._lock)
+      distributed.unlock(self._lock)
       self._lock = None
 
   def __del__(self):
