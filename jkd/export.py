@@ -21,6 +21,14 @@ _PROBES = ('Hello world', 'two  spaces', ' leading space', 'line\nbreak\n', 'ün
            'x = f(1, 2)  # note')
 
 
+def existing_ancestor(path: str) -> str:
+  """`path` itself, or the first of its parents that exists (where making it would start)."""
+  path = os.path.abspath(path)
+  while not os.path.lexists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  return path
+
+
 def hf_marker(hf: str) -> str:
   """The file whose presence makes directory `hf` a Hugging Face model: its config.json,
   written last by the exporter (a killed export has none, and is written over)."""
@@ -37,9 +45,7 @@ def check_targets(cfg: model.ModelConfig, *, nemo: str = '', hf: str = '',
   if nemo and nemo not in own and os.path.exists(nemo):
     raise FileExistsError(f'{nemo}: already exists; remove it or choose another path')
   if hf:
-    blocker = os.path.abspath(hf)  # the path itself, or the first of its parents that exists
-    while not os.path.lexists(blocker) and os.path.dirname(blocker) != blocker:
-      blocker = os.path.dirname(blocker)
+    blocker = existing_ancestor(hf)
     if not os.path.isdir(blocker):
       raise FileExistsError(f'{blocker}: exists and is not a directory (the Hugging Face export '
                             f'{hf}{" of " + where if where else ""} is written as one); remove '

@@ -74,11 +74,17 @@ class Profiler:
 
   def close(self, wait=None) -> None:
     if not self.active:
+      if not self.done and self.n:  # the loop ended before the window
+        print(f'[profile] the run ended at step {self.n}, before profile.start_step='
+              f'{self.s.start_step}: nothing traced')
+        self.done = True
       return
     try:
-      if wait is not None:
-        jax.block_until_ready(wait)
-      jax.profiler.stop_trace()
+      try:
+        if wait is not None:
+          jax.block_until_ready(wait)
+      finally:  # a wait cut short (a second Ctrl-C) still ends the session
+        jax.profiler.stop_trace()
     finally:  # once only: a failed stop (raised to the loop) is not retried by its cleanup
       self.active, self.done = False, True
     print(f'[profile] steps {self.first}..{self.n} -> {self.s.dir}')

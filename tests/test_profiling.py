@@ -75,6 +75,46 @@ def test_a_run_resumed_inside_or_past_the_window(devices8, tmp_path, capsys):
       capsys.readouterr().out)
 
 
+def test_a_window_after_the_loop_end_says_nothing_was_traced(devices8, tmp_path, capsys):
+  _loop(profiling.Profiler(_settings(tmp_path, 20, 3)), 12)
+  assert not os.path.exists(tmp_path / 'p')
+  assert ('[profile] the run ended at step 12, before profile.start_step=20: nothing traced'
+          in capsys.readouterr().out)
+
+
+def test_a_wait_cut_short_still_ends_the_session(devices8, tmp_path, monkeypatch):
+  """A second Ctrl-C while the window's last step finishes: the session still stops (it stayed
+  open, writing nothing, and the next start_trace in the process failed)."""
+  profiler = profiling.Profiler(_settings(tmp_path, 1, 1))
+  profiler.step(1)
+
+  def interrupted(x):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(jax, 'block_until_ready', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    profiler.step(2, wait=jnp.ones(2))
+  monkeypatch.undo()
+  assert not profiler.active and glob.glob(str(tmp_path / 'p' / 'plugins' / 'profile' / '*'))
+  jax.profiler.start_trace(str(tmp_path / 'q'))  # raised: a profile is already started
+  jax.profiler.stop_trace()
+
+
+def test_a_profile_dir_that_cannot_be_made_or_a_mode_without_steps_is_refused(tmp_path):
+  """Found only at the window's end (a JaxRuntimeError traceback, the run's work up to there
+  done), or never (profile.* was ignored in the other modes)."""
+  (tmp_path / 'afile').write_text('')
+  c = base.get_config()
+  c.mode, c.workdir, c.profile.start_step = 'extract', str(tmp_path), 2
+  jkd_config._validate_profile(c)  # <workdir>/profile, made at the window's end
+  c.profile.dir = str(tmp_path / 'afile' / 'profile')
+  with pytest.raises(ValueError, match=r"profile\.dir='.*afile/profile': cannot be made or "
+                     r'written \(.*afile is not a directory\)'):
+    jkd_config._validate_profile(c)
+  c.profile.dir, c.mode = '', 'eval'
+  with pytest.raises(ValueError, match=r'profile\.start_step=2: mode=eval has no steps'):
+    jkd_config._validate_profile(c)
+
+
 def test_profiling_off_writes_nothing(devices8, tmp_path):
   _loop(profiling.Profiler(_settings(tmp_path, -1, 3)), 4)
   assert not os.path.exists(tmp_path / 'p')
