@@ -317,6 +317,7 @@ def _validate_eval(config, mesh_shape) -> None:
   logit_store.check_finished(e.store, e.split)
   meta = logit_store.read_meta(split)
   student = model.load_config(e.model)
+  _check_positions(student, config, os.path.join(e.model, model.CONFIG_FILE))
   if student.vocab_size != meta.vocab_size:
     raise ValueError(f'{os.path.join(split, "manifest.json")}: the teacher\'s vocab_size '
                      f'{meta.vocab_size} differs from the model\'s {student.vocab_size} '
@@ -395,6 +396,11 @@ def _check_model(cfg: model.ModelConfig, config, where: str, mesh_shape,
   sharding.check_divisible(lambda: model.init(cfg, jax.random.key(0), boxed=True),
                            dict(zip(mesh.axes, mesh_shape)), mesh.rules, where,
                            skip=('vocab',) if vocab_padded else ())
+  _check_positions(cfg, config, where)
+
+
+def _check_positions(cfg: model.ModelConfig, config, where: str) -> None:
+  """data.max_seq_length beyond a learned position table."""
   n = config.data.max_seq_length
   if cfg.position_embedding_type == 'learned_absolute' and n > cfg.max_position_embeddings:
     raise ValueError(f'data.max_seq_length={n}: exceeds max_position_embeddings='

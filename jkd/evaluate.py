@@ -152,14 +152,18 @@ def make_eval_fn(cfg: model.ModelConfig, *, n_bins: int = 15):
 
 
 def evaluate(cfg: model.ModelConfig, params, batches: Iterable[dict], *,
-             n_bins: int = 15) -> dict[str, float]:
-  """Summary metrics over all batches (pairs summed first, so batch sizes may differ)."""
+             n_bins: int = 15, where: str = 'the batches') -> dict[str, float]:
+  """Summary metrics over all batches (pairs summed first, so batch sizes may differ);
+  ValueError when they hold no loss token (no metric is defined). `where` names them."""
   eval_fn = make_eval_fn(cfg, n_bins=n_bins)
   total = None
   for batch in batches:
     total = add_pairs(total, jax.device_get(eval_fn(params, batch)))
   if total is None:
-    raise ValueError('evaluate: no batches')
+    raise ValueError(f'evaluate: no batches in {where}')
+  if not total['ce'][1] > 0:
+    raise ValueError(f'evaluate: {where} hold no loss token (every loss_mask is 0): no metric '
+                     'is defined')
   return summarize(total)
 
 
@@ -192,21 +196,32 @@ def evaluate_store(model_dir: str, store: str, *, split: str = 'validation', bat
     batches = itertools.islice(batches, max_batches)
     total = max_batches if total is None else min(total, max_batches)
   return evaluate(cfg, params, tqdm(batches, total=total, desc=f'evaluate {name or model_dir}',
-                                    unit='batch'))
+                                    unit='batch'),
+                  where=f'the {"first " + str(max_batches) + " " if max_batches >= 0 else ""}'
+                        f'batches of {os.path.join(store, split)}')
 
 
 def run(config) -> dict[str, float]:
   """mode=eval: the metrics of `eval.model` on `eval.split` of `eval.store`, printed and (with
   `eval.output`) written as JSON (temp file, rename)."""
-  e = config.eval
+  from jkd.data import logit_store
+  e, n = config.eval, config.data.max_seq_length
   metrics = evaluate_store(e.model, e.store, split=e.split, batch_size=e.batch_size,
-                           max_seq_length=config.data.max_seq_length, max_batches=e.max_batches)
-  print(f'[eval] {e.model} on {os.path.join(e.store, e.split)}: '
-        + ', '.join(f'{k} {v:.4g}' for k, v in metrics.items()))
+                           max_seq_length=n, max_batches=e.max_batches)
+  examples = logit_store.check_finished(e.store, e.split)
+  if e.max_batches >= 0:
+    examples = min(examples, e.max_batches * e.batch_size)
+  print(f'[eval] {e.model} on {examples} examples of {os.path.join(e.store, e.split)} (cut at '
+        f'data.max_seq_length={n} tokens): ' + ', '.join(f'{k} {v:.4g}' for k, v in
+                                                         metrics.items()))
   if e.output and jax.process_index() == 0:
     with open(e.output + '.tmp', 'w', encoding='utf-8') as f:
       json.dump({'model': os.path.abspath(e.model), 'store': os.path.abspath(e.store),
-                 'split': e.split, 'max_batches': e.max_batches, 'metrics': metrics}, f, indent=1)
+                 'split': e.split, 'examples': examples, 'max_seq_length': n,
+                 'batch_size': e.batch_size, 'max_batches': e.max_batches,
+                 # strict JSON: a diverged model's perplexity (inf) is written as null
+                 'metrics': {k: v if math.isfinite(v) else None for k, v in metrics.items()}},
+                f, indent=1, allow_nan=False)
     os.replace(e.output + '.tmp', e.output)
   return metrics
 

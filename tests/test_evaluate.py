@@ -273,7 +273,50 @@ def test_eval_mode_equals_a_per_example_numpy_reference(tmp_path, params, device
       np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
     saved = json.loads((tmp_path / 'eval.json').read_text())
     assert saved['metrics'] == got and saved['split'] == 'validation'
-    assert saved['max_batches'] == max_batches
+    # what the numbers are over: two runs that differ in these differ in their metrics
+    assert (saved['max_batches'], saved['examples'], saved['max_seq_length'],
+            saved['batch_size']) == (max_batches, len(used), 64, 3)
+
+
+def test_eval_mode_refuses_a_split_without_loss_tokens_and_writes_strict_json(
+    tmp_path, params, devices8, monkeypatch):
+  """No loss token: every metric NaN, exit 0 and bare NaN in eval.json (not JSON); now refused.
+  A diverged model's infinite perplexity is written as null."""
+  import json
+  from jkd import config as jkd_config
+  from tests import test_logit_store as tls
+  from jkd.data import logit_store
+  model.save(str(tmp_path / 'model'), CFG, params)
+  rng = np.random.default_rng(0)
+  recs = [tls.make_record(rng, i, 8, k=4, v=CFG.vocab_size) for i in range(3)]
+  for r in recs:
+    r.loss_mask[:] = 0
+  tls.write_store(str(tmp_path / 'store'), recs, tls.make_meta(k=4, vocab_size=CFG.vocab_size),
+                  split='validation')
+  logit_store.mark_finished(str(tmp_path / 'store'), 'validation', range(3))
+  c = _eval_config(tmp_path)
+  jkd_config.validate(c)
+  with pytest.raises(ValueError, match=r'the batches of .*store/validation hold no loss token'):
+    evaluate.run(c)
+  assert not (tmp_path / 'eval.json').exists()
+  monkeypatch.setattr(evaluate, 'evaluate_store', lambda *a, **k: {'ce': 800.0,
+                                                                   'perplexity': math.inf})
+  evaluate.run(c)
+  assert json.loads((tmp_path / 'eval.json').read_text())['metrics'] == {
+      'ce': 800.0, 'perplexity': None}
+
+
+def test_eval_mode_checks_a_learned_position_table_up_front(tmp_path, params, devices8):
+  """Found only while tracing the first batch, naming a key the user cannot set."""
+  import dataclasses
+  from jkd import config as jkd_config
+  _eval_setup(tmp_path, params, n=2)
+  learned = dataclasses.replace(CFG, position_embedding_type='learned_absolute',
+                                max_position_embeddings=16)
+  model.save(str(tmp_path / 'learned'), learned, model.init(learned, jax.random.key(0)))
+  with pytest.raises(ValueError, match=r'data\.max_seq_length=64: exceeds '
+                     r'max_position_embeddings=16 of .*learned/model_config\.json'):
+    jkd_config.validate(_eval_config(tmp_path, model=str(tmp_path / 'learned')))
 
 
 @pytest.mark.parametrize('keys,message', [
