@@ -196,6 +196,36 @@ def test_sharded_export_loads_and_a_rerun_replaces_it(tmp_path):
   assert _max_diff(ref.hf_logits(_load(out, dtype=torch.float32), tokens), want) <= 1e-4
 
 
+@pytest.mark.parametrize('existing', [False, True])
+def test_a_failed_export_removes_what_it_wrote(tmp_path, monkeypatch, existing):
+  """A full disk at the second shard: the first shard, the copied tokenizer and the directories
+  the export made are gone; a directory that was there keeps only its own files."""
+  import errno
+  cfg, params, _ = ref.llama()
+  tok = tmp_path / 'tok'
+  tok.mkdir()
+  (tok / 'tokenizer.json').write_text('{}')
+  out = tmp_path / 'new' / 'out'
+  if existing:
+    out.mkdir(parents=True)
+    (out / 'notes.txt').write_text('mine')
+  real, calls = to_hf.save_file, []
+
+  def full_disk(tensors, path, metadata=None):
+    calls.append(path)
+    if len(calls) == 2:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real(tensors, path, metadata=metadata)
+
+  monkeypatch.setattr(to_hf, 'save_file', full_disk)
+  with pytest.raises(OSError, match=r'model-00002\.safetensors\.partial: No space left'):
+    to_hf.export_hf(cfg, params, str(out), tokenizer_dir=str(tok), max_shard_bytes=100_000)
+  if existing:
+    assert [p.name for p in out.iterdir()] == ['notes.txt']
+  else:
+    assert not (tmp_path / 'new').exists()
+
+
 @pytest.mark.parametrize('mode, key', [('train', 'train.export_hf'), ('export', 'export.hf')])
 @pytest.mark.parametrize('blocked', ['file', 'parent'])
 def test_hf_path_that_cannot_be_a_directory_fails_config_validation(tmp_path, mode, key,

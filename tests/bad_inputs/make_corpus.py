@@ -590,18 +590,20 @@ def output_read_only(d: Path, shared) -> dict:
 
 @kind
 def disk_full(d: Path, shared) -> dict:
-  """An HF export over an earlier one, on a disk that fills: no file can grow past 16 KiB
-  (the model has no tokenizer, so the weights are the first file to reach it). The earlier
-  export's config.json must not survive next to the cut weights."""
+  """An HF export over a killed one, on a disk that fills: no file can grow past 16 KiB (the
+  model has no tokenizer, so the weights are the first file to reach it). Neither the killed
+  export's shard nor the cut one survives, and no config.json marks the directory complete.
+  (An earlier complete export, config.json and all, is refused before anything is written.)"""
   (d / 'model').mkdir()
   shutil.copytree(shared.teacher / 'params', d / 'model' / 'params')
   shutil.copy(shared.teacher / MODEL_DIR, d / 'model')
   (d / 'hf').mkdir()
-  (d / 'hf' / 'config.json').write_text('{"model_type": "stablelm"}')  # the earlier export's
+  (d / 'hf' / 'model-00001.safetensors.partial').write_bytes(b'cut')  # the killed export's
   return case(jkd('export.py', export__source='model', export__hf='hf', export__dtype='float32'),
               r'jkd: error: .*hf/model-00001\.safetensors\.partial: .*File too large.*',
               'hf/model-00001.safetensors.partial',
-              [('hf', 'config.json')], limits={'fsize': 16 << 10})
+              [('hf', 'config.json'), ('hf', 'model-00001.safetensors.partial')],
+              limits={'fsize': 16 << 10})
 
 
 def build(out: Path, kinds=None) -> dict[str, dict]:

@@ -14,6 +14,7 @@ Only numpy, ml_dtypes and safetensors are needed; transformers is not imported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -239,27 +240,49 @@ def export_hf(cfg: model.ModelConfig, params: model.Params, out_dir: str, *,
   Tensors are converted one at a time and written in shards of at most `max_shard_bytes` (a
   tensor larger than that gets a shard of its own): more than one shard gives transformers'
   `model-0000i-of-0000n.safetensors` files and `model.safetensors.index.json`. Memory beyond
-  `params` is one shard.
+  `params` is one shard. An export that fails removes the files it wrote (and the directories
+  it made) before it raises; an earlier export's are already gone then.
   """
   if dtype not in DTYPES:
     raise ValueError(f'dtype={dtype!r}: expected one of {tuple(DTYPES)}')
   architecture(cfg)  # fail on an unsupported config before the params are even looked at
   model.check_params(cfg, params)
   out_dir = os.path.abspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  config_path = os.path.join(out_dir, CONFIG_FILE)
-  if os.path.exists(config_path):  # an earlier export's: incomplete until the new one lands
-    os.remove(config_path)
-  for name in os.listdir(out_dir):  # an earlier export's weights and tokenizer
-    if name in TOKENIZER_FILES or name == INDEX_FILE or _WEIGHT_FILE.fullmatch(name):
-      os.remove(os.path.join(out_dir, name))
-  if tokenizer_dir is not None:
-    _copy_tokenizer(tokenizer_dir, out_dir)
+  new_dirs = _missing_dirs(out_dir)
+  created: list[str] = []  # every file this export writes, removed again if it fails
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    config_path = os.path.join(out_dir, CONFIG_FILE)
+    if os.path.exists(config_path):  # an earlier export's: incomplete until the new one lands
+      os.remove(config_path)
+    for name in os.listdir(out_dir):  # an earlier export's weights and tokenizer
+      if name in TOKENIZER_FILES or name == INDEX_FILE or _WEIGHT_FILE.fullmatch(name):
+        os.remove(os.path.join(out_dir, name))
+    if tokenizer_dir is not None:
+      _copy_tokenizer(tokenizer_dir, out_dir, created)
+    _write_weights(cfg, params, out_dir, DTYPES[dtype], max_shard_bytes, created)
+    _write_json(config_path, hf_config(cfg, dtype, bos_token_id, eos_token_id),
+                created)  # last: marks the directory complete
+  except BaseException:  # a full disk, Ctrl-C, ...: no partial shard or stray file stays
+    for path in reversed(created):
+      with contextlib.suppress(OSError):
+        os.remove(path)
+    for path in new_dirs:  # deepest first; kept if something else was put there meanwhile
+      with contextlib.suppress(OSError):
+        os.rmdir(path)
+    raise
+  return out_dir
+
+
+def _write_weights(cfg: model.ModelConfig, params: model.Params, out_dir: str, np_dtype,
+                   max_shard_bytes: int, created: list[str]) -> None:
+  """The safetensors shard(s) (+ index), each written as `.partial` and renamed at the end."""
   shards = []  # (temporary file name, tensor names, bytes)
   pending: dict[str, np.ndarray] = {}
 
   def flush(nbytes):
     path = os.path.join(out_dir, f'model-{len(shards) + 1:05d}.safetensors.partial')
+    created.append(path)
     try:  # transformers refuses safetensors files without a 'format' metadata entry
       save_file(pending, path, metadata={'format': 'pt'})
     except (OSError, SafetensorError) as e:  # a full disk, ...: neither names the file
@@ -270,7 +293,7 @@ def export_hf(cfg: model.ModelConfig, params: model.Params, out_dir: str, *,
 
   nbytes = 0  # of the pending shard
   n_tensors = sum(cfg.num_layers if '{}' in name else 1 for name in table(cfg))
-  for name, tensor in tqdm(_tensors(cfg, params, DTYPES[dtype]), total=n_tensors, unit='tensor',
+  for name, tensor in tqdm(_tensors(cfg, params, np_dtype), total=n_tensors, unit='tensor',
                            desc=f'export {out_dir}',
                            disable=assemble.nbytes(params) < assemble.PROGRESS_FROM):
     if pending and nbytes + tensor.nbytes > max_shard_bytes:
@@ -280,17 +303,18 @@ def export_hf(cfg: model.ModelConfig, params: model.Params, out_dir: str, *,
     nbytes += tensor.nbytes
   flush(nbytes)
   if len(shards) == 1:
-    os.replace(shards[0][0], os.path.join(out_dir, WEIGHTS_FILE))
-  else:
-    weight_map = {}
-    for i, (path, names, _) in enumerate(shards, 1):
-      final = f'model-{i:05d}-of-{len(shards):05d}.safetensors'
-      os.replace(path, os.path.join(out_dir, final))
-      weight_map.update(dict.fromkeys(names, final))
-    _write_json(os.path.join(out_dir, INDEX_FILE), {
-        'metadata': {'total_size': sum(n for _, _, n in shards)}, 'weight_map': weight_map})
-  _write_json(config_path, hf_config(cfg, dtype, bos_token_id, eos_token_id))  # last: complete
-  return out_dir
+    created.append(os.path.join(out_dir, WEIGHTS_FILE))
+    os.replace(shards[0][0], created[-1])
+    return
+  weight_map = {}
+  for i, (path, names, _) in enumerate(shards, 1):
+    final = f'model-{i:05d}-of-{len(shards):05d}.safetensors'
+    created.append(os.path.join(out_dir, final))
+    os.replace(path, created[-1])
+    weight_map.update(dict.fromkeys(names, final))
+  _write_json(os.path.join(out_dir, INDEX_FILE), {
+      'metadata': {'total_size': sum(n for _, _, n in shards)}, 'weight_map': weight_map},
+      created)
 
 
 def _tensors(cfg: model.ModelConfig, params: model.Params, np_dtype):
@@ -318,13 +342,23 @@ def _umask() -> int:
   return mask
 
 
-def _write_json(path: str, obj) -> None:
+def _missing_dirs(path: str) -> list[str]:
+  """`path` and those of its parents that do not exist yet, deepest first."""
+  out = []
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    out.append(path)
+    path = os.path.dirname(path)
+  return out
+
+
+def _write_json(path: str, obj, created: list[str]) -> None:
+  created += [path + '.tmp', path]
   with open(path + '.tmp', 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True)
   os.replace(path + '.tmp', path)
 
 
-def _copy_tokenizer(tokenizer_dir: str, out_dir: str) -> None:
+def _copy_tokenizer(tokenizer_dir: str, out_dir: str, created: list[str]) -> None:
   """Copies the tokenizer's top-level files; never its weights or config (ours win)."""
   if not os.path.isdir(tokenizer_dir):
     raise FileNotFoundError(f'{tokenizer_dir}: tokenizer directory does not exist')
@@ -332,4 +366,5 @@ def _copy_tokenizer(tokenizer_dir: str, out_dir: str) -> None:
     if (not entry.is_file() or entry.name == CONFIG_FILE
         or entry.name.endswith(('.safetensors', '.bin', '.pt'))):
       continue
-    shutil.copy2(entry.path, os.path.join(out_dir, entry.name))
+    created.append(os.path.join(out_dir, entry.name))
+    shutil.copy2(entry.path, created[-1])
