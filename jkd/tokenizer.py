@@ -201,15 +201,29 @@ def from_gguf(path: str) -> Tokenizer | None:
   tokens, merges = field('tokens'), field('merges')
   if not tokens or merges is None:
     raise ValueError(f'{path}: GGUF tokenizer without tokenizer.ggml.tokens or merges')
+  if not (isinstance(tokens, list) and isinstance(merges, list)
+          and all(isinstance(s, str) for s in tokens + merges)):
+    raise ValueError(f'{path}: GGUF tokenizer.ggml.tokens and merges are not arrays of '
+                     'strings: a corrupt tokenizer; re-convert the model')
   types = field('token_type') or [0] * len(tokens)
   vocab = {t: i for i, t in enumerate(tokens)}
   if len(vocab) != len(tokens):
     raise ValueError(f'{path}: GGUF vocabulary has duplicate tokens')
-  tok = _byte_level_bpe(
-      vocab, [tuple(m.split(' ', 1)) for m in merges],
-      special=[t for t, k in zip(tokens, types) if k == _GGUF_CONTROL],
-      added=[t for t, k in zip(tokens, types) if k == _GGUF_USER_DEFINED],
-      split_digits=_GGUF_PRE_DIGITS[pre], add_prefix_space=bool(field('add_space_prefix', False)))
+  pairs = [tuple(m.split(' ', 1)) for m in merges]
+  bad = next((i for i, p in enumerate(pairs) if len(p) != 2), None)
+  if bad is not None:
+    raise ValueError(f'{path}: GGUF merge {bad} ({merges[bad]!r}) is not two tokens split by a '
+                     'space: a corrupt tokenizer; re-convert the model')
+  try:
+    tok = _byte_level_bpe(
+        vocab, pairs,
+        special=[t for t, k in zip(tokens, types) if k == _GGUF_CONTROL],
+        added=[t for t, k in zip(tokens, types) if k == _GGUF_USER_DEFINED],
+        split_digits=_GGUF_PRE_DIGITS[pre],
+        add_prefix_space=bool(field('add_space_prefix', False)))
+  except Exception as e:  # tokenizers raises plain Exception (a merge of an unknown token, ...)
+    raise ValueError(f'{path}: GGUF tokenizer metadata is invalid ({e}); re-convert the '
+                     'model') from None
   return Tokenizer('huggingface', {HF_FILE: tok.to_str().encode()},
                    bos_id=field('bos_token_id'), eos_id=field('eos_token_id'),
                    pad_id=field('padding_token_id'))

@@ -350,9 +350,11 @@ def test_malformed_weights_metadata_and_pickles_are_named(tmp_path):
       from_nemo.load_nemo(str(tmp_path / 'd'))
 
 
-def test_mismatched_tensor_shape_names_the_tensor(tmp_path):
+@pytest.mark.parametrize('ffn', [48, 1 << 31])
+def test_mismatched_tensor_shape_names_the_tensor(tmp_path, ffn):
+  """Too small or far too big (a 1 TiB fc1 kernel): refused before any leaf is allocated."""
   with pytest.raises(ValueError, match=r'fc1\.weight \(layer 0\): shape \(96, 64\) does not fit'):
-    from_nemo.load_nemo(_edit_config(tmp_path, 'nemotron', ffn_hidden_size=48))
+    from_nemo.load_nemo(_edit_config(tmp_path, 'nemotron', ffn_hidden_size=ffn))
 
 
 def test_missing_tensor_is_a_clear_error(tmp_path):

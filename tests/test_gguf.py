@@ -21,9 +21,11 @@ def _llama_cpp_permute(w, n_heads):
       w.shape)
 
 
-def write_llama_gguf(path, hf, *, freq_base=True):
+def write_llama_gguf(path, hf, *, freq_base=True, ffn_length=None, dtypes=None):
   """Writes an HF LlamaForCausalLM as llama.cpp does (F32 tensors, permuted q/k); without
-  llama.rope.freq_base when `freq_base` is False, as older conversions are."""
+  llama.rope.freq_base when `freq_base` is False, as older conversions are. `ffn_length`
+  overrides llama.feed_forward_length; `dtypes` {GGUF tensor name: numpy dtype} stores those
+  tensors in another type (float64 -> F64, int32 -> I32)."""
   import gguf
   c = hf.config
   sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
@@ -31,7 +33,7 @@ def write_llama_gguf(path, hf, *, freq_base=True):
   w.add_block_count(c.num_hidden_layers)
   w.add_context_length(c.max_position_embeddings)
   w.add_embedding_length(c.hidden_size)
-  w.add_feed_forward_length(c.intermediate_size)
+  w.add_feed_forward_length(ffn_length or c.intermediate_size)
   w.add_head_count(c.num_attention_heads)
   w.add_head_count_kv(c.num_key_value_heads)
   if freq_base:
@@ -41,10 +43,11 @@ def write_llama_gguf(path, hf, *, freq_base=True):
     w.add_value_length(c.head_dim)
   w.add_layer_norm_rms_eps(c.rms_norm_eps)
   w.add_vocab_size(c.vocab_size)
-  w.add_tensor('token_embd.weight', sd['model.embed_tokens.weight'])
-  w.add_tensor('output_norm.weight', sd['model.norm.weight'])
+  add = lambda name, t: w.add_tensor(name, t.astype((dtypes or {}).get(name, t.dtype)))
+  add('token_embd.weight', sd['model.embed_tokens.weight'])
+  add('output_norm.weight', sd['model.norm.weight'])
   if not c.tie_word_embeddings:
-    w.add_tensor('output.weight', sd['lm_head.weight'])
+    add('output.weight', sd['lm_head.weight'])
   names = {'input_layernorm.weight': 'attn_norm.weight', 'self_attn.q_proj.weight': 'attn_q.weight',
            'self_attn.k_proj.weight': 'attn_k.weight', 'self_attn.v_proj.weight': 'attn_v.weight',
            'self_attn.o_proj.weight': 'attn_output.weight', 'mlp.gate_proj.weight': 'ffn_gate.weight',
@@ -57,7 +60,7 @@ def write_llama_gguf(path, hf, *, freq_base=True):
         t = _llama_cpp_permute(t, c.num_attention_heads)
       if g_name == 'attn_k.weight':
         t = _llama_cpp_permute(t, c.num_key_value_heads)
-      w.add_tensor(f'blk.{i}.{g_name}', np.ascontiguousarray(t))
+      add(f'blk.{i}.{g_name}', np.ascontiguousarray(t))
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -129,6 +132,55 @@ def test_convert_cli_writes_a_loadable_model_dir(tiny_gguf, tmp_path):
   assert np.abs(_logits(cfg, params, tokens) - ref.hf_logits(hf, tokens)).max() <= 1e-4
 
 
+def test_f64_tensors_are_read_and_unreadable_types_refused_up_front(tiny_gguf, tmp_path):
+  """gguf.quants cannot dequantize F64 (read directly) nor Q8_1, Q8_K, I8..I64, Q1_0: those
+  are refused by open_gguf, before any tensor is read or output written (docs/checkpoints.md
+  lists the same types)."""
+  import gguf
+  path, hf = tiny_gguf
+  write_llama_gguf(tmp_path / 'f64.gguf', hf, dtypes={'output_norm.weight': np.float64})
+  _, want = from_gguf.load_gguf(str(path))
+  _, got = from_gguf.load_gguf(str(tmp_path / 'f64.gguf'))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  write_llama_gguf(tmp_path / 'i32.gguf', hf, dtypes={'blk.1.ffn_up.weight': np.int32})
+  with pytest.raises(ValueError, match=r'i32\.gguf: tensor blk\.1\.ffn_up\.weight: ggml type I32 '
+                     'is not supported'):
+    from_gguf.open_gguf(str(tmp_path / 'i32.gguf'))
+  refused = [q.name for q in gguf.GGMLQuantizationType
+             if q.name != 'F64' and not from_gguf._dequantizable(q)]
+  assert refused == ['Q8_1', 'Q8_K', 'I8', 'I16', 'I32', 'I64', 'Q1_0']
+
+
+def test_corrupt_size_metadata_is_an_error_before_allocating(tiny_gguf, tmp_path):
+  """A feed_forward_length far above the tensors' (here a 1.2 TiB fc1 kernel) is refused when
+  the first tensor's shape is checked against its slot, before any leaf is allocated."""
+  import tracemalloc
+  _, hf = tiny_gguf
+  write_llama_gguf(tmp_path / 'm.gguf', hf, ffn_length=1275068512)
+  tracemalloc.start()
+  try:
+    with pytest.raises(ValueError, match=rf'tensor blk\.0\.ffn_gate\.weight: shape \({ref.F}, '
+                       rf'{ref.D}\) does not fit .* gives \({ref.D}, {ref.F}\) where '
+                       rf'layers\.mlp\.fc1\.kernel needs \({ref.D}, 1275068512\)'):
+      from_gguf.load_gguf(str(tmp_path / 'm.gguf'))
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 256 << 20, peak
+
+
+@pytest.mark.parametrize('merges, match', [
+    (['Ġt'], r"GGUF merge 0 \('Ġt'\) is not two tokens split by a space"),
+    (['Ġ zz'], r'GGUF tokenizer metadata is invalid \(.*`zz` out of vocabulary\)')])
+def test_bad_gguf_merges_are_a_clear_error(tmp_path, merges, match):
+  """The `tokenizers` library's TypeError / plain Exception become a ValueError naming the file."""
+  from jkd import tokenizer
+  from tests.test_tokenizer import write_gguf_tokenizer
+  path = write_gguf_tokenizer(tmp_path / 'tok.gguf', tokens=['Ġ', 't', 'Ġt'], merges=merges)
+  with pytest.raises(ValueError, match=f'tok.gguf: {match}'):
+    tokenizer.from_gguf(path)
+
+
 def test_truncated_gguf_is_a_clear_error(tiny_gguf, tmp_path):
   path, _ = tiny_gguf
   bad = tmp_path / 'truncated.gguf'
@@ -189,6 +241,29 @@ def test_bad_metadata_is_a_clear_error(tmp_path):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError, match=f'{tmp_path / name}: .*{match}'):
       gguf_metadata.read_metadata(str(tmp_path / name))
+
+
+def _nested_gguf(path, depth):
+  """A GGUF file with one key whose value is [[...[7]...]], arrays `depth` deep."""
+  import struct
+  body = struct.pack('<Q', 1) + b'x' + struct.pack('<I', 9)  # value type ARRAY
+  body += struct.pack('<IQ', 9, 1) * (depth - 1) + struct.pack('<IQ', 4, 1) + struct.pack('<I', 7)
+  path.write_bytes(b'GGUF' + struct.pack('<IQQ', 3, 0, 1) + body)
+  return str(path)
+
+
+def test_nesting_past_the_limit_is_a_clear_error(tmp_path):
+  """Arrays nested up to MAX_NESTING deep are read; deeper ones (2000: past Python's recursion
+  limit) are a ValueError, from read_metadata and from open_gguf (GGUFReader)."""
+  limit = gguf_metadata.MAX_NESTING + 1  # arrays: the outer one and MAX_NESTING inside it
+  value = gguf_metadata.read_metadata(_nested_gguf(tmp_path / 'ok.gguf', limit))['x']
+  assert str(value) == '[' * limit + '7' + ']' * limit
+  for depth in (limit + 1, 2000):
+    path = _nested_gguf(tmp_path / f'{depth}.gguf', depth)
+    with pytest.raises(ValueError, match=rf'{depth}\.gguf: arrays nested more than'):
+      gguf_metadata.read_metadata(path)
+  with pytest.raises(ValueError, match=r'2000\.gguf: not a readable GGUF file'):
+    from_gguf.open_gguf(path)
 
 
 @pytest.mark.slow

@@ -44,8 +44,25 @@ class Target:
   transform: Callable[[np.ndarray], np.ndarray]
 
 
-def _slot_size(shape: tuple[int, ...], index: tuple) -> int:
-  return np.broadcast_to(np.empty((), np.int8), shape)[index].size
+def _stand_in(shape: tuple[int, ...], dtype=np.int8) -> np.ndarray:
+  """A read-only array of any shape that holds one element (all strides 0): indexing,
+  reshaping and transposing it give the shapes of the real thing without allocating it."""
+  return np.broadcast_to(np.empty((), dtype), shape)
+
+
+def _converted(src: Source, t: Target, tensor: np.ndarray, leaf_shape: tuple[int, ...]):
+  """t.transform(tensor), checked to fit its slot of the leaf; ValueError naming both shapes."""
+  try:
+    value = t.transform(tensor)
+  except ValueError as e:  # a reshape into the config's heads, groups or widths
+    raise ValueError(f'{src.where}: shape {tuple(src.shape)} does not fit the model config '
+                     f'({e}); its size metadata and tensors disagree (a corrupt file?)') from None
+  slot = _stand_in(leaf_shape)[t.index].shape
+  if value.shape != slot:
+    raise ValueError(f'{src.where}: shape {tuple(src.shape)} does not fit the model config '
+                     f'(it gives {value.shape} where {".".join(t.path)} needs {slot}); its size '
+                     'metadata and tensors disagree (a corrupt file?)')
+  return value
 
 
 def _plan(cfg: model.ModelConfig, sources: list[Source],
@@ -69,7 +86,10 @@ def _plan(cfg: model.ModelConfig, sources: list[Source],
       if (t.path, repr(t.index)) in slots:  # slices are unhashable before Python 3.12
         raise ValueError(f'{src.where}: {".".join(t.path)}{list(t.index)} is written twice')
       slots.add((t.path, repr(t.index)))
-      filled[t.path] += _slot_size(shapes[t.path], t.index)
+      filled[t.path] += _stand_in(shapes[t.path])[t.index].size
+      # Transforms change only the layout: run on a stand-in they check the shapes now, before
+      # a config's sizes (corrupt, say) allocate a leaf.
+      _converted(src, t, _stand_in(src.shape, src.dtype), shapes[t.path])
       dtypes[t.path] = np.result_type(dtypes.get(t.path, src.dtype), src.dtype)
       if src.layer is not None:
         layers_seen.setdefault(t.path, set()).add(src.layer)
@@ -144,17 +164,7 @@ def assemble(cfg: model.ModelConfig, sources: Iterable[Source],
         for t in targets:
           if t.path not in leaves:
             leaves[t.path] = np.empty(shapes[t.path], dtypes[t.path])
-          try:
-            value = t.transform(tensor)
-          except ValueError as e:  # a reshape into the config's heads, groups or widths
-            raise ValueError(f'{src.where}: shape {tuple(src.shape)} does not fit the model '
-                             f'config ({e})') from None
-          slot = leaves[t.path][t.index]
-          if value.shape != slot.shape:
-            raise ValueError(f'{src.where}: shape {tuple(src.shape)} does not fit the model '
-                             f'config (expected {slot.shape} for {".".join(t.path)} after '
-                             'conversion)')
-          leaves[t.path][t.index] = value
+          leaves[t.path][t.index] = _converted(src, t, tensor, shapes[t.path])
         bar.update(tensor.nbytes)
         del tensor
       yield _nest(leaves)

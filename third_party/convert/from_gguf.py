@@ -1,7 +1,9 @@
 """GGUF (llama.cpp) Llama-architecture checkpoints -> jkd ModelConfig + Flax params.
 
 Reads with the `gguf` package and numpy only; quantized tensors (Q4_*, Q8_0, ...) are
-dequantized to fp32 one tensor at a time and streamed out group by group (assemble.py).
+dequantized to fp32 one tensor at a time and streamed out group by group (assemble.py). Types
+gguf.quants cannot dequantize (Q8_1, Q8_K, I8..I64, Q1_0) are refused before anything is read;
+F64 is read directly.
 
 llama.cpp stores attn_q / attn_k rows permuted for its interleaved RoPE
 (`reshape(n, 2, H/2, D).swapaxes(1, 2)` per head); the importer undoes that so the weights
@@ -10,6 +12,7 @@ are in the rotate-half order jkd (and Megatron, and HF Llama) use.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Callable, Iterator
@@ -111,9 +114,23 @@ def read_config(reader: gguf.GGUFReader, path: str) -> model.ModelConfig:
                                                   for t in reader.tensors))
 
 
+@functools.cache
+def _dequantizable(qtype: gguf.GGMLQuantizationType) -> bool:
+  """Whether gguf.quants.dequantize reads this type (tried on one block of zeros)."""
+  _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+  try:
+    gguf.quants.dequantize(np.zeros(type_size, np.uint8), qtype)
+  except NotImplementedError:  # I8..I64, Q8_1, Q8_K, ...
+    return False
+  return True
+
+
 def _dequantize(t) -> np.ndarray:
   """One GGUF tensor as fp32 in torch [out, in] order."""
-  w = gguf.quants.dequantize(t.data, t.tensor_type)
+  if t.tensor_type == gguf.GGMLQuantizationType.F64:  # gguf.quants does not read F64
+    w = t.data  # GGUFReader gives float64 values (in the file's byte order)
+  else:
+    w = gguf.quants.dequantize(t.data, t.tensor_type)
   return np.asarray(w, np.float32).reshape(_torch_shape(t))
 
 
@@ -138,6 +155,9 @@ def _source(t, path: str, num_layers: int) -> tuple[Source, tuple, Callable]:
     raise ValueError(f'{where}: RoPE frequency factors are not supported')
   else:
     raise ValueError(f'{where}: unknown tensor')
+  if t.tensor_type != gguf.GGMLQuantizationType.F64 and not _dequantizable(t.tensor_type):
+    raise ValueError(f'{where}: ggml type {t.tensor_type.name} is not supported (see '
+                     'docs/checkpoints.md); re-convert the model to e.g. F16 or Q8_0')
   source = Source(layer, t.name, _torch_shape(t), np.dtype(np.float32),
                   lambda t=t: _dequantize(t), where)
   return source, dest, transform
@@ -149,7 +169,7 @@ def open_gguf(path: str) -> tuple[model.ModelConfig, Iterator[model.Params]]:
     raise FileNotFoundError(f'{path}: no such file')
   try:
     reader = gguf.GGUFReader(path)
-  except (ValueError, OSError, IndexError, KeyError) as e:
+  except (ValueError, OSError, IndexError, KeyError, RecursionError) as e:  # nested arrays
     raise ValueError(f'{path}: not a readable GGUF file ({e})') from None
   cfg = read_config(reader, path)
   routes = {}

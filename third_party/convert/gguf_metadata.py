@@ -18,6 +18,9 @@ _MAGIC = b'GGUF'
 _SCALARS = {0: 'u1', 1: 'i1', 2: 'u2', 3: 'i2', 4: 'u4', 5: 'i4', 6: 'f4', 7: '?', 10: 'u8',
             11: 'i8', 12: 'f8'}
 _STRING, _ARRAY = 8, 9
+# Arrays of arrays nested deeper than this are refused (real files nest none): without a limit
+# a crafted file ends in a RecursionError.
+MAX_NESTING = 16
 
 
 class _Cursor:
@@ -49,7 +52,7 @@ class _Cursor:
     self.offset += n * dtype.itemsize
     return out
 
-  def value(self, vtype: int):
+  def value(self, vtype: int, depth: int = 0):
     if vtype == _STRING:
       return self.string()
     if vtype in _SCALARS:
@@ -58,7 +61,10 @@ class _Cursor:
       itype, n = self.unpack('I'), self.unpack('Q')
       if itype in _SCALARS:
         return self.numbers(itype, n)
-      return [self.value(itype) for _ in range(n)]
+      if itype == _ARRAY and depth >= MAX_NESTING:
+        raise ValueError(f'arrays nested more than {MAX_NESTING} deep: a corrupt file? '
+                         'Re-download or re-convert it')
+      return [self.value(itype, depth + 1) for _ in range(n)]
     raise ValueError(f'unknown GGUF value type {vtype}')
 
 
