@@ -95,12 +95,18 @@ def _sentencepiece(proto: bytes) -> Tokenizer:
   return Tokenizer('sentencepiece', {SP_FILE: proto}, bos_id=ids[0], eos_id=ids[1], pad_id=ids[2])
 
 
-def _byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], *,
+def _byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], where: str, *,
                     special: Sequence[str] = (), added: Sequence[str] = (),
                     split_digits: bool = False, add_prefix_space: bool = False
                     ) -> tokenizers.Tokenizer:
-  """GPT-2's byte-level BPE (the components of HF's GPT2Tokenizer)."""
-  tok = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
+  """GPT-2's byte-level BPE (the components of HF's GPT2Tokenizer); ValueError naming `where`
+  when the vocabulary and merges do not make one."""
+  try:
+    bpe = models.BPE(vocab, merges, fuse_unk=False)
+  except Exception as e:  # tokenizers raises plain Exception (a merge of an unknown token, ...)
+    raise ValueError(f'{where}: the vocabulary and merges make no BPE tokenizer ({e}): a '
+                     'corrupt tokenizer') from None
+  tok = tokenizers.Tokenizer(bpe)
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
   tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                 byte_level]) if split_digits else byte_level)
@@ -121,8 +127,10 @@ def _gpt2_files(vocab_json: bytes, merges_txt: bytes, where: str) -> Tokenizer:
   merges = [tuple(l.split()) for l in lines if l.strip() and not l.startswith('#version')]
   if any(len(m) != 2 for m in merges):
     raise ValueError(f'{where}: merges file has a line that is not two tokens')
+  if not (isinstance(vocab, dict) and all(isinstance(i, int) for i in vocab.values())):
+    raise ValueError(f'{where}: the vocab file is not a JSON object of token ids')
   eot = '<|endoftext|>' if '<|endoftext|>' in vocab else None
-  tok = _byte_level_bpe(vocab, merges, special=[eot] if eot else [])
+  tok = _byte_level_bpe(vocab, merges, where, special=[eot] if eot else [])
   return Tokenizer('huggingface', {HF_FILE: tok.to_str().encode()}, bos_id=vocab.get(eot),
                    eos_id=vocab.get(eot), pad_id=None)
 
@@ -214,16 +222,11 @@ def from_gguf(path: str) -> Tokenizer | None:
   if bad is not None:
     raise ValueError(f'{path}: GGUF merge {bad} ({merges[bad]!r}) is not two tokens split by a '
                      'space: a corrupt tokenizer; re-convert the model')
-  try:
-    tok = _byte_level_bpe(
-        vocab, pairs,
-        special=[t for t, k in zip(tokens, types) if k == _GGUF_CONTROL],
-        added=[t for t, k in zip(tokens, types) if k == _GGUF_USER_DEFINED],
-        split_digits=_GGUF_PRE_DIGITS[pre],
-        add_prefix_space=bool(field('add_space_prefix', False)))
-  except Exception as e:  # tokenizers raises plain Exception (a merge of an unknown token, ...)
-    raise ValueError(f'{path}: GGUF tokenizer metadata is invalid ({e}); re-convert the '
-                     'model') from None
+  tok = _byte_level_bpe(
+      vocab, pairs, f'{path}: GGUF tokenizer',
+      special=[t for t, k in zip(tokens, types) if k == _GGUF_CONTROL],
+      added=[t for t, k in zip(tokens, types) if k == _GGUF_USER_DEFINED],
+      split_digits=_GGUF_PRE_DIGITS[pre], add_prefix_space=bool(field('add_space_prefix', False)))
   return Tokenizer('huggingface', {HF_FILE: tok.to_str().encode()},
                    bos_id=field('bos_token_id'), eos_id=field('eos_token_id'),
                    pad_id=field('padding_token_id'))

@@ -171,7 +171,8 @@ def test_corrupt_size_metadata_is_an_error_before_allocating(tiny_gguf, tmp_path
 
 @pytest.mark.parametrize('merges, match', [
     (['Ġt'], r"GGUF merge 0 \('Ġt'\) is not two tokens split by a space"),
-    (['Ġ zz'], r'GGUF tokenizer metadata is invalid \(.*`zz` out of vocabulary\)')])
+    (['Ġ zz'], r'GGUF tokenizer: the vocabulary and merges make no BPE tokenizer \(.*`zz` out '
+               r'of vocabulary\)')])
 def test_bad_gguf_merges_are_a_clear_error(tmp_path, merges, match):
   """The `tokenizers` library's TypeError / plain Exception become a ValueError naming the file."""
   from jkd import tokenizer

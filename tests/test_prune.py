@@ -155,7 +155,7 @@ def test_evenly_spaced_includes_first_and_last():
 
 def _tokenizer():
   vocab = {chr(ord('a') + i): i for i in range(26)}
-  tok = tokenizer._byte_level_bpe(vocab, [], special=[], added=[], split_digits=False,
+  tok = tokenizer._byte_level_bpe(vocab, [], 'test', special=[], added=[], split_digits=False,
                                   add_prefix_space=False)
   return tokenizer.Tokenizer('huggingface', {tokenizer.HF_FILE: tok.to_str().encode()},
                              bos_id=1, eos_id=2, pad_id=None)

@@ -166,6 +166,15 @@ def test_gpt2bpe_matches_transformers_gpt2_tokenizer(tmp_path, gpt2_files, libra
   assert tok.encode('<|endoftext|>') == [tok.eos_id]
 
 
+@pytest.mark.parametrize('vocab, merges, match', [
+    (b'{"a": 0, "b": 1}', b'a zz\n', r'make no BPE tokenizer \(.*`zz` out of vocabulary'),
+    (b'["a", "b"]', b'a b\n', 'not a JSON object of token ids')])
+def test_a_corrupt_gpt2_vocabulary_is_a_clear_error(vocab, merges, match):
+  """The tokenizers library raised a plain Exception (a traceback from mode=convert)."""
+  with pytest.raises(ValueError, match=f'^x.nemo: .*{match}'):
+    jt._gpt2_files(vocab, merges, 'x.nemo')
+
+
 def test_huggingface_tokenizer_json_member(tmp_path, gpt2_files):
   """A tokenizer.json inside the archive is used as is, special ids from the NeMo config."""
   import tokenizers
