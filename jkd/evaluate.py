@@ -129,18 +129,33 @@ def summarize(pairs: Pairs) -> dict[str, float]:
           'agreement': mean('teacher_top1_agreement'), 'kl_topk': mean('kl_topk'), 'ece': ece}
 
 
+# Logits of at most this many elements at a time: [B, T, V] of the tutorial's student (V=256000)
+# at eval.batch_size=8 and 4096 tokens would be 31 GiB in fp32, twice over with log-softmax.
+CHUNK_ELEMENTS = 1 << 27
+
+
 def make_eval_fn(cfg: model.ModelConfig, *, n_bins: int = 15):
-  """Jitted fn(params, batch) -> pairs over a loader batch (packed rows respected)."""
+  """Jitted fn(params, batch) -> pairs over a loader batch (packed rows respected); the logits
+  of CHUNK_ELEMENTS / V tokens at a time."""
   if not isinstance(n_bins, int) or n_bins < 1:
     raise ValueError(f'n_bins={n_bins!r}: must be a positive integer')
 
   @jax.jit
   def eval_fn(params, batch):
-    logits_BxTxV = model.forward(cfg, params, batch['tokens'],
-                                 segment_ids_BxT=batch['segment_ids'],
-                                 positions_BxT=batch['positions'])
-    return token_metrics(logits_BxTxV, batch['labels'], batch['loss_mask'], batch['topk_ids'],
-                         batch['topk_logits'], n_bins=n_bins)
+    h_BxTxD = model.hidden(cfg, params, batch['tokens'], segment_ids_BxT=batch['segment_ids'],
+                           positions_BxT=batch['positions'])
+    B, T, D = h_BxTxD.shape
+    tokens = {'h': h_BxTxD.reshape(B * T, D),
+              **{k: batch[k].reshape(B * T, *batch[k].shape[2:])
+                 for k in ('labels', 'loss_mask', 'topk_ids', 'topk_logits')}}
+
+    def one(t):  # a token as a [1, 1] batch; lax.map runs CHUNK_ELEMENTS / V of them at once
+      return token_metrics(model.logits_from_hidden(cfg, params, t['h'][None, None]),
+                           t['labels'][None, None], t['loss_mask'][None, None],
+                           t['topk_ids'][None, None], t['topk_logits'][None, None],
+                           n_bins=n_bins)
+    per_token = jax.lax.map(one, tokens, batch_size=max(1, CHUNK_ELEMENTS // cfg.vocab_size))
+    return jax.tree.map(lambda a: jnp.sum(a, axis=0), per_token)
 
   def run(params, batch):
     missing = [k for k in BATCH_KEYS if k not in batch]
