@@ -136,10 +136,7 @@ def validate(config) -> None:
 
 def _validate_pipeline(config, mesh_shape) -> None:
   p = config.pipeline
-  import jax
-  if jax.process_count() > 1:  # its stages write one workdir's files and evaluate on one host
-    raise ValueError(f'mode=pipeline: runs in one process ({jax.process_count()} started); for '
-                     'several, run mode=extract and mode=train (docs/multihost.md)')
+  _one_process(config, 'for several, run mode=extract and mode=train (docs/multihost.md)')
   fetched = {'teacher': ('smollm2', 'random'), 'corpus': ('chatterbot',)}  # names, not paths
   _check_paths(config, tuple(f'pipeline.{key}' for key, names in fetched.items()
                              if p[key] not in names), ())
@@ -193,7 +190,16 @@ def _pipeline_runs(config) -> None:
                      'train.limit_val_batches=0 for no validation')
 
 
+def _one_process(config, hint: str = '') -> None:
+  """The modes that run on one host (their files written once, their data read whole)."""
+  import jax
+  if jax.process_count() > 1:
+    raise ValueError(f'mode={config.mode}: runs in one process ({jax.process_count()} started)'
+                     + (f'; {hint}' if hint else ''))
+
+
 def _validate_convert(config, mesh_shape) -> None:
+  _one_process(config)  # every process would write the same model directory
   for key in ('source', 'output'):
     if not config.convert[key]:
       raise ValueError(f'convert.{key} is empty: set --config.convert.{key}=PATH')
@@ -291,9 +297,7 @@ def check_same_vocab(student_vocab: int, teacher_vocab: int, cross_tokenizer: bo
 
 
 def _validate_eval(config, mesh_shape) -> None:
-  import jax
-  if jax.process_count() > 1:  # each would read its own shard of the split
-    raise ValueError(f'mode=eval: runs in one process ({jax.process_count()} started)')
+  _one_process(config)  # each would read its own shard of the split
   e = config.eval
   for key in ('model', 'store'):
     if not e[key]:
@@ -326,6 +330,7 @@ def _validate_eval(config, mesh_shape) -> None:
 
 
 def _validate_export(config, mesh_shape) -> None:
+  _one_process(config)  # every process would write the same files
   if not config.export.source:
     raise ValueError('export.source is empty: set --config.export.source=MODEL_DIR')
   if not config.export.nemo and not config.export.hf:

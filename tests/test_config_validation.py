@@ -189,6 +189,11 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
                                              'eval__split': 'train'},
                                     'two processes', ['mode=eval', 'one process']),
     'eval without a model': ('eval', {'eval__store': 'TMP/store'}, None, ['eval.model']),
+    # every process wrote the same files
+    'export with several processes': ('export', {}, 'two processes', ['mode=export',
+                                                                      'one process']),
+    'convert with several processes': ('convert', {}, 'two processes', ['mode=convert',
+                                                                        'one process']),
 }
 
 
