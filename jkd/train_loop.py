@@ -119,9 +119,10 @@ class _Metrics:
       except ImportError:
         raise ImportError('train.wandb_project is set but wandb is not installed: '
                           'pip install wandb') from None
-      # One W&B run per workdir: a resumed run continues it (its id kept in the workdir).
+      # One W&B run per workdir: a resumed run continues it (its id kept in the workdir); a
+      # fresh start, one of its own (W&B would drop its steps below those already logged).
       id_file = os.path.join(ls.workdir, 'wandb_id')
-      if not os.path.isfile(id_file):
+      if start == 0 or not os.path.isfile(id_file):
         with open(id_file + '.tmp', 'w') as f:
           f.write(uuid.uuid4().hex[:16])
         os.replace(id_file + '.tmp', id_file)

@@ -501,8 +501,9 @@ def test_online_teacher_equals_training_from_the_store(store, tmp_path):
 
 
 def test_wandb_run_continues_across_restarts(tmp_path, monkeypatch):
-  """With train.wandb_project set, every start of one workdir logs to one W&B run (its id is kept
-  in the workdir), as every step is logged once elsewhere."""
+  """With train.wandb_project set, every resume of one workdir logs to one W&B run (its id is
+  kept in the workdir), as every step is logged once elsewhere; a start from step 0 to a new
+  one (W&B drops steps below those logged: the old run's curve stayed)."""
   import types
 
   from configs import base
@@ -520,10 +521,10 @@ def test_wandb_run_continues_across_restarts(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'wandb', fake)
   config = base.get_config()
   config.workdir, config.train.wandb_project = str(tmp_path), 'kd'
-  for start in (0, 4):
+  for start in (0, 4, 0):  # a start from scratch (killed before its first checkpoint): anew
     train_loop._Metrics(train_loop.loop_settings(config), config, start).close()
-  assert [c['project'] for c in calls] == ['kd', 'kd'] and calls[0]['id'] == calls[1]['id']
-  assert (tmp_path / 'wandb_id').read_text() == calls[0]['id']
+  assert [c['project'] for c in calls] == ['kd', 'kd', 'kd'] and calls[0]['id'] == calls[1]['id']
+  assert calls[2]['id'] != calls[1]['id'] and (tmp_path / 'wandb_id').read_text() == calls[2]['id']
 
 
 _READ_EVENTS = '''
