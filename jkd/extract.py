@@ -267,12 +267,13 @@ def extract_split(examples: Sequence[dict], split: str, s: Settings, mesh, rules
     if preemption is not None and preemption.reached():
       break
   bar.close()
-  writer.close()
   if preemption is not None and preemption.stopping:  # every process stops at the same batch
+    writer.close()
     return written
   _barrier(f'extract {split}: done')  # the split is complete when any process returns
   if jax.process_index() == 0:
     logit_store.mark_finished(s.output, split, sorted(wanted), total=len(examples))
+  writer.close()  # after the record: a job let in before it could write over it with its own
   return written
 
 

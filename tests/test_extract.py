@@ -172,6 +172,20 @@ def in_process(teacher_dir, output, **settings):
   return cfg, params, tok, examples, s
 
 
+def test_the_split_stays_held_until_its_job_is_recorded(teacher_dir, tmp_path, monkeypatch):
+  """finished.json is read, extended and rewritten: another chunk job let into the split before
+  that (the writer lock was released first) could write over it with its own record."""
+  from jkd import distributed
+  from jkd.data import logit_store
+  cfg, params, tok, examples, s = in_process(teacher_dir, tmp_path / 's', end_idx=7)
+  lock = os.path.join(s.output, 'train', '.writer.p00000.lock')
+  held, mark = [], logit_store.mark_finished
+  monkeypatch.setattr(logit_store, 'mark_finished',
+                      lambda *a, **k: held.append(lock in distributed._HELD) or mark(*a, **k))
+  extract.extract_split(examples, 'train', s, _mesh((1, 1, 1)), RULES, cfg, params, tok)
+  assert held == [True] and lock not in distributed._HELD
+
+
 def test_start_and_inclusive_end_select_examples_as_nemo(teacher_dir, tmp_path):
   """start_idx..end_idx (inclusive, NeMo's start_from_idx / end_at_idx); a second range run
   adds to the same store; a rerun of a done range writes nothing."""
