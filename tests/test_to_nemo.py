@@ -48,6 +48,16 @@ def test_nemo_to_jkd_to_nemo_to_jkd_is_identical(tmp_path, arch):
   assert _same(params, params2)
 
 
+@pytest.mark.parametrize('v, p, m', [(200, 200, 8), (256000, 256000, 128), (200, 203, 128)])
+def test_the_padded_vocabulary_is_read_back_at_any_tensor_parallel_size(v, p, m):
+  """NeMo pads V to a multiple of make_vocab_size_divisible_by x TP unless override_vocab_size
+  is set: loaded at TP=2, V=200 with 8 became 208 rows, not the checkpoint's 200."""
+  cfg = model.ModelConfig(num_layers=1, hidden_size=8, ffn_hidden_size=16,
+                          num_attention_heads=2, vocab_size=v, padded_vocab_size=p)
+  fields = to_nemo._vocab_fields(cfg)
+  assert fields == {'make_vocab_size_divisible_by': m, 'override_vocab_size': p}
+
+
 def test_the_gelu_form_round_trips_through_the_nemo_flags(tmp_path):
   """The tanh GELU exports as bias_activation_fusion (openai_gelu without a bias), the exact
   one with both off, and each imports back as itself."""

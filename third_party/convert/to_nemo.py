@@ -100,12 +100,13 @@ def _present(cfg: model.ModelConfig, params: dict) -> list[str]:
 
 
 def _vocab_fields(cfg: model.ModelConfig) -> dict:
-  """make_vocab_size_divisible_by that makes NeMo pad the vocabulary back to ours."""
+  """The padded vocabulary as NeMo reads it: `override_vocab_size` is the embedding's rows
+  whatever the tensor-parallel size it is loaded with (NeMo pads V to a multiple of
+  make_vocab_size_divisible_by x TP otherwise: 200 -> 208 at TP=2 with 8, not our 200); the
+  make_vocab_size_divisible_by that pads V to P at TP=1 is kept for tools that read only it."""
   v, p = cfg.vocab_size, cfg.padded_vocab
-  for m in (128, 64, 32, 16, 8, 4, 2, 1):
-    if -(-v // m) * m == p:
-      return {'make_vocab_size_divisible_by': m}
-  return {'make_vocab_size_divisible_by': 128, 'override_vocab_size': p}
+  m = next((m for m in (128, 64, 32, 16, 8, 4, 2, 1) if -(-v // m) * m == p), 128)
+  return {'make_vocab_size_divisible_by': m, 'override_vocab_size': p}
 
 
 def nemo_config(cfg: model.ModelConfig, precision: str, tokenizer: dict | None) -> dict:
