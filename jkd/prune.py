@@ -124,7 +124,7 @@ def prune_model_dir(src_dir: str, dst_dir: str, *, num_layers: int,
   Layers are chosen by block importance on the calibration tokens when given, else evenly
   spaced; the tokenizer is copied when the source has one.
   """
-  if os.path.abspath(src_dir) == os.path.abspath(dst_dir):
+  if os.path.realpath(src_dir) == os.path.realpath(dst_dir):  # a link to it too
     raise ValueError(f'{dst_dir}: pruning in place would overwrite the teacher')
   cfg, params = model.load(src_dir)
   importance = None

@@ -227,9 +227,13 @@ def from_gguf(path: str) -> Tokenizer | None:
       special=[t for t, k in zip(tokens, types) if k == _GGUF_CONTROL],
       added=[t for t, k in zip(tokens, types) if k == _GGUF_USER_DEFINED],
       split_digits=_GGUF_PRE_DIGITS[pre], add_prefix_space=bool(field('add_space_prefix', False)))
-  return Tokenizer('huggingface', {HF_FILE: tok.to_str().encode()},
-                   bos_id=field('bos_token_id'), eos_id=field('eos_token_id'),
-                   pad_id=field('padding_token_id'))
+  ids = {k: field(f'{k}_token_id') for k in ('bos', 'eos', 'padding')}
+  for k, i in ids.items():  # an export looks them up by id: failing there, after training
+    if i is not None and not (isinstance(i, int) and 0 <= i < len(tokens)):
+      raise ValueError(f'{path}: GGUF tokenizer.ggml.{k}_token_id={i!r} is not a token id of its '
+                       f'{len(tokens)}: a corrupt tokenizer; re-convert the model')
+  return Tokenizer('huggingface', {HF_FILE: tok.to_str().encode()}, bos_id=ids['bos'],
+                   eos_id=ids['eos'], pad_id=ids['padding'])
 
 
 def warn_if_not_the_stores(tok: Tokenizer | None, model_dir: str, store: str,

@@ -182,6 +182,17 @@ def test_bad_gguf_merges_are_a_clear_error(tmp_path, merges, match):
     tokenizer.from_gguf(path)
 
 
+def test_a_special_token_id_outside_the_vocabulary_is_a_clear_error(tmp_path):
+  """It converted, and failed only at the export's id lookup, after training."""
+  from jkd import tokenizer
+  from tests.test_tokenizer import write_gguf_tokenizer
+  path = write_gguf_tokenizer(tmp_path / 'tok.gguf', tokens=['Ġ', 't', 'Ġt'], merges=['Ġ t'],
+                              bos=3)
+  with pytest.raises(ValueError, match=r'tok\.gguf: GGUF tokenizer\.ggml\.bos_token_id=3 is not a '
+                     'token id of its 3'):
+    tokenizer.from_gguf(path)
+
+
 def test_truncated_gguf_is_a_clear_error(tiny_gguf, tmp_path):
   path, _ = tiny_gguf
   bad = tmp_path / 'truncated.gguf'

@@ -196,5 +196,7 @@ def test_prune_model_dir_without_tokenizer_and_in_place(tmp_path):
   assert not os.path.exists(os.path.join(dst, 'tokenizer'))
   with open(os.path.join(dst, model.CONFIG_FILE)) as f:
     assert json.load(f)['num_layers'] == 2
-  with pytest.raises(ValueError, match='in place'):
-    prune.prune_model_dir(src, src, num_layers=2)
+  os.symlink(src, tmp_path / 'link')
+  for same in (src, str(tmp_path / 'link')):
+    with pytest.raises(ValueError, match='in place'):
+      prune.prune_model_dir(src, same, num_layers=2)

@@ -206,7 +206,8 @@ def test_a_tokenizer_json_saved_with_truncation_and_padding_encodes_whole_text(t
   assert saved.encode(TEXTS[0]) == plain.encode(TEXTS[0])
 
 
-def write_gguf_tokenizer(path, *, model='gpt2', pre='gpt2', tokens=(), merges=(), types=None):
+def write_gguf_tokenizer(path, *, model='gpt2', pre='gpt2', tokens=(), merges=(), types=None,
+                         bos=0):
   import gguf
   w = gguf.GGUFWriter(str(path), 'llama')
   w.add_tokenizer_model(model)
@@ -214,7 +215,7 @@ def write_gguf_tokenizer(path, *, model='gpt2', pre='gpt2', tokens=(), merges=()
   w.add_token_list(list(tokens))
   w.add_token_types(types or [1] * len(tokens))
   w.add_token_merges(list(merges))
-  w.add_bos_token_id(0)
+  w.add_bos_token_id(bos)
   w.add_eos_token_id(0)
   w.write_header_to_file()
   w.write_kv_data_to_file()
