@@ -69,7 +69,8 @@ def _run_processes(cmd, n: int, timeout: float = 900) -> list[str]:
 
 
 def test_two_processes_train_as_one_process_of_eight_devices(store, tmp_path):
-  """(1, 8, 1) mesh, FSDP across the two processes: the same losses, gradient norms and
+  """(1, 8, 1) mesh, FSDP across the two processes (and (2, 4, 1), data-parallel across them,
+  for the losses): the same losses, gradient norms and
   validation loss at every step (metrics.jsonl, written by process 0 only), the same token
   counts (tokens/s x step time), and the same
   checkpoints: steps, and the last one's params, which each process saved its shards of; and
@@ -85,18 +86,22 @@ def test_two_processes_train_as_one_process_of_eight_devices(store, tmp_path):
         store, tmp_path / run, *args, f'--config.train.export_hf={tmp_path / run / "hf"}',
         f'--config.train.export_nemo={tmp_path / run / "student.nemo"}',
         *(profile if n > 1 else ())), n)
+  # The mesh docs/gcp.md gives N VMs: data-parallel across the processes, FSDP within each.
+  _run_processes(tt._train_cli(store, tmp_path / 'hybrid', *args,
+                               '--config.mesh.shape=(-1,4,1)'), 2)
   for i in range(2):
     session = glob.glob(str(tmp_path / 'two' / 'profile' / f'process_{i}' / 'plugins' /
                             'profile' / '*'))
     assert len(session) == 1 and glob.glob(session[0] + '/*.xplane.pb'), session
     assert os.path.isfile(os.path.join(session[0], 'perfetto_trace.json.gz'))
-  a, b = tt._metrics(tmp_path / 'one'), tt._metrics(tmp_path / 'two')
-  assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+  a, b, h = (tt._metrics(tmp_path / run) for run in ('one', 'two', 'hybrid'))
+  assert sorted(a) == sorted(b) == sorted(h) == [1, 2, 3, 4]
   for step in a:
     keys = ['train/loss', 'train/kd_loss', 'train/sft_loss', 'train/grad_norm']
     keys += ['val/loss'] if step % 2 == 0 else []
     for key in keys:
       assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
+      assert h[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
     # tokens/s x step time: the real tokens of the global batch, every process's rows counted
     tokens = [r['train/tokens_per_sec'] * r['train/step_time'] for r in (a[step], b[step])]
     assert tokens[1] == pytest.approx(tokens[0], rel=1e-9) and tokens[0] > 0, step
