@@ -36,9 +36,15 @@ class MeshConfig:
 
 def mesh_config(config) -> MeshConfig:
   axes, shape = tuple(config.mesh.axes), tuple(config.mesh.shape)
+  if not all(type(n) is int for n in shape):  # 1.5 ran as 1; None, '1' or True slipped through
+    raise ValueError(f'mesh.shape={shape}: sizes must be integers (-1: the rest)')
   if len(axes) != len(shape):
     raise ValueError(f'mesh.shape={shape} has {len(shape)} entries but mesh.axes={axes} '
                      f'has {len(axes)}')
+  if not all(isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str)
+             for r in config.mesh.rules):
+    raise ValueError(f'mesh.rules={config.mesh.rules!r}: expected (logical axis name, mesh '
+                     'axis, axes or None) pairs')
   rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in config.mesh.rules)
   for name, target in rules:
     for axis in (target if isinstance(target, tuple) else (target,)):
@@ -134,9 +140,29 @@ def validate(config) -> None:
        config, shape)
 
 
+# Keys mode=pipeline sets itself (its own data, teacher, store, students and exports under the
+# workdir; extraction of whole splits, training from the pruned student): given, they would be
+# ignored yet recorded, and a change would ask to delete stages for nothing.
+PIPELINE_SETS = ('data.train_file', 'data.validation_file', 'extract.teacher', 'extract.output',
+                 'extract.start_idx', 'extract.end_idx', 'extract.examples_per_chunk',
+                 'extract.chunk_index', 'train.student', 'train.store', 'train.restore_from_path',
+                 'train.export_nemo', 'train.export_hf')
+
+
 def _validate_pipeline(config, mesh_shape) -> None:
   p = config.pipeline
   _one_process(config, 'for several, run mode=extract and mode=train (docs/multihost.md)')
+  base = _base_module().get_config()
+  given = [k for k in PIPELINE_SETS if _get(config, k) != _get(base, k)]
+  given += [f'eval.{k}' for k in config.eval if config.eval[k] != base.eval[k]]
+  if given:
+    raise ValueError(f'mode=pipeline: {", ".join(given)}: set by the pipeline itself (its data, '
+                     'teacher, store, students and exports are under the workdir; eval.* is '
+                     "mode=eval's), so given here they would be ignored; leave them out")
+  for key, choices in (('teacher', 'smollm2, random or a path'),
+                       ('corpus', 'chatterbot or a path')):
+    if not p[key]:
+      raise ValueError(f'pipeline.{key} is empty: {choices} (configs/base.py)')
   fetched = {'teacher': ('smollm2', 'random'), 'corpus': ('chatterbot',)}  # names, not paths
   _check_paths(config, tuple(f'pipeline.{key}' for key, names in fetched.items()
                              if p[key] not in names), ())

@@ -56,8 +56,12 @@ class _Stages:
     self.file = os.path.join(workdir, 'stages.json')
     self.record = {}
     if os.path.isfile(self.file):
-      with open(self.file, encoding='utf-8') as f:
-        self.record = json.load(f)
+      try:
+        with open(self.file, encoding='utf-8') as f:
+          self.record = json.load(f)
+      except ValueError as e:
+        raise ValueError(f'{self.file}: unreadable ({e}); delete it and the stages are redone '
+                         'as their files are found') from None
     self.settings: dict[str, dict] = {}  # this run's, by stage
     self.timings: list[dict] = []
 
@@ -98,8 +102,11 @@ class _Stages:
                        f'({_diff(was, will)}) and its files would be continued '
                        f'with these: rerun with the old settings, or delete '
                        f'{" and ".join(partial)} to redo it')
-    if outputs:  # `delete` recorded: what a later stage's error names
-      self._write(name, {'settings': now, 'finished': False, 'delete': delete})
+    # `delete` recorded relative to the workdir (a copied or moved one names its own files):
+    # what a later stage's error names
+    rel = [os.path.relpath(p, os.path.dirname(self.file)) for p in delete]
+    if outputs:
+      self._write(name, {'settings': now, 'finished': False, 'delete': rel})
     print(f'[pipeline] {name} ...')
     t0 = time.perf_counter()
     result = fn()
@@ -109,7 +116,7 @@ class _Stages:
     self.timings.append({'stage': name, 'seconds': seconds, 'cached': False})
     self._write(name, {'settings': now, 'seconds': seconds, 'finished': True,
                        'result': result if isinstance(result, dict) else None,
-                       **({'delete': delete} if outputs else {})})
+                       **({'delete': rel} if outputs else {})})
     return result
 
   def _later(self, name: str, old: dict, new: dict) -> str:
@@ -121,7 +128,8 @@ class _Stages:
       recorded = entry.get('settings', {})
       if stage != name and entry.get('delete') and any(
           k in recorded and recorded[k] == old[k] for k in changed):
-        found += [p for p in entry['delete'] if os.path.exists(p) and p not in found]
+        paths = (os.path.join(os.path.dirname(self.file), p) for p in entry['delete'])
+        found += [p for p in paths if os.path.exists(p) and p not in found]
     return f' (and {" and ".join(found)}, which read them too)' if found else ''
 
   def _write(self, name: str, entry: dict) -> None:
@@ -263,6 +271,13 @@ def _run_dirs(wd: str, run: str) -> dict[str, str]:
           'nemo': os.path.join(d, 'student.nemo'), 'hf': os.path.join(d, 'student_hf')}
 
 
+# The distill keys of the KD term alone: the SFT-only run (kd_loss_weight 0) trains the same
+# without them, so they are not its settings (a change would redo it for identical results).
+_KD_ONLY = tuple(f'distill.{k}' for k in ('kd_loss', 'top_k', 'tail', 'temperature', 'beta',
+                                          'student_norm', 'target_logits_scale',
+                                          'cross_tokenizer'))
+
+
 def _distill_overrides(config, run: str) -> dict:
   """The distill keys a training run sets over config.distill: the SFT-only run's weights."""
   return {} if run == 'kd' else {'kd_loss_weight': 0.0,
@@ -400,14 +415,17 @@ def run(config) -> dict:
   for (run_name, _), stage in zip(RUNS, trained):
     dirs = _run_dirs(wd, run_name)
     overrides = {f'distill.{k}' for k in _distill_overrides(config, run_name)}
-    distill = {k: v for k, v in _flat(config, 'distill').items() if k not in overrides}
+    distill = {k: v for k, v in _flat(config, 'distill').items()
+               if k not in overrides and not (overrides and k in _KD_ONLY)}
     if overrides:
       distill.update(_flat(config, 'pipeline.sft_only_weight'))
     stages(stage,
            lambda r=run_name: train_loop.run(_train_config(config, wd, r, student, path('store'))),
            settings={**_flat(config, 'train', 'mesh', 'data', 'seed'), **distill},
            after=[student_stage, 'extract'],
-           outputs=[dirs['nemo'], os.path.join(dirs['hf'], 'config.json')], home=dirs['workdir'])
+           outputs=[os.path.join(dirs['model'], model.CONFIG_FILE),
+                    os.path.join(dirs['workdir'], 'metrics.jsonl'), dirs['nemo'],
+                    os.path.join(dirs['hf'], 'config.json')], home=dirs['workdir'])
 
   # 6. Evaluation on the validation split.
   models = {'teacher': teacher, 'init': student, **{r: _run_dirs(wd, r)['model'] for r, _ in RUNS}}

@@ -20,8 +20,9 @@ def _config(tmp, mode, **keys):
   """configs/base.py in `mode` with paths under tmp and `keys` ('section__key') overridden."""
   c = base.get_config()
   c.mode, c.workdir = mode, str(tmp / 'run')
-  c.extract.teacher, c.extract.output = str(tmp / 'teacher'), str(tmp / 'store')
-  c.train.store, c.data.train_file = str(tmp / 'store'), str(tmp / 'train.jsonl')
+  if mode != 'pipeline':  # it names its own (jkd.config.PIPELINE_SETS)
+    c.extract.teacher, c.extract.output = str(tmp / 'teacher'), str(tmp / 'store')
+    c.train.store, c.data.train_file = str(tmp / 'store'), str(tmp / 'train.jsonl')
   c.convert.source, c.convert.output = str(tmp / 'model.nemo'), str(tmp / 'out')
   c.export.source, c.export.hf = str(tmp / 'model'), str(tmp / 'hf')
   c.train.global_batch_size, c.data.max_seq_length = 8, 64
@@ -145,6 +146,15 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
                                                        'model.num_layers']),
     'pipeline SFT-only weight': ('pipeline', {**_PIPE, 'pipeline__sft_only_weight': 0.0}, None,
                                  ['pipeline.sft_only_weight']),
+    'pipeline given its own paths': ('pipeline', {**_PIPE, 'data__train_file': 'TMP/train.jsonl',
+                                                  'extract__end_idx': 9, 'eval__batch_size': 3},
+                                     None, ['data.train_file, extract.end_idx, eval.batch_size',
+                                            'set by the pipeline itself']),
+    'pipeline teacher empty': ('pipeline', {**_PIPE, 'pipeline__teacher': ''}, None,
+                               ['pipeline.teacher is empty']),
+    'mesh shape not integers': ('train', {'mesh__shape': (1, -1, 1.5)}, None,
+                                ['mesh.shape=(1, -1, 1.5)', 'integers']),
+    'mesh rules not pairs': ('train', {'mesh__rules': (5,)}, None, ['mesh.rules=(5,)', 'pairs']),
     'pipeline online teacher': ('pipeline', {**_PIPE, 'distill__teacher_source': 'online'}, None,
                                 ['distill.teacher_source', 'store']),
     'pipeline plain data': ('pipeline', {**_PIPE, 'data__format': 'plain'}, None,

@@ -253,7 +253,10 @@ def _stub_stages(monkeypatch):
 
   def train(config):
     os.makedirs(config.train.export_hf, exist_ok=True)
-    for path in (config.train.export_nemo, os.path.join(config.train.export_hf, 'config.json')):
+    os.makedirs(os.path.join(config.workdir, 'student'), exist_ok=True)
+    for path in (config.train.export_nemo, os.path.join(config.train.export_hf, 'config.json'),
+                 os.path.join(config.workdir, 'student', model.CONFIG_FILE),
+                 os.path.join(config.workdir, 'metrics.jsonl')):
       with open(path, 'w', encoding='utf-8') as f:
         f.write('{}')
 
@@ -271,12 +274,17 @@ def _stub_stages(monkeypatch):
   monkeypatch.setattr(pipeline, '_evaluate', stop)
 
 
-def _stages_run(capsys, workdir, **changes):
-  """(the stages that ran before evaluate, the error) of pipeline.run on configs/demo.py:quick
-  with `changes` ({'section.key': value})."""
+def _demo_quick(workdir):
   from configs import demo
   config = demo.get_config('quick')
   config.workdir = str(workdir)
+  return config
+
+
+def _stages_run(capsys, workdir, **changes):
+  """(the stages that ran before evaluate, the error) of pipeline.run on configs/demo.py:quick
+  with `changes` ({'section.key': value})."""
+  config = _demo_quick(workdir)
   for key, value in changes.items():
     section, _, name = key.rpartition('.')
     (config[section] if section else config)[name] = value
@@ -325,6 +333,25 @@ def test_a_changed_setting_redoes_only_the_stages_that_read_it(tmp_path, monkeyp
   shutil.rmtree(tmp_path / 'kd')
   assert _stages_run(capsys, tmp_path, **{'distill.kd_loss_weight': 0.5}) == (
       ['train: KD + SFT'], None)
+  # The KD term's own keys are not the SFT-only run's (it trains the same without them): only
+  # the KD run is named (both were, and the SFT-only run was redone for identical results).
+  ran, error = _stages_run(capsys, tmp_path, **{'distill.kd_loss_weight': 0.5,
+                                                'distill.kd_loss': 'bwd_kl', 'distill.top_k': 4})
+  assert ran == [] and error.startswith("stage 'train: KD + SFT' finished") and (
+      'read them too' not in error), error
+  # A run's student directory, which evaluation and generation read, is one of its outputs:
+  # gone, the run is redone (it was taken as cached, and evaluation failed on it).
+  shutil.rmtree(tmp_path / 'sft' / 'student')
+  assert _stages_run(capsys, tmp_path, **{'distill.kd_loss_weight': 0.5}) == (
+      ['train: SFT only'], None)
+  # A copied workdir's errors name its own files (the records held absolute paths: following the
+  # message deleted the original's stages).
+  shutil.copytree(tmp_path, tmp_path.parent / 'copy', ignore=shutil.ignore_patterns('random'))
+  ran, error = _stages_run(capsys, tmp_path.parent / 'copy', seed=1)
+  assert error and f'(and {tmp_path.parent}/copy/sft, which read them too)' in error, error
+  (tmp_path.parent / 'copy' / 'stages.json').write_text('')
+  with pytest.raises(ValueError, match=r'copy/stages\.json: unreadable'):
+    pipeline.run(_demo_quick(tmp_path.parent / 'copy'))
   # A random teacher reads the seed, config.model and the mesh's vocabulary split, not the rest
   # of the mesh (the trainings do).
   random = tmp_path / 'random'
