@@ -128,7 +128,8 @@ def _bwd(plan, res, g):
 
 
 def _grads(plan, res, g):
-  """(d_h fp32, d_w) from the statistics' cotangents g; x at the sparse ids is the forward's."""
+  """(d_h fp32, d_w in w's dtype) from the statistics' cotangents g; x at the sparse ids is the
+  forward's."""
   h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, x_NxJ, lses = res
   h = h_NxD.astype(plan.cdt)
   sp_NxJ, ok_NxJ = vs.sparse_ids(lids_NxK, llabels_N, n_valid, plan)
@@ -167,7 +168,9 @@ def _stats_and_grads(ctx, with_grad, plan, h_NxD, w_DxP, lids_NxK, llabels_N, n_
                      mask_N, lse_N):
   """(combined statistics, fp32 d_h, d_w of the weighted loss sum or None): the CPU sweep by
   row blocks (`vs.rows_sweep`); otherwise the statistics' forward, then their backward with the
-  objective's cotangents, run at once (the same sweeps the autodiff of `_stats` runs)."""
+  objective's cotangents, run at once (the same sweeps the autodiff of `_stats` runs). d_w is in
+  w's dtype on every platform (lax.platform_dependent's branches must agree): an fp32 gradient of
+  a bf16 head would be a residual twice the head's size."""
   def cotangents(stats, r0, rows):
     take = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, r0, rows, 0)  # noqa
     return jax.grad(lambda st: _objective(ctx.options, st, take(t_NxK), take(mask_N),
@@ -183,7 +186,7 @@ def _stats_and_grads(ctx, with_grad, plan, h_NxD, w_DxP, lids_NxK, llabels_N, n_
   # The backward sweeps with the combined logsumexps give each shard its share of the dense part.
   res = res[:-1] + (tuple(stats[name] for name, _, _ in plan.fams),)
   d_h, d_w = _grads(plan, res, cotangents(stats, 0, h_NxD.shape[0]))
-  return stats, d_h, d_w.astype(jnp.float32)
+  return stats, d_h, d_w
 
 
 def _loss_by_stats(ctx, h_NxD, w_DxP, lids_NxK, llabels_N, n_valid, t_NxK, mask_N, lse_N):
@@ -289,11 +292,15 @@ def _make_plan(h, w, ids, t, labels, mask, teacher_lse, *, vocab_size, options, 
     for name, b in (('block_n', bn), ('block_v', bv), ('block_d', bd)):
       if b < 16 or b & (b - 1):
         raise ValueError(f'{name}={b}: must be a power of two >= 16 (Triton tiles)')
+    if warps not in (1, 2, 4, 8, 16, 32):  # Triton asserts a power of two; 32 x 32 threads max
+      raise ValueError(f'num_warps={warps}: must be a power of two in [1, 32] (Triton)')
+    if stages < 1:
+      raise ValueError(f'num_stages={stages}: must be >= 1 (Triton pipeline stages)')
     need = vt.smem_bytes(bn, bv, bd, cdt.itemsize, w.dtype.itemsize, stages)
     if need > vt.SMEM_LIMIT:
       raise ValueError(f'block_n={bn}, block_v={bv}, block_d={bd}, num_stages={stages}: '
                        f'~{need // 1024} KiB of shared memory, over {vt.SMEM_LIMIT // 1024} KiB')
-  chunk_v = int(tiles[6] or max(512, _CHUNK_ELEMENTS // n))
+  chunk_v = int(tiles[6] or max(512, _CHUNK_ELEMENTS // max(n, 1)))
   # Row blocks of the CPU sweep: a column chunk's [N, chunk_v] elements as [R, P]; by default
   # at least _MIN_BLOCK_ROWS rows.
   rows = (max(1, n * chunk_v // p) if tiles[6] else
@@ -315,16 +322,19 @@ def fused_topk_kd(hidden_NxD, w_out_DxP, teacher_ids_NxK, teacher_logits_NxK, la
   vocab_size: V, the leading columns of w_out_DxP that are vocabulary (default P).
   compute_dtype: matmul operand dtype (default: promoted input dtypes), fp32 accumulation and
     statistics. w_out is cast tile by tile, so an fp32 master w_out with compute_dtype=bf16 needs
-    no bf16 copy and gets its gradient accumulated in fp32.
+    no bf16 copy and gets its gradient accumulated in fp32. fp32 matmuls take JAX's precision
+    (`jax.default_matmul_precision`), the kernels' dots as XLA's: by default TF32 on H100
+    (Triton inputPrecision tf32), IEEE fp32 under 'float32' or 'highest'.
   mesh, vocab_axis: vocab-parallel form, w_out's columns split over mesh axis vocab_axis (P
     divisible by its size), all else replicated; per-shard statistics combined by psum/pmax.
   Tiles (Pallas): block_n tokens x block_v columns, dots over block_d slices of D, powers of two
     (defaults for H100 by compute dtype, `vt.default_blocks`; P and D not multiples are padded, a
-    copy of w_out); num_splits vocabulary splits of the forward grid (None: ~2 waves of
-    programs); chunk_v columns per backward chunk ([N, chunk_v] dlogits is the largest
-    temporary). implementation: 'pallas', 'xla' (chunked jnp: with a vocabulary sweep, blocks of
-    R rows over all P columns, R = N * chunk_v / P, by default at least 256, and an fp32 [D, P]
-    d_w accumulator), or 'auto': 'xla' on CPU, 'pallas' elsewhere (lax.platform_dependent).
+    copy of w_out); num_warps (a power of two, at most 32) and num_stages (>= 1) for Triton;
+    num_splits vocabulary splits of the forward grid (None: ~2 waves of programs); chunk_v
+    columns per backward chunk ([N, chunk_v] dlogits is the largest temporary).
+  implementation: 'pallas', 'xla' (chunked jnp: with a vocabulary sweep, blocks of R rows over
+    all P columns, R = N * chunk_v / P, by default at least 256, and an fp32 [D, P] d_w
+    accumulator), or 'auto': 'xla' on CPU, 'pallas' elsewhere (lax.platform_dependent).
   interpret: for 'pallas', None = interpret mode on CPU, the Triton kernel on GPU.
   """
   options = dict(kd_loss=kd_loss, kd_loss_weight=kd_loss_weight, sft_loss_weight=sft_loss_weight,
@@ -336,15 +346,19 @@ def fused_topk_kd(hidden_NxD, w_out_DxP, teacher_ids_NxK, teacher_logits_NxK, la
                     compute_dtype=compute_dtype, implementation=implementation,
                     tiles=(block_n, block_v, block_d, num_warps, num_stages, num_splits, chunk_v),
                     interpret=interpret)
+  if vocab_axis is not None and (mesh is None or vocab_axis not in mesh.shape):
+    raise ValueError(f'vocab_axis={vocab_axis!r}: needs a mesh with that axis (mesh={mesh})')
+  if vocab_axis is not None and w_out_DxP.shape[1] % mesh.shape[vocab_axis]:
+    raise ValueError(f'w_out_DxP: P={w_out_DxP.shape[1]} not divisible by the '
+                     f'{mesh.shape[vocab_axis]} shards of {vocab_axis!r}')
+  if hidden_NxD.shape[0] == 0:  # no token (the sweeps divide by N): the oracle's empty logits
+    return fused_topk_kd_reference(*args[:-1], teacher_lse_N=teacher_lse_N, vocab_size=vocab_size,
+                                   compute_dtype=compute_dtype, logits_scale=logits_scale,
+                                   cross_tokenizer=cross_tokenizer, **options)
   loss = functools.partial(_fused_loss, plan=plan, options=options,
                            cross_tokenizer=cross_tokenizer, axis_name=vocab_axis)
   if vocab_axis is None:
     return loss(*args)
-  if mesh is None or vocab_axis not in mesh.shape:
-    raise ValueError(f'vocab_axis={vocab_axis!r}: needs a mesh with that axis (mesh={mesh})')
-  if w_out_DxP.shape[1] % mesh.shape[vocab_axis]:
-    raise ValueError(f'w_out_DxP: P={w_out_DxP.shape[1]} not divisible by the '
-                     f'{mesh.shape[vocab_axis]} shards of {vocab_axis!r}')
   rep = PartitionSpec()
   specs = (rep, PartitionSpec(None, vocab_axis)) + (rep,) * 5
   if teacher_lse_N is None:

@@ -26,6 +26,9 @@ from jkd.kernels import vocab_tiles as vt
 
 _GATHER_BYTES = 1 << 25  # gathered w_out columns [R, N, J] per slab (GPU)
 _SLAB_BYTES = 1 << 20  # w_out rows [R, P] per slab (CPU: a column touches R cache lines)
+# Rows of w_out cast per slab for the CPU sweep's d_h dot (fp32 head, bf16 compute; D=512,
+# P=32000, N=2048: the op ran 1.5x slower at 8 rows)
+_CAST_ROWS = 32
 SPARSE = ('student_topk_BxTxK', 'label_logit_BxT')  # the sparse statistics' names
 
 
@@ -58,6 +61,15 @@ def _loop_chunks(n_cols, width, step, carry, align=128):
   n_full, rem = divmod(n_cols, width)
   carry = lax.fori_loop(0, n_full, lambda i, c: step(c, i * width, width), carry)
   return step(carry, n_full * width, rem) if rem else carry
+
+
+def _cast_slabs(w, axis, width, step, carry, plan):
+  """step(carry, offset, slab of w along axis in the compute dtype): w whole where it is in that
+  dtype, else slabs of `width` cast one at a time, so an fp32 master head gets no [D, P] copy."""
+  if w.dtype == plan.cdt:
+    return step(carry, 0, w)
+  return _loop_chunks(w.shape[axis], width, lambda c, o, size: step(
+      c, o, lax.dynamic_slice_in_dim(w, o, size, axis).astype(plan.cdt)), carry)
 
 
 def _xla_x(h, w, c0, width, plan):
@@ -162,19 +174,24 @@ def rows_sweep(h, w, lids, n_valid, sp_ids, ok, plan, axis_name, cotangents=None
   """CPU, with a vocabulary sweep: blocks of R rows over all P columns, x_RxP computed once.
   Returns the per-token statistics (combined over vocabulary shards) and, given
   cotangents(stats_R, r0, R) -> d objective / d stats_R (per row, so a block's own statistics
-  suffice), that objective's (d_h, d_w) in fp32 from the same block: d_h rows written once, d_w
-  accumulated over blocks. Three dots per block against the column sweeps' four (their
-  backward recomputes x, since a dense cotangent needs the finished logsumexps)."""
+  suffice), that objective's (d_h fp32, d_w in w's dtype) from the same block: d_h rows written
+  once, d_w accumulated over blocks in fp32 and cast once. Three dots per block against the
+  column sweeps' four (their backward recomputes x, since a dense cotangent needs the finished
+  logsumexps); the two with w run over its `_cast_slabs`."""
   n, p = h.shape[0], w.shape[1]
-  w_c = w.astype(plan.cdt)
   h_DxN = _materialized(h.T) if plan.cpu else h.T
   k = lids.shape[1]
 
   def step(carry, r0, rows):
     stats, d_h_NxD, d_w_DxP = carry
     take = lambda a: lax.dynamic_slice_in_dim(a, r0, rows, 0)  # noqa: E731
-    sp_RxJ, ok_RxJ = take(sp_ids), take(ok)
-    x_RxP = plan.scale * jnp.dot(take(h), w_c, preferred_element_type=jnp.float32)
+    sp_RxJ, ok_RxJ, h_RxD = take(sp_ids), take(ok), take(h)
+
+    def x_slab(x_RxP, c0, w_DxC):
+      x_RxC = jnp.dot(h_RxD, w_DxC, preferred_element_type=jnp.float32)
+      return lax.dynamic_update_slice_in_dim(x_RxP, x_RxC, c0, axis=1)
+    x_RxP = plan.scale * _cast_slabs(w, 1, plan.chunk_v, x_slab,
+                                     jnp.zeros((rows, p), jnp.float32), plan)
     keeps = _xla_keep_masks(take(lids), n_valid, 0, p, plan)
     x_sp_RxJ = jnp.where(ok_RxJ, jnp.take_along_axis(x_RxP, sp_RxJ, 1), 0.0)
     lses = [vt.finish(m_R, l_R) for m_R, l_R in
@@ -189,8 +206,13 @@ def rows_sweep(h, w, lids, n_valid, sp_ids, ok, plan, axis_name, cotangents=None
     dl_RxP = vt.dense_dl(x_RxP, keeps, [st[name] for name, _, _ in plan.fams], coefs, plan)
     vals_RxJ = jnp.where(ok_RxJ, plan.scale * sparse_cotangent(g, plan), 0.0)
     dl_RxP = dl_RxP.at[jnp.arange(rows)[:, None], sp_RxJ].add(vals_RxJ).astype(plan.cdt)
-    d_h_RxD = lax.dot_general(dl_RxP, w_c, (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32)
+
+    def d_h_slab(d_h_RxD, d0, w_SxP):  # slabs of w's rows: dl_RxP is read whole, not sliced
+      d_h_RxS = lax.dot_general(dl_RxP, w_SxP, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+      return lax.dynamic_update_slice_in_dim(d_h_RxD, d_h_RxS, d0, axis=1)
+    d_h_RxD = _cast_slabs(w, 0, _CAST_ROWS, d_h_slab, jnp.zeros((rows, h.shape[1]), jnp.float32),
+                          plan)
     d_w_DxP = d_w_DxP + jnp.dot(lax.dynamic_slice_in_dim(h_DxN, r0, rows, 1), dl_RxP,
                                 preferred_element_type=jnp.float32)
     return stats, lax.dynamic_update_slice_in_dim(d_h_NxD, d_h_RxD, r0, 0), d_w_DxP
@@ -198,7 +220,8 @@ def rows_sweep(h, w, lids, n_valid, sp_ids, ok, plan, axis_name, cotangents=None
                        [jnp.zeros((n,), jnp.float32)] * len(plan.fams), plan)
   grads = ((jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
            if cotangents is not None else (None, None))
-  return _loop_chunks(n, plan.block_rows, step, (shapes, *grads), align=8)
+  stats, d_h, d_w = _loop_chunks(n, plan.block_rows, step, (shapes, *grads), align=8)
+  return stats, d_h, None if d_w is None else d_w.astype(w.dtype)
 
 
 # --- gathered columns: the sparse statistics, and the whole job without a sweep --------------
@@ -239,17 +262,17 @@ def gather_x(h, w, ids_NxJ, plan):
 
 
 def scatter_bwd(h, w, ids_NxJ, vals_NxJ, plan):
-  """(d_h, d_w fp32) of sum_j vals * (h . w[:, id]), slab by slab over D: gathered columns
-  give d_h's columns R, a scatter-add of the updates d_w's rows (an fp32 [D, P] accumulator:
-  the output itself for an fp32 w_out)."""
+  """(d_h fp32, d_w in w's dtype) of sum_j vals * (h . w[:, id]), slab by slab over D: gathered
+  columns give d_h's columns R, a scatter-add of the updates d_w's rows (in fp32, a slab's rows
+  complete, then cast)."""
   def body(carry, d0, h_NxR, w_RxP):
     d_h_NxD, d_w_DxP = carry
     d_h_NxR = jnp.einsum('nj,rnj->nr', vals_NxJ, _columns(w_RxP, ids_NxJ, plan))
     upd_RxNxJ = h_NxR.T.astype(jnp.float32)[:, :, None] * vals_NxJ[None]
     d_w_RxP = jnp.zeros(w_RxP.shape, jnp.float32).at[:, ids_NxJ].add(upd_RxNxJ)
     return (lax.dynamic_update_slice_in_dim(d_h_NxD, d_h_NxR, d0, 1),
-            lax.dynamic_update_slice_in_dim(d_w_DxP, d_w_RxP, d0, 0))
-  init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
+            lax.dynamic_update_slice_in_dim(d_w_DxP, d_w_RxP.astype(w.dtype), d0, 0))
+  init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w.shape, w.dtype))
   return _over_slabs(h, w, ids_NxJ, plan, body, init)
 
 
