@@ -136,7 +136,7 @@ CHUNK_ELEMENTS = 1 << 27
 
 def make_eval_fn(cfg: model.ModelConfig, *, n_bins: int = 15):
   """Jitted fn(params, batch) -> pairs over a loader batch (packed rows respected); the logits
-  of CHUNK_ELEMENTS / V tokens at a time."""
+  of CHUNK_ELEMENTS / P tokens at a time (P: the padded vocabulary the head multiplies out)."""
   if not isinstance(n_bins, int) or n_bins < 1:
     raise ValueError(f'n_bins={n_bins!r}: must be a positive integer')
 
@@ -154,7 +154,7 @@ def make_eval_fn(cfg: model.ModelConfig, *, n_bins: int = 15):
                            t['labels'][None, None], t['loss_mask'][None, None],
                            t['topk_ids'][None, None], t['topk_logits'][None, None],
                            n_bins=n_bins)
-    per_token = jax.lax.map(one, tokens, batch_size=max(1, CHUNK_ELEMENTS // cfg.vocab_size))
+    per_token = jax.lax.map(one, tokens, batch_size=max(1, CHUNK_ELEMENTS // cfg.padded_vocab))
     return jax.tree.map(lambda a: jnp.sum(a, axis=0), per_token)
 
   def run(params, batch):

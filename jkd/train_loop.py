@@ -208,12 +208,11 @@ def _check_resumable(ls, config, tc, start: int, last_step: int, n_train: int,
   """A workdir's checkpoints continue only the data stream and optimizer they were saved with:
   a resumed run with another seed, batch size, packing, length or data (another path, or a
   store that has grown: the shuffle is over its `n_train` examples, or that holds another
-  teacher's top-K, `teacher_id`: the KD objective would change) would restore an
-  iterator of a different stream; another worker_count or number of processes an iterator
-  state of another form; another
-  do_layer_norm_weight_decay an optimizer state of another structure. Such a resume is refused,
-  naming the keys (keys a run.json from an older jkd lacks are not compared). A fresh run
-  records its settings.
+  teacher's top-K, `teacher_id`: the KD objective would change) would restore an iterator of
+  a different stream; another worker_count or number of processes an iterator state of another
+  form; another do_layer_norm_weight_decay an optimizer state of another structure. Such a
+  resume is refused, naming the keys (keys a run.json from an older jkd lacks are not
+  compared). A fresh run records its settings.
 
   The learning-rate schedule is the config's, resumed or not (NeMo instead restores its
   scheduler's max_steps from the checkpoint, so a NeMo run extended by train.max_steps stays at
@@ -434,8 +433,9 @@ def _run(config, held: contextlib.ExitStack) -> dict[str, float]:
   # is loaded or compiled.
   os.makedirs(ls.workdir, exist_ok=True)
   # One run a workdir (a second would remove the first's checkpoint in the writing as its own
-  # leftover, and rewrite its metrics): each process holds its own lock, so all of a second
-  # job's processes stop here.
+  # leftover, and rewrite its metrics): each process holds its own lock, so a second job's
+  # processes stop here (those of a job with more processes than the first end with its
+  # process 0, as JAX ends a job whose process died).
   lock = os.path.join(ls.workdir, f'.train.p{jax.process_index():05d}.lock')
   held.callback(distributed.unlock, distributed.lock(
       lock, f'{ls.workdir}: another run is training in this workdir (it holds {lock}); wait '
@@ -626,14 +626,16 @@ def _run(config, held: contextlib.ExitStack) -> dict[str, float]:
     params = distributed.whole_on_process_0(state.params)
     try:
       if jax.process_index() == 0:
+        # What is at the paths now (a model put there during training is refused, before it
+        # could be recorded as this run's own), then the record, then the writes.
         own = tuple(m for m in markers if os.path.exists(m) and _recorded_export(ls, m))
+        own_hf = ls.export_hf if ls.export_hf and export.hf_marker(ls.export_hf) in own else ''
+        export.check_targets(cfg, nemo=nemo, hf=ls.export_hf, own=(own_hf, *own))
         _record_exports(ls, markers, pending=True)
         if nemo in own and os.path.isdir(nemo):
           shutil.rmtree(nemo)
         elif nemo in own:
           os.remove(nemo)
-        own_hf = ls.export_hf if ls.export_hf and export.hf_marker(ls.export_hf) in own else ''
-        export.check_targets(cfg, nemo=nemo, hf=ls.export_hf, own=(own_hf,))
         export.export_params(cfg, params, tok, nemo=nemo, hf=ls.export_hf, dtype='bfloat16',
                              source=final)
         _record_exports(ls, markers, pending=False)

@@ -337,6 +337,21 @@ def test_models_at_the_export_paths_are_refused_unless_the_runs_own(store, tmp_p
   exports = json.loads(run_json.read_text())['exports']
   assert sorted(exports) == [str(hf / 'config.json'), str(nemo)]
   assert all(isinstance(v, list) for v in exports.values()), exports
+  # Another model put at a path during training: refused at the end, and not recorded as
+  # pending first (the next rerun took it for its own half-written export and deleted it).
+  during = ('import sys; from jkd import main, model; save = model.save\n'
+            'def save_then_theirs(*a, **k):\n'
+            '  save(*a, **k)\n'
+            f'  open({str(hf / "config.json")!r}, "w").write("theirs")\n'
+            'model.save = save_then_theirs; main.app.run(main.main, flags_parser=main._parse_flags)')
+  cli = _train_cli(store, tmp_path / 'run', *args)
+  placed = _run([sys.executable, '-c', during, *cli[3:]])
+  assert placed.returncode == 2 and f'{hf}: holds a Hugging Face model' in placed.stderr, (
+      placed.stderr[-3000:])
+  assert json.loads(run_json.read_text())['exports'] == exports
+  refused = _run(cli)
+  assert refused.returncode == 2 and (hf / 'config.json').read_text() == 'theirs', (
+      refused.stderr[-3000:])
 
 
 def test_a_directory_nemo_export_is_redone_by_its_run_and_refused_to_another(store, tmp_path):
