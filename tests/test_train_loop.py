@@ -343,7 +343,8 @@ def test_models_at_the_export_paths_are_refused_unless_the_runs_own(store, tmp_p
             'def save_then_theirs(*a, **k):\n'
             '  save(*a, **k)\n'
             f'  open({str(hf / "config.json")!r}, "w").write("theirs")\n'
-            'model.save = save_then_theirs; main.app.run(main.main, flags_parser=main._parse_flags)')
+            'model.save = save_then_theirs\n'
+            'main.app.run(main.main, flags_parser=main._parse_flags)')
   cli = _train_cli(store, tmp_path / 'run', *args)
   placed = _run([sys.executable, '-c', during, *cli[3:]])
   assert placed.returncode == 2 and f'{hf}: holds a Hugging Face model' in placed.stderr, (
