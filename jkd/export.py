@@ -32,7 +32,8 @@ def existing_ancestor(path: str) -> str:
 def hf_marker(hf: str) -> str:
   """The file whose presence makes directory `hf` a Hugging Face model: its config.json,
   written last by the exporter (a killed export has none, and is written over)."""
-  return os.path.join(hf, 'config.json')
+  from third_party.convert import to_hf
+  return os.path.join(hf, to_hf.CONFIG_FILE)
 
 
 def check_targets(cfg: model.ModelConfig, *, nemo: str = '', hf: str = '',

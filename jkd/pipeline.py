@@ -425,7 +425,7 @@ def run(config) -> dict:
            after=[student_stage, 'extract'],
            outputs=[os.path.join(dirs['model'], model.CONFIG_FILE),
                     os.path.join(dirs['workdir'], 'metrics.jsonl'), dirs['nemo'],
-                    os.path.join(dirs['hf'], 'config.json')], home=dirs['workdir'])
+                    export.hf_marker(dirs['hf'])], home=dirs['workdir'])
 
   # 6. Evaluation on the validation split.
   models = {'teacher': teacher, 'init': student, **{r: _run_dirs(wd, r)['model'] for r, _ in RUNS}}
