@@ -65,7 +65,8 @@ def get_config(arg=None):
 
   # Architecture of a randomly initialised model (pipeline.teacher='random' as in configs/smoke.py,
   # or mode=train without train.student). Field names and meanings follow NeMo's
-  # model_config.yaml; converted models carry their own config.
+  # model_config.yaml; converted models carry their own config. Each mode picks the compute
+  # dtype (train.precision, extract.dtype; mode=eval computes in float32).
   c.model = ConfigDict()
   c.model.num_layers = 2  # transformer layers
   c.model.hidden_size = 64  # D
@@ -86,7 +87,6 @@ def get_config(arg=None):
   c.model.max_position_embeddings = 512  # learned position table size / max length
   c.model.share_embeddings_and_output_weights = False  # tied LM head
   c.model.init_method_std = 0.02  # std of the normal initialiser
-  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params are fp32 in memory)
 
   # mode=convert: import a foreign checkpoint into a jkd model directory.
   c.convert = ConfigDict()
