@@ -46,6 +46,13 @@ def mesh_config(config) -> MeshConfig:
     raise ValueError(f'mesh.rules={config.mesh.rules!r}: expected (logical axis name, mesh '
                      'axis, axes or None) pairs')
   rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in config.mesh.rules)
+  known = [name for name, _ in _base_module().LOGICAL_AXIS_RULES]  # the names the model uses
+  names = [name for name, _ in rules]
+  for name in names:
+    if name not in known or names.count(name) > 1:  # a typo's axis is replicated unsaid
+      raise ValueError(f'mesh.rules: logical axis {name!r} ' + (
+          'has two rules' if name in known else
+          f'is not one jkd uses (expected {", ".join(known)}; one left out is replicated)'))
   for name, target in rules:
     for axis in (target if isinstance(target, tuple) else (target,)):
       if axis is not None and axis not in axes:
@@ -264,6 +271,8 @@ def _validate_train(config, mesh_shape) -> None:
   if online and config.distill.cross_tokenizer:  # the student would read teacher token ids
     raise ValueError("distill.cross_tokenizer=True: distill.teacher_source='online' feeds the "
                      "student the teacher's tokens, so both need one tokenizer")
+  if online:  # the extraction's settings, in the step
+    _teacher_forward_settings(config)
   _train_settings(config, stored_k=config.extract.top_k if online else None)
   if config.train.save_nemo_on_train_end or config.train.export_nemo:
     _needs_torch('train.export_nemo' if config.train.export_nemo
@@ -386,6 +395,8 @@ def _train_settings(config, stored_k) -> None:
   from jkd import train
   train.validate_config(config, stored_k=stored_k)
   _check_padded_length(config, 'training')
+  if config.train.wandb_project:  # not once the run has started
+    _needs('wandb', 'train.wandb_project', 'logging to Weights & Biases needs wandb', 'wandb')
   for key, low in (('checkpoint_max_to_keep', 1), ('worker_count', 0)):
     if config.train[key] < low:
       raise ValueError(f'train.{key}={config.train[key]}: must be >= {low}')
@@ -451,8 +462,13 @@ def _check_teacher(config, mesh_shape) -> model.ModelConfig:
 
 
 def _needs_torch(key: str, what: str) -> None:
-  if importlib.util.find_spec('torch') is None:
-    raise ImportError(f'{key}: {what} needs torch (CPU is enough): pip install "jkd[convert]"')
+  _needs('torch', key, f'{what} needs torch (CPU is enough)', '"jkd[convert]"')
+
+
+def _needs(module: str, key: str, what: str, package: str) -> None:
+  """ImportError, before anything starts, for an optional module that a set key needs."""
+  if importlib.util.find_spec(module) is None:
+    raise ImportError(f'{key}: {what}, which is not installed: pip install {package}')
 
 
 def _check_paths(config, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
@@ -507,12 +523,20 @@ def _extract_settings(config, mesh_shape: tuple[int, ...]) -> None:
   e = config.extract
   if e.examples_per_chunk < 0 or e.chunk_index < 0:
     raise ValueError('extract.examples_per_chunk and extract.chunk_index must be >= 0')
+  if e.chunk_index and not e.examples_per_chunk:  # the whole range would run, not the chunk
+    raise ValueError(f'extract.chunk_index={e.chunk_index}: needs extract.examples_per_chunk '
+                     '> 0 (the examples a chunk holds)')
+  if e.examples_per_chunk and (e.start_idx, e.end_idx) != (0, -1):  # the chunk is the range
+    raise ValueError(f'extract.examples_per_chunk={e.examples_per_chunk}: a chunk sets the '
+                     f'range itself, so extract.start_idx={e.start_idx} and extract.end_idx='
+                     f'{e.end_idx} would be ignored; leave them at 0 and -1')
   if e.start_idx < 0 or e.end_idx < -1 or 0 <= e.end_idx < e.start_idx:
     raise ValueError(f'extract.start_idx={e.start_idx}, extract.end_idx={e.end_idx}: expected '
                      '0 <= start_idx <= end_idx, or end_idx=-1 (to the end)')
-  for key in ('top_k', 'batch_size', 'vocab_tile', 'min_bucket'):
+  for key in ('batch_size', 'min_bucket'):
     if e[key] <= 0:
       raise ValueError(f'extract.{key}={e[key]}: must be positive')
+  _teacher_forward_settings(config)
   if config.data.max_seq_length <= 0:
     raise ValueError(f'data.max_seq_length={config.data.max_seq_length}: must be positive')
   from jkd.train_config import data_parallel_size
@@ -521,11 +545,22 @@ def _extract_settings(config, mesh_shape: tuple[int, ...]) -> None:
   if e.batch_size % shards:  # every batch row lives on one data-parallel shard
     raise ValueError(f'extract.batch_size={e.batch_size}: must be a multiple of the {shards} '
                      f'devices the batch is split over (mesh.shape={mesh_shape})')
+  from jkd.data import logit_store
+  for key, allowed in (('values_dtype', logit_store.VALUES_DTYPES),
+                       ('codec', logit_store.CODECS)):
+    if e[key] not in allowed:
+      raise ValueError(f'extract.{key}={e[key]!r}: expected one of {allowed}')
+
+
+def _teacher_forward_settings(config) -> None:
+  """What the teacher's forward reads, in a store's extraction or online in training: its K,
+  vocabulary tile and dtype, and how the examples are tokenized."""
+  e = config.extract
+  for key in ('top_k', 'vocab_tile'):
+    if e[key] <= 0:
+      raise ValueError(f'extract.{key}={e[key]}: must be positive')
+  if e.dtype not in model.DTYPES:
+    raise ValueError(f'extract.dtype={e.dtype!r}: expected one of {tuple(model.DTYPES)}')
   if config.data.format not in chat.FORMATS:
     raise ValueError(f'data.format={config.data.format!r}: expected one of '
                      f'{", ".join(chat.FORMATS)}')
-  from jkd.data import logit_store
-  for key, allowed in (('values_dtype', logit_store.VALUES_DTYPES),
-                       ('dtype', tuple(model.DTYPES)), ('codec', logit_store.CODECS)):
-    if e[key] not in allowed:
-      raise ValueError(f'extract.{key}={e[key]!r}: expected one of {allowed}')

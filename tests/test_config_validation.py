@@ -155,6 +155,25 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
     'mesh shape not integers': ('train', {'mesh__shape': (1, -1, 1.5)}, None,
                                 ['mesh.shape=(1, -1, 1.5)', 'integers']),
     'mesh rules not pairs': ('train', {'mesh__rules': (5,)}, None, ['mesh.rules=(5,)', 'pairs']),
+    'online teacher vocab tile zero': ('train', {'distill__teacher_source': 'online',
+                                                 'extract__vocab_tile': 0}, None,
+                                       ['extract.vocab_tile=0', 'positive']),
+    'online teacher dtype unknown': ('train', {'distill__teacher_source': 'online',
+                                               'extract__dtype': 'fp16'}, None,
+                                     ["extract.dtype='fp16'", 'bfloat16']),
+    'online data format unknown': ('train', {'distill__teacher_source': 'online',
+                                             'data__format': 'xml'}, None,
+                                   ["data.format='xml'", 'chatml']),
+    'chunk index without a chunk size': ('extract', {'extract__chunk_index': 3}, None,
+                                         ['extract.chunk_index=3', 'extract.examples_per_chunk']),
+    'chunk and a range': ('extract', {'extract__examples_per_chunk': 4, 'extract__end_idx': 9},
+                          None, ['extract.examples_per_chunk=4', 'extract.end_idx=9']),
+    'mesh rule of an unknown logical axis': ('train', {'mesh__rules': (('embedd', 'fsdp'),)},
+                                             None, ['mesh.rules', "'embedd'", 'act_batch']),
+    'mesh rule given twice': ('train', {'mesh__rules': (('embed', 'fsdp'), ('embed', None))},
+                              None, ['mesh.rules', "'embed'", 'two rules']),
+    'W&B without wandb': ('train', {'train__wandb_project': 'jkd'}, 'no wandb',
+                          ['train.wandb_project', 'pip install wandb']),
     'pipeline online teacher': ('pipeline', {**_PIPE, 'distill__teacher_source': 'online'}, None,
                                 ['distill.teacher_source', 'store']),
     'pipeline plain data': ('pipeline', {**_PIPE, 'data__format': 'plain'}, None,
@@ -233,10 +252,10 @@ def test_impossible_config_names_its_keys_before_any_write_or_compile(
     monkeypatch.setattr(jax, 'process_count', lambda: 2)
   elif change == 'a GPU':
     monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  elif change == 'no torch':
-    real = importlib.util.find_spec
+  elif change in ('no torch', 'no wandb'):
+    real, gone = importlib.util.find_spec, change.split()[1]
     monkeypatch.setattr(importlib.util, 'find_spec',
-                        lambda m, *a: None if m == 'torch' else real(m, *a))
+                        lambda m, *a: None if m == gone else real(m, *a))
   elif change:
     c = change(c)
   before = _tree(tmp_path)
