@@ -203,7 +203,8 @@ def get_config(arg=None):
   c.export.source = ''  # jkd model directory to export
   c.export.nemo = ''  # .nemo file to write (Megatron-Core torch_dist layout); '' = none
   c.export.hf = ''  # directory to write HF safetensors + config.json + tokenizer; '' = none
-  c.export.dtype = 'bfloat16'  # stored weight dtype of the exports: bfloat16 | float32
+  c.export.dtype = 'bfloat16'  # stored weight dtype of the exports (also train.export_*'s
+  # and save_nemo_on_train_end's): bfloat16 | float32
 
   # mode=eval: a jkd model directory on a logit-store split (fp32, one device): CE, perplexity,
   # top-1 agreement with the teacher, KL to the teacher's top-K, ECE (jkd/evaluate.py).

@@ -153,19 +153,24 @@ def validate(config) -> None:
 PIPELINE_SETS = ('data.train_file', 'data.validation_file', 'extract.teacher', 'extract.output',
                  'extract.start_idx', 'extract.end_idx', 'extract.examples_per_chunk',
                  'extract.chunk_index', 'train.student', 'train.store', 'train.restore_from_path',
-                 'train.export_nemo', 'train.export_hf')
+                 'train.export_nemo', 'train.export_hf', 'train.save_nemo_on_train_end')
+# ... and keys that only other modes read, with every eval.* key (export.dtype is the
+# pipeline's too: its exports').
+OTHER_MODES_KEYS = ('convert.source', 'convert.output', 'export.source', 'export.nemo',
+                    'export.hf')
 
 
 def _validate_pipeline(config, mesh_shape) -> None:
   p = config.pipeline
   _one_process(config, 'for several, run mode=extract and mode=train (docs/multihost.md)')
   base = _base_module().get_config()
-  given = [k for k in PIPELINE_SETS if _get(config, k) != _get(base, k)]
-  given += [f'eval.{k}' for k in config.eval if config.eval[k] != base.eval[k]]
+  keys = PIPELINE_SETS + OTHER_MODES_KEYS + tuple(f'eval.{k}' for k in base.eval)
+  given = [k for k in keys if _get(config, k) != _get(base, k)]
   if given:
     raise ValueError(f'mode=pipeline: {", ".join(given)}: set by the pipeline itself (its data, '
-                     'teacher, store, students and exports are under the workdir; eval.* is '
-                     "mode=eval's), so given here they would be ignored; leave them out")
+                     'teacher, store, students and exports are under the workdir) or read by '
+                     'other modes only (convert.*, export.source/nemo/hf, eval.*), so given '
+                     'here they would be ignored; leave them out')
   for key, choices in (('teacher', 'smollm2, random or a path'),
                        ('corpus', 'chatterbot or a path')):
     if not p[key]:
@@ -187,6 +192,7 @@ def _validate_pipeline(config, mesh_shape) -> None:
   _pipeline_runs(config)
   _extract_settings(config, mesh_shape)  # the stages it runs, before any of them starts
   _train_settings(config, stored_k=config.extract.top_k)
+  _check_export_dtype(config)  # the .nemo round trips and the students' exports
   _needs_torch('mode=pipeline', 'exporting .nemo')
 
 
@@ -274,6 +280,8 @@ def _validate_train(config, mesh_shape) -> None:
   if online:  # the extraction's settings, in the step
     _teacher_forward_settings(config)
   _train_settings(config, stored_k=config.extract.top_k if online else None)
+  if config.train.save_nemo_on_train_end or config.train.export_nemo or config.train.export_hf:
+    _check_export_dtype(config)  # the exports' weights
   if config.train.save_nemo_on_train_end or config.train.export_nemo:
     _needs_torch('train.export_nemo' if config.train.export_nemo
                  else 'train.save_nemo_on_train_end', 'writing .nemo')
@@ -370,8 +378,7 @@ def _validate_export(config, mesh_shape) -> None:
     raise ValueError('export.source is empty: set --config.export.source=MODEL_DIR')
   if not config.export.nemo and not config.export.hf:
     raise ValueError('export.nemo and export.hf are both empty: set at least one')
-  if config.export.dtype not in ('bfloat16', 'float32'):
-    raise ValueError(f'export.dtype={config.export.dtype!r}: expected bfloat16 or float32')
+  _check_export_dtype(config)
   if config.export.nemo:
     _needs_torch('export.nemo', 'writing .nemo')
   _check_paths(config, ('export.source',), ('export.nemo', 'export.hf'))
@@ -459,6 +466,11 @@ def _check_teacher(config, mesh_shape) -> model.ModelConfig:
     raise ValueError(f'extract.top_k={config.extract.top_k}: exceeds vocab_size={cfg.vocab_size}'
                      f' of {path}')
   return cfg
+
+
+def _check_export_dtype(config) -> None:
+  if config.export.dtype not in ('bfloat16', 'float32'):
+    raise ValueError(f'export.dtype={config.export.dtype!r}: expected bfloat16 or float32')
 
 
 def _needs_torch(key: str, what: str) -> None:

@@ -421,7 +421,8 @@ def run(config) -> dict:
       distill.update(_flat(config, 'pipeline.sft_only_weight'))
     stages(stage,
            lambda r=run_name: train_loop.run(_train_config(config, wd, r, student, path('store'))),
-           settings={**_flat(config, 'train', 'mesh', 'data', 'seed'), **distill},
+           settings={**_flat(config, 'train', 'mesh', 'data', 'seed', 'export.dtype'),
+                     **distill},
            after=[student_stage, 'extract'],
            outputs=[os.path.join(dirs['model'], model.CONFIG_FILE),
                     os.path.join(dirs['workdir'], 'metrics.jsonl'), dirs['nemo'],

@@ -53,6 +53,7 @@ class LoopSettings:
   save_nemo_on_train_end: bool
   export_nemo: str
   export_hf: str
+  export_dtype: str  # the exports' stored weights (export.dtype, as mode=export's)
   max_seq_length: int
 
 
@@ -62,7 +63,7 @@ def loop_settings(config) -> LoopSettings:
       workdir=config.workdir, checkpoint_max_to_keep=t.checkpoint_max_to_keep, pack=t.pack,
       pad_to_max_length=t.pad_to_max_length, worker_count=t.worker_count,
       wandb_project=t.wandb_project, save_nemo_on_train_end=t.save_nemo_on_train_end,
-      export_nemo=t.export_nemo, export_hf=t.export_hf,
+      export_nemo=t.export_nemo, export_hf=t.export_hf, export_dtype=config.export.dtype,
       max_seq_length=config.data.max_seq_length)
 
 
@@ -636,7 +637,7 @@ def _run(config, held: contextlib.ExitStack) -> dict[str, float]:
           shutil.rmtree(nemo)
         elif nemo in own:
           os.remove(nemo)
-        export.export_params(cfg, params, tok, nemo=nemo, hf=ls.export_hf, dtype='bfloat16',
+        export.export_params(cfg, params, tok, nemo=nemo, hf=ls.export_hf, dtype=ls.export_dtype,
                              source=final)
         _record_exports(ls, markers, pending=False)
     finally:  # the others wait here, also for a process 0 that failed (its error is the run's)

@@ -23,8 +23,8 @@ def _config(tmp, mode, **keys):
   if mode != 'pipeline':  # it names its own (jkd.config.PIPELINE_SETS)
     c.extract.teacher, c.extract.output = str(tmp / 'teacher'), str(tmp / 'store')
     c.train.store, c.data.train_file = str(tmp / 'store'), str(tmp / 'train.jsonl')
-  c.convert.source, c.convert.output = str(tmp / 'model.nemo'), str(tmp / 'out')
-  c.export.source, c.export.hf = str(tmp / 'model'), str(tmp / 'hf')
+    c.convert.source, c.convert.output = str(tmp / 'model.nemo'), str(tmp / 'out')
+    c.export.source, c.export.hf = str(tmp / 'model'), str(tmp / 'hf')
   c.train.global_batch_size, c.data.max_seq_length = 8, 64
   for key, value in keys.items():
     section, _, name = key.rpartition('__')
@@ -150,6 +150,15 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
                                                   'extract__end_idx': 9, 'eval__batch_size': 3},
                                      None, ['data.train_file, extract.end_idx, eval.batch_size',
                                             'set by the pipeline itself']),
+    'pipeline given keys of other modes': (
+        'pipeline', {**_PIPE, 'convert__output': 'TMP/out', 'export__hf': 'TMP/hf',
+                     'train__save_nemo_on_train_end': True}, None,
+        ['train.save_nemo_on_train_end, convert.output, export.hf', 'other modes only']),
+    'pipeline export dtype unknown': ('pipeline', {**_PIPE, 'export__dtype': 'fp8'}, None,
+                                      ["export.dtype='fp8'"]),
+    'train export dtype unknown': ('train', {'train__export_hf': 'TMP/hf2',
+                                             'export__dtype': 'fp8'}, None,
+                                   ["export.dtype='fp8'"]),
     'pipeline teacher empty': ('pipeline', {**_PIPE, 'pipeline__teacher': ''}, None,
                                ['pipeline.teacher is empty']),
     'mesh shape not integers': ('train', {'mesh__shape': (1, -1, 1.5)}, None,

@@ -173,7 +173,8 @@ def test_run_length_with_nothing_to_do():
 def test_train_validates_checkpoints_and_logs(store, tmp_path):
   args = ('--config.train.max_steps=6', '--config.train.val_check_interval=2',
           '--config.train.save_interval=4', '--config.train.limit_val_batches=2',
-          '--config.train.save_nemo_on_train_end=True', f'--config.train.export_hf={tmp_path}/hf')
+          '--config.train.save_nemo_on_train_end=True', f'--config.train.export_hf={tmp_path}/hf',
+          '--config.export.dtype=float32')
   proc = _run(_train_cli(store, tmp_path / 'run', *args))
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = _metrics(tmp_path / 'run')
@@ -211,6 +212,10 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   cfg, params = from_nemo.load_nemo(str(tmp_path / 'run' / 'student.nemo'))
   assert cfg.num_layers == 2 and cfg.padded_vocab == 320  # no tokenizer here: V reads as P
   assert os.path.isfile(tmp_path / 'hf' / 'model.safetensors')
+  from safetensors.numpy import load_file  # in export.dtype (training's exports were bf16 always)
+  assert {str(a.dtype) for a in load_file(tmp_path / 'hf' / 'model.safetensors').values()} == {
+      'float32'}
+  assert {str(p.dtype) for p in jax.tree.leaves(params)} == {'float32'}
   # A rerun of the finished run (as after a kill during the export) redoes only the exports.
   nemo = tmp_path / 'run' / 'student.nemo'
   again = _run(_train_cli(store, tmp_path / 'run', *args))
