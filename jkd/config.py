@@ -221,8 +221,10 @@ def _pipeline_runs(config) -> None:
   if t.limit_val_batches not in (-1, 0):
     raise ValueError(f'train.limit_val_batches={t.limit_val_batches}: mode=pipeline needs -1 '
                      '(the whole split, as evaluated at step 0) or 0 (no validation curves)')
-  if p.max_train_examples == 0:
-    raise ValueError('pipeline.max_train_examples=0: no train conversations; -1 = all')
+  for key, split in (('max_train_examples', 'train'), ('max_val_examples', 'validation')):
+    if p[key] == 0 or p[key] < -1:  # the validation split is evaluated, with or without curves
+      raise ValueError(f'pipeline.{key}={p[key]}: ' + (
+          f'no {split} conversations' if p[key] == 0 else 'expected a count') + '; -1 = all')
   if t.limit_val_batches != 0 and 0 <= p.max_val_examples < t.global_batch_size:
     raise ValueError(f'pipeline.max_val_examples={p.max_val_examples}: fewer than one batch '
                      f'(train.global_batch_size={t.global_batch_size}) to validate on; set '

@@ -200,6 +200,11 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
     'pipeline validation split below a batch': (
         'pipeline', {**_PIPE, 'pipeline__max_val_examples': 4}, None,
         ['pipeline.max_val_examples', 'train.global_batch_size=8']),
+    'pipeline no validation examples': (
+        'pipeline', {**_PIPE, 'pipeline__max_val_examples': 0, 'train__limit_val_batches': 0},
+        None, ['pipeline.max_val_examples=0', 'no validation conversations']),
+    'pipeline train examples below -1': ('pipeline', {**_PIPE, 'pipeline__max_train_examples': -2},
+                                         None, ['pipeline.max_train_examples=-2', '-1 = all']),
     'pipeline teacher missing': ('pipeline', {'pipeline__teacher': 'TMP/nope.gguf'}, None,
                                  ['pipeline.teacher', 'nope.gguf']),
     'pipeline corpus missing': ('pipeline', {'pipeline__corpus': 'TMP/yaml'}, None,
