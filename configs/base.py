@@ -226,7 +226,7 @@ def get_config(arg=None):
   c.pipeline.corpus = 'chatterbot'  # chatterbot (chatterbot-corpus from PyPI) | a YAML dir
   c.pipeline.system_prompt = ''  # system turn of every conversation ('' = none)
   c.pipeline.max_train_examples = -1  # first conversations of the train split; -1 = all
-  c.pipeline.max_val_examples = -1  # first conversations of the validation split (evaluated); -1 = all
+  c.pipeline.max_val_examples = -1  # first validation conversations (always evaluated); -1 = all
   c.pipeline.student_layers = 10  # the student keeps this many of the teacher's layers
   c.pipeline.calibration_examples = 64  # train examples scoring block importance; 0 = even spacing
   c.pipeline.sft_only_weight = 1.0  # sft_loss_weight of the SFT-only student (kd_loss_weight 0)
