@@ -298,10 +298,11 @@ def _validate_train(config, mesh_shape) -> None:
       raise ValueError(f'{key}={_get(config, key)!r}: lies in {final}, the model directory the '
                        'run writes at its end (a rerun would find it there); choose a path '
                        'outside it')
-  student, where = model_config(config), 'config.model'  # random init
-  if config.train.student:
+  if config.train.student:  # config.model is not read
     student = model.load_config(config.train.student)
     where = os.path.join(config.train.student, model.CONFIG_FILE)
+  else:  # random init
+    student, where = model_config(config), 'config.model'
   _check_model(student, config, where, mesh_shape)
   if config.train.restore_from_path:  # its params, before anything is loaded or compiled
     from jkd import train_loop

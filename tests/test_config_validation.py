@@ -386,3 +386,13 @@ def test_convert_refuses_an_output_that_is_no_model_directory(tmp_path):
   (tmp_path / 'file').write_text('')
   with pytest.raises(ValueError, match='exists and is not a directory'):
     jkd_config.validate(_config(tmp_path, 'convert', convert__output=str(tmp_path / 'file')))
+
+
+def test_a_converted_students_training_does_not_read_config_model(tmp_path, devices8):
+  """With train.student, config.model (the random init's architecture) is not read: a value
+  that would be refused for a random init does not stop the run."""
+  _inputs(tmp_path)
+  bad = {'model__activation': 'no-such-activation'}
+  with pytest.raises(ValueError, match='activation'):
+    jkd_config.validate(_config(tmp_path, 'train', **bad))
+  jkd_config.validate(_config(tmp_path, 'train', train__student=str(tmp_path / 'model'), **bad))
