@@ -186,7 +186,8 @@ def get_config(arg=None):
   c.distill.loss_impl = 'fused'  # fused (LM head + loss kernel, no [T, V] logits) | reference
   c.distill.fused_implementation = 'auto'  # auto (xla on CPU, pallas on GPU) | pallas | xla
   c.distill.teacher_source = 'store'  # store (train.store from mode=extract) | online (the step
-  #   runs the extract.teacher itself on data.train_file with extract.top_k / vocab_tile / dtype)
+  #   runs the extract.teacher itself on data.train_file with extract.top_k / vocab_tile / dtype,
+  #   micro-batch by micro-batch)
 
   # XLA profiler session over a window of steps (jkd/profiling.py, docs/profiling.md): train
   # steps in mode=train, teacher batches in mode=extract, counting from 1.

@@ -136,8 +136,9 @@ def batch_shardings(mesh, rules, keys=BATCH_KEYS):
 
 @dataclasses.dataclass(frozen=True)
 class OnlineTeacher:
-  """distill.teacher_source='online': the teacher's top-K is computed inside the step, sharded
-  like the extraction and never differentiated; its params come in as a step argument."""
+  """distill.teacher_source='online': the teacher's top-K is computed inside each micro-step,
+  on its R rows, sharded like the extraction and never differentiated; its params come in as a
+  step argument."""
   cfg: model.ModelConfig
   param_shardings: Any
   k: int
@@ -228,8 +229,10 @@ def micro_split(x, micro_batch_size, mesh, rules):
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(None, *spec)))
 
 
-def _accumulate(cfg, tc, mesh, rules, p_sh, params, batch, with_grad):
-  """Scans the micro-steps: (metrics pairs, objective grads or None)."""
+def _accumulate(cfg, tc, mesh, rules, p_sh, params, batch, with_grad, teacher=None,
+                teacher_params=None):
+  """Scans the micro-steps: (metrics pairs, objective grads or None). An online `teacher`
+  adds each micro-batch's top-K inside its micro-step (its forward holds R rows, not G)."""
   g = batch['tokens'].shape[0]
   mbs = tc.micro_batch_size
   dp = data_parallel_size(dict(mesh.shape), rules)
@@ -237,7 +240,8 @@ def _accumulate(cfg, tc, mesh, rules, p_sh, params, batch, with_grad):
     raise ValueError(f'batch of {g} rows: not divisible by micro_batch_size={mbs} x '
                      f'data-parallel size {dp}')
   n_micro = g // (mbs * dp)
-  mbatch = {k: micro_split(batch[k], mbs, mesh, rules) for k in BATCH_KEYS}
+  mbatch = {k: micro_split(batch[k], mbs, mesh, rules)
+             for k in (BATCH_KEYS if teacher is None else RAW_KEYS)}
   m_MxRxL = jnp.clip(mbatch['loss_mask'].astype(jnp.float32), 0.0, 1.0)
   if tc.reduction == 'nemo':
     count_MxDx1x1 = jnp.sum(m_MxRxL.reshape(n_micro, dp, mbs, -1), axis=(2, 3), keepdims=True)
@@ -251,6 +255,9 @@ def _accumulate(cfg, tc, mesh, rules, p_sh, params, batch, with_grad):
 
   def body(carry, xs):
     mb, w = xs
+    if teacher is not None:
+      with jax.named_scope('teacher_topk'):
+        mb = teacher.add_topk(mesh, rules, teacher_params, mb, segment_ids(tc, mb))
     if with_grad:  # d(weighted loss sum)/d(student params); the teacher arrays are constants
       def objective(p):
         s = sums_fn(p, mb, w)
@@ -288,15 +295,13 @@ def make_train_step(model_cfg, tc: TrainConfig, mesh, rules, state_shardings,
   cfg, opt, schedule = run_config(model_cfg, tc), make_optimizer(tc), make_schedule(tc)
 
   def step(state: TrainState, batch, teacher_params=None):
-    if teacher is not None:
-      with jax.named_scope('teacher_topk'):
-        batch = teacher.add_topk(mesh, rules, teacher_params, batch, segment_ids(tc, batch))
     if batch['tokens'].shape[0] != tc.global_batch_size:
       raise ValueError(f'batch of {batch["tokens"].shape[0]} rows: expected '
                        f'train.global_batch_size={tc.global_batch_size}')
     with jax.named_scope('micro_steps'):  # the lax.scan over micro-batches, fwd + bwd
       metrics, grads = _accumulate(cfg, tc, mesh, rules, state_shardings.params, state.params,
-                                   batch, with_grad=True)
+                                   batch, with_grad=True, teacher=teacher,
+                                   teacher_params=teacher_params)
     with jax.named_scope('optimizer'):
       grad_norm = optax.tree.norm(grads)
       if tc.gradient_clip_val > 0:
@@ -323,10 +328,8 @@ def make_eval_step(model_cfg, tc: TrainConfig, mesh, rules, state_shardings,
   cfg = run_config(model_cfg, tc)
 
   def evaluate(params, batch, teacher_params=None):
-    if teacher is not None:
-      batch = teacher.add_topk(mesh, rules, teacher_params, batch, segment_ids(tc, batch))
     return _accumulate(cfg, tc, mesh, rules, state_shardings.params, params, batch,
-                       with_grad=False)[0]
+                       with_grad=False, teacher=teacher, teacher_params=teacher_params)[0]
 
   keys = RAW_KEYS if teacher is not None else BATCH_KEYS
   extra = (teacher.param_shardings,) if teacher is not None else ()

@@ -497,3 +497,35 @@ def test_optimizer_decays_norm_scales_by_lr_times_wd(decay_norm_scales):
       1 - 0.1 * 0.25 if decay_norm_scales else 1.0), rtol=1e-6)
   np.testing.assert_array_equal(new['final_norm']['bias'], params['final_norm']['bias'])
   np.testing.assert_allclose(new['embed'], params['embed'] * (1 - 0.1 * 0.25), rtol=1e-6)
+
+
+def test_online_teacher_runs_on_each_micro_batch(devices8, monkeypatch):
+  """distill.teacher_source='online': the teacher's forward runs inside each micro-step on its
+  R = micro_batch_size x DP rows (on the global batch it held G rows' activations at once),
+  and the step equals the store path's step fed the teacher's top-K of the whole batch."""
+  g, shape = 8, (2, 2, 1)  # 2 micro-steps of R = 4 rows (DP = data x fsdp)
+  tc = train.TrainConfig(**{**BASE, 'global_batch_size': g, 'top_k': None})
+  mesh = mesh_of(shape)
+  t_cfg = dataclasses.replace(CFG, num_layers=1)
+  t_params = model.init(t_cfg, jax.random.key(7))
+  t_sh = sharding.shardings_for(lambda: model.init(t_cfg, jax.random.key(7), boxed=True), mesh,
+                                RULES)
+  teacher = train.OnlineTeacher(t_cfg, t_sh, k=K, vocab_tile=128)
+  rows = []
+  real_add = train.OnlineTeacher.add_topk
+  monkeypatch.setattr(train.OnlineTeacher, 'add_topk', lambda self, m, r, p, batch, s: (
+      rows.append(batch['tokens'].shape[0]) or real_add(self, m, r, p, batch, s)))
+  batch = smoke_batch(g)
+  raw = {k: batch[k] for k in train.RAW_KEYS}
+  state, sh = train.init_state(CFG, tc, initial_params(), mesh, RULES)
+  _, online = train.make_train_step(CFG, tc, mesh, RULES, sh, teacher=teacher)(
+      state, raw, jax.device_put(t_params, t_sh))
+  assert rows == [4]  # traced once, in the scan's body
+  from jkd import extract
+  with sharding.activate(mesh, RULES):
+    ids, vals, lse = jax.jit(extract.teacher_topk(t_cfg, mesh, RULES, k=K, vocab_tile=128))(
+        t_params, raw['tokens'], None, raw['positions'])
+  state, sh = train.init_state(CFG, tc, initial_params(), mesh, RULES)
+  _, stored = train.make_train_step(CFG, tc, mesh, RULES, sh)(
+      state, {**raw, 'topk_ids': ids, 'topk_logits': vals, 'lse': lse})
+  assert_metrics_close([jax.device_get(online)], [jax.device_get(stored)])
