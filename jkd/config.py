@@ -525,9 +525,9 @@ def _validate_profile(config) -> None:
   if config.mode not in ('train', 'extract', 'pipeline'):
     raise ValueError(f'profile.start_step={p.start_step}: mode={config.mode} has no steps to '
                      'profile (mode=train and mode=extract do); set it back to -1')
-  from jkd import export
+  from jkd import files
   directory = p.dir or os.path.join(config.workdir, 'profile')
-  made_from = export.existing_ancestor(directory)  # the trace's directory is made at its end
+  made_from = files.existing_ancestor(directory)  # the trace's directory is made at its end
   if not os.path.isdir(made_from) or not os.access(made_from, os.W_OK | os.X_OK):
     raise ValueError(f'profile.dir={directory!r}: cannot be made or written ({made_from} is '
                      f'{"not writable" if os.path.isdir(made_from) else "not a directory"})')

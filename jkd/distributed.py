@@ -15,8 +15,6 @@ Ctrl-C: KeyboardInterrupt) (docs/reliability.md).
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fcntl
 import os
 import signal
 import socket
@@ -382,35 +380,3 @@ def _preemption_notice() -> bool:
         'RECEIVED_PREEMPTION_NOTICE') is not None
   except jax.errors.JaxRuntimeError:  # NOT_FOUND: no notice
     return False
-
-
-_HELD: dict[str, list] = {}  # lock file -> [its open file, holders in this process]
-
-
-def lock(path: str, busy: str) -> str:
-  """Holds `path` as this process's POSIX lock, or raises ValueError(`busy`) when another
-  process holds it (a second job on the same files); returns `path` for `unlock`. The lock is
-  released when the process ends however it ends, or when any descriptor of the file closes,
-  so each file is opened once per process and its holders counted. Where the file system has
-  no locks, nothing is checked."""
-  if path in _HELD:
-    _HELD[path][1] += 1
-    return path
-  f = open(path, 'a')
-  try:
-    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError as e:
-    f.close()
-    if e.errno in (errno.EACCES, errno.EAGAIN):
-      raise ValueError(busy) from None
-  _HELD[path] = [f, 1]
-  return path
-
-
-def unlock(path: str) -> None:
-  held = _HELD.get(path)
-  if held is not None:
-    held[1] -= 1
-    if held[1] == 0:
-      del _HELD[path]
-      held[0].close()

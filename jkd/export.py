@@ -14,19 +14,11 @@ import os
 import tempfile
 import time
 
-from jkd import model, tokenizer
+from jkd import files, model, tokenizer
 
 # Texts on which transformers' reading of an exported tokenizer must give the model's own ids.
 _PROBES = ('Hello world', 'two  spaces', ' leading space', 'line\nbreak\n', 'ünïcödé ½ 中文',
            'x = f(1, 2)  # note')
-
-
-def existing_ancestor(path: str) -> str:
-  """`path` itself, or the first of its parents that exists (where making it would start)."""
-  path = os.path.abspath(path)
-  while not os.path.lexists(path) and os.path.dirname(path) != path:
-    path = os.path.dirname(path)
-  return path
 
 
 def hf_marker(hf: str) -> str:
@@ -46,7 +38,7 @@ def check_targets(cfg: model.ModelConfig, *, nemo: str = '', hf: str = '',
   if nemo and nemo not in own and os.path.exists(nemo):
     raise FileExistsError(f'{nemo}: already exists; remove it or choose another path')
   if hf:
-    blocker = existing_ancestor(hf)
+    blocker = files.existing_ancestor(hf)
     if not os.path.isdir(blocker):
       raise FileExistsError(f'{blocker}: exists and is not a directory (the Hugging Face export '
                             f'{hf}{" of " + where if where else ""} is written as one); remove '

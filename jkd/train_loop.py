@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jkd import config as jkd_config
-from jkd import distributed, faults, model, profiling, sharding, tokenizer, train
+from jkd import distributed, faults, files, model, profiling, sharding, tokenizer, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,7 +438,7 @@ def _run(config, held: contextlib.ExitStack) -> dict[str, float]:
   # processes stop here (those of a job with more processes than the first end with its
   # process 0, as JAX ends a job whose process died).
   lock = os.path.join(ls.workdir, f'.train.p{jax.process_index():05d}.lock')
-  held.callback(distributed.unlock, distributed.lock(
+  held.callback(files.unlock, files.lock(
       lock, f'{ls.workdir}: another run is training in this workdir (it holds {lock}); wait '
       'for it to end, or use another workdir'))
   mngr = ocp.CheckpointManager(

@@ -146,8 +146,8 @@ def test_a_second_run_in_a_training_workdir_is_refused(store, tmp_path):
   (tmp_path / 'run').mkdir()
   lock = tmp_path / 'run' / '.train.p00000.lock'
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys, time; from jkd import distributed; '
-       'distributed.lock(sys.argv[1], "held"); print("held", flush=True); time.sleep(120)',
+      [sys.executable, '-c', 'import sys, time; from jkd import files; '
+       'files.lock(sys.argv[1], "held"); print("held", flush=True); time.sleep(120)',
        str(lock)], cwd=REPO, stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == 'held'

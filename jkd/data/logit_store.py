@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-from jkd import distributed, faults
+from jkd import faults, files
 
 FORMAT = 'jkd-logit-store'
 SCHEMA_VERSION = 1
@@ -367,9 +367,9 @@ def check_finished(root: str, split: str) -> int:
 def _lock_writer(split_dir: str, process_index: int) -> str:
   """Makes this process the split's one writer as `process_index` (a second job would remove
   this one's unfinished blocks as its own crash's leftovers); returns the lock file's path for
-  `distributed.unlock`."""
+  `files.unlock`."""
   path = os.path.join(split_dir, f'.writer.p{process_index:05d}.lock')
-  return distributed.lock(path, f'{split_dir}: another job is writing this split as process '
+  return files.lock(path, f'{split_dir}: another job is writing this split as process '
                           f'{process_index} (it holds {path}); extraction or import jobs on one '
                           'store run one after another')
 
@@ -455,7 +455,7 @@ class Writer:
     """Releases the split to other jobs (also when the writer is garbage-collected); nothing
     is buffered (every block commits in write_block)."""
     if self._lock is not None:
-      distributed.unlock(self._lock)
+      files.unlock(self._lock)
       self._lock = None
 
   def __del__(self):

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from jkd import model
+from jkd import files, model
 from third_party.convert import assemble
 
 DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
@@ -248,7 +248,7 @@ def export_hf(cfg: model.ModelConfig, params: model.Params, out_dir: str, *,
   architecture(cfg)  # fail on an unsupported config before the params are even looked at
   model.check_params(cfg, params)
   out_dir = os.path.abspath(out_dir)
-  new_dirs = _missing_dirs(out_dir)
+  new_dirs = files.missing_dirs(out_dir)
   created: list[str] = []  # every file this export writes, removed again if it fails
   try:
     os.makedirs(out_dir, exist_ok=True)
@@ -340,15 +340,6 @@ def _umask() -> int:
   mask = os.umask(0o022)
   os.umask(mask)
   return mask
-
-
-def _missing_dirs(path: str) -> list[str]:
-  """`path` and those of its parents that do not exist yet, deepest first."""
-  out = []
-  while not os.path.exists(path) and os.path.dirname(path) != path:
-    out.append(path)
-    path = os.path.dirname(path)
-  return out
 
 
 def _write_json(path: str, obj, created: list[str]) -> None:
