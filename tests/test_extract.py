@@ -175,15 +175,15 @@ def in_process(teacher_dir, output, **settings):
 def test_the_split_stays_held_until_its_job_is_recorded(teacher_dir, tmp_path, monkeypatch):
   """finished.json is read, extended and rewritten: another chunk job let into the split before
   that (the writer lock was released first) could write over it with its own record."""
-  from jkd import distributed
+  from jkd import files
   from jkd.data import logit_store
   cfg, params, tok, examples, s = in_process(teacher_dir, tmp_path / 's', end_idx=7)
   lock = os.path.join(s.output, 'train', '.writer.p00000.lock')
   held, mark = [], logit_store.mark_finished
   monkeypatch.setattr(logit_store, 'mark_finished',
-                      lambda *a, **k: held.append(lock in distributed._HELD) or mark(*a, **k))
+                      lambda *a, **k: held.append(lock in files._HELD) or mark(*a, **k))
   extract.extract_split(examples, 'train', s, _mesh((1, 1, 1)), RULES, cfg, params, tok)
-  assert held == [True] and lock not in distributed._HELD
+  assert held == [True] and lock not in files._HELD
 
 
 def test_start_and_inclusive_end_select_examples_as_nemo(teacher_dir, tmp_path):
