@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 from jkd import config as jkd_config
-from jkd import distributed, faults, model, profiling, sharding, tokenizer, train_config
+from jkd import distributed, faults, model, profiling, sharding, tokenizer
 
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - _NEG) must not be NaN
 
@@ -93,13 +93,13 @@ def teacher_topk(cfg: model.ModelConfig, mesh, rules, *, k: int, vocab_tile: int
   (here by `topk_fn`, or inside the train step for online distillation)."""
   if not 0 < k <= cfg.vocab_size:
     raise ValueError(f'extract.top_k={k}: must be in [1, vocab_size={cfg.vocab_size}]')
-  vocab_axes = train_config.rule_axes(rules, 'vocab')
+  vocab_axes = sharding.rule_axes(rules, 'vocab')
   vocab_axis = None if not vocab_axes else vocab_axes[0] if len(vocab_axes) == 1 else vocab_axes
   if cfg.padded_vocab % math.prod(mesh.shape[a] for a in vocab_axes):
     raise ValueError(f'padded vocab {cfg.padded_vocab} does not divide over the vocab axis')
   # Rows split over the batch axes that do not split the vocabulary: a device merging its
   # vocabulary shard's statistics with the other shards' must hold the same rows as they do.
-  batch = tuple(a for a in train_config.rule_axes(rules, 'act_batch') if a not in vocab_axes)
+  batch = tuple(a for a in sharding.rule_axes(rules, 'act_batch') if a not in vocab_axes)
   batch = batch or None
 
   def local(h_NxD, w_DxPs):

@@ -31,7 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
-from jkd import faults
+from jkd import faults, sharding
 
 Params = dict[str, Any]
 
@@ -419,6 +419,34 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_len', 'act_embed')), None
 
 
+@jax.custom_vjp
+def _table_grad_layout(x_BxTxD):
+  """Identity whose backward lays the embedding rows' cotangent out for the table's gradient:
+  rows over the batch axes that do not split the table's hidden dim, the hidden dim over
+  those that do ('embed', FSDP). From rows over (data, fsdp) to D over fsdp, as the
+  scatter-add into the table wants it, XLA's partitioner otherwise replicated the whole
+  [R, T, D] cotangent on every device (a mesh with data and fsdp both > 1: multi-host's)."""
+  return x_BxTxD
+
+
+def _table_grad_layout_fwd(x_BxTxD):
+  return x_BxTxD, None
+
+
+def _table_grad_layout_bwd(_, g_BxTxD):
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:  # outside a mesh: one device
+    return (g_BxTxD,)
+  rules = nn.get_logical_axis_rules()
+  embed = sharding.rule_axes(rules, 'embed')
+  rows = tuple(a for a in sharding.rule_axes(rules, 'act_batch') if a not in embed)
+  spec = jax.sharding.PartitionSpec(rows or None, None, embed or None)
+  return (jax.lax.with_sharding_constraint(g_BxTxD, jax.sharding.NamedSharding(mesh, spec)),)
+
+
+_table_grad_layout.defvjp(_table_grad_layout_fwd, _table_grad_layout_bwd)
+
+
 class Decoder(nn.Module):
   """Embedding -> scanned blocks -> final norm. Returns the final hidden state [B, T, D]."""
   cfg: ModelConfig
@@ -439,8 +467,8 @@ class Decoder(nn.Module):
                                                  (None, 'embed')),
                              (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32)
       x_BxTxD = x_BxTxD + jnp.take(pos_embed, positions_BxT, axis=0)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD.astype(cfg.compute_dtype),
-                                         ('act_batch', 'act_len', 'act_embed'))
+    x_BxTxD = _table_grad_layout(x_BxTxD.astype(cfg.compute_dtype))  # (the backward's layout)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_len', 'act_embed'))
     block = Block
     if REMAT_POLICIES[cfg.remat_policy] is not None:
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)

@@ -106,6 +106,14 @@ def replicated_fraction(abstract_tree, shardings) -> float:
   return replicated / max(total, 1)
 
 
+def rule_axes(rules, logical) -> tuple[str, ...]:
+  """Mesh axes a logical axis maps to, read from the rules table."""
+  for name, target in rules:
+    if name == logical:
+      return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+  return ()
+
+
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
   """Sharding of a [B, T, ...] input batch: batch over the 'act_batch' rule, rest replicated."""
   logical = ('act_batch',) + (None,) * (ndim - 1)

@@ -44,7 +44,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jkd import losses, model, sharding
 from jkd.kernels import fused_topk_kd as fk
-from jkd.train_config import (PRECISIONS, TrainConfig, rule_axes,  # noqa: F401 (re-exports)
+from jkd.sharding import rule_axes
+from jkd.train_config import (PRECISIONS, TrainConfig,  # noqa: F401 (re-exports)
                               data_parallel_size, train_config, validate_config)
 
 BATCH_KEYS = ('tokens', 'labels', 'loss_mask', 'topk_ids', 'topk_logits', 'lse', 'segment_ids',

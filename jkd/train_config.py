@@ -154,17 +154,9 @@ def train_config(config) -> TrainConfig:
   return TrainConfig(**kw)
 
 
-def rule_axes(rules, logical) -> tuple[str, ...]:
-  """Mesh axes a logical axis maps to, read from the rules table."""
-  for name, target in rules:
-    if name == logical:
-      return () if target is None else (target,) if isinstance(target, str) else tuple(target)
-  return ()
-
-
 def logical_axis_size(mesh_shape: dict[str, int], rules, logical: str) -> int:
   """Into how many parts the mesh splits a logical axis (its mesh axes' sizes multiplied)."""
-  return math.prod(mesh_shape[a] for a in rule_axes(rules, logical))
+  return math.prod(mesh_shape[a] for a in sharding.rule_axes(rules, logical))
 
 
 def data_parallel_size(mesh_shape: dict[str, int], rules) -> int:

@@ -144,6 +144,24 @@ def test_sharded_2x2x2_equals_unsharded_for_3_steps(devices8):
   assert not np.allclose(p8['embed'], initial_params()['embed'])  # it trained
 
 
+def test_data_and_fsdp_mesh_keeps_the_embedding_gradient_sharded(devices8):
+  """Batch rows over (data, fsdp) and the embedding's hidden dim over fsdp (the multi-host mesh
+  (-1, 8, 1)): the rows' cotangent reaches the table's gradient by an all-to-all, never as a
+  whole [R, T, D] gathered on every device (XLA's fallback, which it warned of); the step is
+  the one device's."""
+  tc = train.TrainConfig(**{**BASE, 'global_batch_size': 8})
+  mesh = mesh_of((2, 4, 1))
+  state, sh = train.init_state(CFG, tc, initial_params(), mesh, RULES)
+  hlo = train.make_train_step(CFG, tc, mesh, RULES, sh).lower(state, smoke_batch(8)).compile(
+      ).as_text()
+  whole = re.findall(rf'= \w+\[8,{L},{CFG.hidden_size}\]\S* all-gather\(', hlo)
+  assert not whole and ' all-to-all(' in hlo
+  p, m, _ = cached_run((2, 4, 1))
+  p1, m1, _ = cached_run((1, 1, 1))
+  assert_metrics_close(m, m1)
+  assert_params_close(p, p1)
+
+
 def test_micro_batch_split_is_nemo_order_and_moves_no_data(devices8):
   """Micro-step i holds DP rank r's i-th micro-batch (NeMo's contiguous per-rank buckets), and
   the split compiles to no collective (a plain [G] -> [M, R] reshape would shuffle rows)."""
