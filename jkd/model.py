@@ -419,32 +419,21 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_len', 'act_embed')), None
 
 
-@jax.custom_vjp
-def _table_grad_layout(x_BxTxD):
-  """Identity whose backward lays the embedding rows' cotangent out for the table's gradient:
-  rows over the batch axes that do not split the table's hidden dim, the hidden dim over
-  those that do ('embed', FSDP). From rows over (data, fsdp) to D over fsdp, as the
-  scatter-add into the table wants it, XLA's partitioner otherwise replicated the whole
-  [R, T, D] cotangent on every device (a mesh with data and fsdp both > 1: multi-host's)."""
-  return x_BxTxD
-
-
-def _table_grad_layout_fwd(x_BxTxD):
-  return x_BxTxD, None
-
-
-def _table_grad_layout_bwd(_, g_BxTxD):
+def _in_table_layout(x_BxTxD):
+  """Embedding rows [B, T, D] laid out as the table holds D: rows over the batch axes that do
+  not split D, D over those that do ('embed', FSDP); the forward's rows and the backward's
+  cotangent pass through it, so both sides move by an all-to-all. Without it, on a mesh with
+  data and fsdp both > 1 (multi-host's (-1, 8, 1)), XLA's partitioner replicated the whole
+  [R, T, D] cotangent on every device on its way to the table's gradient (and with tensor > 1
+  the looked-up rows too)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:  # outside a mesh: one device
-    return (g_BxTxD,)
+    return x_BxTxD
   rules = nn.get_logical_axis_rules()
   embed = sharding.rule_axes(rules, 'embed')
   rows = tuple(a for a in sharding.rule_axes(rules, 'act_batch') if a not in embed)
   spec = jax.sharding.PartitionSpec(rows or None, None, embed or None)
-  return (jax.lax.with_sharding_constraint(g_BxTxD, jax.sharding.NamedSharding(mesh, spec)),)
-
-
-_table_grad_layout.defvjp(_table_grad_layout_fwd, _table_grad_layout_bwd)
+  return jax.lax.with_sharding_constraint(x_BxTxD, jax.sharding.NamedSharding(mesh, spec))
 
 
 class Decoder(nn.Module):
@@ -467,7 +456,7 @@ class Decoder(nn.Module):
                                                  (None, 'embed')),
                              (cfg.max_position_embeddings, cfg.hidden_size), jnp.float32)
       x_BxTxD = x_BxTxD + jnp.take(pos_embed, positions_BxT, axis=0)
-    x_BxTxD = _table_grad_layout(x_BxTxD.astype(cfg.compute_dtype))  # (the backward's layout)
+    x_BxTxD = _in_table_layout(x_BxTxD.astype(cfg.compute_dtype))
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ('act_batch', 'act_len', 'act_embed'))
     block = Block
     if REMAT_POLICIES[cfg.remat_policy] is not None:

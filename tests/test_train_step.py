@@ -144,19 +144,28 @@ def test_sharded_2x2x2_equals_unsharded_for_3_steps(devices8):
   assert not np.allclose(p8['embed'], initial_params()['embed'])  # it trained
 
 
-def test_data_and_fsdp_mesh_keeps_the_embedding_gradient_sharded(devices8):
+@pytest.mark.parametrize('shape', [(2, 4, 1), (2, 2, 2)])
+def test_data_and_fsdp_mesh_moves_embedding_rows_without_replicating_them(devices8, capfd,
+                                                                          shape):
   """Batch rows over (data, fsdp) and the embedding's hidden dim over fsdp (the multi-host mesh
-  (-1, 8, 1)): the rows' cotangent reaches the table's gradient by an all-to-all, never as a
-  whole [R, T, D] gathered on every device (XLA's fallback, which it warned of); the step is
-  the one device's."""
+  (-1, 8, 1), and with tensor > 1): the looked-up rows and their cotangent move by all-to-all,
+  never as a whole [R, T, D] gathered on every device (XLA's fallback, which it warns of when
+  it compiles: here without the compilation cache); the step is the one device's."""
   tc = train.TrainConfig(**{**BASE, 'global_batch_size': 8})
-  mesh = mesh_of((2, 4, 1))
+  mesh = mesh_of(shape)
   state, sh = train.init_state(CFG, tc, initial_params(), mesh, RULES)
-  hlo = train.make_train_step(CFG, tc, mesh, RULES, sh).lower(state, smoke_batch(8)).compile(
-      ).as_text()
-  whole = re.findall(rf'= \w+\[8,{L},{CFG.hidden_size}\]\S* all-gather\(', hlo)
-  assert not whole and ' all-to-all(' in hlo
-  p, m, _ = cached_run((2, 4, 1))
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  try:
+    capfd.readouterr()
+    hlo = train.make_train_step(CFG, tc, mesh, RULES, sh).lower(state, smoke_batch(8)).compile(
+        ).as_text()
+  finally:
+    jax.config.update('jax_enable_compilation_cache', cache)
+  assert 'Involuntary full rematerialization' not in capfd.readouterr().err
+  assert not re.findall(rf'= \w+\[8,{L},{CFG.hidden_size}\]\S* all-gather\(', hlo)
+  assert ' all-to-all(' in hlo
+  p, m, _ = cached_run(shape)
   p1, m1, _ = cached_run((1, 1, 1))
   assert_metrics_close(m, m1)
   assert_params_close(p, p1)
