@@ -426,10 +426,9 @@ def _in_table_layout(x_BxTxD):
   data and fsdp both > 1 (multi-host's (-1, 8, 1)), XLA's partitioner replicated the whole
   [R, T, D] cotangent on every device on its way to the table's gradient (and with tensor > 1
   the looked-up rows too)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:  # outside a mesh: one device
+  mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+  if mesh.empty or not rules:  # one device, or no rules to place it by
     return x_BxTxD
-  rules = nn.get_logical_axis_rules()
   embed = sharding.rule_axes(rules, 'embed')
   rows = tuple(a for a in sharding.rule_axes(rules, 'act_batch') if a not in embed)
   spec = jax.sharding.PartitionSpec(rows or None, None, embed or None)

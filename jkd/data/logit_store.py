@@ -370,8 +370,8 @@ def _lock_writer(split_dir: str, process_index: int) -> str:
   `files.unlock`."""
   path = os.path.join(split_dir, f'.writer.p{process_index:05d}.lock')
   return files.lock(path, f'{split_dir}: another job is writing this split as process '
-                          f'{process_index} (it holds {path}); extraction or import jobs on one '
-                          'store run one after another')
+                    f'{process_index} (it holds {path}); extraction or import jobs on one store '
+                    'run one after another')
 
 
 class Writer:
