@@ -113,7 +113,8 @@ def get_config(arg=None):
   #   it, extract a file of that part)
   c.extract.end_idx = -1  # last example index, inclusive (NeMo's end_at_idx); -1 = the end
   c.extract.examples_per_chunk = 0  # > 0: extract only chunk `chunk_index` of this many examples
-  c.extract.chunk_index = 0  # (NeMo's per-chunk runs: indices [i*n, (i+1)*n - 1]; overrides the range)
+  c.extract.chunk_index = 0  # (NeMo's per-chunk runs: indices [i*n, (i+1)*n - 1]; with the
+  #   range left at start_idx=0, end_idx=-1)
   c.extract.values_dtype = 'bfloat16'  # stored logits: bfloat16 | float32 (ids are lossless)
   c.extract.masked_only = False  # store top-K rows only at loss-mask positions
   c.extract.codec = 'zstd'  # store compression codec

@@ -47,7 +47,7 @@ def get_config(arg=None):
   c.extract.batch_size = 16  # NeMo: model.global_batch_size=16 (micro 2 has no jkd counterpart)
   c.extract.dtype = 'bfloat16'  # NeMo: trainer.precision=bf16, megatron_amp_O2=True
   c.extract.values_dtype = 'float32'  # NeMo's JSONL holds fp32 shifted logits; bfloat16 stores
-  #   the values in 44 B/token, not 60 (K=100; ids take ~200), at 2^-9 relative rounding
+  #   the values in 44 B/token, not 60 (K=100; ids take ~200), rounding each to 2^-8 relative
   c.extract.start_idx = 0  # NeMo: start_from_idx=0
   c.extract.end_idx = -1  # NeMo: end_at_idx=56439 (train) / 2937 (validation): the last index
 

@@ -203,7 +203,7 @@ def _pipeline_runs(config) -> None:
     raise ValueError(f'distill.teacher_source={d.teacher_source!r}: ' + (
         "mode=pipeline extracts the teacher's top-K into a store and trains from it ('store')"
         if d.teacher_source == 'online' else 'expected store or online'))
-  if config.data.format == 'plain':  # an unknown one: the training checks below name it
+  if config.data.format == 'plain':  # an unknown one: the extraction checks below name it
     raise ValueError(f'data.format={config.data.format!r}: mode=pipeline trains and prompts on '
                      "chat conversations ('chat' or 'chatml')")
   # Each curve starts at the evaluated CE of the init (the whole split, a token mean); its
@@ -281,6 +281,13 @@ def _validate_train(config, mesh_shape) -> None:
                      "student the teacher's tokens, so both need one tokenizer")
   if online:  # the extraction's settings, in the step
     _teacher_forward_settings(config)
+    e = config.extract
+    if (e.start_idx, e.end_idx, e.examples_per_chunk, e.chunk_index) != (0, -1, 0, 0):
+      raise ValueError(f'extract.start_idx={e.start_idx}, end_idx={e.end_idx}, '
+                       f'examples_per_chunk={e.examples_per_chunk}, chunk_index={e.chunk_index}: '
+                       "select an extraction's examples; distill.teacher_source='online' "
+                       'trains on the whole data.train_file (to train on part of it, give a '
+                       'file of that part)')
   _train_settings(config, stored_k=config.extract.top_k if online else None)
   if config.train.save_nemo_on_train_end or config.train.export_nemo or config.train.export_hf:
     _check_export_dtype(config)  # the exports' weights
