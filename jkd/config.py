@@ -178,6 +178,8 @@ def _validate_pipeline(config, mesh_shape) -> None:
   fetched = {'teacher': ('smollm2', 'random'), 'corpus': ('chatterbot',)}  # names, not paths
   _check_paths(config, tuple(f'pipeline.{key}' for key, names in fetched.items()
                              if p[key] not in names), ())
+  if p.teacher != 'random':
+    _refuse_model_keys(config, f'pipeline.teacher={p.teacher!r} is no random one')
   if p.teacher == 'random':
     cfg = model_config(config)  # its vocabulary becomes SmolLM2's, padded to fit the mesh
     _check_model(cfg, config, 'config.model', mesh_shape, vocab_padded=True)
@@ -306,6 +308,8 @@ def _validate_train(config, mesh_shape) -> None:
                        'run writes at its end (a rerun would find it there); choose a path '
                        'outside it')
   if config.train.student:  # config.model is not read
+    _refuse_model_keys(config, f'train.student={config.train.student!r} brings its own '
+                       f'({model.CONFIG_FILE})')
     student = model.load_config(config.train.student)
     where = os.path.join(config.train.student, model.CONFIG_FILE)
   else:  # random init
@@ -476,6 +480,15 @@ def _check_teacher(config, mesh_shape) -> model.ModelConfig:
     raise ValueError(f'extract.top_k={config.extract.top_k}: exceeds vocab_size={cfg.vocab_size}'
                      f' of {path}')
   return cfg
+
+
+def _refuse_model_keys(config, why: str) -> None:
+  """ValueError naming the config.model keys given (not base.py's) where none is read."""
+  base = _base_module().get_config().model
+  given = [f'model.{k}' for k in config.model if config.model[k] != base[k]]
+  if given:
+    raise ValueError(f'{", ".join(given)}: config.model is the architecture of a random init, '
+                     f'not read here ({why}); leave them out')
 
 
 def _check_export_dtype(config) -> None:

@@ -203,6 +203,12 @@ CASES = {  # id: (mode, keys, change or None, keys the message must name)
     'pipeline validation split below a batch': (
         'pipeline', {**_PIPE, 'pipeline__max_val_examples': 4}, None,
         ['pipeline.max_val_examples', 'train.global_batch_size=8']),
+    'train.student and config.model': ('train', {'train__student': 'TMP/model',
+                                                  'model__activation': 'gelu'}, None,
+                                        ['model.activation', "train.student='", 'leave them out']),
+    'pipeline teacher and config.model': ('pipeline', {**_PIPE, 'pipeline__teacher': 'smollm2',
+                                                       'model__num_layers': 4}, None,
+                                          ['model.num_layers', "pipeline.teacher='smollm2'"]),
     'pipeline no validation examples': (
         'pipeline', {**_PIPE, 'pipeline__max_val_examples': 0, 'train__limit_val_batches': 0},
         None, ['pipeline.max_val_examples=0', 'no validation conversations']),
@@ -389,13 +395,3 @@ def test_convert_refuses_an_output_that_is_no_model_directory(tmp_path):
   (tmp_path / 'file').write_text('')
   with pytest.raises(ValueError, match='exists and is not a directory'):
     jkd_config.validate(_config(tmp_path, 'convert', convert__output=str(tmp_path / 'file')))
-
-
-def test_a_converted_students_training_does_not_read_config_model(tmp_path, devices8):
-  """With train.student, config.model (the random init's architecture) is not read: a value
-  that would be refused for a random init does not stop the run."""
-  _inputs(tmp_path)
-  bad = {'model__activation': 'no-such-activation'}
-  with pytest.raises(ValueError, match='activation'):
-    jkd_config.validate(_config(tmp_path, 'train', **bad))
-  jkd_config.validate(_config(tmp_path, 'train', train__student=str(tmp_path / 'model'), **bad))

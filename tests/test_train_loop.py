@@ -25,9 +25,13 @@ def store(tmp_path_factory):
 
 
 def _train_cli(store, workdir, *extra):
+  """A training command; its random student's vocabulary is the store's (train.student in
+  `extra` brings its own)."""
+  student = any(arg.startswith('--config.train.student=') for arg in extra)
   return [sys.executable, '-m', 'jkd.main', '--config', 'configs/base.py', '--config.mode=train',
           f'--config.train.store={store}', f'--config.workdir={workdir}',
-          '--config.model.vocab_size=300', '--config.model.padded_vocab_size=320',
+          *(() if student else ('--config.model.vocab_size=300',
+                                '--config.model.padded_vocab_size=320')),
           '--config.data.max_seq_length=64', '--config.train.global_batch_size=8',
           '--config.train.warmup_steps=1', '--config.train.constant_steps=0',
           '--config.train.lr=1e-3', '--config.train.precision=fp32',
