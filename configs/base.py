@@ -65,8 +65,9 @@ def get_config(arg=None):
 
   # Architecture of a randomly initialised model (pipeline.teacher='random' as in configs/smoke.py,
   # or mode=train without train.student). Field names and meanings follow NeMo's
-  # model_config.yaml; converted models carry their own config. Each mode picks the compute
-  # dtype (train.precision, extract.dtype; mode=eval computes in float32).
+  # model_config.yaml; converted models carry their own config (given with train.student or
+  # another pipeline.teacher, these keys are refused). Each mode picks the compute dtype
+  # (train.precision, extract.dtype; mode=eval computes in float32).
   c.model = ConfigDict()
   c.model.num_layers = 2  # transformer layers
   c.model.hidden_size = 64  # D
