@@ -189,7 +189,7 @@ def get_config(arg=None):
   c.distill.fused_implementation = 'auto'  # auto (xla on CPU, pallas on GPU) | pallas | xla
   c.distill.teacher_source = 'store'  # store (train.store from mode=extract) | online (the step
   #   runs the extract.teacher itself on data.train_file with extract.top_k / vocab_tile / dtype,
-  #   micro-batch by micro-batch)
+  #   micro-batch by micro-batch; its top-K values stay fp32, as a float32 store holds them)
 
   # XLA profiler session over a window of steps (jkd/profiling.py, docs/profiling.md): train
   # steps in mode=train, teacher batches in mode=extract, counting from 1.
