@@ -124,6 +124,28 @@ def test_two_processes_train_as_one_process_of_eight_devices(store, tmp_path):
     assert tarfile.is_tarfile(tmp_path / run / 'student.nemo')
 
 
+def test_two_processes_distill_online_as_one_process(store, tmp_path):
+  """distill.teacher_source='online' (each process reads data.train_file and runs the teacher
+  on its rows of every micro-batch) as 2 processes: the losses, gradient norms and validation
+  loss of 1 process with 8 devices."""
+  root = store.parent  # the smoke teacher and its data
+  args = ('--config.train.max_steps=3', '--config.train.val_check_interval=3',
+          '--config.train.save_interval=3', '--config.train.limit_val_batches=1',
+          '--config.distill.teacher_source=online', f'--config.extract.teacher={root}/teacher',
+          f'--config.data.train_file={root}/train.jsonl',
+          f'--config.data.validation_file={root}/train.jsonl', '--config.data.format=plain',
+          '--config.extract.top_k=8', '--config.extract.vocab_tile=64',
+          '--config.extract.dtype=float32')
+  for run, n in (('one', 1), ('two', 2)):
+    _run_processes(tt._train_cli('', tmp_path / run, *args), n)
+  a, b = tt._metrics(tmp_path / 'one'), tt._metrics(tmp_path / 'two')
+  assert sorted(a) == sorted(b) == [1, 2, 3]
+  for step in a:
+    keys = ['train/loss', 'train/kd_loss', 'train/sft_loss', 'train/grad_norm']
+    for key in keys + (['val/loss', 'val/kd_loss'] if step == 3 else []):
+      assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
+
+
 def _config(**kw):
   c = base.get_config()
   for k, v in kw.items():
