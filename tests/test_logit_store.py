@@ -773,3 +773,17 @@ def test_nemo_export_needs_equal_chunks(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'/absent: no such directory \(for the chunks '):
     nemo_jsonl.export_chunks(str(tmp_path / 'store'), 'train',  # the error named a temp file
                              str(tmp_path / 'absent' / 'o_CHUNK_ID'))
+
+
+def test_a_writer_left_open_at_exit_says_nothing(tmp_path):
+  """A script that ends with a Writer still open (the documented API, no close): the lock goes
+  with the process, and no 'Exception ignored in __del__' traceback is printed (the module's
+  globals are gone by then)."""
+  import subprocess
+  import sys
+  code = ('import sys; from jkd.data import logit_store; w = logit_store.Writer(sys.argv[1], '
+          "'train', logit_store.StoreMeta(k=4, vocab_size=300)); print('ok')")
+  proc = subprocess.run([sys.executable, '-c', code, str(tmp_path / 's')], capture_output=True,
+                        text=True, timeout=120,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0 and proc.stdout == 'ok\n' and proc.stderr == '', proc.stderr

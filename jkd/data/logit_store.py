@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import uuid
 
 import ml_dtypes
@@ -458,8 +459,10 @@ class Writer:
       files.unlock(self._lock)
       self._lock = None
 
-  def __del__(self):
-    if getattr(self, '_lock', None) is not None:
+  def __del__(self, _finalizing=sys.is_finalizing):
+    # (bound here: at interpreter exit this module's globals may already be None; the
+    # process's end releases the lock then anyway)
+    if getattr(self, '_lock', None) is not None and not _finalizing():
       self.close()
 
   @property
