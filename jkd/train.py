@@ -27,7 +27,8 @@ What it reproduces from NeMo-Aligner (spec §2, §3.1), and where it differs:
   Both losses (jkd.losses, the fused kernel) take the mask as per-token weights in [0, 1] and
   return weighted sums: the step passes mask / group count (nemo) or the mask (global).
 - Metrics: loss, kd_loss, sft_loss as (sum, count) pairs (nemo: sum of group means, number of
-  groups; global: token sums, token count), grad_norm, lr (of this update).
+  groups; global: token sums, token count), grad_norm, lr (of this update). With
+  sft_loss_weight=0 no CE is computed and sft_loss is left out (NeMo logs its zeros).
 """
 
 from __future__ import annotations
@@ -273,7 +274,9 @@ def _accumulate(cfg, tc, mesh, rules, p_sh, params, batch, with_grad, teacher=No
   acc0 = (jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), p_sh)
           if with_grad else None)
   (sums, grads), _ = jax.lax.scan(body, (zeros, acc0), (mbatch, wts))
-  metrics = {k: (s, count) for k, s in sums.items()}
+  # No SFT term, no CE computed (its zeros read as a perfect CE): not a metric then.
+  metrics = {k: (s, count) for k, s in sums.items()
+             if not (k == 'sft_loss' and tc.sft_loss_weight == 0)}
   grads = jax.tree.map(lambda x: x / denom, grads) if with_grad else None
   return metrics, grads
 

@@ -548,3 +548,12 @@ def test_online_teacher_runs_on_each_micro_batch(devices8, monkeypatch):
   _, stored = train.make_train_step(CFG, tc, mesh, RULES, sh)(
       state, {**raw, 'topk_ids': ids, 'topk_logits': vals, 'lse': lse})
   assert_metrics_close([jax.device_get(online)], [jax.device_get(stored)])
+
+
+def test_no_sft_term_logs_no_sft_loss(devices8):
+  """sft_loss_weight=0 computes no CE (NeMo logs its zeros, which read as a perfect CE): the
+  step's metrics have no sft_loss then; kd_loss and loss are there."""
+  _, history, _ = cached_run((1, 1, 1), steps=1, sft_loss_weight=0.0)
+  assert 'sft_loss' not in history[0] and {'loss', 'kd_loss'} <= set(history[0])
+  _, history, _ = cached_run((1, 1, 1), steps=1)
+  assert history[0]['sft_loss'][0] > 0
