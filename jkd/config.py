@@ -162,7 +162,7 @@ OTHER_MODES_KEYS = ('convert.source', 'convert.output', 'export.source', 'export
 
 def _validate_pipeline(config, mesh_shape) -> None:
   p = config.pipeline
-  _one_process(config, 'for several, run mode=extract and mode=train (docs/multihost.md)')
+  _one_process(config)
   base = _base_module().get_config()
   keys = PIPELINE_SETS + OTHER_MODES_KEYS + tuple(f'eval.{k}' for k in base.eval)
   given = [k for k in keys if _get(config, k) != _get(base, k)]
@@ -233,12 +233,33 @@ def _pipeline_runs(config) -> None:
                      'train.limit_val_batches=0 for no validation')
 
 
-def _one_process(config, hint: str = '') -> None:
-  """The modes that run on one host (their files written once, their data read whole)."""
+# The modes that run in one process (their files written once, their data read whole) -> what
+# to do instead.
+ONE_PROCESS_MODES = {
+    'pipeline': 'for several, run mode=extract and mode=train (docs/multihost.md)',
+    'convert': '', 'export': '', 'eval': ''}
+
+
+def check_processes(config) -> None:
+  """Before jax.distributed starts: a one-process mode asked to run as several is refused
+  here, not once every process has joined (a lone one waited for its peers, then aborted)."""
+  from jkd import distributed
+  s = distributed.settings(config)
+  n = s.num_processes if s is not None else None
+  if config.mode in ONE_PROCESS_MODES and n is not None and n > 1:
+    _one_process_error(config, f'{n} asked by distributed.num_processes or JAX_NUM_PROCESSES')
+
+
+def _one_process(config) -> None:
   import jax
-  if jax.process_count() > 1:
-    raise ValueError(f'mode={config.mode}: runs in one process ({jax.process_count()} started)'
-                     + (f'; {hint}' if hint else ''))
+  if jax.process_count() > 1:  # several found by JAX's cluster detection
+    _one_process_error(config, f'{jax.process_count()} started')
+
+
+def _one_process_error(config, how_many: str):
+  hint = ONE_PROCESS_MODES[config.mode]
+  raise ValueError(f'mode={config.mode}: runs in one process ({how_many})'
+                   + (f'; {hint}' if hint else ''))
 
 
 def _validate_convert(config, mesh_shape) -> None:

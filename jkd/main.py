@@ -48,6 +48,7 @@ def main(argv):
   set_none(config, _NONE_KEYS)
   try:
     jkd_config.check_keys(config)  # a config lacking `distributed` fails here, not below
+    jkd_config.check_processes(config)  # a one-process mode not joined as several first
     distributed.initialize(config)  # before anything starts the backend (validate does)
     jkd_config.validate(config)
     import jax

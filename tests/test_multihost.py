@@ -227,6 +227,27 @@ def test_incomplete_distributed_settings_are_a_one_line_cli_error():
   assert last.startswith('jkd: error: distributed.coordinator_address is unset'), proc.stderr
 
 
+@pytest.mark.parametrize('config', ['convert', 'export', 'eval', 'smoke'])
+def test_a_one_process_mode_asked_for_several_is_refused_before_joining(config):
+  """Process 0 of 2 in a one-process mode (a stray Slurm or launcher environment, say): refused
+  in one line at once; it waited for its peer, then aborted, or (with both started) was refused
+  only once both had joined."""
+  with socket.socket() as free:
+    free.bind(('127.0.0.1', 0))
+    port = free.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if k not in distributed.ENV.values()}
+  env.update(JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+             JAX_PROCESS_ID='0')
+  proc = subprocess.run([sys.executable, '-m', 'jkd.main', '--config', f'configs/{config}.py',
+                         '--config.distributed.initialization_timeout=60'], cwd=tt.REPO,
+                        env=env, capture_output=True, text=True, timeout=50)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  mode = 'pipeline' if config == 'smoke' else config
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      f'jkd: error: mode={mode}: runs in one process (2 asked by distributed.num_processes or '
+      'JAX_NUM_PROCESSES)'), proc.stderr
+
+
 def test_an_unreachable_coordinator_is_one_line_not_an_abort():
   """Process 1 with nothing listening at the coordinator: JAX's own wait aborts the process
   (SIGABRT, a C++ check); jkd waits itself and says so in one line, exit 2."""
