@@ -569,7 +569,7 @@ def _validate_profile(config) -> None:
   from jkd import files
   directory = p.dir or os.path.join(config.workdir, 'profile')
   made_from = files.existing_ancestor(directory)  # the trace's directory is made at its end
-  if not os.path.isdir(made_from) or not os.access(made_from, os.W_OK | os.X_OK):
+  if not os.path.isdir(made_from) or not files.can_make_dirs_in(made_from):
     raise ValueError(f'profile.dir={directory!r}: cannot be made or written ({made_from} is '
                      f'{"not writable" if os.path.isdir(made_from) else "not a directory"})')
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import tempfile
 
 
 def missing_dirs(path: str) -> list[str]:
@@ -23,6 +24,16 @@ def existing_ancestor(path: str) -> str:
   """`path` itself, or the first of its parents that exists (where making it would start)."""
   missing = missing_dirs(path)
   return os.path.dirname(missing[-1]) if missing else os.path.abspath(path)
+
+
+def can_make_dirs_in(directory: str) -> bool:
+  """Whether a directory can be made in `directory`, tried (and removed): os.access says yes
+  to root for read-only mounts and pseudo-filesystems (/proc, /sys)."""
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix='.jkd-probe-', dir=directory))
+  except OSError:
+    return False
+  return True
 
 
 _HELD: dict[str, list] = {}  # lock file -> [its open file, holders in this process]

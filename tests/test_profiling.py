@@ -110,6 +110,14 @@ def test_a_profile_dir_that_cannot_be_made_or_a_mode_without_steps_is_refused(tm
   with pytest.raises(ValueError, match=r"profile\.dir='.*afile/profile': cannot be made or "
                      r'written \(.*afile is not a directory\)'):
     jkd_config._validate_profile(c)
+  c.profile.dir = '/proc/jkd-profile'  # os.access lets root write there; mkdir does not
+  with pytest.raises(ValueError, match=r"profile\.dir='/proc/jkd-profile': cannot be made or "
+                     r'written \(/proc is not writable\)'):
+    jkd_config._validate_profile(c)
+  assert os.listdir(tmp_path) == ['afile']  # the check's probe directory is gone
+  c.profile.dir = str(tmp_path / 'new' / 'profile')
+  jkd_config._validate_profile(c)
+  assert os.listdir(tmp_path) == ['afile']
   c.profile.dir, c.mode = '', 'eval'
   with pytest.raises(ValueError, match=r'profile\.start_step=2: mode=eval has no steps'):
     jkd_config._validate_profile(c)
