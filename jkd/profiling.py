@@ -17,6 +17,7 @@ import dataclasses
 import os
 
 import jax
+from tqdm import tqdm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,12 @@ def settings(config, process_index: int | None = None,
       create_perfetto_trace=p.create_perfetto_trace)
 
 
+def _say(line: str) -> None:
+  """A line on stdout that starts a line of its own beside the loop's progress bar (stderr;
+  `2>&1` logs had it glued to the bar's last state)."""
+  tqdm.write(line)
+
+
 class Profiler:
   """Traces steps [start_step, start_step + steps): call `step(n)` before step n's work and
   `close()` after the loop (a `with` block does); a window past the loop's end is cut there."""
@@ -61,7 +68,7 @@ class Profiler:
       self.close(wait)  # self.n: the last traced step
     self.n = n
     if not self.done and not self.active and n >= end:  # a run resumed past the window
-      print(f'[profile] steps {self.s.start_step}..{end - 1} ran before step {n}, where this '
+      _say(f'[profile] steps {self.s.start_step}..{end - 1} ran before step {n}, where this '
             'run starts: nothing traced')
       self.done = True
     if not self.done and not self.active and self.s.start_step <= n < end:  # n > start: resumed
@@ -75,7 +82,7 @@ class Profiler:
   def close(self, wait=None) -> None:
     if not self.active:
       if not self.done and self.n:  # the loop ended before the window
-        print(f'[profile] the run ended at step {self.n}, before profile.start_step='
+        _say(f'[profile] the run ended at step {self.n}, before profile.start_step='
               f'{self.s.start_step}: nothing traced')
         self.done = True
       return
@@ -87,7 +94,7 @@ class Profiler:
         jax.profiler.stop_trace()
     finally:  # once only: a failed stop (raised to the loop) is not retried by its cleanup
       self.active, self.done = False, True
-    print(f'[profile] steps {self.first}..{self.n} -> {self.s.dir}')
+    _say(f'[profile] steps {self.first}..{self.n} -> {self.s.dir}')
 
   def __enter__(self):
     return self

@@ -6,6 +6,7 @@ import glob
 import gzip
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -184,3 +185,21 @@ def test_extraction_profiles_the_chosen_batches(devices8, teacher_dir, tmp_path)
   lengths = {e['index']: len(e['tokens']) for e in examples}
   assert profiler.n == len(extract.plan_batches(lengths, 8, 16, 256)) >= 4  # one step a batch
   assert executions(tmp_path / 'p', 'records') == 3
+
+
+def test_profile_lines_start_lines_of_their_own_beside_a_progress_bar(devices8, tmp_path,
+                                                                      capsys):
+  """The loop's bar and the [profile] lines share one log under `2>&1`: the lines clear the
+  bar's last state first rather than follow it on its line."""
+  import sys
+
+  from tqdm import tqdm
+  with tqdm(total=12, desc='train', file=sys.stdout) as bar:
+    p = profiling.Profiler(_settings(tmp_path, 20, 3))
+    for n in range(1, 13):
+      p.step(n)
+      bar.update(1)
+    p.close()
+  out = capsys.readouterr().out
+  assert '[profile] the run ended at step 12' in out
+  assert not re.search(r'[^\r\n]\[profile\]', out), out
