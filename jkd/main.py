@@ -83,6 +83,8 @@ def _parse_flags(argv):
     folder = os.path.dirname(os.path.abspath(path.split(':')[0])) if path else ''
     if os.path.basename(folder) == 'configs' and os.path.isfile(os.path.join(folder, 'base.py')):
       sys.path.insert(0, os.path.dirname(folder))  # its `import configs.base`, from anywhere
+    elif path and os.path.isfile(jkd_config.BASE_CONFIG):  # a file of the user's own: jkd's
+      sys.path.append(os.path.dirname(os.path.dirname(jkd_config.BASE_CONFIG)))  # configs
   given = argv
   argv, none_keys = split_none(argv)
   _NONE_KEYS.extend(none_keys)

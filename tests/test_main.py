@@ -68,6 +68,14 @@ def test_a_config_file_loads_from_any_working_directory(tmp_path):
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
       "jkd: error: mode='bogus': unknown"), proc.stderr
+  # A config file of the user's own, outside configs/, imports jkd's configs.base too.
+  (tmp_path / 'my_run.py').write_text(
+      'from configs import base\n\n\ndef get_config():\n  c = base.get_config()\n'
+      "  c.mode = 'bogus'\n  return c\n")
+  proc = subprocess.run([sys.executable, '-m', 'jkd.main', '--config', 'my_run.py'],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+      "jkd: error: mode='bogus': unknown"), proc.stderr
 
 
 def test_convert_of_missing_source_names_the_file(tmp_path):
