@@ -644,5 +644,7 @@ def _run(config, held: contextlib.ExitStack) -> dict[str, float]:
       del params
       distributed.sync('jkd train: exported')
   losses = ', '.join(f'{k} {v:.4g}' for k, v in sorted(last.items()) if k.endswith('loss'))
-  print(f'[train] {last_step} steps; {losses}; the student: {final}')
+  exported = [p for p in (nemo, ls.export_hf) if p]
+  print(f'[train] {last_step} steps; {losses}; the student: {final}'
+        + (f' (exported: {", ".join(exported)})' if exported else ''))
   return last

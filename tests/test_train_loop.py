@@ -216,6 +216,8 @@ def test_train_validates_checkpoints_and_logs(store, tmp_path):
   cfg, params = from_nemo.load_nemo(str(tmp_path / 'run' / 'student.nemo'))
   assert cfg.num_layers == 2 and cfg.padded_vocab == 320  # no tokenizer here: V reads as P
   assert os.path.isfile(tmp_path / 'hf' / 'model.safetensors')
+  assert (f"the student: {tmp_path / 'run' / 'student'} (exported: "
+          f"{tmp_path / 'run' / 'student.nemo'}, {tmp_path}/hf)") in proc.stdout, proc.stdout
   from safetensors.numpy import load_file  # in export.dtype (training's exports were bf16 always)
   assert {str(a.dtype) for a in load_file(tmp_path / 'hf' / 'model.safetensors').values()} == {
       'float32'}
