@@ -309,6 +309,10 @@ def test_read_jsonl(tmp_path, mistral):
   with pytest.raises(ValueError, match=r'train\.jsonl:1: an OpenAssistant message tree, not a '
                      r'chat record: convert .*jkd\.data\.oasst'):
     chat.read_jsonl(str(path), mistral, max_seq_length=64)
+  path.write_text(json.dumps(RECORD) + '\n{"system": "s" "conversations": []}\n')
+  with pytest.raises(ValueError, match=r"train\.jsonl:2: not a JSON record \(Expecting ',' "
+                     r'delimiter at column 16\)$'):  # json's own "line 2 column 1" was its end
+    chat.read_jsonl(str(path), mistral, max_seq_length=64)
   path.write_text('{"input": "a", "output": "b"}\n')
   (ex,) = chat.read_jsonl(str(path), mistral, fmt='plain', max_seq_length=64)
   assert ex['tokens'].tolist() == [264, 287] and ex['loss_mask'].tolist() == [1, 1]

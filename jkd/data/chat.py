@@ -152,9 +152,10 @@ def _find(sub: list[int], seq: list[int]) -> int:
   return -1
 
 
-def encode_chat(record: dict, tok, *, tokens: ChatTokens = ChatTokens()
+def encode_chat(record: dict, tok, *, tokens: ChatTokens = ChatTokens(), where: str = 'chat record'
                 ) -> tuple[np.ndarray, np.ndarray]:
-  """(input_ids int32 [S], mask bool [S]) of a chat record; mask marks trained positions.
+  """(input_ids int32 [S], mask bool [S]) of a chat record; mask marks trained positions;
+  `where` names it in the log (its file and line).
 
   Exactly NeMo's `preprocess` + `_mask_targets` (see the module docstring for the quirks).
   No BOS/EOS is added, as in NeMo's chat path.
@@ -193,7 +194,9 @@ def encode_chat(record: dict, tok, *, tokens: ChatTokens = ChatTokens()
     if cur >= len(ids):
       break
     if cur + length < len(ids) and ids[cur + 1:cur + length] != s_id[1:]:
-      _log.warning('a sentence mismatches the corresponding piece in the conversation')
+      _log.warning('%s: turn %d tokenises differently inside the conversation than alone (NeMo '
+                   "warns 'a sentence mismatches the corresponding piece'); its mask is NeMo's",
+                   where, i)
     if i == 0 and r.gtype != 'TEXT_TO_VALUE':
       keep[cur:cur + length] = False  # context for the rest
     elif speaker == r.mask_role and (i > 1 or (i == 1 and r.gtype == 'TEXT_TO_VALUE')):
@@ -417,12 +420,15 @@ def read_jsonl(path: str, tok, *, fmt: str = 'chat', max_seq_length: int | None,
         record = json.loads(line)
         check_text(record)
         if fmt == 'chat':
-          ids, mask = encode_chat(record, tok, tokens=chat_tokens)
+          ids, mask = encode_chat(record, tok, tokens=chat_tokens, where=f'{path}:{lineno}')
         elif fmt == 'chatml':
           ids, mask = encode_chatml(record, tok)
         else:
           ids, mask = encode_plain(record, tok, max_seq_length=max_seq_length, **plain_kwargs)
-      except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+      except json.JSONDecodeError as e:  # its own line and column count from this line
+        raise ValueError(f'{path}:{lineno}: not a JSON record ({e.msg} at column {e.pos + 1})'
+                         ) from None
+      except ValueError as e:  # UnicodeDecodeError is one too
         raise ValueError(f'{path}:{lineno}: {e}') from None
       example = to_example(ids, mask, max_seq_length)
       example['index'] = len(examples)
