@@ -767,7 +767,8 @@ def test_nemo_export_needs_equal_chunks(tmp_path):
   template, _ = write_nemo_chunks(tmp_path)
   nemo_jsonl.import_chunks(template, str(tmp_path / 'store'), 'train', make_meta(), n_chunks=2,
                            n_examples_per_chunk=6)
-  with pytest.raises(ValueError, match='12 examples do not fill chunks of 5'):
+  with pytest.raises(ValueError, match=r'n_examples_per_chunk=5: the 12 examples of .*/train '
+                     r'do not fill chunks of that many'):
     nemo_jsonl.export_chunks(str(tmp_path / 'store'), 'train', str(tmp_path / 'o_CHUNK_ID'),
                              n_examples_per_chunk=5)
   with pytest.raises(FileNotFoundError, match=r'/absent: no such directory \(for the chunks '):

@@ -178,8 +178,9 @@ def export_chunks(root: str, split: str, path_template: str, *,
   r = Reader(root, split)
   n = n_examples_per_chunk or max(len(r), 1)
   if len(r) % n:
-    raise ValueError(f'export_chunks: {len(r)} examples do not fill chunks of '
-                     f'{n_examples_per_chunk} (NeMo ChunkedJsonl needs equal chunks)')
+    raise ValueError(f'n_examples_per_chunk={n_examples_per_chunk}: the {len(r)} examples of '
+                     f'{root}/{split} do not fill chunks of that many (NeMo ChunkedJsonl needs '
+                     'equal chunks)')
   paths = chunk_paths(path_template, len(r) // n)
   folder = os.path.dirname(paths[0]) or '.'
   if not os.path.isdir(folder):  # else the error names a temporary file
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
   exp.add_argument('template')
   exp.add_argument('--n-examples-per-chunk', type=int)
   for q in (imp, exp):
-    q.add_argument('--split', default='train')
+    q.add_argument('--split', default='train', help='the store split (default: train)')
   a = p.parse_args(argv)
   if (bad := _bad_argument(a)) is not None:  # before StoreMeta words it without the flag
     print(error_line(ValueError(bad)), file=sys.stderr)
