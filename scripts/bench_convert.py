@@ -1,4 +1,4 @@
-"""Peak memory of .nemo conversion vs the checkpoint's stored size (issue: stream, < 1.3x).
+"""Peak memory of .nemo conversion vs the checkpoint's stored size (target: below 1.3x).
 
     .venv/bin/python scripts/bench_convert.py [--layers 8] [--workdir /tmp/jkd-bench-convert]
 

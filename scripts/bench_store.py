@@ -145,7 +145,9 @@ def du(path):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--examples', type=int, default=1000, help='examples in all (a multiple of --chunks)')
+  ap.add_argument('--examples', type=int, default=1000,
+                  help=f'examples in all, a multiple of --chunks, more than '
+                       f'{8 * 2 * _drain(2) + 8} (default: %(default)s)')
   ap.add_argument('--chunks', type=int, default=4, help="NeMo n_chunks (the tutorial uses 1)")
   ap.add_argument('--nemo-reads', type=int, default=24, help='random ChunkedJsonl accesses to time')
   ap.add_argument('--workdir', default=None, help='kept if given; a temp dir otherwise')
