@@ -91,7 +91,11 @@ class Profiler:
         if wait is not None:
           jax.block_until_ready(wait)
       finally:  # a wait cut short (a second Ctrl-C) still ends the session
-        jax.profiler.stop_trace()
+        try:
+          jax.profiler.stop_trace()
+        except RuntimeError as e:  # JaxRuntimeError too: the trace's files could not be written
+          raise OSError(f'profile.dir={self.s.dir!r}: writing the trace of steps '
+                        f'{self.first}..{self.n} failed: {e}') from None  # one line, not a trace
     finally:  # once only: a failed stop (raised to the loop) is not retried by its cleanup
       self.active, self.done = False, True
     _say(f'[profile] steps {self.first}..{self.n} -> {self.s.dir}')
