@@ -163,9 +163,8 @@ OTHER_MODES_KEYS = ('convert.source', 'convert.output', 'export.source', 'export
 def _validate_pipeline(config, mesh_shape) -> None:
   p = config.pipeline
   _one_process(config)
-  base = _base_module().get_config()
-  keys = PIPELINE_SETS + OTHER_MODES_KEYS + tuple(f'eval.{k}' for k in base.eval)
-  given = [k for k in keys if _get(config, k) != _get(base, k)]
+  given = _given(config, PIPELINE_SETS + OTHER_MODES_KEYS
+                 + tuple(f'eval.{k}' for k in _base_module().get_config().eval))
   if given:
     raise ValueError(f'mode=pipeline: {", ".join(given)}: set by the pipeline itself (its data, '
                      'teacher, store, students and exports are under the workdir) or read by '
@@ -305,7 +304,8 @@ def _validate_train(config, mesh_shape) -> None:
   if online:  # the extraction's settings, in the step
     _teacher_forward_settings(config)
     e = config.extract
-    if (e.start_idx, e.end_idx, e.examples_per_chunk, e.chunk_index) != (0, -1, 0, 0):
+    if _given(config, ('extract.start_idx', 'extract.end_idx', 'extract.examples_per_chunk',
+                       'extract.chunk_index')):
       raise ValueError(f'extract.start_idx={e.start_idx}, end_idx={e.end_idx}, '
                        f'examples_per_chunk={e.examples_per_chunk}, chunk_index={e.chunk_index}: '
                        "select an extraction's examples; distill.teacher_source='online' "
@@ -505,8 +505,7 @@ def _check_teacher(config, mesh_shape) -> model.ModelConfig:
 
 def _refuse_model_keys(config, why: str) -> None:
   """ValueError naming the config.model keys given (not base.py's) where none is read."""
-  base = _base_module().get_config().model
-  given = [f'model.{k}' for k in config.model if config.model[k] != base[k]]
+  given = _given(config, tuple(f'model.{k}' for k in config.model))
   if given:
     raise ValueError(f'{", ".join(given)}: config.model is the architecture of a random init, '
                      f'not read here ({why}); leave them out')
@@ -552,6 +551,12 @@ def _get(config, key: str):
   return config
 
 
+def _given(config, keys: tuple[str, ...]) -> list[str]:
+  """The `keys` ('section.key') whose values differ from configs/base.py's."""
+  base = _base_module().get_config()
+  return [k for k in keys if _get(config, k) != _get(base, k)]
+
+
 def _validate_profile(config) -> None:
   p = config.profile
   if p.start_step != -1 and p.start_step < 1:
@@ -582,7 +587,8 @@ def _extract_settings(config, mesh_shape: tuple[int, ...]) -> None:
   if e.chunk_index and not e.examples_per_chunk:  # the whole range would run, not the chunk
     raise ValueError(f'extract.chunk_index={e.chunk_index}: needs extract.examples_per_chunk '
                      '> 0 (the examples a chunk holds)')
-  if e.examples_per_chunk and (e.start_idx, e.end_idx) != (0, -1):  # the chunk is the range
+  # A chunk is the range: a range given with it would be ignored.
+  if e.examples_per_chunk and _given(config, ('extract.start_idx', 'extract.end_idx')):
     raise ValueError(f'extract.examples_per_chunk={e.examples_per_chunk}: a chunk sets the '
                      f'range itself, so extract.start_idx={e.start_idx} and extract.end_idx='
                      f'{e.end_idx} would be ignored; leave them at 0 and -1')
