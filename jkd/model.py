@@ -429,10 +429,8 @@ def _in_table_layout(x_BxTxD):
   mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
   if mesh.empty or not rules:  # one device, or no rules to place it by
     return x_BxTxD
-  embed = sharding.rule_axes(rules, 'embed')
-  rows = tuple(a for a in sharding.rule_axes(rules, 'act_batch') if a not in embed)
-  spec = jax.sharding.PartitionSpec(rows or None, None, embed or None)
-  return jax.lax.with_sharding_constraint(x_BxTxD, jax.sharding.NamedSharding(mesh, spec))
+  return jax.lax.with_sharding_constraint(
+      x_BxTxD, jax.sharding.NamedSharding(mesh, sharding.table_layout_spec(rules)))
 
 
 class Decoder(nn.Module):

@@ -114,6 +114,14 @@ def rule_axes(rules, logical) -> tuple[str, ...]:
   return ()
 
 
+def table_layout_spec(rules: Rules) -> PartitionSpec:
+  """[B, T, D] rows laid out as the embedding table holds D: rows over the batch axes that
+  do not split D ('act_batch' less 'embed'), D over those that do."""
+  embed = rule_axes(rules, 'embed')
+  rows = tuple(a for a in rule_axes(rules, 'act_batch') if a not in embed)
+  return PartitionSpec(rows or None, None, embed or None)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
   """Sharding of a [B, T, ...] input batch: batch over the 'act_batch' rule, rest replicated."""
   logical = ('act_batch',) + (None,) * (ndim - 1)

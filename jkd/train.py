@@ -45,7 +45,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jkd import losses, model, sharding
 from jkd.kernels import fused_topk_kd as fk
-from jkd.sharding import rule_axes
 from jkd.train_config import (PRECISIONS, TrainConfig,  # noqa: F401 (re-exports)
                               data_parallel_size, train_config, validate_config)
 
@@ -157,8 +156,8 @@ class OnlineTeacher:
 def _fused_sums(cfg, tc, mesh, rules, h_RxLxD, w_DxP, ids, t, labels, wts, lse):
   """The fused kernel per data-parallel shard of rows (vocab-parallel inside when the 'vocab'
   rule's axis is larger than 1); returns the global weighted sums."""
-  batch_axes = rule_axes(rules, 'act_batch')
-  vocab_axes = [a for a in rule_axes(rules, 'vocab') if mesh.shape[a] > 1]
+  batch_axes = sharding.rule_axes(rules, 'act_batch')
+  vocab_axes = [a for a in sharding.rule_axes(rules, 'vocab') if mesh.shape[a] > 1]
   if len(vocab_axes) > 1 or set(vocab_axes) & set(batch_axes):
     raise ValueError(f'mesh.rules: the fused loss needs one vocab axis apart from the batch '
                      f'axes (got vocab {vocab_axes}, batch {batch_axes})')
