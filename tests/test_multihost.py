@@ -131,11 +131,7 @@ def test_two_processes_distill_online_as_one_process(store, tmp_path):
   root = store.parent  # the smoke teacher and its data
   args = ('--config.train.max_steps=3', '--config.train.val_check_interval=3',
           '--config.train.save_interval=3', '--config.train.limit_val_batches=1',
-          '--config.distill.teacher_source=online', f'--config.extract.teacher={root}/teacher',
-          f'--config.data.train_file={root}/train.jsonl',
-          f'--config.data.validation_file={root}/train.jsonl', '--config.data.format=plain',
-          '--config.extract.top_k=8', '--config.extract.vocab_tile=64',
-          '--config.extract.dtype=float32')
+          *tt.online_args(root))
   for run, n in (('one', 1), ('two', 2)):
     _run_processes(tt._train_cli('', tmp_path / run, *args), n)
   a, b = tt._metrics(tmp_path / 'one'), tt._metrics(tmp_path / 'two')

@@ -480,6 +480,17 @@ def test_non_finite_loss_stops_with_the_step(store, tmp_path):
   assert 'jkd: error: train/' in proc.stderr and 'at step 1' in proc.stderr
 
 
+def online_args(root, validation_file=None, dtype='float32'):
+  """Overrides for distill.teacher_source='online' on the smoke teacher and its plain data
+  under `root` (validation: the train file unless given; dtype None: base.py's)."""
+  return ('--config.distill.teacher_source=online', f'--config.extract.teacher={root}/teacher',
+          f'--config.data.train_file={root}/train.jsonl',
+          f'--config.data.validation_file={validation_file or f"{root}/train.jsonl"}',
+          '--config.data.format=plain', '--config.extract.top_k=8',
+          '--config.extract.vocab_tile=64',
+          *((f'--config.extract.dtype={dtype}',) if dtype else ()))
+
+
 def test_online_teacher_equals_training_from_the_store(store, tmp_path):
   """distill.teacher_source='online' (the step runs the teacher on the data file) gives the
   same per-step losses as training from the store extracted by the same teacher (fp32 both)."""
@@ -492,12 +503,7 @@ def test_online_teacher_equals_training_from_the_store(store, tmp_path):
           '--config.train.save_interval=3', '--config.train.limit_val_batches=1')
   offline = _run(_train_cli(short, tmp_path / 'offline', *args))
   assert offline.returncode == 0, offline.stderr[-3000:]
-  online = _run(_train_cli(
-      '', tmp_path / 'online', *args, '--config.distill.teacher_source=online',
-      f'--config.extract.teacher={root}/teacher', f'--config.data.train_file={root}/train.jsonl',
-      f'--config.data.validation_file={root}/train.jsonl', '--config.data.format=plain',
-      '--config.extract.top_k=8', '--config.extract.vocab_tile=64',
-      '--config.extract.dtype=float32'))
+  online = _run(_train_cli('', tmp_path / 'online', *args, *online_args(root)))
   assert online.returncode == 0, online.stderr[-3000:]
   a, b = _metrics(tmp_path / 'offline'), _metrics(tmp_path / 'online')
   assert sorted(a) == sorted(b) == [1, 2, 3]
@@ -509,20 +515,12 @@ def test_online_teacher_equals_training_from_the_store(store, tmp_path):
   (tmp_path / 'bad.jsonl').write_text('{not json\n')
   noval = _run(_train_cli(
       '', tmp_path / 'noval', '--config.train.max_steps=1', '--config.train.limit_val_batches=0',
-      '--config.distill.teacher_source=online', f'--config.extract.teacher={root}/teacher',
-      f'--config.data.train_file={root}/train.jsonl',
-      f'--config.data.validation_file={tmp_path}/bad.jsonl', '--config.data.format=plain',
-      '--config.extract.top_k=8', '--config.extract.vocab_tile=64'))
+      *online_args(root, validation_file=f'{tmp_path}/bad.jsonl', dtype=None)))
   assert noval.returncode == 0, noval.stderr[-3000:]
   # Resumed with the teacher in another precision: another objective, refused as another store
   # teacher is (it went on, its KD loss another from the resumed step on).
-  bf16 = _run(_train_cli(
-      '', tmp_path / 'online', *args, '--config.train.max_steps=4',
-      '--config.distill.teacher_source=online', f'--config.extract.teacher={root}/teacher',
-      f'--config.data.train_file={root}/train.jsonl',
-      f'--config.data.validation_file={root}/train.jsonl', '--config.data.format=plain',
-      '--config.extract.top_k=8', '--config.extract.vocab_tile=64',
-      '--config.extract.dtype=bfloat16'))
+  bf16 = _run(_train_cli('', tmp_path / 'online', *args, '--config.train.max_steps=4',
+                         *online_args(root, dtype='bfloat16')))
   assert bf16.returncode == 2 and (
       "saved with extract.dtype='float32' (now 'bfloat16')" in bf16.stderr), bf16.stderr[-3000:]
 
